@@ -1,0 +1,36 @@
+"""fastrlhf.kernels: fused Triton kernels for the memory-bound hot paths of RLHF.
+
+Every public function has a pure-PyTorch twin `*_ref` with the same signature. CUDA tensors run the
+compiled Triton kernels; CPU tensors run them through Triton's interpreter when TRITON_INTERPRET=1 was
+set before import, and otherwise run the `*_ref` path. This package imports only torch and triton.
+"""
+
+from ._common import use_triton
+from .full_kl import full_kl, full_kl_ref
+from .kl_estimate import kl_estimate, kl_estimate_ref
+from .pairwise_loss import pairwise_loss, pairwise_loss_ref
+from .reward_head import (
+    RewardHeadOutput,
+    last_token_rewards,
+    last_token_rewards_ref,
+    reward_head_pairwise_loss,
+    reward_head_pairwise_loss_ref,
+)
+from .token_logprobs import token_logprobs, token_logprobs_ref
+
+__all__ = [
+    "token_logprobs",
+    "token_logprobs_ref",
+    "kl_estimate",
+    "kl_estimate_ref",
+    "full_kl",
+    "full_kl_ref",
+    "pairwise_loss",
+    "pairwise_loss_ref",
+    "reward_head_pairwise_loss",
+    "reward_head_pairwise_loss_ref",
+    "last_token_rewards",
+    "last_token_rewards_ref",
+    "RewardHeadOutput",
+    "use_triton",
+]

@@ -1,0 +1,148 @@
+"""Shared plumbing for the kernel modules: backend choice, input checks, row views, block sizes, NVTX.
+
+Nothing here computes; every op's math lives in its own file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+try:  # the `nvtx` package annotates ranges for Nsight Systems; a no-op when no profiler listens
+    import nvtx as _nvtx
+except ImportError:  # pragma: no cover - nvtx is a declared dependency, kept optional for drop-in users
+    _nvtx = None
+
+# Read once, like triton itself does: TRITON_INTERPRET=1 must be set before triton is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors run compiled Triton; CPU tensors run Triton's interpreter only under TRITON_INTERPRET=1."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def nvtx_range(name: str):
+    """An NVTX range in the `fastrlhf` domain (see README, "Profiling")."""
+    if _nvtx is None:
+        return contextlib.nullcontext()
+    return _nvtx.annotate(name, domain="fastrlhf")
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _desc(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {_desc(t)}")
+
+
+def check_int(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (token ids), got {_desc(t)}")
+
+
+def check_logits(name: str, t: torch.Tensor) -> None:
+    """Logits: float, at least 1-D, non-empty vocabulary with stride 1."""
+    check_float(name, t)
+    if t.dim() < 1 or t.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last (vocabulary) dim, got {_desc(t)}")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(
+            f"{name} must have stride 1 along the vocabulary (last) dim, got strides {tuple(t.stride())} "
+            f"for {_desc(t)}; pass a view whose last dim is contiguous (e.g. not a transpose)"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        seen = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {seen}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], against: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} to match {against}, got {_desc(t)}")
+
+
+def check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not t > 0.0 or t == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+# -------------------------------------------------------------------------------------------- row views
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View (..., V) as (A, B, V) so that row r = a*B + b sits at a*stride(0) + b*stride(1).
+
+    Two leading strides cover the common strided views (`logits[:, :-1]`, `logits[..., k:, :]`) without a
+    copy; only exotic layouts with three or more non-collapsible leading dims make `reshape` copy.
+    """
+    V = x.shape[-1]
+    B = x.shape[-2] if x.dim() >= 2 else 1
+    return x.reshape(-1, B, V)
+
+
+# ------------------------------------------------------------------------------------------ block sizes
+def row_blocks(n_rows: int, n_cols: int, device: torch.device, max_tile: int | None = None) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_V): a [rows, vocab] tile. Large vocabularies stream one row per program in
+    BLOCK_V chunks; small vocabularies pack several rows per program so short rows still fill a tile.
+    The interpreter runs each program in Python, so there we use big tiles to keep the grid short."""
+    if max_tile is None:
+        max_tile = 65536 if device.type == "cpu" else 4096
+    block_v = min(triton.next_power_of_2(max(n_cols, 1)), max_tile)
+    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)), max_tile // block_v))
+    return block_r, block_v
+
+
+def num_warps_for(tile: int) -> int:
+    return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def vocab_splits(n_row_programs: int, n_col_blocks: int, device: torch.device) -> int:
+    """How many programs share one row block in a backward pass, so that short batches still put
+    about four programs on every SM. On the interpreter: one (fewest programs)."""
+    if device.type != "cuda":
+        return 1
+    want = triton.cdiv(4 * sm_count(device), max(n_row_programs, 1))
+    return max(1, min(want, n_col_blocks))
+
+
+# ------------------------------------------------------------------------------------ accumulation dtype
+def acc_dtype(*tensors) -> torch.dtype:
+    """fp32, the accumulation and output dtype for fp16/bf16/fp32 inputs; fp64 if any input is fp64
+    (so gradcheck and fp64 oracles can run the same kernels)."""
+    return torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The triton dtype for an accumulation dtype."""
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32

@@ -1,0 +1,312 @@
+"""Per-token KL(pi || pi_ref) over the whole vocabulary, from two logits tensors in one streaming pass.
+
+Math, per row with policy logits x, reference logits y, temperature T, p = softmax(x/T), q = softmax(y/T):
+    KL = sum_j p_j (log p_j - log q_j)
+Written naively as E_p[x - y]/T - lse(x/T) + lse(y/T), two O(1) numbers cancel to an O(delta^2) result, so
+for near-equal policy and reference (the usual case in PPO) fp32 loses every digit. We instead keep,
+relative to the running maxima m_p, m_q (base 2, y_j := logit * log2(e) / T):
+    d_j = (x_j - y_j)/T - (m_p - m_q) ln 2                   log(p_j/q_j) up to a per-row constant
+    s   = sum_j 2^(xs_j - m_p)                              (softmax normaliser)
+    D   = sum_j 2^(xs_j - m_p) expm1(-d_j)                  (= sum q~ - sum p~, without cancelling)
+    K   = sum_j 2^(xs_j - m_p) k3(d_j),  k3(d) = d - 1 + e^-d   (>= 0, second order in d)
+and finish with  KL = K/s - h(D/s),  h(e) = e - log(1 + e)  -- both terms second order, both evaluated by
+series for small arguments (`_series.py`). When a block raises a running maximum, the sums are moved to
+the new maxima exactly (see `_rescale`). Result: KL with relative (not absolute) fp32 accuracy.
+
+Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and three fp32 row stats.
+Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
+dx (N*V*(bytes_x + bytes_y + bytes_x)):
+    dKL/dx_j = p_j (log p_j - log q_j - KL) / T,   log p_j - log q_j = d_j + log1p(D/s)
+d_j is formed from x_j - y_j (exact for close logits), not from separately scaled and rounded x/T, y/T.
+computed from the fp32 logits, never as a difference of two rounded softmaxes.
+Masked rows (mask == 0) read nothing and give 0 and 0 gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    acc_dtype,
+    as_rows,
+    check_logits,
+    check_same_device,
+    check_shape,
+    check_temperature,
+    num_warps_for,
+    nvtx_range,
+    row_blocks,
+    tl_dtype,
+    use_triton,
+    vocab_splits,
+)
+from ._series import SERIES_D, expm1_neg, expm1_neg_series, h_log1p, k3_series
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _rescale(s, D, K, mp_old, mp_new, mq_old, mq_new):
+    """Move (s, D, K) from maxima (mp_old, mq_old) to (mp_new, mq_new). With a = 2^(mp_old - mp_new),
+    b = 2^(mq_old - mq_new) and every d_j shifted by g = ln2 ((mp_old - mp_new) - (mq_old - mq_new)):
+        s' = a s,   D' = a (D + (D + s) expm1(-g)),   K' = a (K + g s + (D + s) expm1(-g))
+    and a expm1(-g) = b - a, which stays finite when a underflows and e^-g would overflow."""
+    a = tl.exp2(mp_old - mp_new)
+    b = tl.exp2(mq_old - mq_new)
+    g = ((mp_old - mp_new) - (mq_old - mq_new)) * LN2
+    small = tl.abs(g) < SERIES_D
+    a_em1 = tl.where(small, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
+    q_sum = D + s  # sum of q~ in the old scale
+    return a * s, a * D + q_sum * a_em1, a * (K + g * s) + q_sum * a_em1
+
+
+@triton.jit
+def _full_kl_fwd(
+    x_ptr,  # (A, B, V) policy logits, any float; row r at a*sxa + b*sxb; vocab stride 1
+    y_ptr,  # (A, B, V) reference logits, any float; row r at a*sya + b*syb; vocab stride 1
+    mask_ptr,  # (N,) bool, read when HAS_MASK
+    kl_ptr,  # (N,) fp32 out
+    stats_ptr,  # (3, N) fp32 out: [lse_p (base 2), m_p - m_q (base 2), log1p(D/s)] for the backward
+    N,
+    V,
+    B,
+    sxa,
+    sxb,
+    sya,
+    syb,
+    temperature,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    row_in = rows < N
+    active = row_in
+    if HAS_MASK:
+        active = active & (tl.load(mask_ptr + rows, mask=row_in, other=0) != 0)
+    a_idx = rows // B
+    b_idx = rows % B
+    x_off = a_idx * sxa + b_idx * sxb
+    y_off = a_idx * sya + b_idx * syb
+    inv_t = 1.0 / tl.cast(temperature, ACC)
+    scale = LOG2E * inv_t
+
+    mp = tl.full([BLOCK_R], -float("inf"), ACC)
+    mq = tl.full([BLOCK_R], -float("inf"), ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    D = tl.zeros([BLOCK_R], ACC)
+    K = tl.zeros([BLOCK_R], ACC)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = active[:, None] & (cols[None, :] < V)
+        x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
+        y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
+        xs = x * scale
+        ys = y * scale
+        mp_new = tl.maximum(mp, tl.max(xs, 1))
+        mq_new = tl.maximum(mq, tl.max(ys, 1))
+        mp_new = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # nothing finite yet: keep inf - inf away
+        mq_new = tl.where(mq_new == -float("inf"), 0.0, mq_new)
+        s, D, K = _rescale(
+            s, D, K,
+            tl.where(mp == -float("inf"), mp_new, mp), mp_new,
+            tl.where(mq == -float("inf"), mq_new, mq), mq_new,
+        )  # fmt: skip
+        mp = mp_new
+        mq = mq_new
+
+        pt = tl.exp2(xs - mp[:, None])  # p~ = 2^(xs - m_p)
+        qt = tl.exp2(ys - mq[:, None])  # q~
+        # x - y is exact for close logits; scaling xs and ys first would round away a small d
+        d = (x - y) * inv_t - ((mp - mq) * LN2)[:, None]
+        small = tl.abs(d) < SERIES_D
+        d_term = tl.where(small, pt * expm1_neg_series(d), qt - pt)
+        k_term = tl.where(small, pt * k3_series(d), tl.where(pt > 0, pt * d, 0.0) + qt - pt)
+        s += tl.sum(pt, 1)
+        D += tl.sum(tl.where(pt + qt > 0, d_term, 0.0), 1)
+        K += tl.sum(tl.where(pt + qt > 0, k_term, 0.0), 1)
+
+    eps = D / s
+    kl = K / s - h_log1p(eps)
+    tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_in)
+    tl.store(stats_ptr + rows, tl.where(active, mp + tl.log2(s), 0.0), mask=row_in)
+    tl.store(stats_ptr + N + rows, tl.where(active, mp - mq, 0.0), mask=row_in)
+    tl.store(stats_ptr + 2 * N + rows, tl.where(active, eps - h_log1p(eps), 0.0), mask=row_in)
+
+
+@triton.jit
+def _full_kl_bwd(
+    x_ptr,  # (A, B, V) policy logits, as in forward
+    y_ptr,  # (A, B, V) reference logits, as in forward
+    mask_ptr,  # (N,) bool, read when HAS_MASK
+    kl_ptr,  # (N,) fp32 KL from forward
+    stats_ptr,  # (3, N) fp32 row stats from forward
+    grad_kl_ptr,  # (N,) upstream gradient
+    grad_x_ptr,  # (A, B, V) out, policy logits' dtype; strides gxa, gxb, 1
+    N,
+    V,
+    B,
+    sxa,
+    sxb,
+    sya,
+    syb,
+    gxa,
+    gxb,
+    temperature,
+    cols_per_split,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < N
+    active = row_in
+    if HAS_MASK:
+        active = active & (tl.load(mask_ptr + rows, mask=row_in, other=0) != 0)
+    a_idx = rows // B
+    b_idx = rows % B
+    x_off = a_idx * sxa + b_idx * sxb
+    y_off = a_idx * sya + b_idx * syb
+    g_off = a_idx * gxa + b_idx * gxb
+    inv_t = 1.0 / tl.cast(temperature, ACC)
+    scale = LOG2E * inv_t
+
+    lse_p = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
+    m_diff = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
+    log1p_eps = tl.load(stats_ptr + 2 * N + rows, mask=active, other=0.0).to(ACC)
+    shift = log1p_eps - m_diff * LN2  # log p_j - log q_j = (x_j - y_j) / T + shift
+    kl = tl.load(kl_ptr + rows, mask=active, other=0.0).to(ACC)
+    g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
+
+    col_start = tl.program_id(1).to(tl.int64) * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, V)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_bounds = row_in[:, None] & (cols[None, :] < col_end)
+        mask = active[:, None] & (cols[None, :] < col_end)
+        x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
+        y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
+        p = tl.exp2(x * scale - lse_p[:, None])
+        log_ratio = (x - y) * inv_t + shift[:, None]  # log p_j - log q_j
+        g = tl.where(p > 0, p * (log_ratio - kl[:, None]), 0.0) * g_kl[:, None]
+        g = tl.where(mask, g, 0.0)
+        tl.store(grad_x_ptr + g_off[:, None] + cols[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+def _forward(logits, ref_logits, mask, temperature):
+    """-> kl (N,), stats (3, N), in the accumulation dtype."""
+    with nvtx_range("fastrlhf.full_kl.fwd"):
+        x, y = as_rows(logits), as_rows(ref_logits)
+        A, B, V = x.shape
+        N = A * B
+        acc = acc_dtype(logits, ref_logits)
+        kl = torch.empty(N, dtype=acc, device=logits.device)
+        stats = torch.empty((3, N), dtype=acc, device=logits.device)
+        block_r, block_v = row_blocks(N, V, logits.device)
+        _full_kl_fwd[(triton.cdiv(N, block_r),)](
+            x, y, mask if mask is not None else kl, kl, stats,
+            N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), temperature,
+            HAS_MASK=mask is not None, ACC=tl_dtype(acc),
+            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
+        )  # fmt: skip
+        return kl, stats
+
+
+def _backward(logits, ref_logits, mask, kl, stats, grad_kl, temperature):
+    with nvtx_range("fastrlhf.full_kl.bwd"):
+        x, y = as_rows(logits), as_rows(ref_logits)
+        A, B, V = x.shape
+        N = A * B
+        grad = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
+        block_r, block_v = row_blocks(N, V, logits.device)
+        n_row_programs = triton.cdiv(N, block_r)
+        splits = vocab_splits(n_row_programs, triton.cdiv(V, block_v), logits.device)
+        cols_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
+        _full_kl_bwd[(n_row_programs, triton.cdiv(V, cols_per_split))](
+            x, y, mask if mask is not None else kl, kl, stats, grad_kl.reshape(N).contiguous(), grad,
+            N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
+            temperature, cols_per_split,
+            HAS_MASK=mask is not None, ACC=tl_dtype(kl.dtype),
+            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
+        )  # fmt: skip
+        return grad.view(logits.shape)
+
+
+class _FullKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ref_logits, mask, temperature):
+        kl, stats = _forward(logits, ref_logits, mask, temperature)
+        ctx.save_for_backward(logits, ref_logits, mask, kl, stats)
+        ctx.temperature = temperature
+        return kl.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        logits, ref_logits, mask, kl, stats = ctx.saved_tensors
+        return _backward(logits, ref_logits, mask, kl, stats, grad_kl, ctx.temperature), None, None, None
+
+
+# ------------------------------------------------------------------------------------------- public API
+def _check_inputs(logits, ref_logits, temperature, mask):
+    check_logits("logits", logits)
+    check_logits("ref_logits", ref_logits)
+    check_shape("ref_logits", ref_logits, logits.shape, "logits")
+    check_same_device(logits=logits, ref_logits=ref_logits, mask=mask)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype.is_floating_point or mask.is_complex():
+            raise TypeError(f"mask must be a bool or integer tensor, got {getattr(mask, 'dtype', type(mask))}")
+        check_shape("mask", mask, logits.shape[:-1], f"logits {tuple(logits.shape)} without its vocab dim")
+    return check_temperature(temperature)
+
+
+def full_kl(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact per-token KL(pi || pi_ref) = sum_v p_v log(p_v / q_v) with p = softmax(logits / T),
+    q = softmax(ref_logits / T), in one streaming pass and without materialising either log-softmax.
+
+    Args:
+        logits: (..., V) policy logits, fp16/bf16/fp32 (fp64 computes in fp64); vocabulary stride 1.
+        ref_logits: (..., V) reference logits, same shape, any float dtype. Treated as frozen: no
+            gradient flows to it.
+        temperature: > 0, applied to both inside the kernel.
+        mask: optional (...) bool/int; positions where it is 0 give 0 and 0 gradient and read nothing.
+    Returns:
+        (...) fp32 KL, >= 0 up to rounding, accurate relative to its own size even when pi ~ pi_ref.
+    """
+    temperature = _check_inputs(logits, ref_logits, temperature, mask)
+    if not use_triton(logits):
+        return full_kl_ref(logits, ref_logits, temperature=temperature, mask=mask)
+    mask_rows = None if mask is None else mask.reshape(-1).to(torch.bool)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _FullKL.apply(logits, ref_logits.detach(), mask_rows, temperature)
+    kl, _ = _forward(logits, ref_logits, mask_rows, temperature)
+    return kl.view(logits.shape[:-1])
+
+
+def full_kl_ref(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-PyTorch twin of `full_kl` (fp32 internally, fp64 for fp64 inputs; the reference is
+    detached). The textbook formula: materialises both (..., V) log-softmaxes."""
+    temperature = _check_inputs(logits, ref_logits, temperature, mask)
+    acc = acc_dtype(logits, ref_logits)
+    log_p = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    log_q = torch.log_softmax(ref_logits.detach().to(acc) / temperature, dim=-1)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    return kl if mask is None else torch.where(mask.bool(), kl, 0.0)

@@ -1,0 +1,305 @@
+"""Per-token log-probabilities (and entropy) straight from logits: a fused log-softmax + gather.
+
+Math, per row (one token position) with logits x in R^V, target t, temperature T:
+    z = x / T,   lse = log sum_j exp(z_j),   logp = z_t - lse,   H = lse - sum_j p_j z_j,  p = softmax(z)
+We work in base 2 (y = z * log2(e), so exp(z) = 2^y): one multiply per element, then `exp2`.
+
+Forward: ONE streaming read of the logits (N*V*bytes), online max / sum-exp / entropy sums in fp32,
+writes logp, optionally H, and the row's log-sum-exp (N*4 bytes each). Nothing [N, V] is allocated.
+Backward: recomputes p from the saved fp32 log-sum-exp; reads the logits once and writes their
+gradient once (2*N*V*bytes):
+    d logp / dx_j = (1[j=t] - p_j) / T          d H / dx_j = -p_j (log p_j + H) / T
+Rounding: logits are upcast to fp32 on load (fp64 inputs compute in fp64, for gradcheck); outputs are
+fp32; the gradient is rounded once, to the logits' dtype, when stored.
+
+Rows whose target equals `ignore_index` read nothing and give 0 outputs and 0 gradients. A target
+outside [0, V) gives a NaN log-prob (and NaN gradients) and never reads out of bounds; NaN logits give
+NaN outputs. Both are left for the caller to catch without a host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    acc_dtype,
+    as_rows,
+    check_int,
+    check_logits,
+    check_same_device,
+    check_shape,
+    check_temperature,
+    num_warps_for,
+    nvtx_range,
+    row_blocks,
+    tl_dtype,
+    use_triton,
+    vocab_splits,
+)
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _token_logprobs_fwd(
+    logits_ptr,  # (A, B, V) any float; row r = a*B + b at a*stride_a + b*stride_b; vocab stride 1
+    targets_ptr,  # (N,) int, N = A*B
+    logp_ptr,  # (N,) fp32 out
+    ent_ptr,  # (N,) fp32 out, written when COMPUTE_ENTROPY
+    lse_ptr,  # (N,) fp32 out: base-2 log-sum-exp of y = x*log2(e)/T, for the backward
+    N,
+    V,
+    B,
+    stride_a,
+    stride_b,
+    temperature,
+    ignore_index,
+    COMPUTE_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,  # tl.float32 (tl.float64 for fp64 inputs)
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    row_in = rows < N
+    tgt = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
+    active = row_in & (tgt != ignore_index)  # ignored rows read nothing
+    row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
+    scale = LOG2E / tl.cast(temperature, ACC)
+
+    m = tl.full([BLOCK_R], -float("inf"), ACC)  # running max of y
+    s = tl.zeros([BLOCK_R], ACC)  # sum 2^(y - m)
+    w = tl.zeros([BLOCK_R], ACC)  # sum 2^(y - m) * (y - m), entropy only
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = active[:, None] & (cols[None, :] < V)
+        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf"))
+        y = x.to(ACC) * scale  # (BLOCK_R, BLOCK_V)
+        m_new = tl.maximum(m, tl.max(y, 1))
+        m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing finite yet: keep inf - inf away
+        m_old = tl.where(m == -float("inf"), m_new, m)
+        alpha = tl.exp2(m_old - m_new)
+        e = tl.exp2(y - m_new[:, None])
+        if COMPUTE_ENTROPY:
+            d = y - m_new[:, None]
+            w = alpha * (w + (m_old - m_new) * s) + tl.sum(tl.where(e > 0, e * d, 0.0), 1)
+        s = s * alpha + tl.sum(e, 1)
+        m = m_new
+
+    log2_s = tl.log2(s)
+    lse = m + log2_s
+    tgt_ok = active & (tgt >= 0) & (tgt < V)
+    x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0)
+    logp = (x_t.to(ACC) * scale - lse) * LN2
+    logp = tl.where(tgt_ok, logp, tl.where(active, float("nan"), 0.0))
+    tl.store(logp_ptr + rows, logp, mask=row_in)
+    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=row_in)
+    if COMPUTE_ENTROPY:
+        ent = (log2_s - w / s) * LN2
+        tl.store(ent_ptr + rows, tl.where(active, ent, 0.0), mask=row_in)
+
+
+@triton.jit
+def _token_logprobs_bwd(
+    logits_ptr,  # (A, B, V) any float, as in forward
+    targets_ptr,  # (N,) int
+    lse_ptr,  # (N,) fp32 base-2 log-sum-exp from forward
+    ent_ptr,  # (N,) fp32 entropy from forward (read when HAS_GRAD_ENT)
+    grad_logp_ptr,  # (N,) upstream gradient of logp (read when HAS_GRAD_LOGP)
+    grad_ent_ptr,  # (N,) upstream gradient of entropy (read when HAS_GRAD_ENT)
+    grad_logits_ptr,  # (A, B, V) out, logits dtype; strides gstride_a, gstride_b, 1
+    N,
+    V,
+    B,
+    stride_a,
+    stride_b,
+    gstride_a,
+    gstride_b,
+    temperature,
+    ignore_index,
+    cols_per_split,  # vocabulary columns handled by one program along grid axis 1
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    row_in = rows < N
+    tgt = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
+    active = row_in & (tgt != ignore_index)
+    tgt_ok = active & (tgt >= 0) & (tgt < V)
+    a = rows // B
+    b = rows % B
+    row_off = a * stride_a + b * stride_b
+    grad_off = a * gstride_a + b * gstride_b
+    inv_t = 1.0 / tl.cast(temperature, ACC)
+    scale = LOG2E * inv_t
+
+    lse = tl.load(lse_ptr + rows, mask=active, other=0.0).to(ACC)
+    g_lp = tl.zeros([BLOCK_R], ACC)
+    g_h = tl.zeros([BLOCK_R], ACC)
+    ent = tl.zeros([BLOCK_R], ACC)
+    if HAS_GRAD_LOGP:
+        g_lp = tl.load(grad_logp_ptr + rows, mask=active, other=0.0).to(ACC)
+        g_lp = tl.where(tgt_ok | ~active, g_lp, float("nan"))  # bad target id: NaN gradient, like logp
+    if HAS_GRAD_ENT:
+        g_h = tl.load(grad_ent_ptr + rows, mask=active, other=0.0).to(ACC)
+        ent = tl.load(ent_ptr + rows, mask=active, other=0.0).to(ACC)
+
+    col_start = tl.program_id(1).to(tl.int64) * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, V)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_bounds = row_in[:, None] & (cols[None, :] < col_end)
+        mask = active[:, None] & (cols[None, :] < col_end)
+        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
+        y = x.to(ACC) * scale
+        p = tl.exp2(y - lse[:, None])  # softmax(z), recomputed in fp32
+        g = -p * g_lp[:, None]
+        if HAS_GRAD_LOGP:
+            g += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
+        if HAS_GRAD_ENT:
+            log_p = (y - lse[:, None]) * LN2
+            g -= tl.where(p > 0, p * (log_p + ent[:, None]), 0.0) * g_h[:, None]
+        g = tl.where(mask, g * inv_t, 0.0)
+        tl.store(grad_logits_ptr + grad_off[:, None] + cols[None, :], g.to(grad_logits_ptr.dtype.element_ty), mask=in_bounds)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+def _forward(logits, targets, temperature, ignore_index, return_entropy):
+    """logits (..., V), targets (...) -> logp (N,), entropy (N,) or None, lse (N,) (all acc dtype)."""
+    with nvtx_range("fastrlhf.token_logprobs.fwd"):
+        x = as_rows(logits)  # (A, B, V)
+        A, B, V = x.shape
+        N = A * B
+        acc = acc_dtype(logits)
+        tgt = targets.reshape(N)
+        logp = torch.empty(N, dtype=acc, device=logits.device)
+        ent = torch.empty(N, dtype=acc, device=logits.device) if return_entropy else None
+        lse = torch.empty(N, dtype=acc, device=logits.device)
+        block_r, block_v = row_blocks(N, V, logits.device)
+        grid = (triton.cdiv(N, block_r),)
+        _token_logprobs_fwd[grid](
+            x, tgt, logp, ent if ent is not None else logp, lse,
+            N, V, B, x.stride(0), x.stride(1), temperature, ignore_index,
+            COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
+            num_warps=num_warps_for(block_r * block_v),
+        )  # fmt: skip
+        return logp, ent, lse
+
+
+def _backward(logits, targets, lse, ent, grad_logp, grad_ent, temperature, ignore_index):
+    """-> grad_logits with logits' shape and dtype (contiguous)."""
+    with nvtx_range("fastrlhf.token_logprobs.bwd"):
+        x = as_rows(logits)
+        A, B, V = x.shape
+        N = A * B
+        grad = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
+        block_r, block_v = row_blocks(N, V, logits.device)
+        n_row_programs = triton.cdiv(N, block_r)
+        splits = vocab_splits(n_row_programs, triton.cdiv(V, block_v), logits.device)
+        cols_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
+        splits = triton.cdiv(V, cols_per_split)
+        dummy = lse
+        _token_logprobs_bwd[(n_row_programs, splits)](
+            x, targets.reshape(N), lse, ent if ent is not None else dummy,
+            grad_logp.reshape(N) if grad_logp is not None else dummy,
+            grad_ent.reshape(N) if grad_ent is not None else dummy,
+            grad, N, V, B, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
+            temperature, ignore_index, cols_per_split,
+            HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
+            ACC=tl_dtype(lse.dtype), BLOCK_R=block_r, BLOCK_V=block_v,
+            num_warps=num_warps_for(block_r * block_v),
+        )  # fmt: skip
+        return grad.view(logits.shape)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, return_entropy):
+        logp, ent, lse = _forward(logits, targets, temperature, ignore_index, return_entropy)
+        ctx.save_for_backward(logits, targets, lse, ent)  # per-row stats only; logits are the input
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        lead = logits.shape[:-1]
+        if return_entropy:
+            return logp.view(lead), ent.view(lead)
+        return logp.view(lead)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        logits, targets, lse, ent = ctx.saved_tensors
+        grad = _backward(
+            logits, targets, lse, ent, grad_logp, grad_ent if ent is not None else None, ctx.temperature, ctx.ignore_index
+        )
+        return grad, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------- public API
+def _check_inputs(logits, targets, temperature):
+    check_logits("logits", logits)
+    check_int("targets", targets)
+    check_same_device(logits=logits, targets=targets)
+    check_shape("targets", targets, logits.shape[:-1], f"logits {tuple(logits.shape)} without its vocab dim")
+    return check_temperature(temperature)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Log-probability of each target token under softmax(logits / temperature), and optionally the
+    entropy of that distribution, without materialising a log-softmax.
+
+    Args:
+        logits: (..., V) fp16/bf16/fp32 (fp64 computes in fp64); vocabulary stride 1; leading dims may be
+            a strided view such as `logits[:, :-1]`.
+        targets: (...) integer token ids; `ignore_index` marks positions to skip.
+        temperature: > 0, applied inside the kernel in fp32 (the caller's logits are never modified).
+        return_entropy: also return the entropy of softmax(logits / temperature).
+    Returns:
+        logp (...) fp32, or (logp, entropy), both (...) fp32. Ignored positions are 0; a target id
+        outside [0, V) or NaN logits give NaN at that position.
+    """
+    temperature = _check_inputs(logits, targets, temperature)
+    if not use_triton(logits):
+        return token_logprobs_ref(
+            logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TokenLogprobs.apply(logits, targets, temperature, int(ignore_index), bool(return_entropy))
+    logp, ent, _ = _forward(logits, targets, temperature, int(ignore_index), bool(return_entropy))
+    lead = logits.shape[:-1]
+    return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
+
+
+def token_logprobs_ref(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Pure-PyTorch twin of `token_logprobs` (fp32 internally, fp64 for fp64 inputs): the spec, the CPU
+    fallback, the test oracle and the eager benchmark baseline. Materialises (..., V) fp32."""
+    temperature = _check_inputs(logits, targets, temperature)
+    acc = acc_dtype(logits)
+    log_p = torch.log_softmax(logits.to(acc) / temperature, dim=-1)  # (..., V)
+    V = logits.shape[-1]
+    active = targets != ignore_index
+    in_range = (targets >= 0) & (targets < V)
+    safe = torch.where(in_range, targets, 0).long()
+    logp = log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(active, torch.where(in_range, logp, float("nan")), 0.0)
+    if not return_entropy:
+        return logp
+    p = log_p.exp()
+    ent = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    return logp, torch.where(active, ent, 0.0)
