@@ -4,20 +4,22 @@ Math, per row with policy logits x, reference logits y, temperature T, p = softm
     KL = sum_j p_j (log p_j - log q_j)
 Written naively as E_p[x - y]/T - lse(x/T) + lse(y/T), two O(1) numbers cancel to an O(delta^2) result, so
 for near-equal policy and reference (the usual case in PPO) fp32 loses every digit. We instead keep,
-relative to the running maxima m_p, m_q (base 2, y_j := logit * log2(e) / T):
-    d_j = (x_j - y_j)/T - (m_p - m_q) ln 2                   log(p_j/q_j) up to a per-row constant
-    s   = sum_j 2^(xs_j - m_p)                              (softmax normaliser)
-    D   = sum_j 2^(xs_j - m_p) expm1(-d_j)                  (= sum q~ - sum p~, without cancelling)
-    K   = sum_j 2^(xs_j - m_p) k3(d_j),  k3(d) = d - 1 + e^-d   (>= 0, second order in d)
+relative to the running maxima m_p = max_j x_j and m_q = max_j y_j of the raw logits:
+    p~_j = exp((x_j - m_p)/T),  q~_j = exp((y_j - m_q)/T)    (computed as exp2 of scaled differences)
+    d_j = (x_j - y_j)/T - (m_p - m_q)/T                   log(p_j/q_j) up to a per-row constant
+    s   = sum_j p~_j                                      (softmax normaliser)
+    D   = sum_j p~_j expm1(-d_j)                          (= sum q~ - sum p~, without cancelling)
+    K   = sum_j p~_j k3(d_j),  k3(d) = d - 1 + e^-d        (>= 0, second order in d)
 and finish with  KL = K/s - h(D/s),  h(e) = e - log(1 + e)  -- both terms second order, both evaluated by
 series for small arguments (`_series.py`). When a block raises a running maximum, the sums are moved to
 the new maxima exactly (see `_rescale`). Result: KL with relative (not absolute) fp32 accuracy.
 
-Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and three fp32 row stats.
+Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
 Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
 dx (N*V*(bytes_x + bytes_y + bytes_x)):
     dKL/dx_j = p_j (log p_j - log q_j - KL) / T,   log p_j - log q_j = d_j + log1p(D/s)
-d_j is formed from x_j - y_j (exact for close logits), not from separately scaled and rounded x/T, y/T.
+Differences are taken on the raw logits (x_j - m_p, x_j - y_j: exact or nearly so) and only then scaled,
+so neither a large common offset nor near-equal logits lose precision.
 computed from the fp32 logits, never as a difference of two rounded softmaxes.
 Masked rows (mask == 0) read nothing and give 0 and 0 gradient.
 """
@@ -49,14 +51,14 @@ LN2: tl.constexpr = 0.6931471805599453
 
 
 @triton.jit
-def _rescale(s, D, K, mp_old, mp_new, mq_old, mq_new):
-    """Move (s, D, K) from maxima (mp_old, mq_old) to (mp_new, mq_new). With a = 2^(mp_old - mp_new),
-    b = 2^(mq_old - mq_new) and every d_j shifted by g = ln2 ((mp_old - mp_new) - (mq_old - mq_new)):
+def _rescale(s, D, K, mp_old, mp_new, mq_old, mq_new, inv_t):
+    """Move (s, D, K) from maxima (mp_old, mq_old) to (mp_new, mq_new). With a = e^((mp_old - mp_new)/T),
+    b = e^((mq_old - mq_new)/T) and every d_j shifted by g = ((mp_old - mp_new) - (mq_old - mq_new))/T:
         s' = a s,   D' = a (D + (D + s) expm1(-g)),   K' = a (K + g s + (D + s) expm1(-g))
     and a expm1(-g) = b - a, which stays finite when a underflows and e^-g would overflow."""
-    a = tl.exp2(mp_old - mp_new)
-    b = tl.exp2(mq_old - mq_new)
-    g = ((mp_old - mp_new) - (mq_old - mq_new)) * LN2
+    a = tl.exp2((mp_old - mp_new) * (inv_t * LOG2E))
+    b = tl.exp2((mq_old - mq_new) * (inv_t * LOG2E))
+    g = ((mp_old - mp_new) - (mq_old - mq_new)) * inv_t
     small = tl.abs(g) < SERIES_D
     a_em1 = tl.where(small, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
     q_sum = D + s  # sum of q~ in the old scale
@@ -69,7 +71,7 @@ def _full_kl_fwd(
     y_ptr,  # (A, B, V) reference logits, any float; row r at a*sya + b*syb; vocab stride 1
     mask_ptr,  # (N,) bool, read when HAS_MASK
     kl_ptr,  # (N,) fp32 out
-    stats_ptr,  # (3, N) fp32 out: [lse_p (base 2), m_p - m_q (base 2), log1p(D/s)] for the backward
+    stats_ptr,  # (4, N) fp32 out: [m_p, m_q, log2 s, log1p(D/s)] for the backward
     N,
     V,
     B,
@@ -105,24 +107,21 @@ def _full_kl_fwd(
         mask = active[:, None] & (cols[None, :] < V)
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
         y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        xs = x * scale
-        ys = y * scale
-        mp_new = tl.maximum(mp, tl.max(xs, 1))
-        mq_new = tl.maximum(mq, tl.max(ys, 1))
+        mp_new = tl.maximum(mp, tl.max(x, 1))
+        mq_new = tl.maximum(mq, tl.max(y, 1))
         mp_new = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # nothing finite yet: keep inf - inf away
         mq_new = tl.where(mq_new == -float("inf"), 0.0, mq_new)
         s, D, K = _rescale(
             s, D, K,
             tl.where(mp == -float("inf"), mp_new, mp), mp_new,
-            tl.where(mq == -float("inf"), mq_new, mq), mq_new,
+            tl.where(mq == -float("inf"), mq_new, mq), mq_new, inv_t,
         )  # fmt: skip
         mp = mp_new
         mq = mq_new
 
-        pt = tl.exp2(xs - mp[:, None])  # p~ = 2^(xs - m_p)
-        qt = tl.exp2(ys - mq[:, None])  # q~
-        # x - y is exact for close logits; scaling xs and ys first would round away a small d
-        d = (x - y) * inv_t - ((mp - mq) * LN2)[:, None]
+        pt = tl.exp2((x - mp[:, None]) * scale)  # p~
+        qt = tl.exp2((y - mq[:, None]) * scale)  # q~
+        d = ((x - y) - (mp - mq)[:, None]) * inv_t  # x - y is exact for close logits
         small = tl.abs(d) < SERIES_D
         d_term = tl.where(small, pt * expm1_neg_series(d), qt - pt)
         k_term = tl.where(small, pt * k3_series(d), tl.where(pt > 0, pt * d, 0.0) + qt - pt)
@@ -133,9 +132,10 @@ def _full_kl_fwd(
     eps = D / s
     kl = K / s - h_log1p(eps)
     tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_in)
-    tl.store(stats_ptr + rows, tl.where(active, mp + tl.log2(s), 0.0), mask=row_in)
-    tl.store(stats_ptr + N + rows, tl.where(active, mp - mq, 0.0), mask=row_in)
-    tl.store(stats_ptr + 2 * N + rows, tl.where(active, eps - h_log1p(eps), 0.0), mask=row_in)
+    tl.store(stats_ptr + rows, tl.where(active, mp, 0.0), mask=row_in)
+    tl.store(stats_ptr + N + rows, tl.where(active, mq, 0.0), mask=row_in)
+    tl.store(stats_ptr + 2 * N + rows, tl.where(active, tl.log2(s), 0.0), mask=row_in)
+    tl.store(stats_ptr + 3 * N + rows, tl.where(active, eps - h_log1p(eps), 0.0), mask=row_in)
 
 
 @triton.jit
@@ -144,7 +144,7 @@ def _full_kl_bwd(
     y_ptr,  # (A, B, V) reference logits, as in forward
     mask_ptr,  # (N,) bool, read when HAS_MASK
     kl_ptr,  # (N,) fp32 KL from forward
-    stats_ptr,  # (3, N) fp32 row stats from forward
+    stats_ptr,  # (4, N) fp32 row stats from forward
     grad_kl_ptr,  # (N,) upstream gradient
     grad_x_ptr,  # (A, B, V) out, policy logits' dtype; strides gxa, gxb, 1
     N,
@@ -176,10 +176,10 @@ def _full_kl_bwd(
     inv_t = 1.0 / tl.cast(temperature, ACC)
     scale = LOG2E * inv_t
 
-    lse_p = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
-    m_diff = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
-    log1p_eps = tl.load(stats_ptr + 2 * N + rows, mask=active, other=0.0).to(ACC)
-    shift = log1p_eps - m_diff * LN2  # log p_j - log q_j = (x_j - y_j) / T + shift
+    mp = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
+    mq = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
+    log2_s = tl.load(stats_ptr + 2 * N + rows, mask=active, other=0.0).to(ACC)
+    log1p_eps = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
     kl = tl.load(kl_ptr + rows, mask=active, other=0.0).to(ACC)
     g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
 
@@ -191,8 +191,8 @@ def _full_kl_bwd(
         mask = active[:, None] & (cols[None, :] < col_end)
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
-        p = tl.exp2(x * scale - lse_p[:, None])
-        log_ratio = (x - y) * inv_t + shift[:, None]  # log p_j - log q_j
+        p = tl.exp2((x - mp[:, None]) * scale - log2_s[:, None])
+        log_ratio = ((x - y) - (mp - mq)[:, None]) * inv_t + log1p_eps[:, None]  # log p_j - log q_j
         g = tl.where(p > 0, p * (log_ratio - kl[:, None]), 0.0) * g_kl[:, None]
         g = tl.where(mask, g, 0.0)
         tl.store(grad_x_ptr + g_off[:, None] + cols[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
@@ -200,14 +200,14 @@ def _full_kl_bwd(
 
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(logits, ref_logits, mask, temperature):
-    """-> kl (N,), stats (3, N), in the accumulation dtype."""
+    """-> kl (N,), stats (4, N), in the accumulation dtype."""
     with nvtx_range("fastrlhf.full_kl.fwd"):
         x, y = as_rows(logits), as_rows(ref_logits)
         A, B, V = x.shape
         N = A * B
         acc = acc_dtype(logits, ref_logits)
         kl = torch.empty(N, dtype=acc, device=logits.device)
-        stats = torch.empty((3, N), dtype=acc, device=logits.device)
+        stats = torch.empty((4, N), dtype=acc, device=logits.device)
         block_r, block_v = row_blocks(N, V, logits.device)
         _full_kl_fwd[(triton.cdiv(N, block_r),)](
             x, y, mask if mask is not None else kl, kl, stats,

@@ -2,11 +2,13 @@
 
 Math, per row (one token position) with logits x in R^V, target t, temperature T:
     z = x / T,   lse = log sum_j exp(z_j),   logp = z_t - lse,   H = lse - sum_j p_j z_j,  p = softmax(z)
-We work in base 2 (y = z * log2(e), so exp(z) = 2^y): one multiply per element, then `exp2`.
+We work in base 2: exp(z_j - z_max) = 2^((x_j - x_max) * log2(e) / T). The running max is kept on the
+raw logits, so x_j - x_max is exact and only that (small) difference is scaled and rounded: an offset of
+-60 on every logit costs no precision (scaling x first would round each logit to eps * 60 * log2(e)).
 
 Forward: ONE streaming read of the logits (N*V*bytes), online max / sum-exp / entropy sums in fp32,
-writes logp, optionally H, and the row's log-sum-exp (N*4 bytes each). Nothing [N, V] is allocated.
-Backward: recomputes p from the saved fp32 log-sum-exp; reads the logits once and writes their
+writes logp, optionally H, and two row statistics (max, log2 sum) (N*4 bytes each). Nothing [N, V].
+Backward: recomputes p from the saved fp32 row statistics; reads the logits once and writes their
 gradient once (2*N*V*bytes):
     d logp / dx_j = (1[j=t] - p_j) / T          d H / dx_j = -p_j (log p_j + H) / T
 Rounding: logits are upcast to fp32 on load (fp64 inputs compute in fp64, for gradcheck); outputs are
@@ -49,7 +51,7 @@ def _token_logprobs_fwd(
     targets_ptr,  # (N,) int, N = A*B
     logp_ptr,  # (N,) fp32 out
     ent_ptr,  # (N,) fp32 out, written when COMPUTE_ENTROPY
-    lse_ptr,  # (N,) fp32 out: base-2 log-sum-exp of y = x*log2(e)/T, for the backward
+    stats_ptr,  # (2, N) fp32 out: [max_j x_j, log2 sum_j 2^((x_j - max) log2(e)/T)], for the backward
     N,
     V,
     B,
@@ -69,33 +71,32 @@ def _token_logprobs_fwd(
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
     scale = LOG2E / tl.cast(temperature, ACC)
 
-    m = tl.full([BLOCK_R], -float("inf"), ACC)  # running max of y
-    s = tl.zeros([BLOCK_R], ACC)  # sum 2^(y - m)
-    w = tl.zeros([BLOCK_R], ACC)  # sum 2^(y - m) * (y - m), entropy only
+    m = tl.full([BLOCK_R], -float("inf"), ACC)  # running max of the raw logits
+    s = tl.zeros([BLOCK_R], ACC)  # sum 2^y,        y_j = (x_j - m) * scale <= 0
+    w = tl.zeros([BLOCK_R], ACC)  # sum 2^y * y,    entropy only
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = active[:, None] & (cols[None, :] < V)
-        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf"))
-        y = x.to(ACC) * scale  # (BLOCK_R, BLOCK_V)
-        m_new = tl.maximum(m, tl.max(y, 1))
+        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 1))
         m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing finite yet: keep inf - inf away
-        m_old = tl.where(m == -float("inf"), m_new, m)
-        alpha = tl.exp2(m_old - m_new)
-        e = tl.exp2(y - m_new[:, None])
+        shift = (tl.where(m == -float("inf"), m_new, m) - m_new) * scale  # <= 0
+        alpha = tl.exp2(shift)
+        y = (x - m_new[:, None]) * scale  # (BLOCK_R, BLOCK_V)
+        e = tl.exp2(y)
         if COMPUTE_ENTROPY:
-            d = y - m_new[:, None]
-            w = alpha * (w + (m_old - m_new) * s) + tl.sum(tl.where(e > 0, e * d, 0.0), 1)
+            w = alpha * (w + shift * s) + tl.sum(tl.where(e > 0, e * y, 0.0), 1)
         s = s * alpha + tl.sum(e, 1)
         m = m_new
 
     log2_s = tl.log2(s)
-    lse = m + log2_s
     tgt_ok = active & (tgt >= 0) & (tgt < V)
-    x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0)
-    logp = (x_t.to(ACC) * scale - lse) * LN2
+    x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0).to(ACC)
+    logp = ((x_t - m) * scale - log2_s) * LN2
     logp = tl.where(tgt_ok, logp, tl.where(active, float("nan"), 0.0))
     tl.store(logp_ptr + rows, logp, mask=row_in)
-    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=row_in)
+    tl.store(stats_ptr + rows, tl.where(active, m, 0.0), mask=row_in)
+    tl.store(stats_ptr + N + rows, tl.where(active, log2_s, 0.0), mask=row_in)
     if COMPUTE_ENTROPY:
         ent = (log2_s - w / s) * LN2
         tl.store(ent_ptr + rows, tl.where(active, ent, 0.0), mask=row_in)
@@ -105,7 +106,7 @@ def _token_logprobs_fwd(
 def _token_logprobs_bwd(
     logits_ptr,  # (A, B, V) any float, as in forward
     targets_ptr,  # (N,) int
-    lse_ptr,  # (N,) fp32 base-2 log-sum-exp from forward
+    stats_ptr,  # (2, N) fp32 row statistics from forward: max, log2 sum
     ent_ptr,  # (N,) fp32 entropy from forward (read when HAS_GRAD_ENT)
     grad_logp_ptr,  # (N,) upstream gradient of logp (read when HAS_GRAD_LOGP)
     grad_ent_ptr,  # (N,) upstream gradient of entropy (read when HAS_GRAD_ENT)
@@ -138,7 +139,8 @@ def _token_logprobs_bwd(
     inv_t = 1.0 / tl.cast(temperature, ACC)
     scale = LOG2E * inv_t
 
-    lse = tl.load(lse_ptr + rows, mask=active, other=0.0).to(ACC)
+    m = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
+    log2_s = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
     g_lp = tl.zeros([BLOCK_R], ACC)
     g_h = tl.zeros([BLOCK_R], ACC)
     ent = tl.zeros([BLOCK_R], ACC)
@@ -156,21 +158,20 @@ def _token_logprobs_bwd(
         in_bounds = row_in[:, None] & (cols[None, :] < col_end)
         mask = active[:, None] & (cols[None, :] < col_end)
         x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
-        y = x.to(ACC) * scale
-        p = tl.exp2(y - lse[:, None])  # softmax(z), recomputed in fp32
+        y = (x.to(ACC) - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
+        p = tl.exp2(y)  # softmax(x / T), recomputed in fp32
         g = -p * g_lp[:, None]
         if HAS_GRAD_LOGP:
             g += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
         if HAS_GRAD_ENT:
-            log_p = (y - lse[:, None]) * LN2
-            g -= tl.where(p > 0, p * (log_p + ent[:, None]), 0.0) * g_h[:, None]
+            g -= tl.where(p > 0, p * (y * LN2 + ent[:, None]), 0.0) * g_h[:, None]
         g = tl.where(mask, g * inv_t, 0.0)
         tl.store(grad_logits_ptr + grad_off[:, None] + cols[None, :], g.to(grad_logits_ptr.dtype.element_ty), mask=in_bounds)
 
 
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(logits, targets, temperature, ignore_index, return_entropy):
-    """logits (..., V), targets (...) -> logp (N,), entropy (N,) or None, lse (N,) (all acc dtype)."""
+    """logits (..., V), targets (...) -> logp (N,), entropy (N,) or None, stats (2, N) (acc dtype)."""
     with nvtx_range("fastrlhf.token_logprobs.fwd"):
         x = as_rows(logits)  # (A, B, V)
         A, B, V = x.shape
@@ -179,19 +180,19 @@ def _forward(logits, targets, temperature, ignore_index, return_entropy):
         tgt = targets.reshape(N)
         logp = torch.empty(N, dtype=acc, device=logits.device)
         ent = torch.empty(N, dtype=acc, device=logits.device) if return_entropy else None
-        lse = torch.empty(N, dtype=acc, device=logits.device)
+        stats = torch.empty((2, N), dtype=acc, device=logits.device)
         block_r, block_v = row_blocks(N, V, logits.device)
         grid = (triton.cdiv(N, block_r),)
         _token_logprobs_fwd[grid](
-            x, tgt, logp, ent if ent is not None else logp, lse,
+            x, tgt, logp, ent if ent is not None else logp, stats,
             N, V, B, x.stride(0), x.stride(1), temperature, ignore_index,
             COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
             num_warps=num_warps_for(block_r * block_v),
         )  # fmt: skip
-        return logp, ent, lse
+        return logp, ent, stats
 
 
-def _backward(logits, targets, lse, ent, grad_logp, grad_ent, temperature, ignore_index):
+def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index):
     """-> grad_logits with logits' shape and dtype (contiguous)."""
     with nvtx_range("fastrlhf.token_logprobs.bwd"):
         x = as_rows(logits)
@@ -203,15 +204,15 @@ def _backward(logits, targets, lse, ent, grad_logp, grad_ent, temperature, ignor
         splits = vocab_splits(n_row_programs, triton.cdiv(V, block_v), logits.device)
         cols_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
         splits = triton.cdiv(V, cols_per_split)
-        dummy = lse
+        dummy = stats
         _token_logprobs_bwd[(n_row_programs, splits)](
-            x, targets.reshape(N), lse, ent if ent is not None else dummy,
-            grad_logp.reshape(N) if grad_logp is not None else dummy,
-            grad_ent.reshape(N) if grad_ent is not None else dummy,
+            x, targets.reshape(N), stats, ent if ent is not None else dummy,
+            grad_logp.reshape(N).contiguous() if grad_logp is not None else dummy,  # .sum() gives stride 0
+            grad_ent.reshape(N).contiguous() if grad_ent is not None else dummy,
             grad, N, V, B, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
             temperature, ignore_index, cols_per_split,
             HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
-            ACC=tl_dtype(lse.dtype), BLOCK_R=block_r, BLOCK_V=block_v,
+            ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v,
             num_warps=num_warps_for(block_r * block_v),
         )  # fmt: skip
         return grad.view(logits.shape)
@@ -220,8 +221,8 @@ def _backward(logits, targets, lse, ent, grad_logp, grad_ent, temperature, ignor
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, return_entropy):
-        logp, ent, lse = _forward(logits, targets, temperature, ignore_index, return_entropy)
-        ctx.save_for_backward(logits, targets, lse, ent)  # per-row stats only; logits are the input
+        logp, ent, stats = _forward(logits, targets, temperature, ignore_index, return_entropy)
+        ctx.save_for_backward(logits, targets, stats, ent)  # per-row stats only; logits are the input
         ctx.temperature, ctx.ignore_index = temperature, ignore_index
         lead = logits.shape[:-1]
         if return_entropy:
@@ -230,9 +231,9 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent=None):
-        logits, targets, lse, ent = ctx.saved_tensors
+        logits, targets, stats, ent = ctx.saved_tensors
         grad = _backward(
-            logits, targets, lse, ent, grad_logp, grad_ent if ent is not None else None, ctx.temperature, ctx.ignore_index
+            logits, targets, stats, ent, grad_logp, grad_ent if ent is not None else None, ctx.temperature, ctx.ignore_index
         )
         return grad, None, None, None, None
 

@@ -1,0 +1,38 @@
+"""The precision contract (DESIGN.md section 3), as assertions.
+
+For an output or gradient, compare against an fp64 reference computed from the same (already rounded)
+inputs: the kernel's max abs error must be at most twice eager PyTorch's error in the input dtype, plus
+a few fp32 ulps of the result's scale. Non-finite entries must agree exactly in position and value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ULPS = 8  # the epsilon: this many fp32 ulps of the reference's largest magnitude
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs error over the reference's finite entries; inf if the NaN/inf patterns differ."""
+    x, ref = x.detach().double(), ref.detach().double()
+    assert x.shape == ref.shape, f"shape {tuple(x.shape)} vs reference {tuple(ref.shape)}"
+    finite = torch.isfinite(ref)
+    if not (torch.equal(torch.isfinite(x), finite) and torch.equal(x[~finite].nan_to_num(), ref[~finite].nan_to_num())):
+        return float("inf")
+    return (x[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+
+
+def epsilon(ref: torch.Tensor) -> float:
+    r = ref.detach().double()
+    r = r[torch.isfinite(r)]
+    scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+    return ULPS * torch.finfo(torch.float32).eps * scale
+
+
+def assert_contract(what: str, kernel: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """kernel error <= 2 * eager error + epsilon, against the fp64 reference. Returns both errors."""
+    k, e = max_err(kernel, ref), max_err(eager, ref)
+    assert k != float("inf"), f"{what}: kernel NaN/inf pattern differs from the fp64 reference"
+    eps = epsilon(ref)
+    assert k <= 2 * e + eps, f"{what}: kernel error {k:.3e} > 2 x eager error {e:.3e} + {eps:.1e}"
+    return k, e
