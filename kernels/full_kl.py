@@ -17,7 +17,10 @@ the new maxima exactly (see `_rescale`). Result: KL with relative (not absolute)
 Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
 Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
 dx (N*V*(bytes_x + bytes_y + bytes_x)):
-    dKL/dx_j = p_j (log p_j - log q_j - KL) / T,   log p_j - log q_j = d_j + log1p(D/s)
+    dKL/dx_j = p_j (log p_j - log q_j - KL) / T = p_j (d_j - E_p[d]) / T
+(the per-row constants cancel). E_p[d] is accumulated in the forward from the same d_j the backward
+recomputes, bit for bit, so for a confident row (p_j -> 1) their rounding cancels as it does in eager
+autograd; using the forward's KL instead would leave an O(eps |log p/q|) error.
 Differences are taken on the raw logits (x_j - m_p, x_j - y_j: exact or nearly so) and only then scaled,
 so neither a large common offset nor near-equal logits lose precision.
 computed from the fp32 logits, never as a difference of two rounded softmaxes.
@@ -44,17 +47,17 @@ from ._common import (
     use_triton,
     vocab_splits,
 )
-from ._series import SERIES_D, expm1_neg, expm1_neg_series, h_log1p, k3_series
+from ._series import SERIES_D, expm1_neg_series, h_log1p, k3_series
 
 LOG2E: tl.constexpr = 1.4426950408889634
 LN2: tl.constexpr = 0.6931471805599453
 
 
 @triton.jit
-def _rescale(s, D, K, mp_old, mp_new, mq_old, mq_new, inv_t):
-    """Move (s, D, K) from maxima (mp_old, mq_old) to (mp_new, mq_new). With a = e^((mp_old - mp_new)/T),
+def _rescale(s, D, K, M, mp_old, mp_new, mq_old, mq_new, inv_t):
+    """Move (s, D, K, M) from maxima (mp_old, mq_old) to (mp_new, mq_new). With a = e^((mp_old - mp_new)/T),
     b = e^((mq_old - mq_new)/T) and every d_j shifted by g = ((mp_old - mp_new) - (mq_old - mq_new))/T:
-        s' = a s,   D' = a (D + (D + s) expm1(-g)),   K' = a (K + g s + (D + s) expm1(-g))
+        s' = a s,   D' = a (D + (D + s) expm1(-g)),   K' = a (K + g s + (D + s) expm1(-g)),   M' = a (M + g s)
     and a expm1(-g) = b - a, which stays finite when a underflows and e^-g would overflow."""
     a = tl.exp2((mp_old - mp_new) * (inv_t * LOG2E))
     b = tl.exp2((mq_old - mq_new) * (inv_t * LOG2E))
@@ -62,7 +65,7 @@ def _rescale(s, D, K, mp_old, mp_new, mq_old, mq_new, inv_t):
     small = tl.abs(g) < SERIES_D
     a_em1 = tl.where(small, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
     q_sum = D + s  # sum of q~ in the old scale
-    return a * s, a * D + q_sum * a_em1, a * (K + g * s) + q_sum * a_em1
+    return a * s, a * D + q_sum * a_em1, a * (K + g * s) + q_sum * a_em1, a * (M + g * s)
 
 
 @triton.jit
@@ -71,7 +74,7 @@ def _full_kl_fwd(
     y_ptr,  # (A, B, V) reference logits, any float; row r at a*sya + b*syb; vocab stride 1
     mask_ptr,  # (N,) bool, read when HAS_MASK
     kl_ptr,  # (N,) fp32 out
-    stats_ptr,  # (4, N) fp32 out: [m_p, m_q, log2 s, log1p(D/s)] for the backward
+    stats_ptr,  # (4, N) fp32 out: [m_p, m_q, log2 s, E_p[d]] for the backward
     N,
     V,
     B,
@@ -102,6 +105,7 @@ def _full_kl_fwd(
     s = tl.zeros([BLOCK_R], ACC)
     D = tl.zeros([BLOCK_R], ACC)
     K = tl.zeros([BLOCK_R], ACC)
+    M = tl.zeros([BLOCK_R], ACC)  # sum p~_j d_j, for the backward's E_p[d]
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = active[:, None] & (cols[None, :] < V)
@@ -111,8 +115,8 @@ def _full_kl_fwd(
         mq_new = tl.maximum(mq, tl.max(y, 1))
         mp_new = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # nothing finite yet: keep inf - inf away
         mq_new = tl.where(mq_new == -float("inf"), 0.0, mq_new)
-        s, D, K = _rescale(
-            s, D, K,
+        s, D, K, M = _rescale(
+            s, D, K, M,
             tl.where(mp == -float("inf"), mp_new, mp), mp_new,
             tl.where(mq == -float("inf"), mq_new, mq), mq_new, inv_t,
         )  # fmt: skip
@@ -126,6 +130,7 @@ def _full_kl_fwd(
         d_term = tl.where(small, pt * expm1_neg_series(d), qt - pt)
         k_term = tl.where(small, pt * k3_series(d), tl.where(pt > 0, pt * d, 0.0) + qt - pt)
         s += tl.sum(pt, 1)
+        M += tl.sum(tl.where(pt > 0, pt * d, 0.0), 1)
         D += tl.sum(tl.where(pt + qt > 0, d_term, 0.0), 1)
         K += tl.sum(tl.where(pt + qt > 0, k_term, 0.0), 1)
 
@@ -135,7 +140,7 @@ def _full_kl_fwd(
     tl.store(stats_ptr + rows, tl.where(active, mp, 0.0), mask=row_in)
     tl.store(stats_ptr + N + rows, tl.where(active, mq, 0.0), mask=row_in)
     tl.store(stats_ptr + 2 * N + rows, tl.where(active, tl.log2(s), 0.0), mask=row_in)
-    tl.store(stats_ptr + 3 * N + rows, tl.where(active, eps - h_log1p(eps), 0.0), mask=row_in)
+    tl.store(stats_ptr + 3 * N + rows, tl.where(active, M / s, 0.0), mask=row_in)
 
 
 @triton.jit
@@ -143,7 +148,6 @@ def _full_kl_bwd(
     x_ptr,  # (A, B, V) policy logits, as in forward
     y_ptr,  # (A, B, V) reference logits, as in forward
     mask_ptr,  # (N,) bool, read when HAS_MASK
-    kl_ptr,  # (N,) fp32 KL from forward
     stats_ptr,  # (4, N) fp32 row stats from forward
     grad_kl_ptr,  # (N,) upstream gradient
     grad_x_ptr,  # (A, B, V) out, policy logits' dtype; strides gxa, gxb, 1
@@ -179,8 +183,7 @@ def _full_kl_bwd(
     mp = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
     mq = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
     log2_s = tl.load(stats_ptr + 2 * N + rows, mask=active, other=0.0).to(ACC)
-    log1p_eps = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
-    kl = tl.load(kl_ptr + rows, mask=active, other=0.0).to(ACC)
+    mean_d = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
     g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
 
     col_start = tl.program_id(1).to(tl.int64) * cols_per_split
@@ -192,8 +195,8 @@ def _full_kl_bwd(
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         p = tl.exp2((x - mp[:, None]) * scale - log2_s[:, None])
-        log_ratio = ((x - y) - (mp - mq)[:, None]) * inv_t + log1p_eps[:, None]  # log p_j - log q_j
-        g = tl.where(p > 0, p * (log_ratio - kl[:, None]), 0.0) * g_kl[:, None]
+        d = ((x - y) - (mp - mq)[:, None]) * inv_t  # exactly as in the forward
+        g = tl.where(p > 0, p * (d - mean_d[:, None]), 0.0) * g_kl[:, None]
         g = tl.where(mask, g, 0.0)
         tl.store(grad_x_ptr + g_off[:, None] + cols[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
 
@@ -218,7 +221,7 @@ def _forward(logits, ref_logits, mask, temperature):
         return kl, stats
 
 
-def _backward(logits, ref_logits, mask, kl, stats, grad_kl, temperature):
+def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):
     with nvtx_range("fastrlhf.full_kl.bwd"):
         x, y = as_rows(logits), as_rows(ref_logits)
         A, B, V = x.shape
@@ -229,10 +232,10 @@ def _backward(logits, ref_logits, mask, kl, stats, grad_kl, temperature):
         splits = vocab_splits(n_row_programs, triton.cdiv(V, block_v), logits.device)
         cols_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
         _full_kl_bwd[(n_row_programs, triton.cdiv(V, cols_per_split))](
-            x, y, mask if mask is not None else kl, kl, stats, grad_kl.reshape(N).contiguous(), grad,
+            x, y, mask if mask is not None else stats, stats, grad_kl.reshape(N).contiguous(), grad,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
             temperature, cols_per_split,
-            HAS_MASK=mask is not None, ACC=tl_dtype(kl.dtype),
+            HAS_MASK=mask is not None, ACC=tl_dtype(stats.dtype),
             BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
         )  # fmt: skip
         return grad.view(logits.shape)
@@ -242,14 +245,14 @@ class _FullKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, mask, temperature):
         kl, stats = _forward(logits, ref_logits, mask, temperature)
-        ctx.save_for_backward(logits, ref_logits, mask, kl, stats)
+        ctx.save_for_backward(logits, ref_logits, mask, stats)
         ctx.temperature = temperature
         return kl.view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_kl):
-        logits, ref_logits, mask, kl, stats = ctx.saved_tensors
-        return _backward(logits, ref_logits, mask, kl, stats, grad_kl, ctx.temperature), None, None, None
+        logits, ref_logits, mask, stats = ctx.saved_tensors
+        return _backward(logits, ref_logits, mask, stats, grad_kl, ctx.temperature), None, None, None
 
 
 # ------------------------------------------------------------------------------------------- public API
