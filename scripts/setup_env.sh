@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project virtualenv .venv and install fastrlhf into it. Sourced by the other
+# scripts; safe to run again (each step is a no-op when already done).
+#
+# torch: a CPU machine installs torch==2.13.0 (a CPU wheel that lies on disk here; a looser pin would
+# download a multi-GB CUDA build). A CUDA host that already has torch keeps it: set FASTRLHF_PYTHON to
+# its interpreter and no venv is made.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ -n "${FASTRLHF_PYTHON:-}" ]; then
+  PY="$FASTRLHF_PYTHON"
+else
+  if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv" >&2
+    python3 -m venv .venv
+  fi
+  PY="$PWD/.venv/bin/python"
+fi
+export PY
+pip_q() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch 2.13.0 (CPU)" >&2
+  pip_q torch==2.13.0
+fi
+echo "[setup] installing fastrlhf and its dependencies (quick when already there)" >&2
+pip_q -e ".[test,bench]"
+# Without their own dependencies: trl is only an outside oracle for the tests.
+pip_q --no-deps "trl>=0.20"
+"$PY" -c "import torch, triton, fastrlhf.kernels" || { echo "[setup] install failed" >&2; exit 1; }
