@@ -1,0 +1,598 @@
+"""trainer/data.py: loading every format and form, validation messages, splits, writing, tokenization,
+and the shipped demo prompt set."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrlhf.trainer.data import (
+    DEMO_PROMPTS,
+    DataError,
+    PreferencePair,
+    PromptRecord,
+    encode_prompt,
+    load_demo_prompts,
+    load_pairs,
+    load_prompts,
+    render_prompt,
+    split_by_prompt,
+    tokenize_pairs,
+    write_jsonl,
+)
+
+PAIR_ROWS = [
+    {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "source": "a"},
+    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon", "source": "b"},
+    {"prompt": "What is 2 + 2?", "chosen": "Four.", "rejected": "22", "source": "c"},
+]
+EXPECTED_PAIRS = [
+    PreferencePair([{"role": "user", "content": "What is 2 + 2?"}], "4", "5", None, {"source": "a"}),
+    PreferencePair(
+        [{"role": "user", "content": "Capital of France?"}], "Paris", "Lyon", None, {"source": "b"}
+    ),
+    PreferencePair([{"role": "user", "content": "What is 2 + 2?"}], "Four.", "22", None, {"source": "c"}),
+]
+
+
+def write_rows(tmp_path: Path, rows: list[dict], fmt: str, name: str = "data") -> Path:
+    """Write rows as JSONL, Parquet (through pandas), a saved Dataset or a saved DatasetDict ('train')."""
+    if fmt == "jsonl":
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "parquet":
+        import pandas as pd
+
+        path = tmp_path / f"{name}.parquet"
+        pd.DataFrame(rows).to_parquet(path)
+    elif fmt in ("saved", "saved_dict"):
+        import datasets
+
+        path = tmp_path / name
+        ds = datasets.Dataset.from_list(rows)
+        (datasets.DatasetDict({"train": ds}) if fmt == "saved_dict" else ds).save_to_disk(str(path))
+    else:
+        raise AssertionError(fmt)
+    return path
+
+
+FORMATS = ["jsonl", "parquet", "saved", "saved_dict"]
+
+
+def error_of(call) -> str:
+    with pytest.raises(DataError) as info:
+        call()
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_pairs_each_format(tmp_path, fmt):
+    assert load_pairs(write_rows(tmp_path, PAIR_ROWS, fmt)) == EXPECTED_PAIRS
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_prompts_each_format_keeps_extra_fields_as_meta(tmp_path, fmt):
+    rows = [
+        {"prompt": "What is 17 + 25?", "answer": "42", "category": "arithmetic"},
+        {"prompt": "Capital of Peru?", "answer": "Lima", "category": "capital"},
+    ]
+    records = load_prompts(write_rows(tmp_path, rows, fmt))
+    assert records == [
+        PromptRecord(
+            [{"role": "user", "content": "What is 17 + 25?"}], {"answer": "42", "category": "arithmetic"}
+        ),
+        PromptRecord(
+            [{"role": "user", "content": "Capital of Peru?"}], {"answer": "Lima", "category": "capital"}
+        ),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_column_mapping(tmp_path, fmt):
+    rows = [
+        {"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "source": r["source"]}
+        for r in PAIR_ROWS
+    ]
+    path = write_rows(tmp_path, rows, fmt)
+    pairs = load_pairs(path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert pairs == EXPECTED_PAIRS  # mapped columns are not repeated in meta
+    prompts = load_prompts(path, columns={"prompt": "question"})
+    assert prompts[1] == PromptRecord(
+        [{"role": "user", "content": "Capital of France?"}], {"good": "Paris", "bad": "Lyon", "source": "b"}
+    )
+
+
+def test_column_mapping_rejects_unknown_field(tmp_path):
+    path = write_rows(tmp_path, PAIR_ROWS, "jsonl")
+    with pytest.raises(
+        ValueError, match=r"unknown field 'answer'.*\['prompt', 'chosen', 'rejected', 'margin'\]"
+    ):
+        load_pairs(path, columns={"answer": "x"})
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_margin_column(tmp_path, fmt):
+    rows = [dict(r, margin=m) for r, m in zip(PAIR_ROWS, [1.5, None, 3])]
+    pairs = load_pairs(write_rows(tmp_path, rows, fmt))
+    assert [p.margin for p in pairs] == [1.5, None, 3.0]
+    assert all("margin" not in p.meta for p in pairs)
+    assert isinstance(pairs[2].margin, float)
+
+
+def test_mapped_margin_column_is_required_and_typed(tmp_path):
+    rows = [dict(r, strength=2.0) for r in PAIR_ROWS]
+    path = write_rows(tmp_path, rows, "jsonl")
+    assert [p.margin for p in load_pairs(path, columns={"margin": "strength"})] == [2.0, 2.0, 2.0]
+    message = error_of(
+        lambda: load_pairs(
+            write_rows(tmp_path, PAIR_ROWS, "jsonl", "nomargin"), columns={"margin": "strength"}
+        )
+    )
+    assert "line 1: field 'strength': missing" in message
+    bad = write_rows(
+        tmp_path,
+        [
+            dict(PAIR_ROWS[0], margin="high"),
+            dict(PAIR_ROWS[1], margin=True),
+            dict(PAIR_ROWS[2], margin=float("nan")),
+        ],
+        "jsonl",
+        "bad",
+    )
+    message = error_of(lambda: load_pairs(bad))
+    assert "line 1: field 'margin': expected a number or null, got str" in message
+    assert "line 2: field 'margin': expected a number or null, got bool" in message
+    assert "line 3: field 'margin': expected a finite number, got nan" in message
+
+
+def as_chat(row: dict) -> dict:
+    """The conversational form of a plain row: prompt as a user turn, responses as assistant turns."""
+    return dict(
+        row,
+        prompt=[{"role": "user", "content": row["prompt"]}],
+        chosen=[{"role": "assistant", "content": row["chosen"]}],
+        rejected=[{"role": "assistant", "content": row["rejected"]}],
+    )
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_conversational_and_plain_forms_give_identical_records(tmp_path, fmt):
+    plain = load_pairs(write_rows(tmp_path, PAIR_ROWS, fmt, "plain"))
+    chat = load_pairs(write_rows(tmp_path, [as_chat(r) for r in PAIR_ROWS], fmt, "chat"))
+    assert chat == plain == EXPECTED_PAIRS
+
+
+def test_forms_may_mix_within_a_jsonl_file(tmp_path):
+    chat = [as_chat(r) for r in PAIR_ROWS]
+    rows = [chat[0], dict(chat[1], chosen="Paris"), dict(PAIR_ROWS[2], chosen=chat[2]["chosen"])]
+    assert load_pairs(write_rows(tmp_path, rows, "jsonl")) == EXPECTED_PAIRS
+
+
+def test_multi_turn_prompt_and_multi_message_response(tmp_path):
+    row = {
+        "prompt": [
+            {"role": "system", "content": "Be brief.", "name": "ignored"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Capital of Peru?"},
+        ],
+        "chosen": [
+            {"role": "assistant", "content": "Lima."},
+            {"role": "assistant", "content": "It is on the coast."},
+        ],
+        "rejected": "Cusco",
+    }
+    (pair,) = load_pairs(write_rows(tmp_path, [row], "jsonl"))
+    assert [m["role"] for m in pair.prompt] == ["system", "user", "assistant", "user"]
+    assert pair.prompt[0] == {"role": "system", "content": "Be brief."}  # only role and content are kept
+    assert pair.chosen == "Lima.\n\nIt is on the coast."
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_empty_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    assert error_of(lambda: load_pairs(empty)) == f"{empty}: empty file (no rows)"
+    import pandas as pd
+
+    parquet = tmp_path / "empty.parquet"
+    pd.DataFrame({"prompt": pd.Series([], dtype=str)}).to_parquet(parquet)
+    assert error_of(lambda: load_prompts(parquet)) == f"{parquet}: empty file (no rows)"
+
+
+def test_malformed_json_line_names_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(PAIR_ROWS[0]) + "\n\n" + '{"prompt": "x", "chosen": \n')
+    message = error_of(lambda: load_pairs(path))
+    assert message.startswith(f"{path}: line 3: malformed JSON (")
+
+
+def test_missing_field_jsonl_names_line_and_field(tmp_path):
+    rows = [PAIR_ROWS[0], {"prompt": "p", "chosen": "c"}]
+    message = error_of(lambda: load_pairs(write_rows(tmp_path, rows, "jsonl")))
+    assert "1 of 2 rows are invalid" in message
+    assert "line 2: field 'rejected': missing (fields present: prompt, chosen)" in message
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "saved"])
+def test_missing_column_tabular(tmp_path, fmt):
+    rows = [{"prompt": "p", "chosen": "c"}]
+    message = error_of(lambda: load_pairs(write_rows(tmp_path, rows, fmt)))
+    assert "missing column(s) ['rejected']; columns present: ['prompt', 'chosen']" in message
+
+
+def test_wrong_types_and_empty_strings_name_row_and_field(tmp_path):
+    rows = [
+        {"prompt": "p", "chosen": 3, "rejected": "r"},
+        {"prompt": "   ", "chosen": "c", "rejected": "r"},
+        {"prompt": "p", "chosen": "c", "rejected": ""},
+        {"prompt": [{"role": "robot", "content": "x"}], "chosen": "c", "rejected": "r"},
+        {"prompt": [{"role": "user", "content": 5}], "chosen": "c", "rejected": "r"},
+        {
+            "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "chosen": "c",
+            "rejected": "r",
+        },
+        {"prompt": "p", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"},
+        ["not", "an", "object"],
+        {"prompt": None, "chosen": "c", "rejected": "r"},
+        {"prompt": [], "chosen": "c", "rejected": "r"},
+    ]
+    message = error_of(lambda: load_pairs(write_rows(tmp_path, rows, "jsonl")))
+    lines = message.splitlines()[1:]
+    assert lines == [
+        f"  {tmp_path / 'data.jsonl'}: line {n}: {problem}"
+        for n, problem in [
+            (1, "field 'chosen': expected a string or a list of assistant messages, got int"),
+            (2, "field 'prompt': empty string"),
+            (3, "field 'rejected': empty string"),
+            (4, "field 'prompt[0].role': expected one of ['system', 'user', 'assistant'], got 'robot'"),
+            (5, "field 'prompt[0].content': expected a string, got int"),
+            (6, "field 'prompt': the last prompt message must have role 'user', got 'assistant'"),
+            (7, "field 'chosen[0].role': response messages must be 'assistant', got 'user'"),
+            (8, "expected a JSON object, got list"),
+            (9, "field 'prompt': expected a string or a list of messages, got null"),
+            (10, "field 'prompt': empty list of messages"),
+        ]
+    ]
+    assert message.splitlines()[0].endswith("10 of 10 rows are invalid:")
+
+
+def test_wrong_type_in_parquet_names_row(tmp_path):
+    rows = [dict(PAIR_ROWS[0]), dict(PAIR_ROWS[1], chosen=None)]
+    message = error_of(lambda: load_pairs(write_rows(tmp_path, rows, "parquet")))
+    assert "row 2: field 'chosen': expected a string or a list of assistant messages, got null" in message
+
+
+def test_many_errors_are_counted_not_all_listed(tmp_path):
+    rows = [{"prompt": "", "chosen": "c", "rejected": "r"}] * 25
+    message = error_of(lambda: load_pairs(write_rows(tmp_path, rows, "jsonl")))
+    assert "25 of 25 rows are invalid" in message
+    assert message.count("empty string") == 10
+    assert message.endswith("... and 15 more")
+
+
+def test_unreadable_inputs_give_clear_errors_not_library_traces(tmp_path):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"this is not parquet")
+    with pytest.raises(DataError, match=r"corrupt.parquet: not a readable Parquet file") as info:
+        load_pairs(corrupt)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    odd = tmp_path / "data.csv"
+    odd.write_text("prompt\nx\n")
+    assert "unknown format '.csv'" in error_of(lambda: load_prompts(odd))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert "not one written by datasets' save_to_disk" in error_of(lambda: load_prompts(folder))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_prompts(tmp_path / "missing.jsonl")
+    saved = write_rows(tmp_path, PAIR_ROWS, "saved_dict")
+    assert "no split 'test'; the folder has splits ['train']" in error_of(
+        lambda: load_pairs(saved, split="test")
+    )
+
+
+def test_identical_chosen_and_rejected_are_skipped_counted_and_logged(tmp_path, caplog):
+    rows = [
+        PAIR_ROWS[0],
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        PAIR_ROWS[1],
+        {"prompt": "q", "chosen": "same ", "rejected": " same"},  # equal after stripping
+    ]
+    path = write_rows(tmp_path, rows, "jsonl")
+    with caplog.at_level(logging.WARNING, logger="fastrlhf.trainer.data"):
+        pairs = load_pairs(path)
+    assert pairs == EXPECTED_PAIRS[:2]
+    (warning,) = caplog.records
+    assert warning.getMessage() == f"{path}: skipped 2 of 4 pairs whose chosen == rejected (rows 2, 4)"
+    all_same = write_rows(tmp_path, [rows[1]], "jsonl", "same")
+    assert "no usable pairs: all 1 rows have chosen == rejected" in error_of(lambda: load_pairs(all_same))
+
+
+# -------------------------------------------------------------------------------------------------- splits
+
+
+def make_pairs(n_prompts: int, seed: int = 1) -> list[PreferencePair]:
+    """1-4 pairs for each of n_prompts prompts, interleaved."""
+    rng = random.Random(seed)
+    pairs = [
+        PreferencePair(
+            [{"role": "user", "content": f"question {i}"}], f"good {j}", f"bad {j}", None, {"i": i}
+        )
+        for i in range(n_prompts)
+        for j in range(rng.randint(1, 4))
+    ]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def prompt_sets(parts) -> list[set[int]]:
+    return [{p.meta["i"] for p in part} for part in parts]
+
+
+def test_split_by_prompt_never_splits_a_prompt_and_keeps_every_record():
+    pairs = make_pairs(200)
+    parts = split_by_prompt(pairs)
+    sets = prompt_sets(parts)
+    assert len(parts) == 3
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert sorted(map(id, sum(parts, []))) == sorted(map(id, pairs))
+    assert [len(s) for s in sets] == [160, 20, 20]  # exact fractions of the distinct prompts
+
+
+def test_split_by_prompt_is_deterministic_and_order_independent():
+    pairs = make_pairs(97)
+    first = split_by_prompt(pairs, seed=3)
+    shuffled = list(pairs)
+    random.Random(0).shuffle(shuffled)
+    again = split_by_prompt(shuffled, seed=3)
+    assert prompt_sets(first) == prompt_sets(again)
+    assert [p for p in first[1]] == [
+        p for p in pairs if p.meta["i"] in prompt_sets(first)[1]
+    ]  # input order kept
+    assert prompt_sets(split_by_prompt(pairs, seed=4)) != prompt_sets(first)
+    assert [len(s) for s in prompt_sets(first)] == [77, 10, 10]  # 77.6, 9.7, 9.7: the two .7s round up
+
+
+def test_split_by_prompt_other_fractions_and_prompt_records():
+    records = [PromptRecord([{"role": "user", "content": f"q{i}"}], {"i": i}) for i in range(10)]
+    train, test = split_by_prompt(records, fractions=(0.7, 0.3))
+    assert (len(train), len(test)) == (7, 3)
+    for bad in [(0.5, 0.4), (1.2, -0.2), ()]:
+        with pytest.raises(ValueError, match="fractions must be non-negative and sum to 1"):
+            split_by_prompt(records, fractions=bad)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def test_write_jsonl_round_trips_and_is_atomic(tmp_path):
+    pairs = [
+        EXPECTED_PAIRS[0],
+        PreferencePair(
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "c", "r", 0.5, {"k": [1]}
+        ),
+    ]
+    path = write_jsonl(tmp_path / "sub" / "pairs.jsonl", pairs)
+    assert load_pairs(path) == pairs
+    prompts = load_prompts(DEMO_PROMPTS)[:5]
+    assert load_prompts(write_jsonl(tmp_path / "prompts.jsonl", prompts)) == prompts
+    before = path.read_text()
+    with pytest.raises(TypeError):  # not JSON-serializable: the old file stays whole
+        write_jsonl(path, [pairs[0], PreferencePair(pairs[0].prompt, "c", "r", None, {"bad": object()})])
+    assert path.read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pairs.jsonl"]  # no temp file left behind
+
+
+def test_write_jsonl_refuses_meta_that_clashes_with_fields(tmp_path):
+    with pytest.raises(ValueError, match=r"meta keys \['chosen'\] clash"):
+        write_jsonl(
+            tmp_path / "x.jsonl",
+            [PreferencePair([{"role": "user", "content": "p"}], "c", "r", None, {"chosen": 1})],
+        )
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+WORDS = (
+    "<pad> <eos> <unk> <system> <user> <assistant> user: assistant: "
+    "what is two plus four paris lyon the capital of france a b c d e"
+).split()
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def make_tokenizer(chat_template: str | None = TEMPLATE):
+    """A word-level tokenizer built offline: one id per word in WORDS, <pad>=0, <eos>=1, <unk>=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def ids(text: str) -> list[int]:
+    return [WORDS.index(w) for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_render_prompt_uses_chat_template_or_plain_fallback(tokenizer):
+    messages = [{"role": "system", "content": "a"}, {"role": "user", "content": "what is two plus two"}]
+    assert render_prompt(tokenizer, messages) == "<system> a <user> what is two plus two <assistant> "
+    assert encode_prompt(tokenizer, messages) == ids("<system> a <user> what is two plus two <assistant>")
+    plain = make_tokenizer(chat_template=None)
+    assert render_prompt(plain, messages) == "system: a\nuser: what is two plus two\nassistant:"
+
+
+def test_tokenize_pairs_shapes_right_padding_and_eos(tokenizer):
+    pairs = [
+        PreferencePair(user("what is two plus two"), "four", "a b c d"),
+        PreferencePair(user("the capital of france"), "paris", "lyon"),
+    ]
+    batch = tokenize_pairs(tokenizer, pairs, max_length=32)
+    expected = [
+        ids("<user> what is two plus two <assistant> four <eos>"),
+        ids("<user> the capital of france <assistant> paris <eos>"),
+        ids("<user> what is two plus two <assistant> a b c d <eos>"),
+        ids("<user> the capital of france <assistant> lyon <eos>"),
+    ]
+    width = max(map(len, expected))
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, width)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
+    for row, want in enumerate(expected):
+        assert batch["input_ids"][row].tolist() == want + [0] * (width - len(want))  # right-padded with <pad>
+        assert batch["attention_mask"][row].tolist() == [1] * len(want) + [0] * (width - len(want))
+    last_real = batch["attention_mask"].sum(1) - 1
+    assert batch["input_ids"].gather(1, last_real[:, None]).squeeze(1).tolist() == [1, 1, 1, 1]  # EOS
+    assert batch["kept"].tolist() == [0, 1]
+
+
+def test_tokenize_pairs_cuts_prompt_from_left_keeping_responses(tokenizer, caplog):
+    pairs = [
+        PreferencePair(user("what is two plus two"), "four", "a b c")
+    ]  # prompt 7 tokens, responses 2 / 4
+    with caplog.at_level(logging.INFO, logger="fastrlhf.trainer.data"):
+        batch = tokenize_pairs(tokenizer, pairs, max_length=8)
+    assert batch["input_ids"].tolist() == [
+        ids("two plus two <assistant> four <eos>") + [0, 0],  # the same 4 prompt tokens on both sides
+        ids("two plus two <assistant> a b c <eos>"),
+    ]
+    assert "cut the prompt from the left in 1 of 1 pairs (max_length=8)" in caplog.text
+
+
+def test_tokenize_pairs_drops_pairs_that_cannot_fit_and_says_which(tokenizer, caplog):
+    pairs = [
+        PreferencePair(user("a"), "b c d e", "b"),  # response + EOS = 5 tokens: no room for a prompt token
+        PreferencePair(user("a"), "b", "c"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fastrlhf.trainer.data"):
+        batch = tokenize_pairs(tokenizer, pairs, max_length=5)
+    assert batch["kept"].tolist() == [1]
+    assert batch["input_ids"].tolist() == [
+        ids("<user> a <assistant> b <eos>"),
+        ids("<user> a <assistant> c <eos>"),
+    ]
+    assert "dropped 1 of 2 pairs" in caplog.text
+
+
+def test_tokenize_pairs_requires_pad_distinct_from_eos(tokenizer):
+    same = make_tokenizer()
+    same.pad_token = "<eos>"
+    with pytest.raises(ValueError, match="pad_token_id .* must be set and differ from eos_token_id"):
+        tokenize_pairs(same, EXPECTED_PAIRS, max_length=16)
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        tokenize_pairs(tokenizer, EXPECTED_PAIRS, max_length=1)
+
+
+# ---------------------------------------------------------------------------------------- shipped prompt set
+
+
+@pytest.fixture(scope="module")
+def demo_prompts() -> list[PromptRecord]:
+    return load_demo_prompts()
+
+
+def test_demo_prompt_set_shape(demo_prompts):
+    assert len(demo_prompts) >= 300
+    ids_ = [r.meta["id"] for r in demo_prompts]
+    assert len(set(ids_)) == len(ids_)
+    texts = [r.prompt[-1]["content"] for r in demo_prompts]
+    assert len(set(texts)) == len(texts)
+    for r in demo_prompts:
+        assert set(r.meta) == {"id", "answer", "aliases", "category"}
+        assert isinstance(r.meta["answer"], str) and r.meta["answer"].strip()
+        assert all(isinstance(a, str) and a.strip() for a in r.meta["aliases"])
+        assert len(r.prompt) == 1 and r.prompt[0]["content"].endswith("?")
+
+
+def test_demo_prompt_categories_are_balanced(demo_prompts):
+    counts = Counter(r.meta["category"] for r in demo_prompts)
+    assert set(counts) == {"capital", "arithmetic", "unit_conversion", "opposite", "colour", "animal", "fact"}
+    for category, n in counts.items():
+        assert 0.08 <= n / len(demo_prompts) <= 0.2, (category, n)
+
+
+def test_demo_arithmetic_answers_are_right(demo_prompts):
+    ops = {"+": "+", "-": "-", "times": "*", "divided by": "/"}
+    checked = 0
+    for r in demo_prompts:
+        if r.meta["category"] != "arithmetic":
+            continue
+        a, op, b = re.fullmatch(
+            r"What is (\d+) (\+|-|times|divided by) (\d+)\?", r.prompt[0]["content"]
+        ).groups()
+        value = eval(f"{a} {ops[op]} {b}")  # noqa: S307 - digits and one operator, matched above
+        assert value == int(value) and str(int(value)) == r.meta["answer"], r.meta["id"]
+        assert r.meta["answer"] not in (a, b)  # an echo of an operand can never look right
+        checked += 1
+    assert checked >= 60
+
+
+def test_demo_unit_conversion_answers_are_right(demo_prompts):
+    factor = {
+        ("meters", "centimeters"): 100,
+        ("kilometers", "meters"): 1000,
+        ("centimeters", "millimeters"): 10,
+        ("kilograms", "grams"): 1000,
+        ("liters", "milliliters"): 1000,
+        ("hours", "minutes"): 60,
+        ("minutes", "seconds"): 60,
+        ("days", "hours"): 24,
+        ("weeks", "days"): 7,
+        ("years", "months"): 12,
+        ("feet", "inches"): 12,
+        ("yards", "feet"): 3,
+        ("pounds", "ounces"): 16,
+        ("gallons", "quarts"): 4,
+        ("dollars", "cents"): 100,
+        ("dozen", "eggs"): 12,
+        ("decades", "years"): 10,
+        ("centuries", "years"): 100,
+    }
+    rows = [r for r in demo_prompts if r.meta["category"] == "unit_conversion"]
+    for r in rows:
+        to_unit, n, from_unit = re.fullmatch(
+            r"How many (\w+) are in (\d+) (\w+)\?", r.prompt[0]["content"]
+        ).groups()
+        assert int(r.meta["answer"]) == int(n) * factor[from_unit, to_unit], r.meta["id"]
+    assert len(rows) >= 50
+
+
+def test_demo_capitals_spot_check(demo_prompts):
+    answers = {
+        r.prompt[0]["content"]: r.meta["answer"] for r in demo_prompts if r.meta["category"] == "capital"
+    }
+    assert answers["What is the capital of Australia?"] == "Canberra"
+    assert answers["What is the capital of Canada?"] == "Ottawa"
+    assert answers["What is the capital of Turkey?"] == "Ankara"
+    assert answers["What is the capital of Nigeria?"] == "Abuja"
+    assert answers["What is the capital of Brazil?"] == "Brasília"
+    for contested in ("Bolivia", "the Netherlands", "South Africa", "Israel", "Switzerland", "Sri Lanka"):
+        assert f"What is the capital of {contested}?" not in answers

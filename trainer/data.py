@@ -1,0 +1,551 @@
+"""Step 1 of RLHF, the data: prompt and preference datasets, splits, derived files, tokenization.
+
+Formats (chosen by the path): ``*.jsonl`` / ``*.ndjson`` (one JSON object a line), ``*.parquet``, and a
+folder written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
+
+Two row forms are accepted and normalized into one record type, so nothing downstream cares:
+
+- plain: ``{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}``
+- conversational: ``{"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+  "chosen": [{"role": "assistant", "content": "4"}], "rejected": "5"}``
+
+A plain prompt string becomes one user message; a response given as messages must be assistant turns,
+whose contents are joined with a blank line. Prompt datasets have a ``prompt`` column and any extra
+columns (``answer``, ``aliases``, ``category``, ``id``...), kept as ``meta``.
+
+Handling of bad data (documented choices, each tested):
+
+- Broken rows are errors, never skipped: empty file, malformed JSON line, missing column, wrong type,
+  empty or whitespace-only string, non-finite margin. One :class:`DataError` lists every bad row found
+  (the first ten in full, then a count), each as ``<file>: line <n>: field '<name>': <problem>``
+  (``line`` is the 1-based physical line of a JSONL file; ``row`` the 1-based row of other formats).
+- A pair whose ``chosen`` equals ``rejected`` (after stripping whitespace) carries no preference. It is
+  skipped, and one warning logs how many were skipped and their row numbers. If nothing is left, that is
+  an error. Blank lines in JSONL are not rows and are ignored.
+- :func:`tokenize_pairs` keeps every response whole: a too-long pair has its prompt cut from the left
+  (same cut for chosen and rejected, so both are scored in the same context); a pair whose longer
+  response + EOS leaves no room for even one prompt token is dropped. Both are counted and logged, and
+  the returned ``kept`` tensor says which input pairs the rows came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEMO_PROMPTS = Path(__file__).resolve().parent / "assets" / "prompts.jsonl"
+"""The shipped demo prompt set (short questions with checkable answers; see :func:`load_prompts`)."""
+
+PROMPT_FIELDS = ("prompt",)
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin")
+ROLES = ("system", "user", "assistant")
+MAX_LISTED_ERRORS = 10
+
+Message = dict[str, str]
+
+
+class DataError(ValueError):
+    """A dataset file cannot be used as given; the message names the file, the row and the field."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: chat messages (``[{"role", "content"}, ...]``) plus the row's other fields as meta.
+
+    Records compare by value; they are frozen (fields are never reassigned) but not hashable, since they
+    hold lists. :func:`prompt_key` gives a hashable key for a prompt.
+    """
+
+    prompt: list[Message]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference: ``chosen`` was preferred over ``rejected`` as the reply to ``prompt``.
+
+    ``margin`` is an optional strength of preference (a number, or None); ``meta`` holds the row's
+    other fields.
+    """
+
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+Record = TypeVar("Record", PromptRecord, PreferencePair)
+
+
+class _RowError(Exception):
+    """A problem in one field of one row; turned into a line of a DataError by the loaders."""
+
+    def __init__(self, field_name: str | None, problem: str) -> None:
+        super().__init__(problem if field_name is None else f"field '{field_name}': {problem}")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _read_rows(path: Path, split: str) -> tuple[str, Iterator[tuple[int, Any]], list[str] | None]:
+    """-> (unit, iterator of (1-based row number, raw row), column names or None when rows may differ).
+
+    JSONL rows are numbered by physical line (``unit`` = "line"); other formats by row ("row").
+    """
+    if path.is_dir():
+        return "row", *_read_saved_dataset(path, split)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "line", _read_jsonl(path), None
+    if suffix == ".parquet":
+        return "row", *_read_parquet(path)
+    raise DataError(
+        f"{path}: unknown format '{suffix or '(no suffix)'}'; expected .jsonl, .ndjson, .parquet "
+        "or a folder written by datasets' save_to_disk"
+    )
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) for each non-blank line; a malformed line is a DataError."""
+    with path.open("r", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: line {number}: malformed JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+
+
+def _read_parquet(path: Path) -> tuple[Iterator[tuple[int, Any]], list[str]]:
+    """Rows of a Parquet file as Python objects; pyarrow failures become one clear DataError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    return enumerate(table.to_pylist(), start=1), list(table.column_names)
+
+
+def _read_saved_dataset(path: Path, split: str) -> tuple[Iterator[tuple[int, Any]], list[str]]:
+    """Rows of a ``save_to_disk`` folder; for a DatasetDict, the rows of ``split``."""
+    if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        raise DataError(
+            f"{path}: a folder, but not one written by datasets' save_to_disk "
+            "(it has neither state.json nor dataset_dict.json)"
+        )
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises a zoo of types for a damaged folder
+        raise DataError(f"{path}: cannot read the saved dataset ({type(exc).__name__}: {exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split '{split}'; the folder has splits {sorted(loaded)}")
+        loaded = loaded[split]
+    return enumerate(loaded.to_list(), start=1), list(loaded.column_names)
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+
+def _resolve_columns(columns: Mapping[str, str] | None, known: Sequence[str]) -> dict[str, str]:
+    """Map each canonical field name to its column in the file; unknown keys are a clear error."""
+    mapping = {name: name for name in known}
+    for name, column in (columns or {}).items():
+        if name not in known:
+            raise ValueError(f"columns: unknown field '{name}'; fields that can be mapped: {list(known)}")
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"columns['{name}'] must be a non-empty column name, got {column!r}")
+        mapping[name] = column
+    return mapping
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_text(value: Any, label: str) -> str:
+    if not isinstance(value, str):
+        raise _RowError(label, f"expected a string, got {_type_name(value)}")
+    if not value.strip():
+        raise _RowError(label, "empty string")
+    return value
+
+
+def _check_messages(value: Any, label: str) -> list[Message]:
+    """A non-empty list of {"role", "content"} dicts; keeps only those two keys."""
+    if not value:
+        raise _RowError(label, "empty list of messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{label}[{i}]"
+        if not isinstance(message, Mapping):
+            raise _RowError(where, f"expected a message {{'role', 'content'}}, got {_type_name(message)}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise _RowError(f"{where}.role", f"expected one of {list(ROLES)}, got {role!r}")
+        messages.append({"role": role, "content": _check_text(content, f"{where}.content")})
+    return messages
+
+
+def _to_prompt(value: Any, label: str) -> list[Message]:
+    """A prompt as messages: a string becomes one user turn; a list must be messages ending in a user turn."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": _check_text(value, label)}]
+    if isinstance(value, list):
+        messages = _check_messages(value, label)
+        if messages[-1]["role"] != "user":
+            raise _RowError(
+                label, f"the last prompt message must have role 'user', got '{messages[-1]['role']}'"
+            )
+        return messages
+    raise _RowError(label, f"expected a string or a list of messages, got {_type_name(value)}")
+
+
+def _to_response(value: Any, label: str) -> str:
+    """A response as text: a string, or assistant messages whose contents are joined by a blank line."""
+    if isinstance(value, str):
+        return _check_text(value, label)
+    if isinstance(value, list):
+        messages = _check_messages(value, label)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                raise _RowError(
+                    f"{label}[{i}].role", f"response messages must be 'assistant', got '{message['role']}'"
+                )
+        return "\n\n".join(m["content"] for m in messages)
+    raise _RowError(label, f"expected a string or a list of assistant messages, got {_type_name(value)}")
+
+
+def _to_margin(value: Any, label: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _RowError(label, f"expected a number or null, got {_type_name(value)}")
+    if not math.isfinite(value):
+        raise _RowError(label, f"expected a finite number, got {value}")
+    return float(value)
+
+
+def _field(row: Mapping[str, Any], column: str) -> Any:
+    if column not in row:
+        present = ", ".join(map(str, row)) or "none"
+        raise _RowError(column, f"missing (fields present: {present})")
+    return row[column]
+
+
+def _parse_prompt_row(row: Mapping[str, Any], cols: dict[str, str]) -> PromptRecord:
+    prompt = _to_prompt(_field(row, cols["prompt"]), cols["prompt"])
+    meta = {k: v for k, v in row.items() if k != cols["prompt"]}
+    return PromptRecord(prompt=prompt, meta=meta)
+
+
+def _parse_pair_row(row: Mapping[str, Any], cols: dict[str, str], margin_required: bool) -> PreferencePair:
+    prompt = _to_prompt(_field(row, cols["prompt"]), cols["prompt"])
+    chosen = _to_response(_field(row, cols["chosen"]), cols["chosen"])
+    rejected = _to_response(_field(row, cols["rejected"]), cols["rejected"])
+    margin_col = cols["margin"]
+    raw_margin = _field(row, margin_col) if margin_required else row.get(margin_col)
+    margin = _to_margin(raw_margin, margin_col)
+    used = {cols["prompt"], cols["chosen"], cols["rejected"], margin_col}
+    meta = {k: v for k, v in row.items() if k not in used}
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=margin, meta=meta)
+
+
+def _load(path: str | os.PathLike, split: str, required: Sequence[str], parse) -> list[tuple[int, Any]]:
+    """Read, validate and parse every row; -> [(row number, record)], or one DataError listing bad rows."""
+    path = Path(path)
+    unit, rows, column_names = _read_rows(path, split)
+    if column_names is not None:  # tabular formats: a missing column is one error, not one per row
+        missing = [c for c in required if c not in column_names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; columns present: {column_names}")
+    parsed, errors, n_rows = [], [], 0
+    for number, row in rows:
+        n_rows += 1
+        try:
+            if not isinstance(row, Mapping):
+                raise _RowError(None, f"expected a JSON object, got {_type_name(row)}")
+            parsed.append((number, parse(row)))
+        except _RowError as exc:
+            errors.append(f"{path}: {unit} {number}: {exc}")
+    if n_rows == 0:
+        raise DataError(f"{path}: empty file (no rows)")
+    if errors:
+        listing = _first_few(errors, "\n  ")
+        raise DataError(f"{path}: {len(errors)} of {n_rows} rows are invalid:\n  {listing}")
+    return parsed
+
+
+def _first_few(items: Iterable[str], sep: str) -> str:
+    """The first MAX_LISTED_ERRORS items joined by ``sep``, then "... and N more" if there are more."""
+    items = list(items)
+    more = len(items) - MAX_LISTED_ERRORS
+    return sep.join(items[:MAX_LISTED_ERRORS] + ([f"... and {more} more"] if more > 0 else []))
+
+
+def load_prompts(
+    path: str | os.PathLike, *, columns: Mapping[str, str] | None = None, split: str = "train"
+) -> list[PromptRecord]:
+    """Load a prompt dataset (JSONL, Parquet or a save_to_disk folder) into PromptRecords.
+
+    ``columns`` maps the field name ``prompt`` to the file's column (e.g. ``{"prompt": "question"}``);
+    every other column is kept in ``meta``. ``split`` picks the split of a saved DatasetDict.
+    """
+    cols = _resolve_columns(columns, PROMPT_FIELDS)
+    return [
+        record for _, record in _load(path, split, [cols["prompt"]], lambda row: _parse_prompt_row(row, cols))
+    ]
+
+
+def load_pairs(
+    path: str | os.PathLike, *, columns: Mapping[str, str] | None = None, split: str = "train"
+) -> list[PreferencePair]:
+    """Load a preference dataset (JSONL, Parquet or a save_to_disk folder) into PreferencePairs.
+
+    ``columns`` maps ``prompt`` / ``chosen`` / ``rejected`` / ``margin`` to the file's columns. The
+    margin column is optional unless mapped explicitly. Pairs with chosen == rejected are skipped and
+    counted in one warning (see the module docstring); every other problem is a :class:`DataError`.
+    """
+    cols = _resolve_columns(columns, PAIR_FIELDS)
+    margin_required = "margin" in (columns or {})
+    required = [cols["prompt"], cols["chosen"], cols["rejected"]]
+    if margin_required:
+        required.append(cols["margin"])
+    parsed = _load(path, split, required, lambda row: _parse_pair_row(row, cols, margin_required))
+    return _skip_identical(path, parsed)
+
+
+def _skip_identical(
+    path: str | os.PathLike, parsed: list[tuple[int, PreferencePair]]
+) -> list[PreferencePair]:
+    """Drop pairs whose chosen == rejected (they state no preference); log how many and which rows."""
+    same = [number for number, pair in parsed if pair.chosen.strip() == pair.rejected.strip()]
+    if same:
+        rows = _first_few(map(str, same), ", ")
+        log.warning("%s: skipped %d of %d pairs whose chosen == rejected (rows %s)",
+                    path, len(same), len(parsed), rows)  # fmt: skip
+    if len(same) == len(parsed):
+        raise DataError(f"{path}: no usable pairs: all {len(parsed)} rows have chosen == rejected")
+    return [pair for _, pair in parsed if pair.chosen.strip() != pair.rejected.strip()]
+
+
+def load_demo_prompts() -> list[PromptRecord]:
+    """The shipped demo prompt set: short questions with ``answer``, ``aliases``, ``category`` in meta."""
+    return load_prompts(DEMO_PROMPTS)
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def prompt_key(prompt: list[Message]) -> str:
+    """A canonical string for a prompt (its messages), equal for equal prompts whatever the key order."""
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Largest-remainder rounding of n * fractions: non-negative ints summing exactly to n."""
+    raw = [n * f for f in fractions]
+    counts = [math.floor(x) for x in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def split_by_prompt(
+    records: Sequence[Record], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[list[Record], ...]:
+    """Split records into len(fractions) parts BY PROMPT: all records of one prompt land in one part.
+
+    The distinct prompts are ordered by a seeded hash of their content and cut at exact counts
+    (``fractions`` of the number of distinct prompts, largest-remainder rounded), so the split is
+    deterministic, depends only on the set of prompts (not on input order) and matches the fractions to
+    within one prompt per part. Within a part, records keep their input order.
+    """
+    if not fractions or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+    keys = {prompt_key(r.prompt) for r in records}
+
+    def digest(key: str) -> tuple[str, str]:
+        return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest(), key
+
+    ordered = sorted(keys, key=digest)
+    part_of: dict[str, int] = {}
+    start = 0
+    for part, count in enumerate(_split_counts(len(ordered), fractions)):
+        part_of.update((key, part) for key in ordered[start : start + count])
+        start += count
+    parts: tuple[list[Record], ...] = tuple([] for _ in fractions)
+    for record in records:
+        parts[part_of[prompt_key(record.prompt)]].append(record)
+    return parts
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _to_row(record: PromptRecord | PreferencePair | Mapping[str, Any]) -> dict[str, Any]:
+    """The JSONL row for a record; load_prompts / load_pairs read it back to an equal record."""
+    if isinstance(record, Mapping):
+        return dict(record)
+    if isinstance(record, PromptRecord):
+        row: dict[str, Any] = {"prompt": record.prompt}
+    elif isinstance(record, PreferencePair):
+        row = {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected}
+        if record.margin is not None:
+            row["margin"] = record.margin
+    else:
+        raise TypeError(f"write_jsonl: cannot write a {type(record).__name__}")
+    clash = sorted(set(row) & set(record.meta))
+    if clash:
+        raise ValueError(f"write_jsonl: meta keys {clash} clash with the record's own fields")
+    return row | record.meta
+
+
+def write_jsonl(
+    path: str | os.PathLike, records: Iterable[PromptRecord | PreferencePair | Mapping[str, Any]]
+) -> Path:
+    """Write records as JSONL atomically: a temp file in the same folder, fsync, then os.replace.
+
+    A reader never sees a half-written file, and a crash leaves the old file (if any) intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(_to_row(record), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------------- tokenization
+
+
+def render_prompt(tokenizer: Any, messages: list[Message]) -> str:
+    """The prompt text the model sees, ending where the assistant's reply begins.
+
+    With a chat template: ``apply_chat_template(..., add_generation_prompt=True)``. Without one, a plain
+    fallback: one ``"<role>: <content>"`` line per message, then ``"assistant:"``.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def encode_prompt(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """Token ids of the rendered prompt, with no special tokens added (the chat template has its own).
+
+    Prompt and response are tokenized separately and concatenated, exactly as in generation, so the
+    reward model is trained on the same token boundaries it will score during PPO.
+    """
+    return list(tokenizer.encode(render_prompt(tokenizer, messages), add_special_tokens=False))
+
+
+def _special_ids(tokenizer: Any) -> tuple[int, int]:
+    """-> (eos_id, pad_id); pad must exist and differ from EOS so the last real token is unambiguous."""
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos_id is None:
+        raise ValueError("tokenizer has no eos_token_id; sequences must end in EOS")
+    if pad_id is None or pad_id == eos_id:
+        raise ValueError(
+            f"tokenizer pad_token_id ({pad_id}) must be set and differ from eos_token_id ({eos_id}); "
+            "set a dedicated pad token before tokenizing"
+        )
+    return eos_id, pad_id
+
+
+def _pair_ids(
+    tokenizer: Any, pair: PreferencePair, max_length: int, eos_id: int
+) -> tuple[list[int], list[int], bool] | None:
+    """-> (chosen ids, rejected ids, whether the prompt was cut), or None if the pair cannot fit.
+
+    Both sequences share one prompt, cut from the left by the same amount; responses stay whole.
+    """
+    prompt_ids = encode_prompt(tokenizer, pair.prompt)
+    chosen_ids = list(tokenizer.encode(pair.chosen, add_special_tokens=False)) + [eos_id]
+    rejected_ids = list(tokenizer.encode(pair.rejected, add_special_tokens=False)) + [eos_id]
+    room = max_length - max(len(chosen_ids), len(rejected_ids))
+    if room < 1:
+        return None
+    cut = len(prompt_ids) > room
+    prompt_ids = prompt_ids[-room:]
+    return prompt_ids + chosen_ids, prompt_ids + rejected_ids, cut
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> input_ids (N, T) int64 padded on the right with pad_id, attention_mask (N, T) int64."""
+    width = max((len(row) for row in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
+def tokenize_pairs(
+    tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int
+) -> dict[str, torch.Tensor]:
+    """Reward-model batch: chosen and rejected sequences, right-padded, stacked chosen-first.
+
+    Each sequence is ``encode_prompt(prompt) + encode(response) + [EOS]``. A pair longer than
+    ``max_length`` has its prompt cut from the left by the same amount on both sides, keeping both
+    responses whole; a pair whose longer response + EOS leaves no room for one prompt token is dropped.
+    Both are counted and logged. Padding is always on the right here, whatever
+    ``tokenizer.padding_side`` says (that setting is for generation, which pads left).
+
+    Returns (B = pairs kept, T = longest kept sequence, at most ``max_length``):
+        input_ids       (2B, T) int64  rows [0, B) chosen, [B, 2B) rejected; right-padded with pad_token_id
+        attention_mask  (2B, T) int64  1 on real tokens; the last 1 of each row is the EOS
+        kept            (B,)    int64  index into ``pairs`` of each kept pair (to align margins, meta)
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (one prompt token + EOS), got {max_length}")
+    eos_id, pad_id = _special_ids(tokenizer)
+    chosen_rows, rejected_rows, kept, n_cut = [], [], [], 0
+    for index, pair in enumerate(pairs):
+        ids = _pair_ids(tokenizer, pair, max_length, eos_id)
+        if ids is None:
+            continue
+        chosen_rows.append(ids[0])
+        rejected_rows.append(ids[1])
+        kept.append(index)
+        n_cut += ids[2]
+    if n_cut:
+        log.info("tokenize_pairs: cut the prompt from the left in %d of %d pairs (max_length=%d)",
+                 n_cut, len(pairs), max_length)  # fmt: skip
+    if len(kept) < len(pairs):
+        log.warning("tokenize_pairs: dropped %d of %d pairs whose response + EOS alone fill max_length=%d",
+                    len(pairs) - len(kept), len(pairs), max_length)  # fmt: skip
+    input_ids, attention_mask = _right_pad(chosen_rows + rejected_rows, pad_id)  # (2B, T) each
+    kept_index = torch.tensor(kept, dtype=torch.long)  # (B,)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "kept": kept_index}
