@@ -1,0 +1,97 @@
+"""`fastrlhf` command line: one subcommand per step, flags generated from the dataclasses in config.py.
+
+    fastrlhf generate-pairs --help
+    fastrlhf annotate --rubric demo
+    fastrlhf train-rm --pairs runs/demo/preferences.jsonl
+    fastrlhf eval-rm --model runs/demo/reward/model --pairs runs/demo/reward/splits/test.jsonl
+
+We use `tyro` (the dataclass-to-CLI library CleanRL uses) rather than hand-written argparse, so a field
+added to a config is a documented flag at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import tyro
+
+from .config import AnnotateConfig, EvalRewardConfig, GeneratePairsConfig, RewardConfig
+
+
+def _setup() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never contact a model hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def generate_pairs_cmd(cfg: GeneratePairsConfig) -> None:
+    from .annotate import generate_pairs
+    from .data import load_demo_prompts, load_prompts
+
+    prompts = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
+    if cfg.limit is not None:
+        prompts = prompts[: cfg.limit]
+    from .reward import resolve_device
+
+    generate_pairs(
+        cfg.model, prompts, cfg.out, samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+        device=str(resolve_device(cfg.device)),
+    )  # fmt: skip
+
+
+def annotate_cmd(cfg: AnnotateConfig) -> None:
+    from .annotate import annotate, build_preferences
+
+    summary = annotate(cfg.candidates, cfg.out, rubric=cfg.rubric)
+    print(summary)
+    n = build_preferences(cfg.candidates, cfg.out, cfg.preferences)
+    print(f"{n} preference pairs -> {cfg.preferences}")
+
+
+def train_rm_cmd(cfg: RewardConfig) -> None:
+    from .reward import train_reward_model
+
+    summary = train_reward_model(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
+    for split in ("val", "test"):
+        if split in summary:
+            m = summary[split]
+            print(f"{split}: accuracy {m['accuracy']:.3f}  AUC-ROC {m['auc_roc']:.3f}  F1 {m['f1']:.3f}  "
+                  f"ECE {m['ece']:.3f}  Brier {m['brier']:.3f}  ({m['pairs']} pairs)")  # fmt: skip
+
+
+def eval_rm_cmd(cfg: EvalRewardConfig) -> None:
+    from .reward import evaluate_reward_model
+
+    m = evaluate_reward_model(cfg)
+    print(json.dumps(m, indent=2))
+
+
+COMMANDS = {
+    "generate-pairs": (generate_pairs_cmd, GeneratePairsConfig),
+    "annotate": (annotate_cmd, AnnotateConfig),
+    "train-rm": (train_rm_cmd, RewardConfig),
+    "eval-rm": (eval_rm_cmd, EvalRewardConfig),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    _setup()
+    cfg = tyro.extras.subcommand_cli_from_dict(
+        {name: cls for name, (_, cls) in COMMANDS.items()}, args=argv, prog="fastrlhf",
+        description="fastrlhf: kernel-accelerated RLHF (reward model + PPO) on Hugging Face models",
+    )  # fmt: skip
+    for fn, cls in COMMANDS.values():
+        if type(cfg) is cls:
+            fn(cfg)
+            return
+    sys.exit(f"unknown config {type(cfg).__name__}")  # pragma: no cover
+
+
+if __name__ == "__main__":
+    main()
