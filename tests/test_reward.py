@@ -134,6 +134,18 @@ def test_kernels_off_gives_the_same_training(tiny):
     assert on["reward_mean_raw"] == pytest.approx(off["reward_mean_raw"], rel=1e-4, abs=1e-4)
 
 
+def test_frozen_prefix_cache_is_exact(tiny):
+    """Training the top layer from stored bottom-layer states = recomputing them every step."""
+    cached = R.train_reward_model(_cfg(tiny, "cache", epochs=1, freeze_layers=1))
+    plain = R.train_reward_model(_cfg(tiny, "nocache", epochs=1, freeze_layers=1, cache_frozen=False))
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in open(tiny[0] / run / "metrics.jsonl")]
+
+    np.testing.assert_allclose(losses("cache"), losses("nocache"), rtol=1e-4, atol=1e-5)
+    assert cached["reward_mean_raw"] == pytest.approx(plain["reward_mean_raw"], rel=1e-3, abs=1e-4)
+
+
 def test_non_finite_loss_stops_before_the_update(tiny, monkeypatch):
     real = R.pair_forward
 

@@ -1,5 +1,6 @@
 """`fastrlhf` command line: one subcommand per step, flags generated from the dataclasses in config.py.
 
+    fastrlhf pipeline                  # the main job: steps 1-2 on the embedded model, report in runs/pipeline
     fastrlhf generate-pairs --help
     fastrlhf annotate --rubric demo
     fastrlhf train-rm --pairs runs/demo/preferences.jsonl
@@ -18,7 +19,7 @@ import sys
 
 import tyro
 
-from .config import AnnotateConfig, EvalRewardConfig, GeneratePairsConfig, RewardConfig
+from .config import AnnotateConfig, EvalRewardConfig, GeneratePairsConfig, PipelineConfig, RewardConfig
 
 
 def _setup() -> None:
@@ -32,11 +33,11 @@ def generate_pairs_cmd(cfg: GeneratePairsConfig) -> None:
     from .annotate import generate_pairs
     from .data import load_demo_prompts, load_prompts
 
+    from .reward import resolve_device
+
     prompts = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
     if cfg.limit is not None:
         prompts = prompts[: cfg.limit]
-    from .reward import resolve_device
-
     generate_pairs(
         cfg.model, prompts, cfg.out, samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -72,7 +73,18 @@ def eval_rm_cmd(cfg: EvalRewardConfig) -> None:
     print(json.dumps(m, indent=2))
 
 
+def pipeline_cmd(cfg: PipelineConfig) -> None:
+    from .pipeline import run_pipeline
+
+    metrics = run_pipeline(cfg)
+    rm = metrics["reward_model"]
+    print(f"\nreport: {cfg.out_dir}/report.md   ({metrics['timings']['total_s']:.0f} s)")
+    if "test" in rm:
+        print(f"reward model on unseen prompts: accuracy {rm['test']['accuracy']:.3f}, AUC-ROC {rm['test']['auc_roc']:.3f}")
+
+
 COMMANDS = {
+    "pipeline": (pipeline_cmd, PipelineConfig),
     "generate-pairs": (generate_pairs_cmd, GeneratePairsConfig),
     "annotate": (annotate_cmd, AnnotateConfig),
     "train-rm": (train_rm_cmd, RewardConfig),

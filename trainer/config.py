@@ -89,6 +89,9 @@ class RewardConfig:
     freeze_layers: int = -1
     """Freeze the embeddings and the bottom N transformer layers (-1: all but the top 4; 0: train all).
     A frozen bottom saves backward time and memory on small machines."""
+    cache_frozen: bool = True
+    """Run the frozen bottom layers once per training sequence and train the top from the stored states
+    (same result; several times faster per epoch; memory ~ tokens x hidden size x 4 bytes)."""
     lora_r: int = 0
     """LoRA rank for the trainable layers (0: full fine-tuning). Needs `peft`."""
     lora_alpha: int = 16
@@ -127,5 +130,49 @@ class EvalRewardConfig:
     """Longest sequence in tokens (as in training)."""
     seed: int = 0
     """Seed for the A/B order of each pair in the pairwise-decision metrics."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cuda" or "cpu"."""
+
+
+@dataclass
+class PipelineConfig:
+    """`fastrlhf pipeline`: the main job. Steps 1-2 of RLHF on the embedded model and the demo prompts:
+    sample pairs -> rubric annotation -> reward model -> validation, with a report folder. (Step 3, PPO,
+    joins when it lands.)"""
+
+    out_dir: str = "runs/pipeline"
+    """Report folder: report.md, metrics.json, PNG plots, and each step's files."""
+    model: str = "default"
+    """Local model folder, or "default" for the embedded SmolLM2-135M-Instruct."""
+    prompts: str = "demo"
+    """Prompt dataset, or "demo" for the shipped prompt set (split train/val/test by prompt)."""
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    """Train/val/test fractions of the prompts; the reward model is tested on unseen prompts (a fifth of
+    them, so the test accuracy rests on enough pairs to mean something)."""
+    rubric: str = "demo"
+    """Scripted annotator standing in for people (the report says so)."""
+    samples_per_prompt: int = 2
+    """Responses sampled per prompt in step 1 (distinct ones are paired: up to samples/2 pairs). Sampling
+    dominates the CPU run time (~300 tokens/s on 2 cores)."""
+    temperature: float = 0.7
+    """Sampling temperature of the reference policy."""
+    max_new_tokens: int = 24
+    """Longest sampled response (the demo questions have short answers)."""
+    gen_batch_size: int = 64
+    """Sequences generated together."""
+    limit: int | None = None
+    """Use only the first N prompts (quick runs, tests)."""
+    rm_epochs: int = 3
+    """Reward-model epochs (cheap: the frozen bottom is computed once)."""
+    rm_lr: float = 1e-4
+    """Reward-model peak learning rate."""
+    rm_batch_pairs: int = 16
+    """Reward-model pairs per step."""
+    rm_freeze_layers: int = -1
+    """Frozen bottom layers of the reward model (-1: all but the top 4)."""
+    max_length: int = 96
+    """Longest reward-model sequence, in tokens."""
+    seed: int = 0
+    """Seed for splits, sampling, head initialisation and data order."""
     device: str = "auto"
     """"auto" (CUDA if available), "cuda" or "cpu"."""

@@ -112,3 +112,30 @@ def plot_reward_report(chosen: np.ndarray, rejected: np.ndarray, metrics: dict, 
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def plot_training_curves(log_path: Path, out_png: Path) -> Path:
+    """Loss and accuracy per step (train) with validation points, from a metrics.jsonl log."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], lw=1, alpha=0.8, label="train (per step)")
+        if val:
+            ax.plot([r["step"] for r in val], [r[key] for r in val], "o-", label="validation")
+        ax.set(xlabel="step", ylabel=key)
+        ax.legend()
+    ax_loss.set_title("Reward model: Bradley-Terry loss")
+    ax_acc.set_title("Reward model: pairwise accuracy")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

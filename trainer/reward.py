@@ -39,6 +39,7 @@ from .config import EvalRewardConfig, RewardConfig
 from .data import PreferencePair, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
 from .metrics import pairwise_metrics, plot_reward_report, reward_distribution
 from .models import load_reward_model, load_tokenizer, resolve_model_path, reward_head_params, reward_trunk
+from .prefix_cache import build_prefix_cache, cache_bytes, cached_batch, top_layers_only
 
 log = logging.getLogger("fastrlhf")
 
@@ -76,10 +77,16 @@ def step_batches(n_pairs: int, step: int, batch_pairs: int, grad_accum: int, see
 
 
 # ----------------------------------------------------------------------------------------------- model
-def pair_forward(model, batch: dict[str, torch.Tensor], margin: torch.Tensor | None, use_kernels: bool):
+def pair_forward(model, batch: dict[str, torch.Tensor], margin: torch.Tensor | None, use_kernels: bool, n_frozen: int = 0):
     """Trunk + fused head + per-pair Bradley-Terry loss. batch: input_ids / attention_mask (2B, T),
-    chosen rows first. -> RewardHeadOutput with loss (B,) fp32, chosen / rejected rewards (B,) fp32."""
-    hidden = reward_trunk(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    chosen rows first -- or inputs_embeds (2B, T, H): stored states of the frozen bottom n_frozen layers.
+    -> RewardHeadOutput with loss (B,) fp32, chosen / rejected rewards (B,) fp32."""
+    trunk = reward_trunk(model)
+    if "inputs_embeds" in batch:
+        with top_layers_only(trunk, n_frozen):
+            hidden = trunk(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).last_hidden_state
+    else:
+        hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     weight, bias = reward_head_params(model)  # (1, H), None for Llama
     head = reward_head_pairwise_loss if use_kernels else reward_head_pairwise_loss_ref
     return head(hidden, weight, bias, attention_mask=batch["attention_mask"], margin=margin, reduction="none")
@@ -113,8 +120,8 @@ def score_pairs(model, tokenizer, pairs, *, batch_pairs: int, max_length: int, d
 
 
 def _freeze_and_adapt(model, cfg: RewardConfig):
-    """Freeze the embeddings and the bottom layers; optionally wrap the trainable layers in LoRA.
-    Returns (model to train, inner HF model to score with / save)."""
+    """Freeze the embeddings and the bottom layers; optionally wrap the trainable layers in LoRA (peft
+    injects the adapters in place; we keep the plain HF model). -> (model, number of frozen layers)."""
     trunk = reward_trunk(model)
     layers = getattr(trunk, "layers", None)
     n_layers = len(layers) if layers is not None else 0
@@ -139,7 +146,54 @@ def _freeze_and_adapt(model, cfg: RewardConfig):
     n_all = sum(p.numel() for p in model.parameters())
     log.info("reward model: %d of %d layers frozen, LoRA r=%d; %.1fM of %.1fM parameters train",
              n_frozen, n_layers, cfg.lora_r, n_train / 1e6, n_all / 1e6)  # fmt: skip
-    return model
+    return model, n_frozen
+
+
+def _prefix_cache(model, tokenizer, train, n_frozen: int, cfg: RewardConfig, device):
+    """Stored frozen-prefix states of the training pairs, if enabled and exact on a first batch."""
+    if not (cfg.cache_frozen and n_frozen > 0):
+        return None
+    t0 = time.perf_counter()
+    cache = build_prefix_cache(reward_trunk(model), tokenizer, train, n_frozen=n_frozen, max_length=cfg.max_length,
+                               batch_pairs=cfg.batch_pairs * 2, device=device)  # fmt: skip
+    probe = [i for i, c in enumerate(cache) if c is not None][: cfg.batch_pairs]
+    with torch.no_grad(), _autocast(device):
+        full = pair_forward(model, _token_batch(tokenizer, [train[i] for i in probe], cfg.max_length, device)[0],
+                            None, cfg.kernels)  # fmt: skip
+        fast = pair_forward(model, cached_batch(cache, probe, device), None, cfg.kernels, n_frozen)
+    err = (full.chosen_rewards - fast.chosen_rewards).abs().max().item()
+    scale = full.chosen_rewards.abs().max().item() + 1e-6
+    if err > 1e-3 * scale + 1e-4:
+        log.warning("frozen-prefix cache disagrees with the full trunk (%.2e); training without it", err)
+        return None
+    log.info("cached the frozen prefix of %d pairs in %.1f s (%.0f MB; check: max |diff| %.1e)",
+             len(train), time.perf_counter() - t0, cache_bytes(cache) / 2**20, err)  # fmt: skip
+    return cache
+
+
+def _token_batch(tokenizer, chunk, max_length: int, device):
+    batch = tokenize_pairs(tokenizer, chunk, max_length)
+    kept = batch.pop("kept")
+    return {k: v.to(device) for k, v in batch.items()}, kept
+
+
+@torch.no_grad()
+def _training_rewards(model, tokenizer, train, cache, n_frozen: int, cfg: RewardConfig, device) -> np.ndarray:
+    """Rewards of every training response (chosen and rejected), from the prefix cache when there is one."""
+    if cache is None:
+        scores = score_pairs(model, tokenizer, train, batch_pairs=cfg.batch_pairs * 2, max_length=cfg.max_length,
+                             device=device, use_kernels=cfg.kernels, desc="normalise")  # fmt: skip
+        return np.concatenate([scores["chosen"], scores["rejected"]])
+    model.eval()
+    out = []
+    for start in range(0, len(train), cfg.batch_pairs * 2):
+        batch = cached_batch(cache, list(range(start, min(start + cfg.batch_pairs * 2, len(train)))), device)
+        if len(batch.pop("kept")) == 0:
+            continue
+        with _autocast(device):
+            res = pair_forward(model, batch, None, cfg.kernels, n_frozen)
+        out += [res.chosen_rewards.float().cpu(), res.rejected_rewards.float().cpu()]
+    return torch.cat(out).numpy()
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -224,7 +278,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, padding_side="right")
     model = load_reward_model(model_path, device=device, tokenizer=tokenizer, seed=cfg.seed)
-    model = _freeze_and_adapt(model, cfg)
+    model, n_frozen = _freeze_and_adapt(model, cfg)
+    cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8)
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_pairs * cfg.grad_accum))
@@ -256,16 +311,18 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         sums = {"loss": 0.0, "correct": 0.0, "pairs": 0, "r_sum": 0.0, "r_sq": 0.0, "gap": 0.0}
         for idx in micro:
             chunk = [train[i] for i in idx.tolist()]
-            batch = tokenize_pairs(tokenizer, chunk, cfg.max_length)
-            kept = batch.pop("kept")
+            if cache is not None:
+                batch = cached_batch(cache, idx.tolist(), device)
+                kept = batch.pop("kept")
+            else:
+                batch, kept = _token_batch(tokenizer, chunk, cfg.max_length, device)
             if len(kept) == 0:
                 continue
-            batch = {k: v.to(device) for k, v in batch.items()}
             margin = None
             if cfg.use_margin:
                 margin = torch.tensor([chunk[i].margin or 0.0 for i in kept.tolist()], device=device)
             with _autocast(device):
-                res = pair_forward(model, batch, margin, cfg.kernels)
+                res = pair_forward(model, batch, margin, cfg.kernels, n_frozen)
             rewards = torch.cat([res.chosen_rewards, res.rejected_rewards])  # (2B,) fp32
             loss = res.loss.sum() / n_step
             if cfg.center_coef:
@@ -319,9 +376,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         return {"step": step, "total_steps": total_steps, "finished": False}
 
     # normalise on the reference policy's responses, save, and evaluate on val and test
-    scores = score_pairs(model, tokenizer, train, batch_pairs=cfg.batch_pairs * 2, max_length=cfg.max_length,
-                         device=device, use_kernels=cfg.kernels, desc="normalise")  # fmt: skip
-    all_rewards = np.concatenate([scores["chosen"], scores["rejected"]])
+    all_rewards = _training_rewards(model, tokenizer, train, cache, n_frozen, cfg, device)
     mean, std = float(all_rewards.mean()), float(all_rewards.std()) or 1.0
     save_reward_model(model, tokenizer, out / "model", gain=1.0 / std, bias=-mean / std, n_responses=len(all_rewards))
     summary = {"step": step, "total_steps": total_steps, "finished": True, "reward_mean_raw": mean,
