@@ -154,8 +154,9 @@ def test_non_finite_loss_stops_before_the_update(tiny, monkeypatch):
         return out._replace(loss=out.loss * float("nan"))
 
     monkeypatch.setattr(R, "pair_forward", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite reward-model loss.*not updated"):
+    with pytest.raises(FloatingPointError, match="step 0: non-finite reward-model loss.*not updated"):
         R.train_reward_model(_cfg(tiny, "nan", epochs=1))
+    assert not (tiny[0] / "nan" / "checkpoint.pt").exists()  # stopped before the first optimizer step
 
 
 def test_bad_configs(tiny):

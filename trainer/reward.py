@@ -308,7 +308,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         model.train()
         micro = step_batches(len(train), step, cfg.batch_pairs, cfg.grad_accum, cfg.seed)
         n_step = sum(len(m) for m in micro)
-        sums = {"loss": 0.0, "correct": 0.0, "pairs": 0, "r_sum": 0.0, "r_sq": 0.0, "gap": 0.0}
+        stats = torch.zeros(6, device=device)  # loss, correct, pairs, sum r, sum r^2, sum gap: one sync per step
         for idx in micro:
             chunk = [train[i] for i in idx.tolist()]
             if cache is not None:
@@ -323,36 +323,33 @@ def train_reward_model(cfg: RewardConfig) -> dict:
                 margin = torch.tensor([chunk[i].margin or 0.0 for i in kept.tolist()], device=device)
             with _autocast(device):
                 res = pair_forward(model, batch, margin, cfg.kernels, n_frozen)
-            rewards = torch.cat([res.chosen_rewards, res.rejected_rewards])  # (2B,) fp32
             loss = res.loss.sum() / n_step
             if cfg.center_coef:
                 loss = loss + cfg.center_coef * (res.chosen_rewards + res.rejected_rewards).pow(2).sum() / n_step
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"step {step}: non-finite reward-model loss ({loss.item()}); rewards range "
-                    f"[{rewards.min().item():.3g}, {rewards.max().item():.3g}]; weights were not updated"
-                )
             loss.backward()
+            rewards = torch.cat([res.chosen_rewards, res.rejected_rewards]).detach()  # (2B,) fp32
             gap = (res.chosen_rewards - res.rejected_rewards).detach()
-            sums["loss"] += res.loss.detach().sum().item()
-            sums["correct"] += (gap > 0).float().sum().item()
-            sums["pairs"] += len(kept)
-            sums["r_sum"] += rewards.detach().sum().item()
-            sums["r_sq"] += rewards.detach().pow(2).sum().item()
-            sums["gap"] += gap.sum().item()
+            stats += torch.stack([res.loss.detach().sum(), (gap > 0).float().sum(), torch.tensor(float(len(kept)), device=device),
+                                  rewards.sum(), rewards.pow(2).sum(), gap.sum()])  # fmt: skip
+        loss_sum, correct, n, r_sum, r_sq, gap_sum = stats.tolist()
+        if not math.isfinite(loss_sum + r_sq):
+            raise FloatingPointError(
+                f"step {step}: non-finite reward-model loss ({loss_sum / max(n, 1)}), sum of squared rewards {r_sq}; "
+                "weights were not updated"
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        n = max(sums["pairs"], 1)
-        r_mean = sums["r_sum"] / (2 * n)
+        n = max(n, 1)
+        r_mean = r_sum / (2 * n)
         record = {
-            "step": step, "epoch": (step - 1) // steps_per_epoch, "split": "train", "loss": sums["loss"] / n,
-            "accuracy": sums["correct"] / n, "reward_mean": r_mean,
-            "reward_std": math.sqrt(max(sums["r_sq"] / (2 * n) - r_mean**2, 0.0)), "gap_mean": sums["gap"] / n,
-            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - t_start,
+            "step": step, "epoch": (step - 1) // steps_per_epoch, "split": "train", "loss": loss_sum / n,
+            "accuracy": correct / n, "reward_mean": r_mean, "reward_std": math.sqrt(max(r_sq / (2 * n) - r_mean**2, 0.0)),
+            "gap_mean": gap_sum / n, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "elapsed_s": time.perf_counter() - t_start,
         }  # fmt: skip
         _append(log_path, record)
         bar.update(1)
