@@ -48,8 +48,7 @@ def generate_pairs_cmd(cfg: GeneratePairsConfig) -> None:
 def annotate_cmd(cfg: AnnotateConfig) -> None:
     from .annotate import annotate, build_preferences
 
-    summary = annotate(cfg.candidates, cfg.out, rubric=cfg.rubric)
-    print(summary)
+    annotate(cfg.candidates, cfg.out, rubric=cfg.rubric)  # prints its own progress and how to resume
     n = build_preferences(cfg.candidates, cfg.out, cfg.preferences)
     print(f"{n} preference pairs -> {cfg.preferences}")
 
