@@ -146,6 +146,16 @@ def test_frozen_prefix_cache_is_exact(tiny):
     assert cached["reward_mean_raw"] == pytest.approx(plain["reward_mean_raw"], rel=1e-3, abs=1e-4)
 
 
+def test_lora_and_gradient_checkpointing(tiny):
+    lora = R.train_reward_model(_cfg(tiny, "lora", epochs=1, lora_r=4, freeze_layers=1))
+    ckpt = R.train_reward_model(_cfg(tiny, "gc", epochs=1, grad_checkpointing=True, cache_frozen=False))
+    assert lora["finished"] and ckpt["finished"] and lora["test"]["accuracy"] >= 0.75
+    merged = AutoModelForSequenceClassification.from_pretrained(tiny[0] / "lora" / "model")
+    assert not [n for n, _ in merged.named_parameters() if "lora" in n]  # merged: loads without peft
+    plain = R.train_reward_model(_cfg(tiny, "plain_gc_ref", epochs=1, cache_frozen=False))
+    assert ckpt["reward_mean_raw"] == pytest.approx(plain["reward_mean_raw"], rel=1e-4, abs=1e-4)  # same math
+
+
 def test_non_finite_loss_stops_before_the_update(tiny, monkeypatch):
     real = R.pair_forward
 

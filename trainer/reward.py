@@ -120,8 +120,9 @@ def score_pairs(model, tokenizer, pairs, *, batch_pairs: int, max_length: int, d
 
 
 def _freeze_and_adapt(model, cfg: RewardConfig):
-    """Freeze the embeddings and the bottom layers; optionally wrap the trainable layers in LoRA (peft
-    injects the adapters in place; we keep the plain HF model). -> (model, number of frozen layers)."""
+    """Freeze the embeddings and the bottom layers; optionally put LoRA on the trainable layers' linears
+    (peft injects the adapters in place; we train the plain HF model and merge at the end).
+    -> (model, number of frozen layers, the peft wrapper or None)."""
     trunk = reward_trunk(model)
     layers = getattr(trunk, "layers", None)
     n_layers = len(layers) if layers is not None else 0
@@ -130,13 +131,14 @@ def _freeze_and_adapt(model, cfg: RewardConfig):
         trunk.get_input_embeddings().requires_grad_(False)
         for layer in layers[:n_frozen]:
             layer.requires_grad_(False)
+    peft_model = None
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-            layers_to_transform=list(range(n_frozen, n_layers)) or None, exclude_modules=["score"],
-        )  # fmt: skip
+        top = {id(m) for layer in layers[n_frozen:] for m in layer.modules()} if layers is not None else None
+        targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "score"
+                   and (top is None or id(m) in top)]  # fmt: skip
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
         peft_model = get_peft_model(model, lora)
         reward_head_params(model)[0].requires_grad_(True)  # peft froze the head; it is new, so train it
         model = peft_model.get_base_model()
@@ -146,7 +148,7 @@ def _freeze_and_adapt(model, cfg: RewardConfig):
     n_all = sum(p.numel() for p in model.parameters())
     log.info("reward model: %d of %d layers frozen, LoRA r=%d; %.1fM of %.1fM parameters train",
              n_frozen, n_layers, cfg.lora_r, n_train / 1e6, n_all / 1e6)  # fmt: skip
-    return model, n_frozen
+    return model, n_frozen, peft_model
 
 
 def _prefix_cache(model, tokenizer, train, n_frozen: int, cfg: RewardConfig, device):
@@ -278,7 +280,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, padding_side="right")
     model = load_reward_model(model_path, device=device, tokenizer=tokenizer, seed=cfg.seed)
-    model, n_frozen = _freeze_and_adapt(model, cfg)
+    model, n_frozen, peft_model = _freeze_and_adapt(model, cfg)
     cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8)
@@ -375,6 +377,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     # normalise on the reference policy's responses, save, and evaluate on val and test
     all_rewards = _training_rewards(model, tokenizer, train, cache, n_frozen, cfg, device)
     mean, std = float(all_rewards.mean()), float(all_rewards.std()) or 1.0
+    if peft_model is not None:
+        model = peft_model.merge_and_unload()  # plain weights: the saved folder needs no peft to load
     save_reward_model(model, tokenizer, out / "model", gain=1.0 / std, bias=-mean / std, n_responses=len(all_rewards))
     summary = {"step": step, "total_steps": total_steps, "finished": True, "reward_mean_raw": mean,
                "reward_std_raw": std, "train_pairs": len(train), "val_pairs": len(val), "test_pairs": len(test),
