@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 try:  # the `nvtx` package annotates ranges for Nsight Systems; a no-op when no profiler listens
     import nvtx as _nvtx
@@ -143,6 +144,4 @@ def acc_dtype(*tensors) -> torch.dtype:
 
 def tl_dtype(dtype: torch.dtype):
     """The triton dtype for an accumulation dtype."""
-    import triton.language as tl
-
     return tl.float64 if dtype == torch.float64 else tl.float32
