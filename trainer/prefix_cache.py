@@ -28,8 +28,11 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def prefix_states(trunk, n_frozen: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states entering layer `n_frozen` (the output of the frozen prefix): (S, T, H)."""
+def prefix_states(
+    trunk, n_frozen: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hidden states entering layer `n_frozen` (the output of the frozen prefix): (S, T, H). Pass
+    `position_ids` (S, T) for left-padded rows (PPO rollouts); right-padded rows need none."""
     captured = {}
 
     def grab(module, args, kwargs):
@@ -38,7 +41,7 @@ def prefix_states(trunk, n_frozen: int, input_ids: torch.Tensor, attention_mask:
 
     handle = trunk.layers[n_frozen].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        trunk(input_ids=input_ids, attention_mask=attention_mask)
+        trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     except _Stop:
         pass
     finally:

@@ -1,0 +1,159 @@
+"""Rollouts: sample replies from a policy and turn them into a `Rollout` record with documented shapes.
+
+Layout of every batch (PPO-for-LM conventions, DESIGN.md section 4):
+
+    sequences = [ pad pad p p p p | r r r EOS pad pad ]      (B, P + R) int64
+                  <- prompt P: left-padded -> <- response R: right-padded ->
+
+- Prompts are left-padded so every reply starts at column P; replies are right-padded after their first
+  stop token, which is a real token of the reply (the policy must learn to emit it).
+- pad != EOS (`models.load_tokenizer` guarantees it), so masks never confuse padding with the end.
+- Positions follow the attention mask (cumsum - 1), as `generate` numbers them: every later forward pass
+  (old policy, policy, reference, reward model, critic) sees the exact positions sampling saw.
+- Sampling is pure softmax(z / T): top_k=0, top_p=1, no repetition penalty, whatever the model's
+  generation config says; log-probs are taken at the same T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled replies. B rows, prompt width P, response width R."""
+
+    prompt_ids: torch.Tensor
+    """(B, P) int64: prompt tokens, left-padded with the pad id."""
+    prompt_mask: torch.Tensor
+    """(B, P) int64: 1 at real prompt tokens."""
+    response_ids: torch.Tensor
+    """(B, R) int64: sampled tokens, the pad id after the first stop token."""
+    response_mask: torch.Tensor
+    """(B, R) int64: 1 at real reply tokens, the stop token included."""
+    has_eos: torch.Tensor
+    """(B,) bool: the reply ended with a stop token within R tokens."""
+    prompt_index: torch.Tensor
+    """(B,) int64: which prompt (position in the list given to `sample`) each row answers."""
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """(B, P + R) int64: prompt then reply."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + R) int64."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """(B, P + R) int64: positions counted over real tokens only (left padding does not shift them)."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(B,) int64: real reply tokens per row, the stop token included."""
+        return self.response_mask.sum(-1)
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """Rows `rows` ((b,) int64 indices) as a new Rollout (a minibatch)."""
+        return Rollout(**{k: getattr(self, k)[rows] for k in self.__dataclass_fields__})
+
+    def texts(self, tokenizer) -> list[str]:
+        """Decoded replies without the stop token, stripped."""
+        out = []
+        for ids, n, eos in zip(self.response_ids.tolist(), self.response_lengths.tolist(), self.has_eos.tolist()):
+            out.append(tokenizer.decode(ids[: n - int(eos)], skip_special_tokens=True).strip())
+        return out
+
+
+def stop_token_ids(model) -> list[int]:
+    """Token ids that end a reply: the model's generation-config EOS id(s)."""
+    eos = model.generation_config.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
+        raise ValueError("the model's generation config has no eos_token_id: replies could never stop")
+    return ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids (B, P) int64 left-padded with pad_id, mask (B, P) int64)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def mask_after_stop(tokens: torch.Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled tokens (B, R) -> (tokens with pad after the first stop token, mask (B, R) int64 with the stop
+    token included, has_eos (B,) bool)."""
+    is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))
+    before = is_stop.long().cumsum(-1) - is_stop.long()  # stop tokens strictly before each position
+    mask = (before == 0).long()
+    return tokens.masked_fill(mask == 0, pad_id), mask, is_stop.any(-1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    samples_per_prompt: int = 1,
+    device: torch.device | str = "cpu",
+) -> Rollout:
+    """Sample `samples_per_prompt` replies to each tokenized prompt (list of B0 token-id lists; rows of one
+    prompt are adjacent) with the global torch RNG -> Rollout of B = B0 * samples_per_prompt rows."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (PPO samples the full distribution), got {temperature}")
+    stop_ids = stop_token_ids(model)
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_k=0,
+        top_p=1.0, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens, num_return_sequences=samples_per_prompt, eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # (B, P + R') int64, R' <= max_new_tokens
+    model.train(was_training)
+    response, response_mask, has_eos = mask_after_stop(out[:, prompt_ids.shape[1] :], stop_ids, tokenizer.pad_token_id)
+    k = samples_per_prompt
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(k, 0), prompt_mask=prompt_mask.repeat_interleave(k, 0),
+        response_ids=response, response_mask=response_mask, has_eos=has_eos,
+        prompt_index=torch.arange(len(prompts), device=out.device).repeat_interleave(k),
+    )  # fmt: skip
+
+
+def response_hidden(model, rollout: Rollout, *, prefix: torch.Tensor | None = None, n_frozen: int = 0) -> torch.Tensor:
+    """Last hidden states at the positions that PREDICT each reply token: (B, R, H) in the model dtype.
+
+    Row b, column t is the state after reading prompt + reply[:t], the input of the LM head for reply
+    token t (and of a value head for the value of that state). `prefix` ((B, P + R, H), from
+    `prefix_cache.prefix_states`) replaces the frozen bottom `n_frozen` layers."""
+    from .prefix_cache import top_layers_only
+
+    trunk = model.base_model
+    kwargs = {"attention_mask": rollout.attention_mask, "position_ids": rollout.position_ids}
+    if prefix is None:
+        hidden = trunk(input_ids=rollout.sequences, **kwargs).last_hidden_state
+    else:
+        with top_layers_only(trunk, n_frozen):
+            hidden = trunk(inputs_embeds=prefix, **kwargs).last_hidden_state
+    P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    return hidden[:, P - 1 : P + R - 1]
