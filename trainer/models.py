@@ -15,6 +15,7 @@ generation. The reward model is a plain `AutoModelForSequenceClassification` wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -70,6 +71,20 @@ ADDED_PAD_TOKEN = "<|pad|>"
 
 # ----------------------------------------------------------------------------------------------------
 # The embedded default model
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA if available, else CPU; anything else as torch.device(name)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: str | torch.device):
+    """bf16 autocast on CUDA (weights stay fp32); a no-op elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _cache_root() -> Path:
@@ -401,6 +416,19 @@ def load_reference_model(
         path, quant, dtype, device, seconds, model.get_memory_footprint() / 2**20,
     )
     return model
+
+
+def save_pretrained_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+    """`save_pretrained` model and tokenizer into a temp folder beside `folder`, then rename it into place:
+    a crash leaves the old folder or the new one, never half of one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def _is_reward_model(config: PretrainedConfig) -> bool:

@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,16 +36,19 @@ from fastrlhf.kernels import reward_head_pairwise_loss, reward_head_pairwise_los
 from .config import EvalRewardConfig, RewardConfig
 from .data import PreferencePair, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
 from .metrics import pairwise_metrics, plot_reward_report, reward_distribution
-from .models import load_reward_model, load_tokenizer, resolve_model_path, reward_head_params, reward_trunk
+from .models import (
+    autocast,
+    load_reward_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+    reward_head_params,
+    reward_trunk,
+    save_pretrained_atomic,
+)
 from .prefix_cache import build_prefix_cache, cache_bytes, cached_batch, top_layers_only
 
 log = logging.getLogger("fastrlhf")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -92,11 +93,6 @@ def pair_forward(model, batch: dict[str, torch.Tensor], margin: torch.Tensor | N
     return head(hidden, weight, bias, attention_mask=batch["attention_mask"], margin=margin, reduction="none")
 
 
-def _autocast(device: torch.device | str):
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
 @torch.no_grad()
 def score_pairs(model, tokenizer, pairs, *, batch_pairs: int, max_length: int, device, use_kernels=True, desc=None):
     """Rewards of every pair (no gradient) -> dict of numpy arrays: chosen, rejected, loss (B,) and
@@ -110,7 +106,7 @@ def score_pairs(model, tokenizer, pairs, *, batch_pairs: int, max_length: int, d
         if len(kept) == 0:
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device):
+        with autocast(device):
             res = pair_forward(model, batch, None, use_kernels)
         out["chosen"].append(res.chosen_rewards.float().cpu())
         out["rejected"].append(res.rejected_rewards.float().cpu())
@@ -159,7 +155,7 @@ def _prefix_cache(model, tokenizer, train, n_frozen: int, cfg: RewardConfig, dev
     cache = build_prefix_cache(reward_trunk(model), tokenizer, train, n_frozen=n_frozen, max_length=cfg.max_length,
                                batch_pairs=cfg.batch_pairs * 2, device=device)  # fmt: skip
     probe = [i for i, c in enumerate(cache) if c is not None][: cfg.batch_pairs]
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         full = pair_forward(model, _token_batch(tokenizer, [train[i] for i in probe], cfg.max_length, device)[0],
                             None, cfg.kernels)  # fmt: skip
         fast = pair_forward(model, cached_batch(cache, probe, device), None, cfg.kernels, n_frozen)
@@ -192,7 +188,7 @@ def _training_rewards(model, tokenizer, train, cache, n_frozen: int, cfg: Reward
         batch = cached_batch(cache, list(range(start, min(start + cfg.batch_pairs * 2, len(train)))), device)
         if len(batch.pop("kept")) == 0:
             continue
-        with _autocast(device):
+        with autocast(device):
             res = pair_forward(model, batch, None, cfg.kernels, n_frozen)
         out += [res.chosen_rewards.float().cpu(), res.rejected_rewards.float().cpu()]
     return torch.cat(out).numpy()
@@ -255,13 +251,7 @@ def save_reward_model(model, tokenizer, folder: Path, *, gain: float, bias: floa
     model.config.reward_gain = gain
     model.config.reward_bias = bias
     model.config.reward_normalized_on = f"{n_responses} responses of the reference policy (training pairs)"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    save_pretrained_atomic(model, tokenizer, folder)
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -323,7 +313,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             margin = None
             if cfg.use_margin:
                 margin = torch.tensor([chunk[i].margin or 0.0 for i in kept.tolist()], device=device)
-            with _autocast(device):
+            with autocast(device):
                 res = pair_forward(model, batch, margin, cfg.kernels, n_frozen)
             loss = res.loss.sum() / n_step
             if cfg.center_coef:
