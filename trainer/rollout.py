@@ -140,20 +140,25 @@ def sample(
     )  # fmt: skip
 
 
-def response_hidden(model, rollout: Rollout, *, prefix: torch.Tensor | None = None, n_frozen: int = 0) -> torch.Tensor:
-    """Last hidden states at the positions that PREDICT each reply token: (B, R, H) in the model dtype.
-
-    Row b, column t is the state after reading prompt + reply[:t], the input of the LM head for reply
-    token t (and of a value head for the value of that state). `prefix` ((B, P + R, H), from
-    `prefix_cache.prefix_states`) replaces the frozen bottom `n_frozen` layers."""
+def trunk_hidden(model, rollout: Rollout, *, prefix: torch.Tensor | None = None, n_frozen: int = 0) -> torch.Tensor:
+    """Last hidden states of prompt + reply: (B, P + R, H) in the model dtype, positions from the mask.
+    `prefix` ((B, P + R, H), from `prefix_cache.prefix_states`) replaces the frozen bottom `n_frozen`
+    layers."""
     from .prefix_cache import top_layers_only
 
     trunk = model.base_model
     kwargs = {"attention_mask": rollout.attention_mask, "position_ids": rollout.position_ids}
     if prefix is None:
-        hidden = trunk(input_ids=rollout.sequences, **kwargs).last_hidden_state
-    else:
-        with top_layers_only(trunk, n_frozen):
-            hidden = trunk(inputs_embeds=prefix, **kwargs).last_hidden_state
+        return trunk(input_ids=rollout.sequences, **kwargs).last_hidden_state
+    with top_layers_only(trunk, n_frozen):
+        return trunk(inputs_embeds=prefix, **kwargs).last_hidden_state
+
+
+def response_hidden(model, rollout: Rollout, *, prefix: torch.Tensor | None = None, n_frozen: int = 0) -> torch.Tensor:
+    """Last hidden states at the positions that PREDICT each reply token: (B, R, H) in the model dtype.
+
+    Row b, column t is the state after reading prompt + reply[:t], the input of the LM head for reply
+    token t (and of a value head for the value of that state). `prefix`, `n_frozen`: as `trunk_hidden`."""
+    hidden = trunk_hidden(model, rollout, prefix=prefix, n_frozen=n_frozen)
     P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     return hidden[:, P - 1 : P + R - 1]
