@@ -5,6 +5,8 @@
     fastrlhf annotate --rubric demo
     fastrlhf train-rm --pairs runs/demo/preferences.jsonl
     fastrlhf eval-rm --model runs/demo/reward/model --pairs runs/demo/reward/splits/test.jsonl
+    fastrlhf ppo --reward-model runs/demo/reward/model --ref-quant int8
+    fastrlhf eval-policy --policy runs/demo/ppo/policy --prompts held_out.jsonl
 
 We use `tyro` (the dataclass-to-CLI library CleanRL uses) rather than hand-written argparse, so a field
 added to a config is a documented flag at once.
@@ -19,7 +21,15 @@ import sys
 
 import tyro
 
-from .config import AnnotateConfig, EvalRewardConfig, GeneratePairsConfig, PipelineConfig, RewardConfig
+from .config import (
+    AnnotateConfig,
+    EvalPolicyConfig,
+    EvalRewardConfig,
+    GeneratePairsConfig,
+    PipelineConfig,
+    PPOConfig,
+    RewardConfig,
+)
 
 
 def _setup() -> None:
@@ -33,7 +43,7 @@ def generate_pairs_cmd(cfg: GeneratePairsConfig) -> None:
     from .annotate import generate_pairs
     from .data import load_demo_prompts, load_prompts
 
-    from .reward import resolve_device
+    from .models import resolve_device
 
     prompts = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
     if cfg.limit is not None:
@@ -72,6 +82,26 @@ def eval_rm_cmd(cfg: EvalRewardConfig) -> None:
     print(json.dumps(m, indent=2))
 
 
+def ppo_cmd(cfg: PPOConfig) -> None:
+    from .ppo import train_ppo
+
+    result = train_ppo(cfg)
+    print(json.dumps(result, indent=2))
+
+
+def eval_policy_cmd(cfg: EvalPolicyConfig) -> None:
+    from .data import load_demo_prompts, load_prompts
+    from .evaluate import evaluate_policy
+
+    prompts = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
+    m = evaluate_policy(
+        cfg.policy, cfg.reference, cfg.reward_model, prompts, rubric=cfg.rubric,
+        samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, out_dir=cfg.out_dir,
+    )  # fmt: skip
+    print(f"win rate vs reference (rubric, ties half): {m['win_rate']:.3f}   -> {cfg.out_dir}/evaluation.json")
+
+
 def pipeline_cmd(cfg: PipelineConfig) -> None:
     from .pipeline import run_pipeline
 
@@ -88,6 +118,8 @@ COMMANDS = {
     "annotate": (annotate_cmd, AnnotateConfig),
     "train-rm": (train_rm_cmd, RewardConfig),
     "eval-rm": (eval_rm_cmd, EvalRewardConfig),
+    "ppo": (ppo_cmd, PPOConfig),
+    "eval-policy": (eval_policy_cmd, EvalPolicyConfig),
 }
 
 

@@ -7,6 +7,7 @@ is the field's docstring, so what you read here is what `fastrlhf <command> --he
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -135,10 +136,138 @@ class EvalRewardConfig:
 
 
 @dataclass
+class PPOConfig:
+    """`fastrlhf ppo`: step 3 of RLHF. Fine-tune the policy with PPO against a frozen reward model, with a
+    per-token KL penalty against a frozen (bitsandbytes-quantized) reference. Defaults from the literature
+    (DESIGN.md section 4); the few CPU-driven departures are marked and listed in `trainer/ppo.py`."""
+
+    reward_model: str = "runs/demo/reward/model"
+    """Reward model folder written by `fastrlhf train-rm` (its saved gain/bias normalise the score)."""
+    out_dir: str = "runs/demo/ppo"
+    """Checkpoints, metrics.jsonl and the final policy (`policy/`, save_pretrained format)."""
+    policy: str = "default"
+    """Initial policy (and reference) model folder, or "default" for the embedded SmolLM2-135M-Instruct."""
+    prompts: str = "demo"
+    """Prompt dataset (JSONL / Parquet / save_to_disk folder), or "demo" for the shipped prompt set."""
+    ref_quant: Literal["int8", "nf4", "none"] = "int8"
+    """Reference model precision: bitsandbytes LLM.int8 or 4-bit NF4, or an unquantized copy."""
+    ref_from_adapter: bool = False
+    """LoRA policy only: the reference is the policy's own base with the adapter disabled (no second
+    model in memory; --ref-quant is then unused). Refused when the policy starts from a trained adapter."""
+    critic: Literal["separate", "value-head"] = "separate"
+    """"separate": a critic initialised from the reward model (InstructGPT; a second trunk in memory,
+    plus its optimizer state). "value-head": a scalar head on the policy's own trunk (H+1 parameters,
+    no second model, but value gradients flow into the policy's trainable layers)."""
+    lora_r: int = 0
+    """LoRA rank for the policy (0: train the unfrozen layers in full)."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    freeze_layers: int = -1
+    """Frozen bottom layers of the policy and the critic (-1: all but the top 4; 0: full fine-tune). The
+    frozen bottom runs once per rollout, not once per epoch (`cache_frozen`). A CPU-driven departure."""
+    cache_frozen: bool = True
+    """Run the frozen bottom once per rollout and reuse its states in every PPO epoch."""
+    steps: int = 16
+    """PPO iterations (each: one rollout batch, then `ppo_epochs` passes over it)."""
+    batch_prompts: int = 32
+    """Prompts per rollout."""
+    samples_per_prompt: int = 1
+    """Replies sampled per prompt in a rollout."""
+    minibatch_size: int = 16
+    """Rows per optimizer step (the rollout is split into these; one minibatch loop)."""
+    grad_accum: int = 1
+    """Micro-batches per minibatch (memory knob; the update is the same)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout."""
+    lr: float = 1e-5
+    """Policy learning rate (AdamW, linear decay to 0 over `steps`)."""
+    critic_lr: float = 5e-5
+    """Critic / value-head learning rate."""
+    temperature: float = 0.7
+    """Sampling temperature; every log-prob (old policy, policy, reference) is taken at it."""
+    max_new_tokens: int = 24
+    """Longest reply; sampling stops earlier at EOS."""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty in the reward (the start value when `adaptive_kl`)."""
+    kl_estimator: Literal["k1", "k3", "full"] = "k1"
+    """KL in the reward: k1 = log-ratio of the sampled token (the default), k3, or the exact full-vocabulary
+    KL (`fastrlhf.kernels.full_kl`). k3 is always logged."""
+    adaptive_kl: bool = False
+    """Ziegler et al.'s proportional controller on beta."""
+    kl_target: float = 6.0
+    """Target KL per reply (nats) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller (in rollout rows)."""
+    missing_eos_penalty: float | None = -1.0
+    """Added to the score of a reply that did not end with EOS within max_new_tokens (None: off)."""
+    score_clip: float | None = 5.0
+    """Clip the normalised score to [-c, c] (None: off)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """PPO ratio clip."""
+    clip_range_value: float = 0.2
+    """Value clip, around the rollout's values."""
+    vf_coef: float = 0.1
+    """Value-loss weight."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the rollout's real tokens."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip for policy and critic."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward (memory for time)."""
+    save_every: int = 4
+    """Checkpoint every N steps (atomic; `--resume` restores everything)."""
+    resume: bool = False
+    """Continue from out_dir/checkpoint.pt."""
+    kernels: bool = True
+    """Use the fused `fastrlhf.kernels` (False: their eager `*_ref` twins, for comparison)."""
+    seed: int = 0
+    """Seed for prompt order, sampling and head initialisation."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cuda" or "cpu"."""
+
+
+@dataclass
+class EvalPolicyConfig:
+    """`fastrlhf eval-policy`: judge a trained policy against the reference policy on held-out prompts
+    with the rubric (the independent judge), plus reward-model scores and KL to the reference."""
+
+    policy: str = "runs/demo/ppo/policy"
+    """Trained policy folder (`fastrlhf ppo` writes out_dir/policy)."""
+    reference: str = "default"
+    """Reference policy folder (the unquantized starting model), or "default"."""
+    reward_model: str | None = "runs/demo/reward/model"
+    """Reward model folder for mean scores (None: rubric only)."""
+    prompts: str = "demo"
+    """Held-out prompt dataset, or "demo" for the shipped prompt set (use prompts PPO never saw)."""
+    out_dir: str = "runs/demo/eval"
+    """evaluation.json, samples.jsonl, examples.md and a PNG."""
+    rubric: str = "demo"
+    """Scripted judge (needs the prompt set's answer fields)."""
+    samples_per_prompt: int = 2
+    """Replies per prompt from each model."""
+    temperature: float = 0.7
+    """Sampling temperature of both models (the one PPO trained at)."""
+    max_new_tokens: int = 24
+    """Longest reply."""
+    batch_size: int = 64
+    """Sequences generated together."""
+    seed: int = 0
+    """Seed for sampling (both models see the same one)."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cuda" or "cpu"."""
+
+
+@dataclass
 class PipelineConfig:
-    """`fastrlhf pipeline`: the main job. Steps 1-2 of RLHF on the embedded model and the demo prompts:
-    sample pairs -> rubric annotation -> reward model -> validation, with a report folder. (Step 3, PPO,
-    joins when it lands.)"""
+    """`fastrlhf pipeline`: the main job. All three steps of RLHF on the embedded model and the demo
+    prompts: sample pairs -> rubric annotation -> reward model -> validation -> PPO against an int8
+    reference -> evaluation on held-out prompts by the rubric, with a report folder."""
 
     out_dir: str = "runs/pipeline"
     """Report folder: report.md, metrics.json, PNG plots, and each step's files."""
@@ -172,6 +301,32 @@ class PipelineConfig:
     """Frozen bottom layers of the reward model (-1: all but the top 4)."""
     max_length: int = 96
     """Longest reward-model sequence, in tokens."""
+    ppo: bool = True
+    """Run step 3 (PPO and the policy evaluation); --no-ppo stops after the reward model."""
+    ppo_steps: int = 15
+    """PPO iterations, on the train prompts (~47 s each on a 2-core CPU: the largest share of the run)."""
+    ppo_batch_prompts: int = 32
+    """Prompts per PPO rollout."""
+    ppo_minibatch_size: int = 16
+    """Rows per PPO optimizer step."""
+    ppo_epochs: int = 2
+    """Passes over each rollout (the literature's 4 costs ~15 s more per step on a 2-core CPU)."""
+    ppo_lr: float = 5e-5
+    """Policy learning rate (top 4 layers trained; 1e-4 measured no better on the demo)."""
+    ppo_freeze_layers: int = -1
+    """Frozen bottom layers of the policy and critic (-1: all but the top 4)."""
+    ref_quant: Literal["int8", "nf4", "none"] = "int8"
+    """PPO reference model precision (bitsandbytes int8 / nf4, or unquantized)."""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty."""
+    kl_bound: float = 0.5
+    """Bound on the evaluated mean per-token KL(policy || reference) that the report checks."""
+    critic: Literal["separate", "value-head"] = "separate"
+    """PPO critic: a copy of the reward model, or a value head on the policy trunk."""
+    eval_samples_per_prompt: int = 2
+    """Replies per held-out prompt from each of the PPO policy and the reference, judged by the rubric."""
+    kernels: bool = True
+    """Use the fused `fastrlhf.kernels` everywhere (False: their eager `*_ref` twins)."""
     seed: int = 0
     """Seed for splits, sampling, head initialisation and data order."""
     device: str = "auto"

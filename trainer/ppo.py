@@ -1,0 +1,519 @@
+"""`fastrlhf ppo`: step 3 of RLHF, one top-to-bottom PPO loop (CleanRL style) for a causal LM.
+
+Each step:
+    rollout    sample replies to `batch_prompts` prompts at temperature T (top_k=0, top_p=1), stop at EOS
+    score      reward model at the last real token, normalised by its saved gain/bias; missing-EOS penalty;
+               clipped
+    reference  log-probs of the sampled tokens under the frozen reference (bitsandbytes int8 / nf4, or
+               the LoRA policy's base with its adapter disabled), once per rollout
+    old policy log-probs (+ entropy) and values of the rollout, no grad
+    rewards    per-token -beta * KL (k1 by default) plus the score at the last real token; GAE(gamma, lambda);
+               whitened advantages
+    update     `ppo_epochs` passes of shuffled minibatches: clipped surrogate + vf_coef * clipped value
+               loss - ent_coef * entropy; grad-norm clip; AdamW; linear LR decay
+
+Every log-prob goes through `fastrlhf.kernels.token_logprobs` at the sampling temperature, every KL through
+`kl_estimate` (or `full_kl`); `kernels=False` swaps in the eager `*_ref` twins (same numbers to float
+error: benchmarks/bench_ppo_step.py compares them).
+
+Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et al. 2024), all flags:
+- The bottom layers of the policy and critic are frozen by default (`freeze_layers=-1`: all but the
+  top 4) and run once per rollout (`cache_frozen`), so a 2-core CPU can run PPO in minutes. With
+  `--freeze-layers 0` this is the textbook full fine-tune. When the reward model and the critic have
+  bit-identical embeddings and bottom layers (checked on the weights: the pipeline's reward model was
+  trained from the policy's base with the same bottom frozen), that bottom runs once for all three.
+- The critic is a copy of the reward model (InstructGPT), or a value head on the policy trunk
+  (`--critic value-head`); both use the frozen-bottom trick.
+- The reward-model score is normalised (gain/bias saved by train-rm) and clipped to +-`score_clip`.
+- The step-0 KL floor of a quantized reference is measured and logged (`kl_floor_*`): with the policy
+  equal to the unquantized model, the int8/nf4 reference alone already differs from it.
+
+Sanity checked every step: the first minibatch of each rollout sees the policy that sampled it, so its
+ratio is 1 to float error (`logratio_dev_first` = max |log ratio|); a non-finite loss or gradient stops the run with a
+message naming the quantity, before any weight changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..kernels import full_kl, full_kl_ref, kl_estimate, kl_estimate_ref, last_token_rewards, last_token_rewards_ref
+from ..kernels import token_logprobs, token_logprobs_ref
+from . import rl
+from .config import PPOConfig
+from .data import encode_prompt, load_demo_prompts, load_prompts
+from .models import (
+    autocast,
+    load_causal_lm,
+    load_reference_model,
+    load_reward_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+    reward_head_params,
+    save_pretrained_atomic,
+)
+from .prefix_cache import prefix_states
+from .rollout import Rollout, response_hidden, sample, trunk_hidden
+
+log = logging.getLogger("fastrlhf")
+
+try:  # NVTX ranges for Nsight Systems around each phase; optional
+    import nvtx as _nvtx
+except ImportError:  # pragma: no cover
+    _nvtx = None
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or rollout quantity became NaN/inf; the step stopped before any weight changed."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def check_finite(name: str, x: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(
+            f"step {step}: {name} is not finite ({x.detach().float().flatten()[:4].tolist()} ...); the step "
+            "stopped before the update, weights unchanged. Lower --lr, or check the reward model's scores."
+        )
+
+
+class Phase:
+    """Times phases, records peak memory and tokens/s per phase, and marks each with an NVTX range."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stats = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        rng = _nvtx.annotate(f"ppo/{name}", domain="fastrlhf") if _nvtx else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with rng:
+            yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:  # process high-water mark: on CPU there is no per-phase allocator peak
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.stats[f"time/{name}_s"] = time.perf_counter() - t0
+        self.stats[f"peak_mem_mb/{name}"] = peak
+
+    def throughput(self, tokens: dict[str, int]) -> dict[str, float]:
+        return {f"tokens_per_s/{k}": n / max(self.stats[f"time/{k}_s"], 1e-9) for k, n in tokens.items()}
+
+
+def freeze_bottom(model, freeze_layers: int) -> int:
+    """Freeze the input embeddings (and so a tied LM head) and the bottom layers -> how many are frozen
+    (-1: all but the top 4)."""
+    layers = model.base_model.layers
+    n = max(0, len(layers) - 4) if freeze_layers < 0 else min(freeze_layers, len(layers))
+    if n:
+        model.get_input_embeddings().requires_grad_(False)
+        if model.get_output_embeddings() is not None:  # an LM head (tied or not) stays frozen too
+            model.get_output_embeddings().requires_grad_(False)
+        for layer in layers[:n]:
+            layer.requires_grad_(False)
+    return n
+
+
+def shares_bottom(a, b, n: int) -> bool:
+    """Do models `a` and `b` have bit-identical input embeddings and bottom `n` layers? Then the states
+    entering layer n are the same for both and are computed once. In the pipeline they are: the reward
+    model (and so the critic copied from it) was trained from the policy's base with the same bottom
+    frozen. Checked on the weights themselves, never assumed."""
+    if n == 0 or len(a.base_model.layers) < n or len(b.base_model.layers) < n:
+        return False
+    pairs = [(a.get_input_embeddings(), b.get_input_embeddings())]
+    pairs += list(zip(a.base_model.layers[:n], b.base_model.layers[:n]))
+    for ma, mb in pairs:
+        sa, sb = ma.state_dict(), mb.state_dict()
+        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    return True
+
+
+def add_lora(model, r: int, alpha: int, n_frozen: int):
+    """LoRA on the linears of the trainable layers (peft injects in place) -> the peft wrapper."""
+    from peft import LoraConfig, get_peft_model
+
+    top = {id(m) for layer in model.base_model.layers[n_frozen:] for m in layer.modules()}
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in top]
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+
+
+def prompt_batch(n_prompts: int, step: int, batch: int, seed: int) -> list[int]:
+    """Prompt indices of rollout `step`: a fresh seeded permutation per pass over the prompts, so the
+    loader's position is a function of the step alone (resume needs no loader state)."""
+    out = []
+    for k in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(k, n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- forward pieces
+def _targets(rollout: Rollout) -> torch.Tensor:
+    """(B, R) int64: reply tokens, -100 at padding (skipped by token_logprobs)."""
+    return rollout.response_ids.masked_fill(rollout.response_mask == 0, -100)
+
+
+def policy_forward(model, rollout: Rollout, temperature: float, kernels: bool, prefix=None, n_frozen: int = 0):
+    """-> logp (B, R) fp32, entropy (B, R) fp32, hidden (B, R, H), logits (B, R, V) (unscaled)."""
+    hidden = response_hidden(model, rollout, prefix=prefix, n_frozen=n_frozen)
+    logits = model.get_output_embeddings()(hidden)
+    fn = token_logprobs if kernels else token_logprobs_ref
+    logp, entropy = fn(logits, _targets(rollout), temperature=temperature, return_entropy=True)
+    return logp, entropy, hidden, logits
+
+
+def critic_values(critic, value_head, rollout: Rollout, policy_hidden, prefix=None, n_frozen: int = 0):
+    """Values of the states that predict each reply token: (B, R) fp32. From the separate critic (its
+    trunk + scalar head), or from `value_head` on the policy's hidden states."""
+    if value_head is not None:
+        return value_head(policy_hidden).squeeze(-1).float()
+    hidden = response_hidden(critic, rollout, prefix=prefix, n_frozen=n_frozen)
+    weight, bias = reward_head_params(critic)
+    values = hidden @ weight.t()
+    return (values if bias is None else values + bias).squeeze(-1).float()
+
+
+@torch.no_grad()
+def reward_scores(reward_model, rollout: Rollout, kernels: bool, prefix=None, n_frozen: int = 0) -> torch.Tensor:
+    """Normalised reward-model score of each prompt + reply, read at the last real token: (B,) fp32.
+    `prefix` ((B, P + R, H)) replaces the bottom `n_frozen` layers when the reward model shares them."""
+    hidden = trunk_hidden(reward_model, rollout, prefix=prefix, n_frozen=n_frozen)
+    weight, bias = reward_head_params(reward_model)
+    fn = last_token_rewards if kernels else last_token_rewards_ref
+    raw = fn(hidden, weight, bias, attention_mask=rollout.attention_mask)
+    cfg = reward_model.config
+    return raw * getattr(cfg, "reward_gain", 1.0) + getattr(cfg, "reward_bias", 0.0)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def _trainable(module) -> dict[str, torch.Tensor]:
+    if module is None:
+        return {}
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _restore(module, state: dict[str, torch.Tensor]) -> None:
+    if module is None:
+        return
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _check_policy_source(path: str, cfg: PPOConfig) -> None:
+    """Refuse what would silently train against the wrong reference."""
+    if (Path(path) / "adapter_config.json").exists():
+        if cfg.ref_from_adapter:
+            raise ValueError(
+                f"--ref-from-adapter: {path} is an already-trained LoRA adapter, so its base with the adapter "
+                "disabled is NOT the starting policy and the KL penalty would pull toward the wrong model. "
+                "Use --ref-quant int8|nf4|none (a separate reference) instead."
+            )
+        raise ValueError(f"{path} is a LoRA adapter folder: merge it into its base (peft merge_and_unload) first")
+    if cfg.ref_from_adapter and cfg.lora_r <= 0:
+        raise ValueError("--ref-from-adapter needs a LoRA policy (--lora-r > 0)")
+
+
+def _load_policy(path: str, cfg: PPOConfig, device: torch.device, dtype: torch.dtype, tokenizer):
+    """-> (policy model to call, peft wrapper or None, number of frozen layers)."""
+    policy = load_causal_lm(path, dtype=dtype, device=device, tokenizer=tokenizer)
+    n_frozen = freeze_bottom(policy, cfg.freeze_layers)
+    peft_model = None
+    if cfg.lora_r > 0:
+        peft_model = add_lora(policy, cfg.lora_r, cfg.lora_alpha, n_frozen)
+        policy = peft_model.get_base_model()  # adapters live inside it; we call the plain HF model
+    if cfg.grad_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, peft_model, n_frozen
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def train_ppo(cfg: PPOConfig) -> dict:
+    """The PPO loop, top to bottom. Returns the summary (also in out_dir/summary.json)."""
+    device = resolve_device(cfg.device)
+    dtype = torch.float32  # bf16 autocast on CUDA; master weights stay fp32
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    T = cfg.temperature
+
+    # ---- data and models
+    records = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
+    _check_policy_source(cfg.policy, cfg)
+    policy_path = resolve_model_path(cfg.policy)
+    tokenizer = load_tokenizer(policy_path)  # left padding for generation
+    prompts = [encode_prompt(tokenizer, r.prompt) for r in records]
+    policy, peft_model, n_frozen = _load_policy(policy_path, cfg, device, dtype, tokenizer)
+    reference = None
+    if not cfg.ref_from_adapter:
+        reference = load_reference_model(policy_path, quant=cfg.ref_quant, device=device, tokenizer=tokenizer)
+    reward_model = load_reward_model(cfg.reward_model, device=device, tokenizer=tokenizer).requires_grad_(False)
+    if reward_model.config.vocab_size != policy.config.vocab_size:  # it scores the policy's token ids
+        raise ValueError(f"reward model {cfg.reward_model} has a vocabulary of {reward_model.config.vocab_size} "
+                         f"tokens, the policy {policy.config.vocab_size}: train the reward model from the policy's base")  # fmt: skip
+    critic, value_head, n_frozen_critic = None, None, 0
+    if cfg.critic == "separate":
+        critic = load_reward_model(cfg.reward_model, device=device, tokenizer=tokenizer)
+        n_frozen_critic = freeze_bottom(critic, cfg.freeze_layers)
+    else:
+        H = policy.config.hidden_size
+        value_head = torch.nn.Linear(H, 1, device=device)
+        with torch.no_grad():
+            value_head.weight.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(cfg.seed)) / math.sqrt(H + 1))
+            value_head.bias.zero_()
+    value_module = critic if critic is not None else value_head
+    cache = cfg.cache_frozen and n_frozen > 0
+    rm_shares = cache and shares_bottom(policy, reward_model, n_frozen)
+    critic_shares = cache and critic is not None and n_frozen_critic == n_frozen and shares_bottom(policy, critic, n_frozen)
+    if cache:
+        log.info("frozen bottom (%d layers) computed once per rollout for the policy%s%s", n_frozen,
+                 ", the reward model" if rm_shares else "", ", the critic" if critic_shares else "")  # fmt: skip
+    policy_params = [p for p in policy.parameters() if p.requires_grad]
+    value_params = [p for p in value_module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
+    vopt = torch.optim.AdamW(value_params, lr=cfg.critic_lr, eps=1e-5)
+    decay = lambda s: max(0.0, 1.0 - s / cfg.steps)  # noqa: E731  (linear to 0, stepped once per rollout)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    vsched = torch.optim.lr_scheduler.LambdaLR(vopt, decay)
+    kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else rl.FixedKLController(cfg.kl_coef))  # fmt: skip
+    log.info("policy: %d of %d layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); "
+             "reference: %s", n_frozen, len(policy.base_model.layers), cfg.lora_r,
+             sum(p.numel() for p in policy_params) / 1e6, cfg.critic, sum(p.numel() for p in value_params) / 1e6,
+             "policy base, adapter disabled" if cfg.ref_from_adapter else cfg.ref_quant)  # fmt: skip
+
+    # ---- resume
+    ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    step = 0
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _restore(policy, ckpt["policy"])
+        _restore(value_module, ckpt["value"])
+        for obj, key in ((opt, "opt"), (vopt, "vopt"), (sched, "sched"), (vsched, "vsched"), (kl_ctl, "kl_ctl")):
+            obj.load_state_dict(ckpt[key])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        step = ckpt["step"]
+        _truncate_log(log_path, step)
+        log.info("resumed from %s at step %d of %d", ckpt_path, step, cfg.steps)
+    elif log_path.exists():
+        log_path.unlink()
+    writer = _tensorboard(out)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="ppo", unit="step")
+    t_start = time.perf_counter()
+    summary: dict = {}
+    while step < cfg.steps:
+        phase = Phase(device)
+        idx = prompt_batch(len(prompts), step, cfg.batch_prompts, cfg.seed)
+
+        # ---- rollout
+        with phase("generation"), autocast(device):
+            ro = sample(policy, tokenizer, [prompts[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
+                        temperature=T, samples_per_prompt=cfg.samples_per_prompt, device=device)  # fmt: skip
+        mask = ro.response_mask.float()  # (B, R)
+        policy.eval()
+
+        with torch.no_grad(), autocast(device):
+            with phase("policy_eval"):
+                prefix = None
+                if cache:  # (B, P + R, H): states entering layer n_frozen, reused by every epoch below
+                    prefix = prefix_states(policy.base_model, n_frozen, ro.sequences, ro.attention_mask, ro.position_ids)
+                old_logp, entropy, hidden, logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen)
+                need_full_kl = cfg.kl_estimator == "full" or step == 0  # step 0: the exact KL floor
+                if not need_full_kl:
+                    logits = None  # (B, R, V): free it before the reference's own logits exist
+                cprefix = None
+                if critic_shares:
+                    cprefix = prefix
+                elif critic is not None and cfg.cache_frozen and n_frozen_critic:
+                    cprefix = prefix_states(critic.base_model, n_frozen_critic, ro.sequences, ro.attention_mask,
+                                            ro.position_ids)  # fmt: skip
+                old_values = critic_values(critic, value_head, ro, hidden, cprefix, n_frozen_critic)
+            with phase("scoring"):
+                score = reward_scores(reward_model, ro, cfg.kernels, prefix if rm_shares else None, n_frozen).float()
+            with phase("reference"):
+                if cfg.ref_from_adapter:
+                    with peft_model.disable_adapter():  # LoRA sits on the unfrozen layers only: reuse the prefix
+                        ref_logp, _, _, ref_logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen)
+                else:
+                    ref_logp, _, _, ref_logits = policy_forward(reference, ro, T, cfg.kernels)
+                if not need_full_kl:
+                    ref_logits = None
+            # ---- KL, rewards and advantages
+            with phase("rewards"):
+                kl_fn = kl_estimate if cfg.kernels else kl_estimate_ref
+                kl_k1 = kl_fn(old_logp, ref_logp, estimator="k1") * mask  # (B, R)
+                kl_k3 = kl_fn(old_logp, ref_logp, estimator="k3") * mask
+                kl_full = None
+                if need_full_kl:
+                    fkl = full_kl if cfg.kernels else full_kl_ref
+                    kl_full = fkl(logits, ref_logits, temperature=T, mask=ro.response_mask)
+                del logits, ref_logits
+                kl = {"k1": kl_k1, "k3": kl_k3, "full": kl_full}[cfg.kl_estimator]
+                check_finite("reward-model score", score, step)
+                check_finite("old-policy log-probs", old_logp, step)
+                check_finite("reference log-probs", ref_logp, step)
+                penalized = rl.clip_scores(rl.apply_eos_penalty(score, ro.has_eos, cfg.missing_eos_penalty),
+                                           cfg.score_clip)  # fmt: skip
+                rewards = rl.shaped_rewards(penalized, kl, mask, kl_ctl.value)  # (B, R)
+                advantages, returns = rl.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                if cfg.whiten_advantages:
+                    advantages = rl.masked_whiten(advantages, mask)
+                check_finite("advantages", advantages, step)
+
+        # ---- update
+        policy.train()
+        value_module.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        B = ro.response_ids.shape[0]
+        mb_stats: list[dict] = []
+        first_dev = 0.0
+        lr_used = sched.get_last_lr()[0]
+        with phase("update"):
+            for epoch in range(cfg.ppo_epochs):
+                perm = torch.randperm(B, generator=gen).to(device)
+                for start in range(0, B, cfg.minibatch_size):
+                    rows = perm[start : start + cfg.minibatch_size]
+                    mb_tokens = mask[rows].sum().clamp(min=1)
+                    acc: dict[str, float] = {}
+                    for micro in rows.chunk(cfg.grad_accum):
+                        sub, m = ro.select(micro), mask[micro]
+                        w = m.sum() / mb_tokens  # micro-batch share of the minibatch's tokens
+                        with autocast(device):
+                            p = prefix[micro] if prefix is not None else None
+                            logp, ent, h, _ = policy_forward(policy, sub, T, cfg.kernels, p, n_frozen)
+                            cp = cprefix[micro] if cprefix is not None else None
+                            values = critic_values(critic, value_head, sub, h, cp, n_frozen_critic)
+                        pg_loss, pg = rl.policy_loss(logp, old_logp[micro], advantages[micro], m, cfg.clip_range)
+                        vf_loss, vf = rl.value_loss(values, old_values[micro], returns[micro], m, cfg.clip_range_value)
+                        ent_mean = rl.entropy_bonus(ent, m)
+                        for name, x in (("policy loss", pg_loss), ("value loss", vf_loss), ("entropy", ent_mean)):
+                            check_finite(name, x, step)
+                        loss = (pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent_mean) * w
+                        loss.backward()
+                        wf = float(w)
+                        for k, v in {**pg, **vf, "pg_loss": pg_loss, "vf_loss": vf_loss}.items():
+                            acc[k] = acc.get(k, 0.0) + float(v.detach()) * wf
+                        if not mb_stats:  # nothing updated yet: the policy is the one that sampled
+                            first_dev = max(first_dev, float(((logp.detach() - old_logp[micro]) * m).abs().max()))
+                    gn = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
+                    vgn = torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
+                    check_finite("policy gradient norm", gn, step)
+                    check_finite("value gradient norm", vgn, step)
+                    opt.step()
+                    vopt.step()
+                    opt.zero_grad(set_to_none=True)
+                    vopt.zero_grad(set_to_none=True)
+                    acc["grad_norm"], acc["value_grad_norm"] = float(gn), float(vgn)
+                    mb_stats.append(acc)
+        sched.step()
+        vsched.step()
+        policy.eval()
+
+        # ---- log
+        kl_seq = float(kl_k1.sum(-1).mean())
+        beta = kl_ctl.value
+        kl_ctl.update(kl_seq, B)
+        n_seq = int(ro.attention_mask.sum())
+        tokens = {"generation": int(ro.response_mask.sum()), "policy_eval": n_seq, "scoring": n_seq,
+                  "reference": n_seq, "rewards": int(ro.response_mask.sum()), "update": n_seq * cfg.ppo_epochs}  # fmt: skip
+        record = {
+            "step": step + 1,
+            "score": float(score.mean()),
+            "score_penalized": float(penalized.mean()),
+            "kl": float(rl.masked_mean(kl_k1, mask)),
+            "kl_k3": float(rl.masked_mean(kl_k3, mask)),
+            "kl_seq": kl_seq,
+            "non_score_reward": float((-beta * kl).sum(-1).mean()),
+            "rlhf_reward": float(rewards.sum(-1).mean()),
+            "entropy": float(rl.masked_mean(entropy, mask)),
+            "response_length": float(ro.response_lengths.float().mean()),
+            "eos_rate": float(ro.has_eos.float().mean()),
+            "explained_variance": float(rl.explained_variance(old_values, returns, mask)),
+            "kl_coef": beta,
+            "lr": lr_used,
+            "logratio_dev_first": first_dev,
+            **{k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]},
+            **phase.stats,
+            **phase.throughput(tokens),
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        if kl_full is not None:
+            record["kl_full"] = float(rl.masked_mean(kl_full, mask))
+        if step == 0:  # the policy still equals the starting model: this is the reference's own error
+            record["kl_floor_k1"], record["kl_floor_k3"] = record["kl"], record["kl_k3"]
+            record["kl_floor_full"] = record["kl_full"]
+            log.info("step-0 KL floor of the %s reference: %.2e per token (exact), %.2e (k3)",
+                     "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant, record["kl_full"],
+                     record["kl_k3"])  # fmt: skip
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                writer.add_scalar(k, v, step + 1)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(score=f"{record['score']:.2f}", kl=f"{record['kl']:.3f}", eos=f"{record['eos_rate']:.2f}",
+                        len=f"{record['response_length']:.1f}")  # fmt: skip
+        summary = record
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            _atomic_save({
+                "step": step, "policy": _trainable(policy), "value": _trainable(value_module),
+                "opt": opt.state_dict(), "vopt": vopt.state_dict(), "sched": sched.state_dict(),
+                "vsched": vsched.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "config": asdict(cfg),
+            }, ckpt_path)  # fmt: skip
+    bar.close()
+    if writer is not None:
+        writer.close()
+
+    final = peft_model.merge_and_unload() if peft_model is not None else policy  # LoRA merged: a plain model
+    save_pretrained_atomic(final, tokenizer, out / "policy")
+    result = {"policy": str(out / "policy"), "steps": step, "final": summary, "seconds": time.perf_counter() - t_start}
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    log.info("PPO finished: %d steps; policy saved to %s", step, out / "policy")
+    return result
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: JSONL only
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
