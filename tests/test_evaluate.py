@@ -135,7 +135,7 @@ def test_kl_and_rm_scores_match_direct_forwards(models, prompts, use_kernels):
 # --------------------------------------------------------------------------------------- end to end
 def test_same_model_zero_kl_ties_and_determinism(models, prompts, tmp_path):
     rng_before = torch.get_rng_state()
-    settings = {**SMALL, "batch_size": 4}  # 4 rows a call: 2 calls per model
+    settings = {**SMALL, "batch_size": 4, "common_random_numbers": True}  # 4 rows a call: 2 calls per model
     first = evaluate_policy(models["ref"], models["ref"], models["rm"], prompts, seed=5, out_dir=tmp_path / "a",
                             **settings)  # fmt: skip
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
@@ -151,6 +151,14 @@ def test_same_model_zero_kl_ties_and_determinism(models, prompts, tmp_path):
 
     second = evaluate_policy(models["ref"], models["ref"], models["rm"], prompts, seed=5, **settings)
     assert second == first
+
+    # by default the reference draws its own stream (seed + 1): the same model now gives other replies
+    independent = evaluate_policy(models["ref"], models["ref"], None, prompts, seed=5, out_dir=tmp_path / "b",
+                                  **{**settings, "common_random_numbers": False})  # fmt: skip
+    assert not independent["common_random_numbers"]
+    assert independent["kl_per_token"] < 1e-5  # KL is measured on the policy's replies: still 0
+    samples = [json.loads(line) for line in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert any(s["policy_reply"] != s["reference_reply"] for s in samples)
 
 
 def test_different_policy_outputs(models, prompts, tmp_path):

@@ -10,9 +10,13 @@ it was trained against?". Concretely:
   too, but only beside the rubric: it is the proxy PPO optimised, so a rising RM score with a flat
   rubric win rate is reward hacking, not progress.
 - A fair opponent: the reference is the original, unquantized model, sampled with the same prompts,
-  temperature, token budget and RNG seed (common random numbers: identical models give identical
-  replies, so every difference comes from the weights). Replies cut off at the token budget are judged
-  as they are, and the EOS rate says how often that happened, for both sides.
+  temperature and token budget. By default each model draws its own random stream (seeds `seed` and
+  `seed + 1`), so the win rate is the usual P(policy reply beats an independent reference reply), ties
+  half. `common_random_numbers=True` gives both the same stream instead: identical models then give
+  identical replies (useful as a check), but a policy that changed little copies the reference's
+  replies on many prompts, which turns would-be wins and losses into ties and pulls the rate toward 0.5.
+  Replies cut off at the token budget are judged as they are, and the EOS rate says how often that
+  happened, for both sides.
 - Uncertainty: the win rate comes with a 95% percentile-bootstrap interval over prompts (the replies to
   one prompt are not independent, so prompts are resampled, not pairs).
 - The price: KL(policy || reference) on the policy's own replies, exact over the vocabulary per token
@@ -46,8 +50,15 @@ from fastrlhf.kernels import (
 
 from . import rubric as rubric_lib
 from .data import PromptRecord, encode_prompt
-from .models import load_causal_lm, load_reward_model, load_tokenizer, reward_head_params, reward_trunk
-from .reward import _autocast, resolve_device
+from .models import (
+    autocast,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    resolve_device,
+    reward_head_params,
+    reward_trunk,
+)
 from .rollout import Rollout, response_hidden, sample
 
 log = logging.getLogger("fastrlhf")
@@ -107,10 +118,13 @@ def pick_examples(verdicts: Sequence[str], groups: Sequence[int], n: int, *, see
     for wanted in ("a", "b"):
         if any(verdicts[i] == wanted for i in picks):
             continue
-        pool = [i for i in candidates if verdicts[i] == wanted] or [i for i in order if verdicts[i] == wanted]
         counts = {v: sum(verdicts[i] == v for i in picks) for v in VERDICT_VALUE}
         spare = [k for k, i in enumerate(picks) if verdicts[i] == "tie" or counts[verdicts[i]] > 1]
-        if pool and spare:
+        if not spare:
+            continue
+        taken = {groups[i] for k, i in enumerate(picks) if k != spare[-1]}  # keep one pair per prompt
+        pool = [i for i in order if verdicts[i] == wanted and groups[i] not in taken]
+        if pool:
             picks[spare[-1]] = pool[0]
     return picks
 
@@ -140,7 +154,7 @@ def _sample_replies(
     one seeded RNG stream. -> Rollouts whose prompt_index is global (an index into prompt_ids)."""
     per_call = max(1, batch_size // samples_per_prompt)
     chunks = []
-    with _seeded(seed, device), _autocast(device):
+    with _seeded(seed, device), autocast(device):
         for start in tqdm(range(0, len(prompt_ids), per_call), desc=desc, leave=False):
             rollout = sample(model, tokenizer, prompt_ids[start : start + per_call], max_new_tokens=max_new_tokens,
                              temperature=temperature, samples_per_prompt=samples_per_prompt, device=device)  # fmt: skip
@@ -164,7 +178,7 @@ def _kl_per_reply(policy, reference, rollouts: list[Rollout], *, temperature: fl
     logp_fn = token_logprobs if use_kernels else token_logprobs_ref
     out = {"full": [], "k1": [], "tokens": []}
     for rollout in tqdm(rollouts, desc="KL", leave=False):
-        with _autocast(device):
+        with autocast(device):
             logits = _reply_logits(policy, rollout)  # (B, R, V)
             ref_logits = _reply_logits(reference, rollout)  # (B, R, V)
         mask = rollout.response_mask.bool()  # (B, R)
@@ -187,7 +201,7 @@ def _rm_scores(model, rollouts: list[Rollout], *, use_kernels: bool, device: tor
     offset = float(getattr(model.config, "reward_bias", 0.0))
     scores = []
     for rollout in tqdm(rollouts, desc="reward model", leave=False):
-        with _autocast(device):
+        with autocast(device):
             hidden = reward_trunk(model)(
                 input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
             ).last_hidden_state  # (B, P + R, H)
@@ -329,7 +343,7 @@ def evaluate_policy(
     policy: str, reference: str, reward_model: str | None, prompts: Sequence[PromptRecord], *,
     rubric: str = "demo", samples_per_prompt: int = 2, temperature: float = 0.7, max_new_tokens: int = 24,
     batch_size: int = 64, seed: int = 0, device: str = "auto", use_kernels: bool = True,
-    out_dir: str | Path | None = None, n_examples: int = 6,
+    out_dir: str | Path | None = None, n_examples: int = 6, common_random_numbers: bool = False,
 ) -> dict:  # fmt: skip
     """Judge the policy against the reference policy on held-out `prompts` (see the module docstring).
 
@@ -339,7 +353,8 @@ def evaluate_policy(
     reward_model: a reward-model folder (scores reported beside the rubric), or None.
     prompts: held-out records (``meta["answer"]`` enables correctness); each gets `samples_per_prompt`
     replies per model, sampled at `temperature` (top_k 0, top_p 1) with the global RNG seeded by `seed`
-    for each model (the caller's RNG state is restored); policy reply i is paired with reference reply i.
+    (policy) and `seed + 1` (reference; `seed` too with `common_random_numbers`), the caller's RNG state
+    restored; policy reply i is paired with reference reply i.
     The rubric `rubric` (a name in `rubric.RUBRICS`) picks the better reply of each pair.
 
     Returns a JSON-serialisable dict: win_rate, win_rate_ci95 [low, high] (percentile bootstrap over
@@ -361,13 +376,15 @@ def evaluate_policy(
         _check_same_vocab(tokenizer, load_tokenizer(reference), "reference")
     prompt_ids = [encode_prompt(tokenizer, r.prompt) for r in records]
     settings = dict(samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, seed=seed, device=dev)  # fmt: skip
+                    batch_size=batch_size, device=dev)  # fmt: skip
+    ref_seed = seed if common_random_numbers else seed + 1
 
     log.info("evaluate: sampling %d x %d replies from policy and reference", len(records), samples_per_prompt)
     policy_lm = load_causal_lm(policy, device=dev, tokenizer=tokenizer)
     reference_lm = load_causal_lm(reference, device=dev, tokenizer=tokenizer)
-    policy_rollouts = _sample_replies(policy_lm, tokenizer, prompt_ids, desc="sample policy", **settings)
-    reference_rollouts = _sample_replies(reference_lm, tokenizer, prompt_ids, desc="sample reference", **settings)
+    policy_rollouts = _sample_replies(policy_lm, tokenizer, prompt_ids, seed=seed, desc="sample policy", **settings)
+    reference_rollouts = _sample_replies(reference_lm, tokenizer, prompt_ids, seed=ref_seed, desc="sample reference",
+                                         **settings)  # fmt: skip
     log.info("evaluate: KL(policy || reference) on the policy's replies")
     kl = _kl_per_reply(policy_lm, reference_lm, policy_rollouts, temperature=temperature, use_kernels=use_kernels,
                        device=dev)  # fmt: skip
@@ -400,6 +417,7 @@ def evaluate_policy(
         "reward_model": None if reward_model is None else str(reward_model),
         "rubric": rubric, "prompts": len(records), "pairs": len(verdicts), "samples_per_prompt": samples_per_prompt,
         "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+        "common_random_numbers": common_random_numbers,
         "win_rate": win_rate(verdicts), "win_rate_ci95": [low, high], "win_rate_ci_method": CI_METHOD,
         "wins": verdicts.count("a"), "ties": verdicts.count("tie"), "losses": verdicts.count("b"),
         **_side_metrics("policy", pol, judged, rm_pol), **_side_metrics("reference", ref, judged, rm_ref),
