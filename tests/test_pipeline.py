@@ -11,6 +11,12 @@ from fastrlhf.trainer.data import load_pairs, prompt_key
 from fastrlhf.trainer.models import tiny_model_path
 
 
+# a short step 3 on the CPU: int8 reference through bitsandbytes, eager twins (the kernels' interpreter
+# is slow; the kernel path of PPO is covered in test_ppo.py)
+PPO_FLAGS = ("--ppo-steps", "2", "--ppo-batch-prompts", "4", "--ppo-minibatch-size", "2", "--ppo-epochs", "1",
+             "--ppo-freeze-layers", "1", "--eval-samples-per-prompt", "1", "--no-kernels")  # fmt: skip
+
+
 def test_pipeline_end_to_end_tiny(tmp_path, capsys):
     model = tiny_model_path(tmp_path)
     out = tmp_path / "run"
@@ -18,6 +24,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys):
         "pipeline", "--out-dir", str(out), "--model", model, "--limit", "40", "--samples-per-prompt", "4",
         "--max-new-tokens", "64", "--gen-batch-size", "40", "--rm-epochs", "1", "--rm-batch-pairs", "8",
         "--rm-freeze-layers", "1", "--max-length", "160", "--split", "0.5", "0.25", "0.25", "--device", "cpu",
+        *PPO_FLAGS,
     ])  # fmt: skip
     printed = capsys.readouterr().out
     assert "report:" in printed
@@ -28,11 +35,21 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys):
     assert metrics["reward_model"]["finished"]
     for key in ("accuracy", "precision", "recall", "f1", "auc_roc", "ece", "brier"):
         assert 0.0 <= metrics["reward_model"]["test"][key] <= 1.0 or key == "auc_roc"
-    assert set(metrics["timings"]) >= {"generate_s", "annotate_s", "reward_model_s", "total_s"}
+    assert set(metrics["timings"]) >= {"generate_s", "annotate_s", "reward_model_s", "ppo_s", "evaluate_s", "total_s"}
+    assert metrics["ppo"]["steps"] == 2 and metrics["config"]["ref_quant"] == "int8"
+    assert metrics["ppo"]["kl_floor"]["full"] > 0  # the int8 reference differs from the policy at step 0
+    assert set(metrics["ppo"]["phases"]) == {"generation", "scoring", "policy_eval", "reference", "rewards", "update"}
+    ev = metrics["evaluation"]
+    assert ev["prompts"] == 10 and ev["wins"] + ev["ties"] + ev["losses"] == ev["pairs"] == 10
+    assert 0.0 <= ev["win_rate"] <= 1.0 and ev["kl_per_token"] > -1e-6  # >= 0 up to rounding
+    eval_ids = {r["id"] for r in map(json.loads, (out / "eval" / "samples.jsonl").open())}
+    train_ids = {r["id"] for r in map(json.loads, (out / "prompts" / "train.jsonl").open())}
+    assert len(eval_ids) == 10 and not eval_ids & train_ids  # judged on prompts PPO never saw
 
     report = (out / "report.md").read_text()
-    assert "rubric" in report and "| test |" in report
-    for png in ("reward_training.png", "reward_test_roc.png", "reward_test_rewards.png"):
+    assert "rubric" in report and "| test |" in report and "Win rate" in report and "KL floor" in report
+    for png in ("reward_training.png", "reward_test_roc.png", "reward_test_rewards.png", "ppo_training.png",
+                "eval_scores.png"):  # fmt: skip
         assert (out / "plots" / png).stat().st_size > 1000
 
     # no prompt's pairs straddle two splits
@@ -45,11 +62,11 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys):
     # too few pairs for a split: a clear message, not a stack trace from deep inside
     with pytest.raises(RuntimeError, match="no preference pairs"):
         cli_main(["pipeline", "--out-dir", str(tmp_path / "small"), "--model", model, "--limit", "2",
-                  "--max-new-tokens", "4", "--device", "cpu"])  # fmt: skip
+                  "--max-new-tokens", "4", "--device", "cpu", "--no-ppo"])  # fmt: skip
 
     # a rerun reuses the sampled candidates and the finished annotations
     before = (out / "step1" / "candidates.jsonl").stat().st_mtime_ns
     cli_main(["pipeline", "--out-dir", str(out), "--model", model, "--limit", "40", "--samples-per-prompt", "4",
               "--max-new-tokens", "64", "--rm-epochs", "1", "--rm-batch-pairs", "8", "--rm-freeze-layers", "1",
-              "--max-length", "160", "--split", "0.5", "0.25", "0.25", "--device", "cpu"])  # fmt: skip
+              "--max-length", "160", "--split", "0.5", "0.25", "0.25", "--device", "cpu", "--no-ppo"])  # fmt: skip
     assert (out / "step1" / "candidates.jsonl").stat().st_mtime_ns == before

@@ -139,3 +139,32 @@ def plot_training_curves(log_path: Path, out_png: Path) -> Path:
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return Path(out_png)
+
+
+PPO_CURVES = (
+    ("score", "reward-model score (normalised)"),
+    ("kl", "KL to reference, nats/token (k1)"),
+    ("response_length", "reply length, tokens"),
+    ("eos_rate", "replies ending with EOS"),
+)
+
+
+def plot_ppo_curves(log_path: Path, out_png: Path) -> Path:
+    """Score, KL, reply length and EOS rate per PPO step, from ppo's metrics.jsonl."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, len(PPO_CURVES), figsize=(3.2 * len(PPO_CURVES), 3.2))
+    for ax, (key, title) in zip(axes, PPO_CURVES):
+        ax.plot(steps, [r[key] for r in rows], "o-", ms=3)
+        ax.set(xlabel="PPO step", title=title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

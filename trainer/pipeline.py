@@ -3,11 +3,14 @@
     prompts --split by prompt--> train / val / test
     step 1  generate-pairs (all prompts) -> annotate (scripted rubric standing in for people) -> preferences
     step 2  train-rm on the train prompts' pairs, validated on val, tested on test (unseen prompts)
-    report  report.md + metrics.json + PNGs in out_dir
+    report  report.md + metrics.json + PNGs in out_dir (written last)
+
+    step 3  PPO on the train prompts against the reward model, KL to an int8 (bitsandbytes) reference
+    eval    the PPO policy vs the reference policy on the test prompts, judged by the rubric (the
+            independent judge), plus reward-model scores and KL to the reference
 
 Each step writes its files under out_dir; a rerun reuses finished candidates (the slowest step) and the
-annotator resumes where it stopped. Step 3 (PPO with a quantized reference, and the policy evaluation)
-joins this file when it lands.
+annotator resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from pathlib import Path
 import torch
 
 from .annotate import annotate, build_preferences, generate_pairs
-from .config import PipelineConfig, RewardConfig
+from .config import PipelineConfig, PPOConfig, RewardConfig
 from .data import load_demo_prompts, load_pairs, load_prompts, prompt_key, split_by_prompt, write_jsonl
-from .metrics import plot_training_curves
-from .models import resolve_model_path
-from .reward import resolve_device, train_reward_model
+from .evaluate import evaluate_policy
+from .metrics import plot_ppo_curves, plot_training_curves
+from .models import resolve_device, resolve_model_path
+from .ppo import train_ppo
+from .reward import train_reward_model
 
 log = logging.getLogger("fastrlhf")
 
@@ -89,10 +94,34 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         pairs=str(pair_files["train"]), val_pairs=str(pair_files["val"]), test_pairs=str(pair_files["test"]),
         out_dir=str(out / "step2_reward"), model=model_path, epochs=cfg.rm_epochs, lr=cfg.rm_lr,
         batch_pairs=cfg.rm_batch_pairs, freeze_layers=cfg.rm_freeze_layers, max_length=cfg.max_length,
-        seed=cfg.seed, device=cfg.device,
+        kernels=cfg.kernels, seed=cfg.seed, device=cfg.device,
     )  # fmt: skip
     rm = train_reward_model(rm_cfg)
     timings["reward_model_s"] = time.perf_counter() - t
+    reward_model = str(out / "step2_reward" / "model")
+
+    # step 3: PPO, then the honest evaluation on the held-out test prompts
+    ppo, evaluation = None, None
+    if cfg.ppo:
+        t = time.perf_counter()
+        ppo_cfg = PPOConfig(
+            reward_model=reward_model, out_dir=str(out / "step3_ppo"), policy=model_path,
+            prompts=str(out / "prompts" / "train.jsonl"), ref_quant=cfg.ref_quant, critic=cfg.critic,
+            freeze_layers=cfg.ppo_freeze_layers, steps=cfg.ppo_steps, batch_prompts=cfg.ppo_batch_prompts,
+            minibatch_size=cfg.ppo_minibatch_size, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
+            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
+            kernels=cfg.kernels, seed=cfg.seed, device=cfg.device,
+        )  # fmt: skip
+        ppo = train_ppo(ppo_cfg)
+        timings["ppo_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        evaluation = evaluate_policy(
+            ppo["policy"], model_path, reward_model, splits["test"], rubric=cfg.rubric,
+            samples_per_prompt=cfg.eval_samples_per_prompt, temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1, device=cfg.device,
+            use_kernels=cfg.kernels, out_dir=out / "eval",
+        )  # fmt: skip
+        timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
 
     # report
@@ -101,6 +130,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     plot_training_curves(out / "step2_reward" / "metrics.jsonl", plots / "reward_training.png")
     for name in ("roc.png", "rewards.png"):
         shutil.copy(out / "step2_reward" / "eval" / "test" / name, plots / f"reward_test_{name}")
+    if ppo is not None:
+        plot_ppo_curves(out / "step3_ppo" / "metrics.jsonl", plots / "ppo_training.png")
+        shutil.copy(out / "eval" / "eval_scores.png", plots / "eval_scores.png")
     metrics = {
         "config": {k: v for k, v in vars(cfg).items()},
         "environment": _environment(device),
@@ -110,12 +142,32 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                        "annotator": f"rubric:{cfg.rubric}" if cfg.rubric else "human"},  # fmt: skip
         "preference_pairs": {k: len(load_pairs(v)) for k, v in pair_files.items()},
         "reward_model": rm,
+        "ppo": _ppo_summary(out / "step3_ppo" / "metrics.jsonl") if ppo is not None else None,
+        "evaluation": evaluation,
+        "kl_bound": cfg.kl_bound,
         "timings": timings,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(_report(metrics))
     log.info("pipeline finished in %.0f s: %s", timings["total_s"], out / "report.md")
     return metrics
+
+
+def _ppo_summary(log_path: Path) -> dict:
+    """First and last PPO step, the step-0 KL floor of the quantized reference, mean time per phase."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    phases = sorted({k.removeprefix("time/").removesuffix("_s") for r in rows for k in r if k.startswith("time/")})
+    keep = ("score", "kl", "kl_k3", "entropy", "response_length", "eos_rate", "approx_kl", "clipfrac",
+            "explained_variance", "logratio_dev_first")  # fmt: skip
+    return {
+        "steps": len(rows),
+        "first": {k: rows[0][k] for k in keep},
+        "last": {k: rows[-1][k] for k in keep},
+        "kl_floor": {k: rows[0].get(f"kl_floor_{k}") for k in ("k1", "k3", "full")},
+        "phases": {p: {"seconds_per_step": sum(r[f"time/{p}_s"] for r in rows) / len(rows),
+                       "tokens_per_s": sum(r[f"tokens_per_s/{p}"] for r in rows) / len(rows),
+                       "peak_mem_mb": max(r[f"peak_mem_mb/{p}"] for r in rows)} for p in phases},
+    }  # fmt: skip
 
 
 def _environment(device: torch.device) -> dict:
@@ -170,6 +222,10 @@ def _report(m: dict) -> str:
         "",
         "![training](plots/reward_training.png) ![ROC](plots/reward_test_roc.png) ![rewards](plots/reward_test_rewards.png)",
         "",
+    ]
+    if m.get("evaluation"):
+        lines += _ppo_report(m)
+    lines += [
         "## Time",
         "",
         "| step | seconds |",
@@ -178,3 +234,72 @@ def _report(m: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ppo_report(m: dict) -> list[str]:
+    c, p, e = m["config"], m["ppo"], m["evaluation"]
+    lo, hi = e["win_rate_ci95"]
+    floor = p["kl_floor"]
+    kl_ok = e["kl_per_token"] <= m["kl_bound"]
+    rows = [("rubric score", "rubric_score", ".3f"), ("correct", "correct_rate", ".3f"), ("garbage", "garbage_rate", ".3f"),
+            ("reward-model score", "rm_score", ".3f"), ("reply length, tokens", "reply_tokens", ".1f"),
+            ("reply length, words", "reply_words", ".1f"), ("ends with EOS", "eos_rate", ".3f")]  # fmt: skip
+
+    def cell(key: str, fmt: str) -> str:
+        return "-" if key not in e or e[key] is None else format(e[key], fmt)
+
+    return [
+        "## Step 3: PPO",
+        "",
+        f"{p['steps']} PPO steps of {c['ppo_batch_prompts']} train prompts, {c['ppo_epochs']} epochs, minibatch "
+        f"{c['ppo_minibatch_size']}, lr {c['ppo_lr']}, KL coefficient {c['kl_coef']} (k1 per token in the reward), "
+        f"critic: {c['critic']}, reference: **{c['ref_quant']}** (bitsandbytes). Step-0 KL floor of the quantized "
+        f"reference, with the policy still equal to the original model: {floor['full']:.2e} nats/token exact "
+        f"({floor['k3']:.2e} k3); step-0 sanity max |log ratio| on the first minibatch "
+        f"{p['first']['logratio_dev_first']:.1e}.",
+        "",
+        "| | score | KL/token | entropy | reply tokens | EOS rate |",
+        "|---|---|---|---|---|---|",
+        *[f"| {name} | {r['score']:.3f} | {r['kl']:.4f} | {r['entropy']:.3f} | {r['response_length']:.1f} | "
+          f"{r['eos_rate']:.2f} |" for name, r in (("first step", p["first"]), ("last step", p["last"]))],
+        "",
+        "Per phase (mean per step; peak memory: CUDA allocator peak, or the process's RSS high-water mark on CPU):",
+        "",
+        "| phase | s/step | tokens/s | peak MB |",
+        "|---|---|---|---|",
+        *[f"| {k} | {v['seconds_per_step']:.1f} | {v['tokens_per_s']:.0f} | {v['peak_mem_mb']:.0f} |"
+          for k, v in p["phases"].items()],
+        "",
+        "![ppo](plots/ppo_training.png)",
+        "",
+        "## Evaluation on held-out prompts (judged by the rubric, not the reward model)",
+        "",
+        f"PPO policy vs the reference policy (the original, unquantized model) on the {m['prompts']['test']} test "
+        f"prompts, {c['eval_samples_per_prompt']} sampled replies each at temperature {c['temperature']}, each "
+        f"model with its own random stream. **Win rate {e['win_rate']:.3f}** (ties count half; 95% bootstrap interval "
+        f"over prompts {lo:.3f} - {hi:.3f}): {e['wins']} wins, {e['ties']} ties, {e['losses']} losses.",
+        "",
+        f"KL(policy || reference) on the policy's replies: **{e['kl_per_token']:.4f} nats/token** exact "
+        f"({e['kl_per_reply']:.3f} per reply); bound {m['kl_bound']} nats/token: "
+        f"{'within' if kl_ok else '**exceeded**'}.",
+        "",
+        "| | PPO policy | reference |",
+        "|---|---|---|",
+        *[f"| {name} | {cell('policy_' + key, fmt)} | {cell('reference_' + key, fmt)} |" for name, key, fmt in rows],
+        "",
+        "Before / after, side by side (held-out prompts; more in [eval/examples.md](eval/examples.md), every pair"
+        " in eval/samples.jsonl):",
+        "",
+        "| prompt | expected | reference (before) | PPO policy (after) | rubric prefers |",
+        "|---|---|---|---|---|",
+        *[f"| {_cell(x['prompt'])} | {_cell(x['answer'] or '')} | {_cell(x['reference_reply'])} | "
+          f"{_cell(x['policy_reply'])} | {x['verdict']} |" for x in e["examples"]],
+        "",
+        "![eval](plots/eval_scores.png)",
+        "",
+    ]
+
+
+def _cell(text: str) -> str:
+    """One markdown table cell: a single line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
