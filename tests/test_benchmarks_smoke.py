@@ -254,3 +254,42 @@ def test_gpu_check_dry_run(tmp_path):
         assert f"fastrlhf.kernels from {tmp_path / 'shim'}" in log
     assert re.search(r"\d+ tests collected", (out / "tests.log").read_text())
     assert "## gpu_check stages" in proc.stdout and "### Targets" in proc.stdout
+
+
+def test_bench_ppo_step_smoke(tmp_path, capsys):
+    """benchmarks/bench_ppo_step.py on a tiny random Llama, in process: both modes (the kernel mode
+    through Triton's interpreter) write every phase's timing, throughput and peak memory; the curves of
+    every step agree (CPU: all steps checked); the markdown is printed and the exit status is 0."""
+    import bench_ppo_step
+
+    from fastrlhf.trainer.models import tiny_model_path
+
+    policy = tiny_model_path(tmp_path / "models")
+    out = tmp_path / "out"
+    argv = ["--model", policy, "--steps", "2", "--batch-prompts", "4", "--minibatch-size", "2", "--ppo-epochs",
+            "1", "--max-new-tokens", "4", "--freeze-layers", "1", "--device", "cpu", "--out", str(out),
+            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    assert bench_ppo_step.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(bench_ppo_step.FILES)
+    doc = json.loads((out / "ppo_step.json").read_text())
+    meta = doc["meta"]
+    for key in ("gpu_name", "gpu_driver", "torch", "triton", "transformers", "git_commit", "date_utc"):
+        assert key in meta
+    assert meta["timed_steps"] == [2] and meta["warmup_step_skipped"] and "interpreter" in meta["kernel_path"]
+    for mode in ("kernels", "eager"):
+        assert set(doc["phases"][mode]) == {*bench_ppo_step.PHASES, "total"}
+        for ph in bench_ppo_step.PHASES:
+            row = doc["phases"][mode][ph]
+            assert row["s_per_step"] > 0 and row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 0, (mode, ph)
+        assert [r["step"] for r in doc["per_step"][mode]] == [1, 2]
+        assert len((out / f"metrics_{mode}.jsonl").read_text().splitlines()) == 2
+    assert set(doc["speed_ratio"]) == {*bench_ppo_step.PHASES, "total"}
+    curves = doc["curves"]
+    assert curves["passed"] and not curves["failures"] and curves["checked_steps"] == [1, 2]
+    for name in bench_ppo_step.CHECKED:
+        m = curves["metrics"][name]
+        assert [p["step"] for p in m["per_step"]] == [1, 2] and all(p["checked"] for p in m["per_step"])
+        assert m["max_abs_diff"] <= curves["atol"] + curves["rtol"] * max(abs(p["eager"]) for p in m["per_step"])
+    md = (out / "ppo_step.md").read_text()
+    assert "PASS" in md and all(f"| {ph} |" in md for ph in bench_ppo_step.PHASES)
+    assert capsys.readouterr().out.rstrip().endswith(md.rstrip().splitlines()[-1])
