@@ -40,9 +40,10 @@ def _stable(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith(VOLATILE)}
 
 
-def test_step0_sanity_policy_equals_reference(models, tmp_path):
+@pytest.mark.parametrize("freeze_layers", [1, 0])  # frozen-prefix cache on / full fine-tune
+def test_step0_sanity_policy_equals_reference(models, tmp_path, freeze_layers):
     """Unquantized reference == starting policy: ratio 1 on the first minibatch and KL 0, to float error."""
-    result = train_ppo(_cfg(models, tmp_path))
+    result = train_ppo(_cfg(models, tmp_path, freeze_layers=freeze_layers, kernels=True))
     (rec,) = _records(tmp_path)
     assert result["steps"] == 1 and result["final"] == rec
     assert rec["logratio_dev_first"] < 1e-5

@@ -156,7 +156,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def _ppo_summary(log_path: Path) -> dict:
     """First and last PPO step, the step-0 KL floor of the quantized reference, mean time per phase."""
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    phases = sorted({k.removeprefix("time/").removesuffix("_s") for r in rows for k in r if k.startswith("time/")})
+    phases = [k.removeprefix("time/").removesuffix("_s") for k in rows[0] if k.startswith("time/")]  # loop order
     keep = ("score", "kl", "kl_k3", "entropy", "response_length", "eos_rate", "approx_kl", "clipfrac",
             "explained_variance", "logratio_dev_first")  # fmt: skip
     return {

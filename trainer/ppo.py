@@ -118,6 +118,8 @@ class Phase:
 def freeze_bottom(model, freeze_layers: int) -> int:
     """Freeze the input embeddings (and so a tied LM head) and the bottom layers -> how many are frozen
     (-1: all but the top 4)."""
+    if freeze_layers == 0:  # full fine-tune: any causal LM, with or without a `layers` list
+        return 0
     layers = model.base_model.layers
     n = max(0, len(layers) - 4) if freeze_layers < 0 else min(freeze_layers, len(layers))
     if n:
@@ -308,8 +310,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
     vsched = torch.optim.lr_scheduler.LambdaLR(vopt, decay)
     kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else rl.FixedKLController(cfg.kl_coef))  # fmt: skip
-    log.info("policy: %d of %d layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); "
-             "reference: %s", n_frozen, len(policy.base_model.layers), cfg.lora_r,
+    log.info("policy: %d bottom layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); "
+             "reference: %s", n_frozen, cfg.lora_r,
              sum(p.numel() for p in policy_params) / 1e6, cfg.critic, sum(p.numel() for p in value_params) / 1e6,
              "policy base, adapter disabled" if cfg.ref_from_adapter else cfg.ref_quant)  # fmt: skip
 
