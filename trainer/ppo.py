@@ -29,8 +29,8 @@ Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et 
   equal to the unquantized model, the int8/nf4 reference alone already differs from it.
 
 Sanity checked every step: the first minibatch of each rollout sees the policy that sampled it, so its
-ratio is 1 to float error (`logratio_dev_first` = max |log ratio|); a non-finite loss or gradient stops the run with a
-message naming the quantity, before any weight changes.
+ratio is 1 to float error (`logratio_dev_first` = max |log ratio|); a non-finite loss or gradient stops the run
+with a message naming the quantity, before the optimizer step it would have poisoned.
 """
 
 from __future__ import annotations
@@ -76,15 +76,16 @@ except ImportError:  # pragma: no cover
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss, gradient or rollout quantity became NaN/inf; the step stopped before any weight changed."""
+    """A loss, gradient or rollout quantity became NaN/inf; the run stopped before the next optimizer step."""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def check_finite(name: str, x: torch.Tensor, step: int) -> None:
     if not torch.isfinite(x).all():
         raise NonFiniteError(
-            f"step {step}: {name} is not finite ({x.detach().float().flatten()[:4].tolist()} ...); the step "
-            "stopped before the update, weights unchanged. Lower --lr, or check the reward model's scores."
+            f"step {step}: {name} is not finite ({x.detach().float().flatten()[:4].tolist()} ...); the run "
+            "stopped before the next optimizer step (the last checkpoint is intact: --resume continues from "
+            "it). Lower --lr, or check the reward model's scores."
         )
 
 
