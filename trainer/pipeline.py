@@ -3,11 +3,10 @@
     prompts --split by prompt--> train / val / test
     step 1  generate-pairs (all prompts) -> annotate (scripted rubric standing in for people) -> preferences
     step 2  train-rm on the train prompts' pairs, validated on val, tested on test (unseen prompts)
-    report  report.md + metrics.json + PNGs in out_dir (written last)
-
     step 3  PPO on the train prompts against the reward model, KL to an int8 (bitsandbytes) reference
     eval    the PPO policy vs the reference policy on the test prompts, judged by the rubric (the
             independent judge), plus reward-model scores and KL to the reference
+    report  report.md + metrics.json + PNGs in out_dir
 
 Each step writes its files under out_dir; a rerun reuses finished candidates (the slowest step) and the
 annotator resumes where it stopped.
