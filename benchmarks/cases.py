@@ -269,34 +269,27 @@ def _eager_fn(case: Case) -> Callable[..., Outputs]:
 
 
 # ------------------------------------------------------------------------- providers: the others
-def _fastrlhf_fn(case: Case) -> Callable[..., Outputs]:
+def _fastrlhf_fn(case: Case, twin: str = "") -> Callable[..., Outputs]:
+    """The fastrlhf op of `case`; twin="_ref" gives its pure-PyTorch `*_ref` twin (same signature)."""
     T = case.temperature
+    logprobs, full_kl = getattr(K, "token_logprobs" + twin), getattr(K, "full_kl" + twin)
+    kl_estimate, pairwise = getattr(K, "kl_estimate" + twin), getattr(K, "pairwise_loss" + twin)
+    reward_head = getattr(K, "reward_head_pairwise_loss" + twin)
     if case.op == "token_logprobs":
-        return lambda logits, targets: (K.token_logprobs(logits, targets, temperature=T),)
+        return lambda logits, targets: (logprobs(logits, targets, temperature=T),)
     if case.op == "token_logprobs_entropy":
-        return lambda logits, targets: tuple(K.token_logprobs(logits, targets, temperature=T, return_entropy=True))
+        return lambda logits, targets: tuple(logprobs(logits, targets, temperature=T, return_entropy=True))
     if case.op == "full_kl":
-        return lambda logits, ref_logits: (K.full_kl(logits, ref_logits, temperature=T),)
+        return lambda logits, ref_logits: (full_kl(logits, ref_logits, temperature=T),)
     if case.op == "kl_estimate":
-        return lambda logp, ref_logp: (K.kl_estimate(logp, ref_logp, estimator="k3"),)
+        return lambda logp, ref_logp: (kl_estimate(logp, ref_logp, estimator="k3"),)
     if case.op == "pairwise_loss":
-        return lambda chosen, rejected: (K.pairwise_loss(chosen, rejected),)
-    return lambda hidden, weight, mask: (K.reward_head_pairwise_loss(hidden, weight, attention_mask=mask).loss,)
+        return lambda chosen, rejected: (pairwise(chosen, rejected),)
+    return lambda hidden, weight, mask: (reward_head(hidden, weight, attention_mask=mask).loss,)
 
 
 def _ref_fn(case: Case) -> Callable[..., Outputs]:
-    T = case.temperature
-    if case.op == "token_logprobs":
-        return lambda logits, targets: (K.token_logprobs_ref(logits, targets, temperature=T),)
-    if case.op == "token_logprobs_entropy":
-        return lambda logits, targets: tuple(K.token_logprobs_ref(logits, targets, temperature=T, return_entropy=True))
-    if case.op == "full_kl":
-        return lambda logits, ref_logits: (K.full_kl_ref(logits, ref_logits, temperature=T),)
-    if case.op == "kl_estimate":
-        return lambda logp, ref_logp: (K.kl_estimate_ref(logp, ref_logp, estimator="k3"),)
-    if case.op == "pairwise_loss":
-        return lambda chosen, rejected: (K.pairwise_loss_ref(chosen, rejected),)
-    return lambda hidden, weight, mask: (K.reward_head_pairwise_loss_ref(hidden, weight, attention_mask=mask).loss,)
+    return _fastrlhf_fn(case, "_ref")
 
 
 def _selective_fn(case: Case) -> Callable[..., Outputs]:
