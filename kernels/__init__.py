@@ -7,8 +7,10 @@ set before import, and otherwise run the `*_ref` path. This package imports only
 
 from ._common import use_triton
 from .full_kl import full_kl, full_kl_ref
+from .gae import gae, gae_ref
 from .kl_estimate import kl_estimate, kl_estimate_ref
 from .pairwise_loss import pairwise_loss, pairwise_loss_ref
+from .ppo_head import PPOHeadOutput, ppo_head, ppo_head_ref
 from .reward_head import (
     RewardHeadOutput,
     last_token_rewards,
@@ -32,5 +34,10 @@ __all__ = [
     "last_token_rewards",
     "last_token_rewards_ref",
     "RewardHeadOutput",
+    "ppo_head",
+    "ppo_head_ref",
+    "PPOHeadOutput",
+    "gae",
+    "gae_ref",
     "use_triton",
 ]
