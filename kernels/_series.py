@@ -7,8 +7,8 @@ the closed form outside it, where the closed form no longer cancels.
 import triton
 import triton.language as tl
 
-SERIES_D: tl.constexpr = 0.5  # |d| below this: expm1 / k3 by series
-SERIES_EPS: tl.constexpr = 0.1  # |eps| below this: eps - log1p(eps) by series
+SERIES_D = tl.constexpr(0.5)  # |d| below this: expm1 / k3 by series
+SERIES_EPS = tl.constexpr(0.1)  # |eps| below this: eps - log1p(eps) by series
 
 
 @triton.jit

@@ -49,8 +49,8 @@ from ._common import (
 )
 from ._series import SERIES_D, expm1_neg_series, h_log1p, k3_series
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -62,8 +62,8 @@ from ._common import (
 from ._series import expm1_neg, k3
 from .token_logprobs import token_logprobs_ref
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
