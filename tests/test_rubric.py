@@ -11,6 +11,7 @@ from fastrlhf.trainer import rubric
 from fastrlhf.trainer.data import PromptRecord, load_demo_prompts
 from fastrlhf.trainer.rubric import (
     GARBAGE_SCORE,
+    brevity,
     garbage_reason,
     get_rubric,
     is_correct,
@@ -41,6 +42,7 @@ RAMBLING_CORRECT = (
     "around the world every single year."
 )
 RAMBLING_WRONG = RAMBLING_CORRECT.replace("Paris", "Lyon")
+TRAILING_CORRECT = RAMBLING_CORRECT.removesuffix(" year.")  # what a reply cut off at the token limit looks like
 
 
 def test_docstring_says_it_stands_in_for_annotators():
@@ -52,9 +54,12 @@ def test_docstring_says_it_stands_in_for_annotators():
     [
         ("Paris", 3.0),
         ("The capital of France is Paris.", 3.0),  # 6 words: still fully concise
-        (RAMBLING_CORRECT, 2.0 + (60 - 45) / 48),  # 45 words
+        (RAMBLING_CORRECT, 2.0 + 0.25 + 0.75 * (60 - 45) / 48),  # 45 words, finished
+        (TRAILING_CORRECT, 2.0),  # 44 words, cut off mid-sentence: no brevity bonus
         ("Lyon.", 1.0),  # wrong but short
-        (RAMBLING_WRONG, (60 - 45) / 48),
+        (RAMBLING_WRONG, 0.25 + 0.75 * (60 - 45) / 48),
+        (RAMBLING_WRONG + " Rome, Madrid and Berlin are old capitals too, with rivers, bridges, palaces, squares,"
+         " markets, gardens and churches that tourists love to visit in spring.", 0.25),  # > 60 words: the floor
         ("", GARBAGE_SCORE),
         ("   \n ", GARBAGE_SCORE),
     ],
@@ -185,6 +190,30 @@ def test_ties():
     long_b = RAMBLING_CORRECT + " Truly."  # one word longer: 1/48 < tolerance
     assert prefer(FRANCE, long_a, long_b) == "tie"
     assert prefer(FRANCE, long_a, long_b, tolerance=0.0) == "a"
+    # two replies that both trail off are equally rambling, whatever their length
+    assert prefer(FRANCE, TRAILING_CORRECT, "The capital of France is Paris, which is a city with many old") == "tie"
+
+
+@pytest.mark.parametrize(
+    "response, finished",
+    [
+        ("The capital is Paris, a city with many museums, cafes, parks and a long history of art.", True),
+        ("The capital is Paris, a city with many museums, cafes, parks and a long history of", False),
+        ('The capital is Paris, which its people call "the City of Light, the capital of fashion."', True),
+        ("The capital is Paris (the largest city of France and the seat of its government!)", True),
+        ("The capital is Paris, the largest city of France and the seat of its government:", False),
+        ("The capital is Paris, the largest city of France and the seat of its government (IAU)", False),
+    ],
+)
+def test_a_long_reply_that_trails_off_gets_no_brevity(response, finished):
+    assert len(response.split()) > 12
+    assert (brevity(response) > 0) == finished
+    assert (brevity(response + "\n ") > 0) == finished  # trailing white space does not matter
+
+
+def test_finished_beats_trailing_off_at_any_length():
+    short_trailing = "The capital of France is Paris, which is a city with many old"  # 13 words
+    assert prefer(FRANCE, RAMBLING_CORRECT, short_trailing) == "a"  # 45 words, but it finishes
 
 
 POOL = [

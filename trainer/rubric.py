@@ -8,12 +8,16 @@ and ``category`` in the record) the way a hurried human would:
 1. Garbage loses to everything: empty, symbol soup, mostly non-English (non-Latin) script, or
    repetitive text scores :data:`GARBAGE_SCORE`.
 2. A correct answer beats a wrong one: correct scores :data:`CORRECT_BONUS` more.
-3. Shorter beats rambling: up to +1 for brevity (full marks up to :data:`CONCISE_WORDS` words, falling
-   linearly to 0 at :data:`RAMBLING_WORDS`). The bonus never bridges the gap between correct and wrong.
+3. Concise beats rambling: up to +1 for brevity. Up to :data:`CONCISE_WORDS` words is full marks. A
+   longer reply that finishes (ends in . ! ? or an ellipsis, maybe inside quotes or brackets) falls
+   linearly from 1 to :data:`FINISHED_FLOOR` at :data:`RAMBLING_WORDS`; a longer reply that trails off
+   mid-sentence (cut off at the length limit, the usual way a small model rambles) scores 0. Two replies
+   that both trail off are equally rambling: a reader does not rank them by a few words of length, and
+   neither does the rubric. The bonus never bridges the gap between correct and wrong.
 
-So: correct + concise (3) > correct + rambling (2) > wrong + concise (1) > wrong + rambling (0) > garbage
-(-1). :func:`prefer` calls two scores within :data:`TIE_TOLERANCE` a tie (a length difference of a couple
-of words is no preference).
+So: correct + concise (3) > correct + rambling (2..2.25) > wrong + concise (1) > wrong + rambling (0..0.25)
+> garbage (-1). :func:`prefer` calls two scores within :data:`TIE_TOLERANCE` a tie (a length difference of
+a couple of words is no preference).
 
 Correctness: after normalization (case, accents, punctuation, thousands separators, number words to
 digits: "Forty-two" -> "42"), the answer or an alias appears as whole words, not right after a negation
@@ -48,6 +52,7 @@ GARBAGE_SCORE = -1.0
 CORRECT_BONUS = 2.0
 CONCISE_WORDS = 12
 RAMBLING_WORDS = 60
+FINISHED_FLOOR = 0.25
 TIE_TOLERANCE = 0.05
 
 # Big cities that are the capital of no country in the prompt set, but that a small model often gives
@@ -67,6 +72,7 @@ _TENS = {word: 10 * i for i, word in enumerate(_TEN_WORDS.split(), start=2)}
 _SCALES = {"thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _NEGATIONS = {"not", "no", "never", "t"}  # "t" is what "isn't" / "wasn't" leave after normalization
+_FINISHED = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*$")  # ends a sentence: . ! ? ... then closing quotes/brackets
 
 
 # ------------------------------------------------------------------------------------------ normalization
@@ -267,9 +273,15 @@ def garbage_reason(response: str) -> str | None:
 
 
 def brevity(response: str) -> float:
-    """1.0 up to CONCISE_WORDS words, falling linearly to 0.0 at RAMBLING_WORDS."""
+    """1.0 up to CONCISE_WORDS words. Longer: 0.0 if the reply trails off (no sentence-ending punctuation
+    at the end); otherwise falling linearly from 1.0 to FINISHED_FLOOR at RAMBLING_WORDS words and beyond."""
     n_words = len(response.split())
-    return min(1.0, max(0.0, (RAMBLING_WORDS - n_words) / (RAMBLING_WORDS - CONCISE_WORDS)))
+    if n_words <= CONCISE_WORDS:
+        return 1.0
+    if not _FINISHED.search(response.rstrip()):
+        return 0.0
+    fraction = min(1.0, (RAMBLING_WORDS - min(n_words, RAMBLING_WORDS)) / (RAMBLING_WORDS - CONCISE_WORDS))
+    return FINISHED_FLOOR + (1.0 - FINISHED_FLOOR) * fraction
 
 
 # --------------------------------------------------------------------------------------------- the rubric
