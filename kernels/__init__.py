@@ -9,6 +9,7 @@ from ._common import use_triton
 from .full_kl import full_kl, full_kl_ref
 from .gae import gae, gae_ref
 from .kl_estimate import kl_estimate, kl_estimate_ref
+from .linear_logprobs import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref
 from .pairwise_loss import pairwise_loss, pairwise_loss_ref
 from .ppo_head import PPOHeadOutput, ppo_head, ppo_head_ref
 from .reward_head import (
@@ -34,6 +35,10 @@ __all__ = [
     "last_token_rewards",
     "last_token_rewards_ref",
     "RewardHeadOutput",
+    "linear_logprobs",
+    "linear_logprobs_ref",
+    "linear_full_kl",
+    "linear_full_kl_ref",
     "ppo_head",
     "ppo_head_ref",
     "PPOHeadOutput",
