@@ -105,14 +105,18 @@ def test_ref_from_adapter_refusals(models, tmp_path):
         train_ppo(_cfg(models, tmp_path, policy=str(adapter), lora_r=4, ref_from_adapter=True))
 
 
-def test_kernels_match_eager_twins(models, tmp_path):
+@pytest.mark.parametrize("fused_linear", [False, True])  # logits + one-pass ppo_head / no logits at all
+def test_kernels_match_eager_twins(models, tmp_path, fused_linear):
+    """Two PPO steps with the Triton kernels (interpreter) and with the eager twins: the same curves."""
     runs = {}
     for kernels in (True, False):
         out = tmp_path / str(kernels)
-        train_ppo(_cfg(models, out, kernels=kernels, kl_estimator="full"))
-        runs[kernels] = _stable(_records(out)[0])
-    for key in ("score", "kl", "kl_full", "entropy", "pg_loss", "vf_loss", "approx_kl"):
-        assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-4, abs=1e-6), key
+        train_ppo(_cfg(models, out, kernels=kernels, kl_estimator="full", steps=2, fused_linear=fused_linear))
+        runs[kernels] = [_stable(r) for r in _records(out)]
+    assert len(runs[True]) == len(runs[False]) == 2
+    for fast, eager in zip(runs[True], runs[False]):
+        for key in ("score", "kl", "kl_full", "entropy", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "ratio_mean"):
+            assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
 
 
 def test_non_finite_loss_stops_before_update(models, tmp_path, monkeypatch):

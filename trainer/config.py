@@ -225,7 +225,12 @@ class PPOConfig:
     resume: bool = False
     """Continue from out_dir/checkpoint.pt."""
     kernels: bool = True
-    """Use the fused `fastrlhf.kernels` (False: their eager `*_ref` twins, for comparison)."""
+    """Use the fused `fastrlhf.kernels` (False: their eager `*_ref` twins, for comparison). With logits,
+    the update takes log-prob, entropy, ratio and clipped surrogate from one `ppo_head` pass."""
+    fused_linear: bool | None = None
+    """Log-probs of policy, old policy and reference straight from the last hidden state and the LM-head
+    weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. None: on with CUDA,
+    off on CPU (where the chunked fallback saves memory, not time)."""
     seed: int = 0
     """Seed for prompt order, sampling and head initialisation."""
     device: str = "auto"

@@ -12,9 +12,12 @@ Each step:
     update     `ppo_epochs` passes of shuffled minibatches: clipped surrogate + vf_coef * clipped value
                loss - ent_coef * entropy; grad-norm clip; AdamW; linear LR decay
 
-Every log-prob goes through `fastrlhf.kernels.token_logprobs` at the sampling temperature, every KL through
-`kl_estimate` (or `full_kl`); `kernels=False` swaps in the eager `*_ref` twins (same numbers to float
-error: benchmarks/bench_ppo_step.py compares them).
+Every log-prob is taken at the sampling temperature by `fastrlhf.kernels`: on CUDA by default straight from
+the last hidden state and the LM-head weight (`linear_logprobs`, `linear_full_kl`: no (B, R, V) logits
+tensor ever exists); otherwise from the logits (`token_logprobs`, `full_kl`), with the update's log-prob,
+entropy, ratio and clipped surrogate from one `ppo_head` pass. KL estimates via `kl_estimate`, advantages
+via the `gae` scan. `kernels=False` swaps in the eager `*_ref` twins (same numbers to float error:
+tests/test_ppo.py and benchmarks/bench_ppo_step.py compare them).
 
 Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et al. 2024), all flags:
 - The bottom layers of the policy and critic are frozen by default (`freeze_layers=-1`: all but the
@@ -48,7 +51,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..kernels import full_kl, full_kl_ref, kl_estimate, kl_estimate_ref, last_token_rewards, last_token_rewards_ref
+from ..kernels import full_kl, full_kl_ref, gae, kl_estimate, kl_estimate_ref, last_token_rewards, last_token_rewards_ref
+from ..kernels import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref, ppo_head
 from ..kernels import token_logprobs, token_logprobs_ref
 from . import rl
 from .config import PPOConfig
@@ -174,13 +178,42 @@ def _targets(rollout: Rollout) -> torch.Tensor:
     return rollout.response_ids.masked_fill(rollout.response_mask == 0, -100)
 
 
-def policy_forward(model, rollout: Rollout, temperature: float, kernels: bool, prefix=None, n_frozen: int = 0):
-    """-> logp (B, R) fp32, entropy (B, R) fp32, hidden (B, R, H), logits (B, R, V) (unscaled)."""
+def head_inputs(model, hidden: torch.Tensor):
+    """(hidden, weight, bias) of the LM head in the dtype it would run in (autocast's, if on): the inputs of
+    the fused-linear kernels. The head of a bitsandbytes reference stays unquantized, so it serves too."""
+    head = model.get_output_embeddings()
+    kind = hidden.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    bias = getattr(head, "bias", None)
+    return hidden.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def policy_forward(model, rollout: Rollout, temperature: float, kernels: bool, prefix=None, n_frozen: int = 0,
+                   fused_linear: bool = False):  # fmt: skip
+    """-> logp (B, R) fp32, entropy (B, R) fp32, hidden (B, R, H), logits (B, R, V) (unscaled), or None
+    with `fused_linear`: then the log-probs come straight from the hidden states and the head weight."""
     hidden = response_hidden(model, rollout, prefix=prefix, n_frozen=n_frozen)
+    if fused_linear:
+        fn = linear_logprobs if kernels else linear_logprobs_ref
+        h, weight, bias = head_inputs(model, hidden)
+        logp, entropy = fn(h, weight, _targets(rollout), bias=bias, temperature=temperature, return_entropy=True)
+        return logp, entropy, hidden, None
     logits = model.get_output_embeddings()(hidden)
     fn = token_logprobs if kernels else token_logprobs_ref
     logp, entropy = fn(logits, _targets(rollout), temperature=temperature, return_entropy=True)
     return logp, entropy, hidden, logits
+
+
+def exact_kl(policy, reference, pol: tuple, ref: tuple, temperature: float, mask: torch.Tensor, kernels: bool):
+    """Full-vocabulary KL(policy || reference) per reply token, (B, R) fp32, 0 at padding. pol / ref are
+    (hidden, logits) from `policy_forward`: from the logits when there are some, else fused-linear."""
+    (hidden, logits), (ref_hidden, ref_logits) = pol, ref
+    if logits is not None:
+        return (full_kl if kernels else full_kl_ref)(logits, ref_logits, temperature=temperature, mask=mask)
+    h, w, b = head_inputs(policy, hidden)
+    rh, rw, rb = head_inputs(reference, ref_hidden)
+    fn = linear_full_kl if kernels else linear_full_kl_ref
+    return fn(h, w, rh, rw, bias=b, ref_bias=rb, temperature=temperature, mask=mask)
 
 
 def critic_values(critic, value_head, rollout: Rollout, policy_hidden, prefix=None, n_frozen: int = 0):
@@ -266,6 +299,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
     """The PPO loop, top to bottom. Returns the summary (also in out_dir/summary.json)."""
     device = resolve_device(cfg.device)
     dtype = torch.float32  # bf16 autocast on CUDA; master weights stay fp32
+    fused = cfg.fused_linear if cfg.fused_linear is not None else device.type == "cuda"  # no logits at all
+    one_pass = cfg.kernels and not fused  # the update's head is one `ppo_head` pass over the logits
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -356,7 +391,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 prefix = None
                 if cache:  # (B, P + R, H): states entering layer n_frozen, reused by every epoch below
                     prefix = prefix_states(policy.base_model, n_frozen, ro.sequences, ro.attention_mask, ro.position_ids)
-                old_logp, entropy, hidden, logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen)
+                old_logp, entropy, hidden, logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen, fused)
                 need_full_kl = cfg.kl_estimator == "full" or step == 0  # step 0: the exact KL floor
                 if not need_full_kl:
                     logits = None  # (B, R, V): free it before the reference's own logits exist
@@ -372,11 +407,12 @@ def train_ppo(cfg: PPOConfig) -> dict:
             with phase("reference"):
                 if cfg.ref_from_adapter:
                     with peft_model.disable_adapter():  # LoRA sits on the unfrozen layers only: reuse the prefix
-                        ref_logp, _, _, ref_logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen)
+                        ref_logp, _, ref_hidden, ref_logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen,
+                                                                             fused)  # fmt: skip
                 else:
-                    ref_logp, _, _, ref_logits = policy_forward(reference, ro, T, cfg.kernels)
+                    ref_logp, _, ref_hidden, ref_logits = policy_forward(reference, ro, T, cfg.kernels, fused_linear=fused)
                 if not need_full_kl:
-                    ref_logits = None
+                    ref_logits = ref_hidden = None
             # ---- KL, rewards and advantages
             with phase("rewards"):
                 kl_fn = kl_estimate if cfg.kernels else kl_estimate_ref
@@ -384,9 +420,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 kl_k3 = kl_fn(old_logp, ref_logp, estimator="k3") * mask
                 kl_full = None
                 if need_full_kl:
-                    fkl = full_kl if cfg.kernels else full_kl_ref
-                    kl_full = fkl(logits, ref_logits, temperature=T, mask=ro.response_mask)
-                del logits, ref_logits
+                    kl_full = exact_kl(policy, reference if reference is not None else policy, (hidden, logits),
+                                       (ref_hidden, ref_logits), T, ro.response_mask, cfg.kernels)  # fmt: skip
+                del logits, ref_logits, ref_hidden
                 kl = {"k1": kl_k1, "k3": kl_k3, "full": kl_full}[cfg.kl_estimator]
                 check_finite("reward-model score", score, step)
                 check_finite("old-policy log-probs", old_logp, step)
@@ -394,7 +430,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 penalized = rl.clip_scores(rl.apply_eos_penalty(score, ro.has_eos, cfg.missing_eos_penalty),
                                            cfg.score_clip)  # fmt: skip
                 rewards = rl.shaped_rewards(penalized, kl, mask, kl_ctl.value)  # (B, R)
-                advantages, returns = rl.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                advantages, returns = (gae if cfg.kernels else rl.gae)(rewards, old_values, mask, gamma=cfg.gamma,
+                                                                        lam=cfg.lam)  # fmt: skip
                 if cfg.whiten_advantages:
                     advantages = rl.masked_whiten(advantages, mask)
                 check_finite("advantages", advantages, step)
@@ -419,10 +456,20 @@ def train_ppo(cfg: PPOConfig) -> dict:
                         w = m.sum() / mb_tokens  # micro-batch share of the minibatch's tokens
                         with autocast(device):
                             p = prefix[micro] if prefix is not None else None
-                            logp, ent, h, _ = policy_forward(policy, sub, T, cfg.kernels, p, n_frozen)
+                            if one_pass:
+                                h = response_hidden(policy, sub, prefix=p, n_frozen=n_frozen)
+                                head = ppo_head(policy.get_output_embeddings()(h), _targets(sub), old_logp[micro],
+                                                advantages[micro], clip_range=cfg.clip_range, temperature=T)  # fmt: skip
+                                logp, ent = head.logprobs, head.entropy
+                            else:
+                                logp, ent, h, _ = policy_forward(policy, sub, T, cfg.kernels, p, n_frozen, fused)
                             cp = cprefix[micro] if cprefix is not None else None
                             values = critic_values(critic, value_head, sub, h, cp, n_frozen_critic)
-                        pg_loss, pg = rl.policy_loss(logp, old_logp[micro], advantages[micro], m, cfg.clip_range)
+                        if one_pass:
+                            pg_loss, pg = rl.reduce_policy_loss(head.pg_loss, head.clipped, logp - old_logp[micro],
+                                                                head.ratio, m)  # fmt: skip
+                        else:
+                            pg_loss, pg = rl.policy_loss(logp, old_logp[micro], advantages[micro], m, cfg.clip_range)
                         vf_loss, vf = rl.value_loss(values, old_values[micro], returns[micro], m, cfg.clip_range_value)
                         ent_mean = rl.entropy_bonus(ent, m)
                         for name, x in (("policy loss", pg_loss), ("value loss", vf_loss), ("entropy", ent_mean)):

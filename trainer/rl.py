@@ -121,10 +121,18 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    return reduce_policy_loss(torch.maximum(unclipped, clipped), (clipped > unclipped).to(ratio.dtype), log_ratio, ratio, m)
+
+
+def reduce_policy_loss(pg_loss: Tensor, clipped: Tensor, log_ratio: Tensor, ratio: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+    """Per-token surrogate terms (B, T) -> (scalar loss, stats) as `policy_loss` returns them; shared with
+    the fused `fastrlhf.kernels.ppo_head`, which computes the per-token terms in one pass over the logits.
+    clipped: 1.0 where the clipped term is strictly larger. Padding entries may hold anything."""
+    m = mask.bool()
+    loss = masked_mean(pg_loss, m)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), m),
-                 "approx_kl": masked_mean(0.5 * log_ratio**2, m),
+        stats = {"clipfrac": masked_mean(clipped.to(ratio.dtype), m),
+                 "approx_kl": masked_mean(0.5 * log_ratio.where(m, 0) ** 2, m),
                  "ratio_mean": masked_mean(ratio, m),
                  "ratio_max": ratio.where(m, 0).max()}  # fmt: skip
     return loss, stats
