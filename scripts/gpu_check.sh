@@ -10,6 +10,7 @@
 #              else a shim folder /tmp/fastrlhf_shim/fastrlhf/{kernels,trainer} of symlinks on PYTHONPATH
 #   3 env      nvidia-smi, python / torch / triton / transformers / liger versions
 #   4 tests    the KERNEL test files only (tests/test_token_logprobs.py test_kl.py test_pairwise.py
+#              test_linear_logprobs.py test_ppo_head.py test_gae.py
 #              test_properties.py test_training_parity.py): the trainer's tests need packages a GPU host
 #              lacks (gguf, tyro, datasets, the embedded model). JUnit XML -> OUT_DIR/junit.xml
 #   5 sweep    benchmarks/sweep.py --out OUT_DIR [--quick] (CSV, JSON, markdown, two PNGs)
@@ -170,7 +171,8 @@ run_stage env 30 "$LOG" env_report
 grep -E "^(python|cuda available|date)" "$LOG" | tail -n 3
 
 # ---- 4 kernel tests --------------------------------------------------------------------------------
-KERNEL_TESTS=(tests/test_token_logprobs.py tests/test_kl.py tests/test_pairwise.py tests/test_properties.py tests/test_training_parity.py)
+KERNEL_TESTS=(tests/test_token_logprobs.py tests/test_kl.py tests/test_pairwise.py tests/test_properties.py tests/test_training_parity.py
+              tests/test_linear_logprobs.py tests/test_ppo_head.py tests/test_gae.py)
 PYTEST_ARGS=(-q -p no:cacheprovider "--junitxml=$OUT/junit.xml")
 if [ "$DRY" = 1 ]; then
   PYTEST_ARGS+=(--collect-only)  # the CPU interpreter would take a minute: prove the wiring only
