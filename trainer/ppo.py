@@ -462,7 +462,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                                                 advantages[micro], clip_range=cfg.clip_range, temperature=T)  # fmt: skip
                                 logp, ent = head.logprobs, head.entropy
                             else:
-                                logp, ent, h, _ = policy_forward(policy, sub, T, cfg.kernels, p, n_frozen, fused)
+                                logp, ent, h = policy_forward(policy, sub, T, cfg.kernels, p, n_frozen, fused)[:3]
                             cp = cprefix[micro] if cprefix is not None else None
                             values = critic_values(critic, value_head, sub, h, cp, n_frozen_critic)
                         if one_pass:
