@@ -293,3 +293,55 @@ def test_bench_ppo_step_smoke(tmp_path, capsys):
     md = (out / "ppo_step.md").read_text()
     assert "PASS" in md and all(f"| {ph} |" in md for ph in bench_ppo_step.PHASES)
     assert capsys.readouterr().out.rstrip().endswith(md.rstrip().splitlines()[-1])
+
+
+def test_bench_head_memory_smoke(tmp_path, capsys, monkeypatch):
+    """benchmarks/bench_head_memory.py on a tiny random Llama, in process: the three head modes (the kernel
+    modes through Triton's interpreter) each time the three PPO phases with finite numbers, their log-probs
+    and entropies agree with eager's (the benchmark's own gate), no GPU-only number appears on CPU; and
+    the max-batch search (CUDA-only in the script) finds a simulated OOM threshold by doubling + bisection."""
+    import bench_head_memory as bhm
+    import torch
+
+    out = tmp_path / "out"
+    argv = ["--arch", "tiny", "--vocab-size", "300", "--hidden-size", "32", "--batch", "2", "--prompt-len", "4",
+            "--reply-len", "8", "--warmup", "0", "--reps", "1", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert bhm.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(bhm.FILES)
+    doc = json.loads((out / "head_memory.json").read_text())
+    meta = doc["meta"]
+    assert meta["model_config"]["vocab_size"] == 300 and meta["grad_checkpointing"]
+    assert "interpreter" in meta["kernel_path"]
+    assert meta["gpu_name"] is None and meta["gpu_memory_total_mb"] is None and meta["memory_note"]
+    assert set(doc["modes"]) == set(bhm.MODES) and doc["agreement_passed"]
+    for mode, r in doc["modes"].items():
+        assert not r["oom"] and r["batch"] == 2 and r["tokens_per_phase"] == 2 * (4 + 8)
+        assert "max_batch" not in r  # the search runs on CUDA only
+        for ph in bhm.PHASES:
+            row = r["phases"][ph]
+            assert math.isfinite(row["median_s"]) and row["median_s"] > 0 and math.isfinite(row["tokens_per_s"])
+            assert row["peak_mb"] is None and row["reserved_mb"] is None
+        assert r["step"]["tokens_per_s"] > 0 and r["step"]["peak_mb"] is None
+        a = doc["agreement"][mode]
+        assert a["logp"] <= 1e-4 and a["entropy"] <= 1e-4 and math.isfinite(a["loss"])
+        assert a["grad_norm"] > 0 and a["grad_norm_rel_diff"] <= 1e-3
+    assert doc["agreement"]["eager"]["logp"] == 0.0
+    md = (out / "head_memory.md").read_text()
+    assert all(f"| {mode} |" in md for mode in bhm.MODES) and "PASS" in md and "grad checkpointing ON" in md
+    assert capsys.readouterr().out.rstrip().endswith(md.rstrip().splitlines()[-1])
+
+    def fake_step(model, ro, adv, mode, args, device):  # "OOM" above 13 rows
+        if ro > 13:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"update": {"peak_mb": float(ro)}}, {}
+
+    monkeypatch.setattr(bhm, "ppo_step", fake_step)
+    monkeypatch.setattr(bhm, "synthetic_rollout", lambda B, *a: (B, None))
+    args = bhm.parse_args(["--batch", "8", "--max-batch", "512"])
+    model = torch.nn.Linear(1, 1)
+    res = bhm.max_batch(model, "eager", args, torch.device("cpu"), 10, start_fits=True)
+    assert (res["max_batch"], res["first_oom"], res["ended"]) == (13, 14, "converged")
+    assert [p["batch"] for p in res["probes"]] == [16, 12, 14, 13]
+    res = bhm.max_batch(model, "eager", bhm.parse_args(["--batch", "8", "--max-batch", "12"]), torch.device("cpu"),
+                        10, start_fits=True)  # fmt: skip
+    assert (res["max_batch"], res["ended"]) == (12, "capped at --max-batch")
