@@ -192,7 +192,8 @@ def _report(m: dict) -> str:
         f"model `{m['config']['model']}`, prompts `{m['config']['prompts']}`.",
         "",
         f"The annotator is **{ann['annotator']}**: a scripted rubric standing in for people (correct beats wrong,"
-        " concise beats rambling, garbage loses). It is also the independent judge used to evaluate policies.",
+        " concise beats rambling, a reply that trails off unfinished counts as rambling, garbage loses). It is also"
+        " the independent judge used to evaluate policies.",
         "",
         "## Step 1: preference data",
         "",
