@@ -212,8 +212,9 @@ def test_shell_scripts_parse():
 
 def test_gpu_check_dry_run(tmp_path):
     """scripts/gpu_check.sh with FASTRLHF_GPU_CHECK_DRY=1: every stage wired (tests collected, sweep in
-    --smoke mode), at most 8 flat files with plain names (the device tool's limits), exit 0. The editable
-    install is hidden from the child Python, so the symlink-shim fallback is what makes fastrlhf importable."""
+    --smoke mode, the issue-6 benchmarks in their CPU smoke modes, merged into beyond.json and summary.md),
+    at most 8 flat files with plain names (the device tool's limits), exit 0. The editable install is hidden
+    from the child Python, so the symlink-shim fallback is what makes fastrlhf importable."""
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(
@@ -236,7 +237,7 @@ def test_gpu_check_dry_run(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=420,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
@@ -245,15 +246,28 @@ def test_gpu_check_dry_run(tmp_path):
         and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
         and all((out / f).is_file() for f in files)
     )
-    assert {"gpu_check.log", "tests.log", "junit.xml", *sweep.FILES} == set(files)
+    assert {"gpu_check.log", "junit.xml", "beyond.json", *sweep.FILES} == set(files)
     log = (out / "gpu_check.log").read_text()
-    for stage in ("import", "env", "tests", "sweep"):
+    has_hm = (REPO / "benchmarks" / "bench_head_memory.py").is_file()
+    for stage in ("import", "env", "tests", "sweep", "linear", "gae", "merge", *(("head_memory",) if has_hm else ())):
         assert f"stage {stage}: rc=0" in log, log[-3000:]
     assert re.search(r"fastrlhf\.kernels from .*/kernels/__init__\.py", log)
     if "a shim of symlinks" in log:  # the editable finder was hidden: the shim must have served the import
         assert f"fastrlhf.kernels from {tmp_path / 'shim'}" in log
-    assert re.search(r"\d+ tests collected", (out / "tests.log").read_text())
+    assert re.search(r"----- pytest output .*\d+ tests collected.*----- end of pytest output", log, re.S)
     assert "## gpu_check stages" in proc.stdout and "### Targets" in proc.stdout
+    # the issue-6 benchmarks: each script's JSON, unchanged, in beyond.json; their tables appended to summary.md
+    beyond = json.loads((out / "beyond.json").read_text())
+    assert beyond["linear"]["meta"]["grid"] == "smoke" and len(beyond["linear"]["rows"]) > 0
+    assert beyond["gae"]["rows"] and beyond["gae"]["rows"][0]["loop_ms"] > 0
+    if has_hm:
+        assert beyond["head_memory"]["agreement_passed"] and not beyond["missing"]
+    else:
+        assert beyond["head_memory"] is None and "does not exist" in beyond["missing"]["head_memory"]
+    summary = (out / "summary.md").read_text()
+    assert summary.index("### All cells") < summary.index("## Beyond the logits (issue 6)")
+    assert "### Fused linear log-probs" in summary and "### GAE scan" in summary
+    assert "## Beyond the logits (issue 6)" in proc.stdout
 
 
 def test_bench_ppo_step_smoke(tmp_path, capsys):
