@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from fastrlhf.trainer import rubric
 from fastrlhf.trainer.cli import main as cli_main
 from fastrlhf.trainer.data import load_pairs, prompt_key
 from fastrlhf.trainer.models import tiny_model_path
@@ -17,21 +18,28 @@ PPO_FLAGS = ("--ppo-steps", "2", "--ppo-batch-prompts", "4", "--ppo-minibatch-si
              "--ppo-freeze-layers", "1", "--eval-samples-per-prompt", "1", "--no-kernels")  # fmt: skip
 
 
-def test_pipeline_end_to_end_tiny(tmp_path, capsys):
+def _shorter_is_better(record, response: str) -> float:
+    """A rubric for random text: the demo rubric calls almost every pair of a random model's replies a tie
+    (never correct, and two replies cut off mid-sentence are equally rambling), which leaves no pairs."""
+    return -0.1 * len(response.split())
+
+
+def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(rubric.RUBRICS, "shorter", _shorter_is_better)
     model = tiny_model_path(tmp_path)
     out = tmp_path / "run"
     cli_main([
         "pipeline", "--out-dir", str(out), "--model", model, "--limit", "40", "--samples-per-prompt", "4",
         "--max-new-tokens", "64", "--gen-batch-size", "40", "--rm-epochs", "1", "--rm-batch-pairs", "8",
         "--rm-freeze-layers", "1", "--max-length", "160", "--split", "0.5", "0.25", "0.25", "--device", "cpu",
-        *PPO_FLAGS,
+        "--rubric", "shorter", *PPO_FLAGS,
     ])  # fmt: skip
     printed = capsys.readouterr().out
     assert "report:" in printed
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"] == {"train": 20, "val": 10, "test": 10}
-    assert metrics["annotation"]["annotator"] == "rubric:demo"
+    assert metrics["annotation"]["annotator"] == "rubric:shorter"
     assert metrics["reward_model"]["finished"]
     for key in ("accuracy", "precision", "recall", "f1", "auc_roc", "ece", "brier"):
         assert 0.0 <= metrics["reward_model"]["test"][key] <= 1.0 or key == "auc_roc"
