@@ -1,0 +1,208 @@
+"""Drop-in replacements for the log-prob / entropy helpers that other RLHF trainers call.
+
+Each function has the signature of the helper it replaces, so switching is one assignment in the
+*user's* code (fastrlhf itself never patches anything):
+
+    TRL 1.16, `trl.trainer.utils`:         selective_log_softmax, entropy_from_logits,
+                                           selective_log_softmax_and_entropy
+    verl, `verl.utils.torch_functional`:   logprobs_from_logits(logits, labels, inplace_backward=True)
+    OpenRLHF, `openrlhf.models.utils`:     log_probs_from_logits(logits, labels, temperature=1.0)
+
+Assign in the module whose code makes the call. A trainer that did `from trl.trainer.utils import
+selective_log_softmax` holds its own reference: patch that module's name (or patch `trl.trainer.utils`
+before the trainer module is first imported).
+
+All of them run `fastrlhf.kernels.token_logprobs`: one streaming read of the logits, temperature applied
+inside the kernel as z / T in fp32, fp32 math, no (..., V) log-softmax materialised, gradients in the
+logits' dtype (as the originals').
+
+Output dtype. The kernel's result is fp32. By default each wrapper returns the dtype the ORIGINAL returns
+for the same input on the same device, so a drop-in changes nothing downstream:
+  - TRL 1.16: fp32 where TRL runs its own Triton kernel (CUDA/XPU, fp16/bf16/fp32 logits with 1-3 dims,
+    one int32/int64 index per row; `_trl_uses_its_kernel`), otherwise the logits' dtype (its PyTorch
+    path: CPU, 4-D logits, top-K index; also every TRL before the fused kernel existed).
+  - verl: fp32 when flash-attn is installed (verl then uses flash-attn's cross entropy, which returns
+    fp32), otherwise the logits' dtype.
+  - OpenRLHF: the logits' dtype (its bf16/fp16 path is a PyTorch loop; fp32 logits give fp32).
+When the default is bf16/fp16, the value is the fp32 kernel result rounded once. Pass `out_dtype=
+torch.float32` to keep full precision (recommended: a bf16 log-prob near -3 is off by up to 0.008, which
+moves a PPO ratio by ~0.8%), e.g. `functools.partial(compat.selective_log_softmax, out_dtype=torch.float32)`.
+
+Other deliberate differences from the originals:
+  - OpenRLHF divides the caller's logits IN PLACE (`logits.div_(temperature)`); we never modify them.
+  - verl's `inplace_backward` (flash-attn writes the gradient into the logits' storage) is accepted and
+    ignored: we allocate the gradient.
+  - TRL's `chunk_size` is accepted and ignored: the kernel streams rows and never holds (chunk, V).
+  - A label equal to -100 gives 0 (as flash-attn's cross entropy does) instead of an indexing error, and a
+    label outside [0, V) gives NaN instead of an error / device assert (no host sync).
+  - TRL's top-K index (..., K) is supported by reading each row K times through a broadcast view (no
+    copy of the logits; the backward allocates a (..., K, V) gradient before summing over K).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from .token_logprobs import token_logprobs
+
+_IGNORE = -100  # the label value that gives 0 and no gradient (flash-attn's and HF's convention)
+
+
+def _cast(x: torch.Tensor, out_dtype: torch.dtype | None, default: torch.dtype) -> torch.Tensor:
+    dtype = default if out_dtype is None else out_dtype
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _trl_uses_its_kernel(logits, index=None, row_mask=None) -> bool:
+    """Mirror of `trl.trainer.utils._supports_trl_loss_kernel` (TRL 1.16): where TRL runs its own Triton
+    kernel, which returns fp32. Elsewhere TRL's PyTorch path returns the logits' dtype."""
+    ok = (
+        logits.device.type in ("cuda", "xpu")
+        and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and 1 <= logits.dim() <= 3
+        and logits.stride(-1) == 1
+    )
+    if index is not None:
+        ok = ok and tuple(index.shape) == tuple(logits.shape[:-1]) and index.dtype in (torch.int32, torch.int64)
+    if row_mask is not None:
+        ok = ok and index is not None and tuple(row_mask.shape) == tuple(index.shape)
+        ok = ok and row_mask.dtype in (torch.bool, torch.int32, torch.int64)
+    return ok
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_installed() -> bool:
+    """verl uses flash-attn's cross entropy (fp32 output) when it can import it; we look, without importing."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _masked(index: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
+    return index if row_mask is None else index.masked_fill(row_mask == 0, _IGNORE)
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+def selective_log_softmax(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    temperature: float = 1.0,
+    row_mask: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """TRL's `selective_log_softmax`: log_softmax(logits / temperature) gathered at `index`.
+
+    Switch over (one line, in your code):
+        import trl.trainer.utils as U; U.selective_log_softmax = compat.selective_log_softmax
+
+    Args:
+        logits: (..., V) fp16/bf16/fp32/fp64.
+        index: (...) or (..., K) integer ids (K gathers per position, e.g. top-K).
+        temperature: > 0.
+        row_mask: optional, shape of `index`; where 0, the output is 0 (and no gradient).
+        out_dtype: None = TRL's own output dtype (see the module docstring); torch.float32 = full precision.
+    Returns:
+        log-probs with the shape of `index`.
+    """
+    default = torch.float32 if _trl_uses_its_kernel(logits, index, row_mask) else logits.dtype
+    x = logits
+    if index.dim() == logits.dim():  # (..., K): a broadcast view, each row read K times
+        x = logits.unsqueeze(-2).expand(*logits.shape[:-1], index.shape[-1], logits.shape[-1])
+    logp = token_logprobs(x, _masked(index, row_mask), temperature=temperature, ignore_index=_IGNORE)
+    return _cast(logp, out_dtype, default)
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, chunk_size: int = 128, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """TRL's `entropy_from_logits`: Shannon entropy (nats) of softmax(logits) per row, shape logits.shape[:-1].
+
+    Switch over (one line, in your code):
+        import trl.trainer.utils as U; U.entropy_from_logits = compat.entropy_from_logits
+
+    `chunk_size` is accepted for compatibility and ignored (the kernel streams; nothing (chunk, V) is held).
+    `out_dtype` as in `selective_log_softmax`. The same function fits verl's `entropy_from_logits(logits)`
+    call, but verl returns the logits' dtype there while this returns fp32 on CUDA (TRL's rule).
+    """
+    default = torch.float32 if _trl_uses_its_kernel(logits) else logits.dtype
+    any_ids = torch.zeros(logits.shape[:-1], dtype=torch.int32, device=logits.device)  # entropy ignores them
+    _, ent = token_logprobs(logits, any_ids, return_entropy=True)
+    return _cast(ent, out_dtype, default)
+
+
+def selective_log_softmax_and_entropy(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    entropy_requires_grad: bool = True,
+    temperature: float = 1.0,
+    row_mask: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's `selective_log_softmax_and_entropy`: both from ONE read of the logits (index shape (...)).
+
+    Switch over (one line, in your code):
+        import trl.trainer.utils as U; U.selective_log_softmax_and_entropy = compat.selective_log_softmax_and_entropy
+
+    Entropy is that of softmax(logits / temperature); rows where `row_mask` is 0 give 0 for both.
+    """
+    default = torch.float32 if _trl_uses_its_kernel(logits, index, row_mask) else logits.dtype
+    logp, ent = token_logprobs(
+        logits, _masked(index, row_mask), temperature=temperature, ignore_index=_IGNORE, return_entropy=True
+    )
+    if not entropy_requires_grad:
+        ent = ent.detach()
+    return _cast(logp, out_dtype, default), _cast(ent, out_dtype, default)
+
+
+# ------------------------------------------------------------------------------------- verl / OpenRLHF
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inplace_backward: bool = True,
+    *,
+    temperature: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """verl's `logprobs_from_logits(logits, labels, inplace_backward=True)`: per-token log-probs (...).
+
+    Switch over (one line, in your code; patch the module that calls it, e.g. the actor):
+        import verl.utils.torch_functional as VF; VF.logprobs_from_logits = compat.logprobs_from_logits
+
+    `inplace_backward` is accepted and ignored. `temperature` (keyword-only, default 1.0: verl divides the
+    logits itself before calling) is applied inside the kernel. Labels equal to -100 give 0, as with
+    verl's flash-attn path. Default output dtype: fp32 if flash-attn is installed, else the logits' dtype.
+    """
+    default = torch.float32 if _flash_attn_installed() else logits.dtype
+    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=_IGNORE)
+    return _cast(logp, out_dtype, default)
+
+
+def log_probs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """OpenRLHF's `log_probs_from_logits(logits, labels, temperature=1.0)`: per-token log-probs (...).
+
+    Switch over (one line, in your code; OpenRLHF's actor imports the name):
+        import openrlhf.models.actor as A; A.log_probs_from_logits = compat.log_probs_from_logits
+
+    Unlike OpenRLHF, the caller's logits are NOT divided in place. Default output dtype: the logits'
+    dtype, as OpenRLHF returns.
+    """
+    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=_IGNORE)
+    return _cast(logp, out_dtype, logits.dtype)
+
+
+__all__ = [
+    "selective_log_softmax",
+    "entropy_from_logits",
+    "selective_log_softmax_and_entropy",
+    "logprobs_from_logits",
+    "log_probs_from_logits",
+]
