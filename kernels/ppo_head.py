@@ -60,7 +60,7 @@ from ._common import (
     vocab_splits,
 )
 from ._series import expm1_neg, k3
-from .token_logprobs import token_logprobs_ref
+from .token_logprobs import online_lse, token_logprobs_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -102,23 +102,8 @@ def _ppo_head_fwd(
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
     scale = LOG2E / tl.cast(temperature, ACC)
 
-    # ---- the one streaming pass: running max m, s = sum 2^y, w = sum 2^y * y with y = (x - m) * scale
-    m = tl.full([BLOCK_R], -float("inf"), ACC)
-    s = tl.zeros([BLOCK_R], ACC)
-    w = tl.zeros([BLOCK_R], ACC)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = active[:, None] & (cols[None, :] < V)
-        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing finite yet: keep inf - inf away
-        shift = (tl.where(m == -float("inf"), m_new, m) - m_new) * scale  # <= 0
-        alpha = tl.exp2(shift)
-        y = (x - m_new[:, None]) * scale  # (BLOCK_R, BLOCK_V)
-        e = tl.exp2(y)
-        w = alpha * (w + shift * s) + tl.sum(tl.where(e > 0, e * y, 0.0), 1)
-        s = s * alpha + tl.sum(e, 1)
-        m = m_new
+    # ---- the one streaming pass (token_logprobs.py's): running max m, s = sum 2^y, w = sum 2^y * y
+    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, True, ACC, BLOCK_R, BLOCK_V)
 
     log2_s = tl.log2(s)
     tgt_ok = active & (tgt >= 0) & (tgt < V)

@@ -46,6 +46,32 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """The one streaming pass over BLOCK_R rows of logits (row_off: int64 offsets, active: rows to read).
+    -> m (running max of the raw logits), s = sum_j 2^y_j, w = sum_j 2^y_j * y_j (0 unless COMPUTE_ENTROPY),
+    with y_j = (x_j - m) * scale <= 0; each (BLOCK_R,) in ACC. Shared with ppo_head.py."""
+    m = tl.full([BLOCK_R], -float("inf"), ACC)
+    s = tl.zeros([BLOCK_R], ACC)
+    w = tl.zeros([BLOCK_R], ACC)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = active[:, None] & (cols[None, :] < V)
+        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing finite yet: keep inf - inf away
+        shift = (tl.where(m == -float("inf"), m_new, m) - m_new) * scale  # <= 0
+        alpha = tl.exp2(shift)
+        y = (x - m_new[:, None]) * scale  # (BLOCK_R, BLOCK_V)
+        e = tl.exp2(y)
+        if COMPUTE_ENTROPY:
+            w = alpha * (w + shift * s) + tl.sum(tl.where(e > 0, e * y, 0.0), 1)
+        s = s * alpha + tl.sum(e, 1)
+        m = m_new
+    return m, s, w
+
+
+@triton.jit
 def _token_logprobs_fwd(
     logits_ptr,  # (A, B, V) any float; row r = a*B + b at a*stride_a + b*stride_b; vocab stride 1
     targets_ptr,  # (N,) int, N = A*B
@@ -71,24 +97,7 @@ def _token_logprobs_fwd(
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
     scale = LOG2E / tl.cast(temperature, ACC)
 
-    m = tl.full([BLOCK_R], -float("inf"), ACC)  # running max of the raw logits
-    s = tl.zeros([BLOCK_R], ACC)  # sum 2^y,        y_j = (x_j - m) * scale <= 0
-    w = tl.zeros([BLOCK_R], ACC)  # sum 2^y * y,    entropy only
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = active[:, None] & (cols[None, :] < V)
-        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing finite yet: keep inf - inf away
-        shift = (tl.where(m == -float("inf"), m_new, m) - m_new) * scale  # <= 0
-        alpha = tl.exp2(shift)
-        y = (x - m_new[:, None]) * scale  # (BLOCK_R, BLOCK_V)
-        e = tl.exp2(y)
-        if COMPUTE_ENTROPY:
-            w = alpha * (w + shift * s) + tl.sum(tl.where(e > 0, e * y, 0.0), 1)
-        s = s * alpha + tl.sum(e, 1)
-        m = m_new
-
+    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V)
     log2_s = tl.log2(s)
     tgt_ok = active & (tgt >= 0) & (tgt < V)
     x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0).to(ACC)
