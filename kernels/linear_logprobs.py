@@ -64,8 +64,12 @@ REF_CHUNK_ROWS = 1024  # rows per chunk in the *_ref twins: their memory is O(RE
 
 @triton.jit
 def _dot(a, b, DOT_DTYPE: tl.constexpr):
-    """a @ b accumulated in fp32 (fp64 for fp64), operands cast to DOT_DTYPE; fp32 operands in full fp32."""
-    if DOT_DTYPE == tl.float32:
+    """a @ b accumulated in fp32 (fp64 for fp64), operands cast to DOT_DTYPE; fp32 operands in full fp32.
+    fp64 (gradcheck only) is a broadcast multiply and sum, not tl.dot: Triton 3.6's fp64 MMA asserts
+    "fp64 don't support largeK MMA" for these tiles on sm_90 (seen on an H200)."""
+    if DOT_DTYPE == tl.float64:
+        return tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    elif DOT_DTYPE == tl.float32:
         return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")  # no TF32
     else:
         return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
@@ -330,8 +334,8 @@ def _config(dtype: torch.dtype, device: torch.device) -> dict:
     still cross row blocks, vocab tiles and ranges, and a partial H block."""
     if device.type != "cuda":
         return dict(BLOCK_M=32, BLOCK_V=256, BLOCK_H=64)
-    if dtype == torch.float64:  # gradcheck only
-        return dict(BLOCK_M=32, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1)
+    if dtype == torch.float64:  # gradcheck only: (BLOCK_M, BLOCK_H, BLOCK_V) products in registers
+        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # full-fp32 products run on FMA units, not tensor cores: smaller tiles
         return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3)

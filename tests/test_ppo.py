@@ -131,6 +131,21 @@ def test_non_finite_loss_stops_before_update(models, tmp_path, monkeypatch):
     assert steps == [] and not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_non_finite_gradient_names_the_parameters():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    net(torch.ones(1, 3)).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    norm = ppo_module.clip_gradients("policy gradient norm", net, list(net.parameters()), 1e9, 2)
+    assert norm.item() == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item())  # not clipped
+    ppo_module.clip_gradients("policy gradient norm", net, list(net.parameters()), 0.5 * norm.item(), 2)
+    for p, g in zip(net.parameters(), grads):
+        torch.testing.assert_close(p.grad, 0.5 * g, rtol=1e-5, atol=0)  # clipped to half
+    net[1].weight.grad[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"step 2: policy gradient norm is not finite in 1 parameters' "
+                                              r"gradients \(1.weight\)"):  # fmt: skip
+        ppo_module.clip_gradients("policy gradient norm", net, list(net.parameters()), 1.0, 2)
+
+
 def test_prompt_batches_cover_every_prompt_each_pass():
     n, batch = 10, 4
     seen = [i for step in range(5) for i in prompt_batch(n, step, batch, seed=1)]  # 20 = two passes

@@ -227,10 +227,12 @@ class PPOConfig:
     kernels: bool = True
     """Use the fused `fastrlhf.kernels` (False: their eager `*_ref` twins, for comparison). With logits,
     the update takes log-prob, entropy, ratio and clipped surrogate from one `ppo_head` pass."""
-    fused_linear: bool | None = None
+    fused_linear: bool = False
     """Log-probs of policy, old policy and reference straight from the last hidden state and the LM-head
-    weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. None: on with CUDA,
-    off on CPU (where the chunked fallback saves memory, not time)."""
+    weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. Off by default: on an
+    H200 its kernel ran 2.9x slower than matmul + `token_logprobs` (8192 x 4096 x 151936 bf16) and one PPO
+    step of Llama-3.2-1B shapes peaked at the same memory as the logits path (benchmarks/results/
+    2026-11-27-h200/); turn it on when the logits do not fit."""
     seed: int = 0
     """Seed for prompt order, sampling and head initialisation."""
     device: str = "auto"

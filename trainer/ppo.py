@@ -69,7 +69,7 @@ from .models import (
     save_pretrained_atomic,
 )
 from .prefix_cache import prefix_states
-from .rollout import Rollout, response_hidden, sample, trunk_hidden
+from .rollout import Rollout, attention_mask_4d, response_hidden, sample, trunk_hidden
 
 log = logging.getLogger("fastrlhf")
 
@@ -84,13 +84,31 @@ class NonFiniteError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def check_finite(name: str, x: torch.Tensor, step: int) -> None:
+def check_finite(name: str, x: torch.Tensor, step: int, module: torch.nn.Module | None = None) -> None:
+    """Raise NonFiniteError if `x` has a NaN/inf; for a gradient norm, `module`'s parameters whose gradient
+    is not finite are named (the first few), which says where in the network it started."""
     if not torch.isfinite(x).all():
+        where = ""
+        if module is not None:
+            bad = [n for n, p in module.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+            where = f" in {len(bad)} parameters' gradients ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})"
         raise NonFiniteError(
-            f"step {step}: {name} is not finite ({x.detach().float().flatten()[:4].tolist()} ...); the run "
+            f"step {step}: {name} is not finite{where} ({x.detach().float().flatten()[:4].tolist()} ...); the run "
             "stopped before the next optimizer step (the last checkpoint is intact: --resume continues from "
             "it). Lower --lr, or check the reward model's scores."
         )
+
+
+def clip_gradients(name: str, module: torch.nn.Module, params: list, max_norm: float, step: int) -> torch.Tensor:
+    """Total gradient norm of `params`, checked finite BEFORE any gradient is scaled (clipping by a NaN
+    norm would turn every gradient NaN and hide where it started), then the gradients clipped to it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    check_finite(name, norm, step, module)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm
 
 
 class Phase:
@@ -299,7 +317,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     """The PPO loop, top to bottom. Returns the summary (also in out_dir/summary.json)."""
     device = resolve_device(cfg.device)
     dtype = torch.float32  # bf16 autocast on CUDA; master weights stay fp32
-    fused = cfg.fused_linear if cfg.fused_linear is not None else device.type == "cuda"  # no logits at all
+    fused = cfg.fused_linear  # no logits at all
     one_pass = cfg.kernels and not fused  # the update's head is one `ppo_head` pass over the logits
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -390,7 +408,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
             with phase("policy_eval"):
                 prefix = None
                 if cache:  # (B, P + R, H): states entering layer n_frozen, reused by every epoch below
-                    prefix = prefix_states(policy.base_model, n_frozen, ro.sequences, ro.attention_mask, ro.position_ids)
+                    prefix = prefix_states(policy.base_model, n_frozen, ro.sequences,
+                                           attention_mask_4d(policy, ro.attention_mask), ro.position_ids)  # fmt: skip
                 old_logp, entropy, hidden, logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen, fused)
                 need_full_kl = cfg.kl_estimator == "full" or step == 0  # step 0: the exact KL floor
                 if not need_full_kl:
@@ -399,8 +418,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 if critic_shares:
                     cprefix = prefix
                 elif critic is not None and cfg.cache_frozen and n_frozen_critic:
-                    cprefix = prefix_states(critic.base_model, n_frozen_critic, ro.sequences, ro.attention_mask,
-                                            ro.position_ids)  # fmt: skip
+                    cprefix = prefix_states(critic.base_model, n_frozen_critic, ro.sequences,
+                                            attention_mask_4d(critic, ro.attention_mask), ro.position_ids)  # fmt: skip
                 old_values = critic_values(critic, value_head, ro, hidden, cprefix, n_frozen_critic)
             with phase("scoring"):
                 score = reward_scores(reward_model, ro, cfg.kernels, prefix if rm_shares else None, n_frozen).float()
@@ -481,10 +500,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                             acc[k] = acc.get(k, 0.0) + float(v.detach()) * wf
                         if not mb_stats:  # nothing updated yet: the policy is the one that sampled
                             first_dev = max(first_dev, float(((logp.detach() - old_logp[micro]) * m).abs().max()))
-                    gn = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
-                    vgn = torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
-                    check_finite("policy gradient norm", gn, step)
-                    check_finite("value gradient norm", vgn, step)
+                    gn = clip_gradients("policy gradient norm", policy, policy_params, cfg.max_grad_norm, step)
+                    vgn = clip_gradients("value gradient norm", value_module, value_params, cfg.max_grad_norm, step)
                     opt.step()
                     vopt.step()
                     opt.zero_grad(set_to_none=True)

@@ -140,6 +140,28 @@ def sample(
     )  # fmt: skip
 
 
+def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 padding mask -> the (B, 1, T, T) causal mask the model's attention takes as is, in which
+    every query row sees at least itself: bool (True = attend) for SDPA, additive fp32 for eager attention;
+    any other implementation (flash-attention unpads the batch itself) gets the 2D mask back.
+
+    Why: a left-padding row would otherwise attend to nothing. Forward, SDPA returns 0 there, but its CUDA
+    backward can return NaN for such a row, and 0 x NaN spreads it into the weights' gradients (a NaN policy
+    gradient at PPO step 2 on an H200, torch 2.11, with a bf16 autocast update). A pad row's output is
+    never read and no real row attends to a pad key, so letting each pad row see itself changes nothing
+    else: the real rows' hidden states are the same as with the 2D mask (tests/test_rollout.py)."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        return attention_mask
+    T = attention_mask.shape[-1]
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = (causal & keys) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)  # (B, 1, T, T)
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 def trunk_hidden(model, rollout: Rollout, *, prefix: torch.Tensor | None = None, n_frozen: int = 0) -> torch.Tensor:
     """Last hidden states of prompt + reply: (B, P + R, H) in the model dtype, positions from the mask.
     `prefix` ((B, P + R, H), from `prefix_cache.prefix_states`) replaces the frozen bottom `n_frozen`
@@ -147,7 +169,7 @@ def trunk_hidden(model, rollout: Rollout, *, prefix: torch.Tensor | None = None,
     from .prefix_cache import top_layers_only
 
     trunk = model.base_model
-    kwargs = {"attention_mask": rollout.attention_mask, "position_ids": rollout.position_ids}
+    kwargs = {"attention_mask": attention_mask_4d(model, rollout.attention_mask), "position_ids": rollout.position_ids}
     if prefix is None:
         return trunk(input_ids=rollout.sequences, **kwargs).last_hidden_state
     with top_layers_only(trunk, n_frozen):
