@@ -6,7 +6,7 @@ Why: on an H200 the shipped tiles (BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, 8 warps,
 21% of a bf16 matmul of the same shape (2MVH FLOPs), 2.9x slower than matmul + token_logprobs. This launches
 the same kernel, with the same vocabulary split rule, under several (BLOCK_M, BLOCK_V, BLOCK_H, num_warps,
 num_stages) and prints ms, TFLOP/s and % of the measured torch matmul for each, so the next change to
-`_config` is a measured one. Each config's output is checked against the shipped config's (max |diff| of
+`_config` is a measured one. Each config's output is checked against the first config's (max |diff| of
 the log-sum-exp): a faster config must compute the same thing. The launch code repeats `_row_stats`
 (on purpose: the library's launchers take no tile arguments).
 """
@@ -27,7 +27,8 @@ from fastrlhf.kernels._common import vocab_splits
 
 ll = importlib.import_module("fastrlhf.kernels.linear_logprobs")  # the module: the package exports the function
 
-# (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages); the first is the shipped bf16 config
+# (BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages); the first was the shipped bf16 config until the H200 run
+# of 2026-11-27 (benchmarks/results/2026-11-27-h200/) made the (128, 256, 64, 8, 3) row the forward's
 CONFIGS = [
     (64, 128, 32, 8, 3),
     (64, 128, 64, 4, 3),
@@ -39,8 +40,10 @@ CONFIGS = [
 ]
 
 
-def lse(hidden: torch.Tensor, weight: torch.Tensor, cfg: tuple) -> torch.Tensor:
-    """Row log-sum-exp (base 2, T = 1) of hidden @ weight.T through `_linear_lse_fwd` with tiles `cfg`."""
+def lse(hidden: torch.Tensor, weight: torch.Tensor, cfg: tuple, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Row log-sum-exp (base 2, T = 1) of hidden @ weight.T through `_linear_lse_fwd` with tiles `cfg`; with
+    `targets` ((N,) int64) the kernel also gathers the target logit and sums the entropy term, as
+    `linear_logprobs(..., return_entropy=True)` runs it (more registers live in the epilogue)."""
     bm, bv, bh, warps, stages = cfg
     N, H = hidden.shape
     V = weight.shape[0]
@@ -51,8 +54,9 @@ def lse(hidden: torch.Tensor, weight: torch.Tensor, cfg: tuple) -> torch.Tensor:
     active = torch.ones(N, dtype=torch.bool, device=hidden.device)
     part = torch.empty((4, grid[1], N), dtype=torch.float32, device=hidden.device)
     ll._linear_lse_fwd[grid](
-        x, weight, weight, active, active, part, N, V, N, H, *x.stride(), *weight.stride(), 1.0, cols_per_split,
-        HAS_BIAS=False, HAS_TARGETS=False, COMPUTE_ENTROPY=False, ACC=tl.float32, DOT_DTYPE=ll._dot_dtype(hidden),
+        x, weight, weight, active, active if targets is None else targets, part, N, V, N, H, *x.stride(),
+        *weight.stride(), 1.0, cols_per_split, HAS_BIAS=False, HAS_TARGETS=targets is not None,
+        COMPUTE_ENTROPY=targets is not None, ACC=tl.float32, DOT_DTYPE=ll._dot_dtype(hidden),
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     m_k, s_k = part[0], part[1]
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--out", default="tune_linear.json")
+    ap.add_argument("--entropy", action="store_true", help="with targets and the entropy sum (the trainer's launch)")
     ap.add_argument("--budget-s", type=float, default=60.0, help="stop starting configs after this many seconds")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -76,21 +81,23 @@ def main(argv: list[str] | None = None) -> int:
     M, H, V = args.rows, args.hidden, args.vocab
     hidden = torch.randn(M, H, device="cuda", generator=g).div_(H**0.5).bfloat16()
     weight = torch.randn(V, H, device="cuda", generator=g).bfloat16()
+    targets = torch.randint(0, V, (M,), device="cuda", generator=g) if args.entropy else None
     flops = 2 * M * V * H
     mm_ms = triton.testing.do_bench(lambda: hidden @ weight.T, warmup=50, rep=300, return_mode="median")
-    print(f"{torch.cuda.get_device_name()}: M x H x V = {M} x {H} x {V} bf16; torch matmul {mm_ms:.2f} ms = "
+    print(f"{torch.cuda.get_device_name()}: M x H x V = {M} x {H} x {V} bf16, targets + entropy {args.entropy}; "
+          f"torch matmul {mm_ms:.2f} ms = "
           f"{flops / mm_ms / 1e9:.0f} TFLOP/s", flush=True)  # fmt: skip
-    base = lse(hidden, weight, CONFIGS[0])
+    base = lse(hidden, weight, CONFIGS[0], targets)
     rows = []
-    print("| BLOCK_M | BLOCK_V | BLOCK_H | warps | stages | ms | TFLOP/s | % matmul | max abs diff vs shipped |")
+    print("| BLOCK_M | BLOCK_V | BLOCK_H | warps | stages | ms | TFLOP/s | % matmul | max abs diff vs the first |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for cfg in CONFIGS:
         if time.monotonic() > t_end:
             rows.append({"config": cfg, "status": "skipped: time budget"})
             continue
         try:
-            diff = (lse(hidden, weight, cfg) - base).abs().max().item()
-            ms = triton.testing.do_bench(lambda: lse(hidden, weight, cfg), warmup=25, rep=300, return_mode="median")
+            diff = (lse(hidden, weight, cfg, targets) - base).abs().max().item()
+            ms = triton.testing.do_bench(lambda: lse(hidden, weight, cfg, targets), warmup=25, rep=300, return_mode="median")
         except Exception as e:  # out of shared memory / registers: record and go on
             rows.append({"config": cfg, "status": f"{type(e).__name__}: {str(e)[:200]}"})
             print(f"| {' | '.join(map(str, cfg))} | - | - | - | {type(e).__name__} |", flush=True)
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                      "status": "ok"})  # fmt: skip
         print(f"| {' | '.join(map(str, cfg))} | {ms:.2f} | {tf:.0f} | {100 * mm_ms / ms:.1f} | {diff:.1e} |", flush=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "shape": {"M": M, "H": H, "V": V}, "matmul_ms": mm_ms, "config_fields": "BLOCK_M, BLOCK_V, BLOCK_H, "
+            "shape": {"M": M, "H": H, "V": V}, "entropy": args.entropy, "matmul_ms": mm_ms, "config_fields": "BLOCK_M, BLOCK_V, BLOCK_H, "
             "num_warps, num_stages", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_pipeline.sh CFG_DIR OUT_DIR
 #       CFG_DIR  config.json, generation_config.json and the tokenizer files of the model (no weights);
 #                for the default model, copy them from ~/.cache/fastrlhf/smollm2-135m-instruct/ (~3.5 MB)
-#       OUT_DIR  gets pipeline.log, pipeline/ (report.md, metrics.json, the plots), ppo_step/ (ppo_step.json
+#       OUT_DIR  gets pipeline.log, pipeline/ (report.md, metrics.json, plots/), ppo_step/ (ppo_step.json
 #                and .md, both runs' metrics.jsonl) and ppo_step.log
 #
 # What the numbers mean. A random model almost never samples EOS, so every reply runs to the token limit:
@@ -58,7 +58,7 @@ TRITON_CACHE_DIR="$WORK/triton_cache" timeout -k 10 "${FASTRLHF_PIPELINE_TIMEOUT
   >"$OUT/pipeline.log" 2>&1 || RC=$?
 log "pipeline: rc=$RC, wall $(($(date +%s) - T0)) s (log: pipeline.log)"
 mkdir -p "$OUT/pipeline"
-cp "$WORK"/pipeline/report.md "$WORK"/pipeline/metrics.json "$WORK"/pipeline/*.png "$OUT/pipeline/" 2>/dev/null
+cp -r "$WORK"/pipeline/report.md "$WORK"/pipeline/metrics.json "$WORK"/pipeline/plots "$OUT/pipeline/" 2>/dev/null
 grep -E "pipeline finished|Error" "$OUT/pipeline.log" | tail -n 3
 "$PY" -c 'import json, sys; print("timings (s):", json.load(open(sys.argv[1]))["timings"])' "$OUT/pipeline/metrics.json" 2>/dev/null
 

@@ -334,6 +334,8 @@ class PipelineConfig:
     """Replies per held-out prompt from each of the PPO policy and the reference, judged by the rubric."""
     kernels: bool = True
     """Use the fused `fastrlhf.kernels` everywhere (False: their eager `*_ref` twins)."""
+    fused_linear: bool = False
+    """PPO log-probs straight from hidden states and the head weight, no logits (see `fastrlhf ppo --help`)."""
     seed: int = 0
     """Seed for splits, sampling, head initialisation and data order."""
     device: str = "auto"

@@ -109,7 +109,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             freeze_layers=cfg.ppo_freeze_layers, steps=cfg.ppo_steps, batch_prompts=cfg.ppo_batch_prompts,
             minibatch_size=cfg.ppo_minibatch_size, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
-            kernels=cfg.kernels, seed=cfg.seed, device=cfg.device,
+            kernels=cfg.kernels, fused_linear=cfg.fused_linear, seed=cfg.seed, device=cfg.device,
         )  # fmt: skip
         ppo = train_ppo(ppo_cfg)
         timings["ppo_s"] = time.perf_counter() - t
