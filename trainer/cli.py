@@ -35,7 +35,10 @@ from .config import (
 def _setup() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never contact a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 logs at INFO
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s %(name)s{f' [rank {rank}]' if rank else ''}: %(message)s",
+                        datefmt="%H:%M:%S")  # fmt: skip
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

@@ -93,6 +93,10 @@ class RewardConfig:
     cache_frozen: bool = True
     """Run the frozen bottom layers once per training sequence and train the top from the stored states
     (same result; several times faster per epoch; memory ~ tokens x hidden size x 4 bytes)."""
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    """Under `torchrun --nproc-per-node N` (N > 1): replicate the model with DDP, or shard parameters,
+    gradients and optimizer state per layer with FSDP2 (validation then runs at the end only). Ignored in a
+    single process. The batch sizes stay global: each step sees the same pairs as one process would."""
     lora_r: int = 0
     """LoRA rank for the trainable layers (0: full fine-tuning). Needs `peft`."""
     lora_alpha: int = 16

@@ -26,6 +26,7 @@ import torch
 from .annotate import annotate, build_preferences, generate_pairs
 from .config import PipelineConfig, PPOConfig, RewardConfig
 from .data import load_demo_prompts, load_pairs, load_prompts, prompt_key, split_by_prompt, write_jsonl
+from .dist import require_single_process
 from .evaluate import evaluate_policy
 from .metrics import plot_ppo_curves, plot_training_curves
 from .models import resolve_device, resolve_model_path
@@ -36,6 +37,7 @@ log = logging.getLogger("fastrlhf")
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    require_single_process("pipeline")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)

@@ -68,6 +68,7 @@ from .models import (
     reward_head_params,
     save_pretrained_atomic,
 )
+from .dist import require_single_process
 from .prefix_cache import prefix_states
 from .rollout import Rollout, attention_mask_4d, response_hidden, sample, trunk_hidden
 
@@ -315,6 +316,7 @@ def _load_policy(path: str, cfg: PPOConfig, device: torch.device, dtype: torch.d
 # ----------------------------------------------------------------------------------------------- the loop
 def train_ppo(cfg: PPOConfig) -> dict:
     """The PPO loop, top to bottom. Returns the summary (also in out_dir/summary.json)."""
+    require_single_process("ppo")
     device = resolve_device(cfg.device)
     dtype = torch.float32  # bf16 autocast on CUDA; master weights stay fp32
     fused = cfg.fused_linear  # no logits at all

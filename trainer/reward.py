@@ -46,6 +46,7 @@ from .models import (
     reward_trunk,
     save_pretrained_atomic,
 )
+from .dist import World, full_state, grad_norm_value, init_world, load_full_state, sum_across, wrap
 from .prefix_cache import build_prefix_cache, cache_bytes, cached_batch, top_layers_only
 
 log = logging.getLogger("fastrlhf")
@@ -91,6 +92,18 @@ def pair_forward(model, batch: dict[str, torch.Tensor], margin: torch.Tensor | N
     weight, bias = reward_head_params(model)  # (1, H), None for Llama
     head = reward_head_pairwise_loss if use_kernels else reward_head_pairwise_loss_ref
     return head(hidden, weight, bias, attention_mask=batch["attention_mask"], margin=margin, reduction="none")
+
+
+class PairModel(torch.nn.Module):
+    """`pair_forward` as a module, so DDP / FSDP2 see the training forward (they hook `__call__`): holds
+    the reward model as `.model`; its parameter names are the checkpoints' keys at any world size."""
+
+    def __init__(self, model, use_kernels: bool, n_frozen: int):
+        super().__init__()
+        self.model, self.use_kernels, self.n_frozen = model, use_kernels, n_frozen
+
+    def forward(self, batch: dict[str, torch.Tensor], margin: torch.Tensor | None):
+        return pair_forward(self.model, batch, margin, self.use_kernels, self.n_frozen)
 
 
 @torch.no_grad()
@@ -179,6 +192,16 @@ def _token_batch(tokenizer, chunk, max_length: int, device):
     return {k: v.to(device) for k, v in batch.items()}, kept
 
 
+def _pair_batch(train, idx: list[int], cache, tokenizer, cfg: RewardConfig, device):
+    """-> (model inputs, kept (positions in idx of the pairs that fit), the pairs idx)."""
+    chunk = [train[i] for i in idx]
+    if cache is not None:
+        batch = cached_batch(cache, idx, device)
+        return batch, batch.pop("kept"), chunk
+    batch, kept = _token_batch(tokenizer, chunk, cfg.max_length, device)
+    return batch, kept, chunk
+
+
 @torch.no_grad()
 def _training_rewards(model, tokenizer, train, cache, n_frozen: int, cfg: RewardConfig, device) -> np.ndarray:
     """Rewards of every training response (chosen and rejected), from the prefix cache when there is one."""
@@ -198,38 +221,35 @@ def _training_rewards(model, tokenizer, train, cache, n_frozen: int, cfg: Reward
     return torch.cat(out).numpy()
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, cfg: RewardConfig) -> None:
+def _save_checkpoint(path: Path, module, optimizer, scheduler, step: int, cfg: RewardConfig, world: World) -> None:
+    """Every rank calls this (FSDP2 gathers the shards); rank 0 writes full, unsharded state."""
+    params, optim = full_state(module, optimizer)
+    if not world.main:
+        return
     _atomic_torch_save(
         {
             "step": step,
-            "trainable": _trainable_state(model),
-            "optimizer": optimizer.state_dict(),
+            "trainable": params,
+            "optimizer": optim,
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": asdict(cfg),
+            "world_size": world.size,
         },
         path,
     )
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+def _load_checkpoint(path: Path, module, optimizer, scheduler) -> int:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in ckpt["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_full_state(module, optimizer, ckpt["trainable"], ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
@@ -260,23 +280,33 @@ def save_reward_model(model, tokenizer, folder: Path, *, gain: float, bias: floa
 
 # ---------------------------------------------------------------------------------------------- train
 def train_reward_model(cfg: RewardConfig) -> dict:
-    """The training loop, top to bottom. Returns the final summary (also in out_dir/summary.json)."""
-    device = resolve_device(cfg.device)
+    """The training loop, top to bottom. Returns the final summary (also in out_dir/summary.json).
+    Under torchrun every rank runs it (trainer/dist.py); rank 0 writes the files."""
+    world = init_world(cfg.device)
+    device = world.device
     out = Path(cfg.out_dir)
     (out / "splits").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    train, val, test = load_splits(cfg)
-    for name, part in (("train", train), ("val", val), ("test", test)):
-        write_jsonl(out / "splits" / f"{name}.jsonl", part)
+    train, val, test = load_splits(cfg)  # seeded: the same split on every rank
+    if world.main:
+        for name, part in (("train", train), ("val", val), ("test", test)):
+            write_jsonl(out / "splits" / f"{name}.jsonl", part)
     log.info("pairs: %d train, %d val, %d test", len(train), len(val), len(test))
 
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, padding_side="right")
     model = load_reward_model(model_path, device=device, tokenizer=tokenizer, seed=cfg.seed)
     model, n_frozen, peft_model = _freeze_and_adapt(model, cfg)
-    cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)  # every rank: all pairs
+    sharded = world.size > 1 and cfg.parallel == "fsdp2"
+    module = wrap(PairModel(model, cfg.kernels, n_frozen), world, cfg.parallel, getattr(reward_trunk(model), "layers", ()))
+    if world.size > 1:
+        log.info("rank %d of %d on %s, %s", world.rank, world.size, device, cfg.parallel)
+    spare = None  # a pair every rank can fall back on (at zero weight) when its share of a micro-batch is empty
+    if world.size > 1:
+        spare = next(i for i in range(len(train)) if len(_pair_batch(train, [i], cache, tokenizer, cfg, device)[1]))
+    trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-8)
     steps_per_epoch = math.ceil(len(train) / (cfg.batch_pairs * cfg.grad_accum))
     total_steps = cfg.epochs * steps_per_epoch
@@ -290,50 +320,56 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     if cfg.resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        step = _load_checkpoint(ckpt_path, model, optimizer, scheduler)
-        _truncate_log(log_path, step)
+        step = _load_checkpoint(ckpt_path, module, optimizer, scheduler)
+        if world.main:
+            _truncate_log(log_path, step)
         log.info("resumed from %s at step %d of %d", ckpt_path, step, total_steps)
-    elif log_path.exists():
+    elif log_path.exists() and world.main:
         log_path.unlink()
     stop = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     eval_every = cfg.eval_every or steps_per_epoch
 
-    bar = tqdm(total=stop, initial=step, desc="train-rm", unit="step")
+    bar = tqdm(total=stop, initial=step, desc="train-rm", unit="step", disable=not world.main)
     t_start = time.perf_counter()
+    if sharded and val:
+        log.info("FSDP2: the validation set is scored at the end only (the sharded model has no single copy)")
     while step < stop:
-        model.train()
+        module.train()
         micro = step_batches(len(train), step, cfg.batch_pairs, cfg.grad_accum, cfg.seed)
         n_step = sum(len(m) for m in micro)
         stats = torch.zeros(6, device=device)  # loss, correct, pairs, sum r, sum r^2, sum gap: one sync per step
         for idx in micro:
-            chunk = [train[i] for i in idx.tolist()]
-            if cache is not None:
-                batch = cached_batch(cache, idx.tolist(), device)
-                kept = batch.pop("kept")
-            else:
-                batch, kept = _token_batch(tokenizer, chunk, cfg.max_length, device)
+            # this rank's share of the micro-batch; the loss is scaled so the averaged gradient is 1-process's
+            batch, kept, chunk = _pair_batch(train, idx[world.rank :: world.size].tolist(), cache, tokenizer, cfg, device)
+            scale = world.size / n_step
             if len(kept) == 0:
-                continue
+                if world.size == 1:
+                    continue
+                # every rank must run the same forwards and backwards (the engine's collectives)
+                batch, kept, chunk = _pair_batch(train, [spare], cache, tokenizer, cfg, device)
+                scale = 0.0
             margin = None
             if cfg.use_margin:
                 margin = torch.tensor([chunk[i].margin or 0.0 for i in kept.tolist()], device=device)
             with autocast(device):
-                res = pair_forward(model, batch, margin, cfg.kernels, n_frozen)
-            loss = res.loss.sum() / n_step
+                res = module(batch, margin)
+            loss = res.loss.sum() * scale
             if cfg.center_coef:
-                loss = loss + cfg.center_coef * (res.chosen_rewards + res.rejected_rewards).pow(2).sum() / n_step
+                loss = loss + cfg.center_coef * (res.chosen_rewards + res.rejected_rewards).pow(2).sum() * scale
             loss.backward()
+            if scale == 0.0:
+                continue
             rewards = torch.cat([res.chosen_rewards, res.rejected_rewards]).detach()  # (2B,) fp32
             gap = (res.chosen_rewards - res.rejected_rewards).detach()
             stats += torch.stack([res.loss.detach().sum(), (gap > 0).float().sum(), torch.tensor(float(len(kept)), device=device),
                                   rewards.sum(), rewards.pow(2).sum(), gap.sum()])  # fmt: skip
-        loss_sum, correct, n, r_sum, r_sq, gap_sum = stats.tolist()
+        loss_sum, correct, n, r_sum, r_sq, gap_sum = sum_across(stats, world).tolist()
         if not math.isfinite(loss_sum + r_sq):
             raise FloatingPointError(
                 f"step {step}: non-finite reward-model loss ({loss_sum / max(n, 1)}), sum of squared rewards {r_sq}; "
                 "weights were not updated"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
+        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -347,11 +383,13 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             "gap_mean": gap_sum / n, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "elapsed_s": time.perf_counter() - t_start,
         }  # fmt: skip
-        _append(log_path, record)
+        if world.main:
+            _append(log_path, record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
 
-        if val and (step % eval_every == 0 or step == total_steps):
+        # rank 0 scores the val pairs on its full copy (DDP: the others wait in the next step's all-reduce)
+        if val and world.main and not sharded and (step % eval_every == 0 or step == total_steps):
             scores = score_pairs(model, tokenizer, val, batch_pairs=cfg.batch_pairs * 2, max_length=cfg.max_length,
                                  device=device, use_kernels=cfg.kernels)  # fmt: skip
             metrics = pairwise_metrics(scores["chosen"], scores["rejected"], seed=cfg.seed)
@@ -361,12 +399,23 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             tqdm.write(f"step {step}: val loss {val_record['loss']:.3f} accuracy {metrics['accuracy']:.3f} "
                        f"AUC {metrics['auc_roc']:.3f}")  # fmt: skip
         if step % cfg.save_every == 0 or step == stop:
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, cfg)
+            _save_checkpoint(ckpt_path, module, optimizer, scheduler, step, cfg, world)
     bar.close()
 
     if step < total_steps:
         log.info("stopped at step %d of %d (--max-steps); continue with --resume", step, total_steps)
         return {"step": step, "total_steps": total_steps, "finished": False}
+    if sharded:  # gather the trained parameters into a plain copy on rank 0 for what follows
+        params, _ = full_state(module, optimizer)
+        if world.main:
+            model = load_reward_model(model_path, device=device, tokenizer=tokenizer, seed=cfg.seed)
+            model, _, peft_model = _freeze_and_adapt(model, cfg)
+            missing, unexpected = PairModel(model, cfg.kernels, n_frozen).load_state_dict(params, strict=False)
+            trained = {n for n, p in PairModel(model, cfg.kernels, n_frozen).named_parameters() if p.requires_grad}
+            if unexpected or trained & set(missing):
+                raise RuntimeError(f"FSDP2 gather: unexpected {unexpected[:3]}, missing {sorted(trained & set(missing))[:3]}")
+    if not world.main:  # rank 0 alone normalises, saves and evaluates: no collectives below
+        return {"step": step, "total_steps": total_steps, "finished": True, "rank": world.rank}
 
     # normalise on the reference policy's responses, save, and evaluate on val and test
     all_rewards = _training_rewards(model, tokenizer, train, cache, n_frozen, cfg, device)
