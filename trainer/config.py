@@ -173,8 +173,11 @@ class PPOConfig:
     """Run the frozen bottom once per rollout and reuse its states in every PPO epoch."""
     steps: int = 16
     """PPO iterations (each: one rollout batch, then `ppo_epochs` passes over it)."""
+    max_steps: int | None = None
+    """Stop after this many iterations (a checkpoint is saved; the LR schedule still spans `steps`, and
+    --resume continues the same run)."""
     batch_prompts: int = 32
-    """Prompts per rollout."""
+    """Prompts per rollout (global: under torchrun each of N processes samples every N-th prompt)."""
     samples_per_prompt: int = 1
     """Replies sampled per prompt in a rollout."""
     minibatch_size: int = 16

@@ -1,20 +1,21 @@
 """Data parallelism for the training loops on PyTorch's own engines: DDP or FSDP2 (`fully_shard`).
 
-Launch a training command with `torchrun --nproc-per-node N` (or `accelerate launch`, which sets the same
-environment variables) and it runs on N processes, one device each (CUDA: NCCL; CPU: gloo):
+Launch `fastrlhf train-rm` or `fastrlhf ppo` with `torchrun --nproc-per-node N` and it runs on N processes,
+one device each (CUDA: NCCL; CPU: gloo). `train-rm` takes DDP or FSDP2 (`--parallel`); `ppo` takes DDP.
 
-- The global batch is the one a single process would use. Each micro-batch is dealt out across ranks
-  (rank r takes pairs r, r + N, ...) and every rank scales its loss by N / (pairs in the step), so the
-  gradient the engine averages is the single-process gradient: the curves match a 1-process run to float
-  rounding (tests/test_distributed.py).
-- The engine does every collective: DDP all-reduces gradients; FSDP2 shards parameters, gradients and
-  optimizer state per transformer layer (plus one root group) and all-gathers a layer for its forward.
-  Nothing here sums tensors itself except the step's logging statistics (one all_reduce).
-- Rank 0 alone writes files and shows progress bars. Checkpoints hold the full (unsharded) trainable
-  parameters and optimizer state keyed by parameter name (torch.distributed.checkpoint.state_dict), so a
-  run saved on 2 processes resumes on 1, or on 4.
+- The global batch is the one a single process would use. `deal` gives each rank every N-th item of it;
+  `train-rm` scales each rank's loss by N / (pairs in the step), so the gradient the engine averages is the
+  single-process gradient; `ppo` gathers its per-row results with `gather_rows`, so rewards, advantages
+  and the logs are the whole batch's. Both match a 1-process run to float rounding
+  (tests/test_distributed.py).
+- The engine does every gradient collective: DDP all-reduces gradients; FSDP2 shards parameters,
+  gradients and optimizer state per transformer layer (plus one root group) and all-gathers a layer for its
+  forward. The helpers here only move statistics and per-row results (all_reduce, all_gather_object).
+- Rank 0 alone writes files and shows progress bars. Checkpoints hold full (unsharded) trainable state
+  keyed by parameter name, so a run saved on 2 processes resumes on 1, or on 4.
 
-A single process (no WORLD_SIZE, or WORLD_SIZE=1) takes none of these paths: `wrap` returns the module.
+A single process (no WORLD_SIZE, or WORLD_SIZE=1) takes none of these paths: `wrap` returns the module and
+the gathers return their input.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def require_single_process(command: str) -> None:
     (each would write the same files)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1:
-        raise SystemExit(f"`fastrlhf {command}` runs in one process (WORLD_SIZE is {size}); under torchrun only "
-                         f"`fastrlhf train-rm` is data-parallel so far. Launch it with plain `fastrlhf {command}`.")  # fmt: skip
+        raise SystemExit(f"`fastrlhf {command}` runs in one process (WORLD_SIZE is {size}); under torchrun run its "
+                         f"steps (`train-rm`, `ppo`) as separate commands, or launch it with plain `fastrlhf {command}`.")  # fmt: skip
 
 
 def wrap(module: torch.nn.Module, world: World, engine: str, layers=()) -> torch.nn.Module:
@@ -92,6 +93,61 @@ def sum_across(t: torch.Tensor, world: World) -> torch.Tensor:
     if world.size > 1:
         dist.all_reduce(t)
     return t
+
+
+def max_across(x: float, world: World) -> float:
+    """The largest `x` over all ranks."""
+    if world.size == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def sum_dict_across(d: dict[str, float], world: World) -> dict[str, float]:
+    """Sum of each value over all ranks; every rank must hold the same keys."""
+    if world.size == 1:
+        return d
+    keys = sorted(d)
+    t = torch.tensor([d[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def deal(n: int, world: World) -> list[int]:
+    """Positions 0..n-1 of a global batch that this rank takes: rank r takes r, r + N, r + 2N, ..."""
+    return list(range(world.rank, n, world.size))
+
+
+def gather_objects(obj, world: World) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (pickled: small things only)."""
+    if world.size == 1:
+        return [obj]
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def gather_rows(local: dict[str, torch.Tensor], world: World, n: int, k: int = 1) -> dict[str, torch.Tensor]:
+    """Per-row tensors of this rank's share of a global batch of `n` items with `k` rows each (the rows of
+    item `deal(n)[i]` at local rows i*k .. i*k+k-1) -> the whole batch on every rank, rows in global order,
+    2-D tensors right-padded with zeros to the widest rank's width. A world of one returns `local`."""
+    if world.size == 1:
+        return local
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, {name: t.detach().cpu() for name, t in local.items()})
+    device = next(iter(local.values())).device
+    out = {}
+    for name in local:
+        width = max(p[name].shape[1] for p in parts) if local[name].dim() == 2 else 0
+        rows = []
+        for j in range(n):  # item j lives on rank j % N, as its (j // N)-th item there
+            t = parts[j % world.size][name][(j // world.size) * k : (j // world.size + 1) * k]
+            if width:
+                t = torch.nn.functional.pad(t, (0, width - t.shape[1]))
+            rows.append(t)
+        out[name] = torch.cat(rows).to(device)
+    return out
 
 
 def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -68,7 +68,7 @@ from .models import (
     reward_head_params,
     save_pretrained_atomic,
 )
-from .dist import require_single_process
+from .dist import deal, gather_objects, gather_rows, init_world, max_across, sum_dict_across, wrap
 from .prefix_cache import prefix_states
 from .rollout import Rollout, attention_mask_4d, response_hidden, sample, trunk_hidden
 
@@ -258,6 +258,29 @@ def reward_scores(reward_model, rollout: Rollout, kernels: bool, prefix=None, n_
     return raw * getattr(cfg, "reward_gain", 1.0) + getattr(cfg, "reward_bias", 0.0)
 
 
+class UpdateModel(torch.nn.Module):
+    """One micro-batch's forward in the update (policy log-probs and entropy, or the one-pass PPO head;
+    the critic's values) as a module, so that DDP, which hooks `__call__`, sees it."""
+
+    def __init__(self, policy, critic, value_head, cfg: PPOConfig, n_frozen: int, n_frozen_critic: int, one_pass: bool):
+        super().__init__()
+        self.policy, self.critic, self.value_head, self.cfg = policy, critic, value_head, cfg
+        self.n_frozen, self.n_frozen_critic, self.one_pass = n_frozen, n_frozen_critic, one_pass
+
+    def forward(self, sub: Rollout, prefix, cprefix, old_logp: torch.Tensor, advantages: torch.Tensor):
+        """-> logp (b, R), entropy (b, R), values (b, R), the PPOHeadOutput (one-pass) or None."""
+        cfg, head = self.cfg, None
+        if self.one_pass:
+            h = response_hidden(self.policy, sub, prefix=prefix, n_frozen=self.n_frozen)
+            head = ppo_head(self.policy.get_output_embeddings()(h), _targets(sub), old_logp, advantages,
+                            clip_range=cfg.clip_range, temperature=cfg.temperature)  # fmt: skip
+            logp, ent = head.logprobs, head.entropy
+        else:
+            logp, ent, h = policy_forward(self.policy, sub, cfg.temperature, cfg.kernels, prefix, self.n_frozen,
+                                          cfg.fused_linear)[:3]  # fmt: skip
+        return logp, ent, critic_values(self.critic, self.value_head, sub, h, cprefix, self.n_frozen_critic), head
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 def _trainable(module) -> dict[str, torch.Tensor]:
     if module is None:
@@ -315,15 +338,20 @@ def _load_policy(path: str, cfg: PPOConfig, device: torch.device, dtype: torch.d
 
 # ----------------------------------------------------------------------------------------------- the loop
 def train_ppo(cfg: PPOConfig) -> dict:
-    """The PPO loop, top to bottom. Returns the summary (also in out_dir/summary.json)."""
-    require_single_process("ppo")
-    device = resolve_device(cfg.device)
+    """The PPO loop, top to bottom. Returns the summary (also in out_dir/summary.json).
+    Under torchrun (DDP, trainer/dist.py) each rank samples and evaluates its share of the prompts; the
+    per-row results are gathered so rewards, advantages, whitening and the logs are the whole batch's, and
+    the update runs each minibatch's rows on the ranks that hold them; rank 0 writes the files."""
+    world = init_world(cfg.device)
+    device = world.device
+    if world.size > 1 and cfg.batch_prompts < world.size:
+        raise ValueError(f"--batch-prompts {cfg.batch_prompts} < {world.size} processes: every rank needs a prompt")
     dtype = torch.float32  # bf16 autocast on CUDA; master weights stay fp32
     fused = cfg.fused_linear  # no logits at all
     one_pass = cfg.kernels and not fused  # the update's head is one `ppo_head` pass over the logits
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + 1_000_003 * world.rank)  # each rank samples its own replies
     T = cfg.temperature
 
     # ---- data and models
@@ -357,6 +385,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if cache:
         log.info("frozen bottom (%d layers) computed once per rollout for the policy%s%s", n_frozen,
                  ", the reward model" if rm_shares else "", ", the critic" if critic_shares else "")  # fmt: skip
+    update_model = wrap(UpdateModel(policy, critic, value_head, cfg, n_frozen, n_frozen_critic, one_pass), world, "ddp")
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
@@ -382,28 +411,36 @@ def train_ppo(cfg: PPOConfig) -> dict:
         _restore(value_module, ckpt["value"])
         for obj, key in ((opt, "opt"), (vopt, "vopt"), (sched, "sched"), (vsched, "vsched"), (kl_ctl, "kl_ctl")):
             obj.load_state_dict(ckpt[key])
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        rngs = ckpt.get("rng_per_rank", [(ckpt["rng"], ckpt["cuda_rng"])])
+        if len(rngs) == world.size:  # the sampling streams continue exactly
+            torch.set_rng_state(rngs[world.rank][0])
+            if rngs[world.rank][1] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rngs[world.rank][1])
+        else:  # another world size: fresh streams, still a function of (seed, step, rank)
+            torch.manual_seed(cfg.seed + 1_000_003 * world.rank + 7919 * ckpt["step"])
+            log.info("checkpoint written by %d processes, resumed on %d: new sampling streams", len(rngs), world.size)
         step = ckpt["step"]
-        _truncate_log(log_path, step)
+        if world.main:
+            _truncate_log(log_path, step)
         log.info("resumed from %s at step %d of %d", ckpt_path, step, cfg.steps)
-    elif log_path.exists():
+    elif log_path.exists() and world.main:
         log_path.unlink()
-    writer = _tensorboard(out)
+    writer = _tensorboard(out) if world.main else None
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="ppo", unit="step")
+    stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
+    bar = tqdm(total=stop, initial=step, desc="ppo", unit="step", disable=not world.main)
     t_start = time.perf_counter()
     summary: dict = {}
-    while step < cfg.steps:
+    while step < stop:
         phase = Phase(device)
         idx = prompt_batch(len(prompts), step, cfg.batch_prompts, cfg.seed)
+        mine = deal(len(idx), world)  # this rank's prompts: every N-th of the batch
 
         # ---- rollout
         with phase("generation"), autocast(device):
-            ro = sample(policy, tokenizer, [prompts[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
+            ro = sample(policy, tokenizer, [prompts[idx[j]] for j in mine], max_new_tokens=cfg.max_new_tokens,
                         temperature=T, samples_per_prompt=cfg.samples_per_prompt, device=device)  # fmt: skip
-        mask = ro.response_mask.float()  # (B, R)
+        mask = ro.response_mask.float()  # (b, R) this rank's rows
         policy.eval()
 
         with torch.no_grad(), autocast(device):
@@ -444,64 +481,80 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     kl_full = exact_kl(policy, reference if reference is not None else policy, (hidden, logits),
                                        (ref_hidden, ref_logits), T, ro.response_mask, cfg.kernels)  # fmt: skip
                 del logits, ref_logits, ref_hidden
-                kl = {"k1": kl_k1, "k3": kl_k3, "full": kl_full}[cfg.kl_estimator]
                 check_finite("reward-model score", score, step)
                 check_finite("old-policy log-probs", old_logp, step)
                 check_finite("reference log-probs", ref_logp, step)
-                penalized = rl.clip_scores(rl.apply_eos_penalty(score, ro.has_eos, cfg.missing_eos_penalty),
+                # the whole batch on every rank (a world of one: these same tensors), (B, R) / (B,)
+                local = {"score": score, "has_eos": ro.has_eos, "mask": mask, "kl_k1": kl_k1, "kl_k3": kl_k3,
+                         "values": old_values, "entropy": entropy, "length": ro.response_lengths}  # fmt: skip
+                if kl_full is not None:
+                    local["kl_full"] = kl_full
+                g = gather_rows(local, world, len(idx), cfg.samples_per_prompt)
+                kl_g = {"k1": g["kl_k1"], "k3": g["kl_k3"], "full": g.get("kl_full")}[cfg.kl_estimator]
+                penalized = rl.clip_scores(rl.apply_eos_penalty(g["score"], g["has_eos"], cfg.missing_eos_penalty),
                                            cfg.score_clip)  # fmt: skip
-                rewards = rl.shaped_rewards(penalized, kl, mask, kl_ctl.value)  # (B, R)
-                advantages, returns = (gae if cfg.kernels else rl.gae)(rewards, old_values, mask, gamma=cfg.gamma,
-                                                                        lam=cfg.lam)  # fmt: skip
+                rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], kl_ctl.value)  # (B, R)
+                advantages, returns = (gae if cfg.kernels else rl.gae)(rewards, g["values"], g["mask"],
+                                                                        gamma=cfg.gamma, lam=cfg.lam)  # fmt: skip
                 if cfg.whiten_advantages:
-                    advantages = rl.masked_whiten(advantages, mask)
+                    advantages = rl.masked_whiten(advantages, g["mask"])
                 check_finite("advantages", advantages, step)
+                # global row -> this rank's row (or -1), and this rank's slices of the batch-wide results
+                k = cfg.samples_per_prompt
+                own = torch.tensor([j * k + s for j in mine for s in range(k)], device=device)  # (b,)
+                local_of = torch.full((len(idx) * k,), -1, dtype=torch.long, device=device)
+                local_of[own] = torch.arange(len(own), device=device)
+                R = mask.shape[1]
+                adv_l, ret_l = advantages[own, :R], returns[own, :R]
 
         # ---- update
         policy.train()
         value_module.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        B = ro.response_ids.shape[0]
+        B = len(local_of)  # rows in the whole batch
         mb_stats: list[dict] = []
         first_dev = 0.0
         lr_used = sched.get_last_lr()[0]
         with phase("update"):
             for epoch in range(cfg.ppo_epochs):
-                perm = torch.randperm(B, generator=gen).to(device)
+                perm = torch.randperm(B, generator=gen).to(device)  # the same minibatches on every rank
                 for start in range(0, B, cfg.minibatch_size):
                     rows = perm[start : start + cfg.minibatch_size]
-                    mb_tokens = mask[rows].sum().clamp(min=1)
+                    mb_tokens = g["mask"][rows].sum().clamp(min=1)
+                    mine_mb = local_of[rows][local_of[rows] >= 0]  # the minibatch's rows held here
+                    chunks: list = list(mine_mb.chunk(cfg.grad_accum)) if len(mine_mb) else []
+                    if world.size > 1:  # the same number of backward passes on every rank (DDP all-reduces each)
+                        chunks += [None] * (cfg.grad_accum - len(chunks))
                     acc: dict[str, float] = {}
-                    for micro in rows.chunk(cfg.grad_accum):
+                    for micro in chunks:
+                        idle = micro is None  # nothing here for this micro-batch: row 0 at weight 0
+                        micro = torch.zeros(1, dtype=torch.long, device=device) if idle else micro
                         sub, m = ro.select(micro), mask[micro]
-                        w = m.sum() / mb_tokens  # micro-batch share of the minibatch's tokens
+                        w = m.sum() / mb_tokens * (0.0 if idle else 1.0)  # micro-batch share of the minibatch's tokens
                         with autocast(device):
-                            p = prefix[micro] if prefix is not None else None
-                            if one_pass:
-                                h = response_hidden(policy, sub, prefix=p, n_frozen=n_frozen)
-                                head = ppo_head(policy.get_output_embeddings()(h), _targets(sub), old_logp[micro],
-                                                advantages[micro], clip_range=cfg.clip_range, temperature=T)  # fmt: skip
-                                logp, ent = head.logprobs, head.entropy
-                            else:
-                                logp, ent, h = policy_forward(policy, sub, T, cfg.kernels, p, n_frozen, fused)[:3]
-                            cp = cprefix[micro] if cprefix is not None else None
-                            values = critic_values(critic, value_head, sub, h, cp, n_frozen_critic)
+                            logp, ent, values, head = update_model(
+                                sub, prefix[micro] if prefix is not None else None,
+                                cprefix[micro] if cprefix is not None else None, old_logp[micro], adv_l[micro])  # fmt: skip
                         if one_pass:
                             pg_loss, pg = rl.reduce_policy_loss(head.pg_loss, head.clipped, logp - old_logp[micro],
                                                                 head.ratio, m)  # fmt: skip
                         else:
-                            pg_loss, pg = rl.policy_loss(logp, old_logp[micro], advantages[micro], m, cfg.clip_range)
-                        vf_loss, vf = rl.value_loss(values, old_values[micro], returns[micro], m, cfg.clip_range_value)
+                            pg_loss, pg = rl.policy_loss(logp, old_logp[micro], adv_l[micro], m, cfg.clip_range)
+                        vf_loss, vf = rl.value_loss(values, old_values[micro], ret_l[micro], m, cfg.clip_range_value)
                         ent_mean = rl.entropy_bonus(ent, m)
                         for name, x in (("policy loss", pg_loss), ("value loss", vf_loss), ("entropy", ent_mean)):
                             check_finite(name, x, step)
-                        loss = (pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent_mean) * w
+                        # DDP averages the ranks' gradients: x N gives the sum, the 1-process gradient
+                        loss = (pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent_mean) * w * world.size
                         loss.backward()
                         wf = float(w)
-                        for k, v in {**pg, **vf, "pg_loss": pg_loss, "vf_loss": vf_loss}.items():
-                            acc[k] = acc.get(k, 0.0) + float(v.detach()) * wf
-                        if not mb_stats:  # nothing updated yet: the policy is the one that sampled
+                        for key, v in {**pg, **vf, "pg_loss": pg_loss, "vf_loss": vf_loss}.items():
+                            acc[key] = acc.get(key, 0.0) + float(v.detach()) * wf
+                        if not mb_stats and not idle:  # nothing updated yet: the policy is the one that sampled
                             first_dev = max(first_dev, float(((logp.detach() - old_logp[micro]) * m).abs().max()))
+                    acc = sum_dict_across(acc, world)
+                    if not mb_stats:
+                        first_dev = max_across(first_dev, world)
                     gn = clip_gradients("policy gradient norm", policy, policy_params, cfg.max_grad_norm, step)
                     vgn = clip_gradients("value gradient norm", value_module, value_params, cfg.max_grad_norm, step)
                     opt.step()
@@ -515,7 +568,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         policy.eval()
 
         # ---- log
-        kl_seq = float(kl_k1.sum(-1).mean())
+        kl_seq = float(g["kl_k1"].sum(-1).mean())
         beta = kl_ctl.value
         kl_ctl.update(kl_seq, B)
         n_seq = int(ro.attention_mask.sum())
@@ -523,17 +576,17 @@ def train_ppo(cfg: PPOConfig) -> dict:
                   "reference": n_seq, "rewards": int(ro.response_mask.sum()), "update": n_seq * cfg.ppo_epochs}  # fmt: skip
         record = {
             "step": step + 1,
-            "score": float(score.mean()),
+            "score": float(g["score"].mean()),
             "score_penalized": float(penalized.mean()),
-            "kl": float(rl.masked_mean(kl_k1, mask)),
-            "kl_k3": float(rl.masked_mean(kl_k3, mask)),
+            "kl": float(rl.masked_mean(g["kl_k1"], g["mask"])),
+            "kl_k3": float(rl.masked_mean(g["kl_k3"], g["mask"])),
             "kl_seq": kl_seq,
-            "non_score_reward": float((-beta * kl).sum(-1).mean()),
+            "non_score_reward": float((-beta * kl_g).sum(-1).mean()),
             "rlhf_reward": float(rewards.sum(-1).mean()),
-            "entropy": float(rl.masked_mean(entropy, mask)),
-            "response_length": float(ro.response_lengths.float().mean()),
-            "eos_rate": float(ro.has_eos.float().mean()),
-            "explained_variance": float(rl.explained_variance(old_values, returns, mask)),
+            "entropy": float(rl.masked_mean(g["entropy"], g["mask"])),
+            "response_length": float(g["length"].float().mean()),
+            "eos_rate": float(g["has_eos"].float().mean()),
+            "explained_variance": float(rl.explained_variance(g["values"], returns, g["mask"])),
             "kl_coef": beta,
             "lr": lr_used,
             "logratio_dev_first": first_dev,
@@ -543,15 +596,16 @@ def train_ppo(cfg: PPOConfig) -> dict:
             "elapsed_s": time.perf_counter() - t_start,
         }
         if kl_full is not None:
-            record["kl_full"] = float(rl.masked_mean(kl_full, mask))
+            record["kl_full"] = float(rl.masked_mean(g["kl_full"], g["mask"]))
         if step == 0:  # the policy still equals the starting model: this is the reference's own error
             record["kl_floor_k1"], record["kl_floor_k3"] = record["kl"], record["kl_k3"]
             record["kl_floor_full"] = record["kl_full"]
             log.info("step-0 KL floor of the %s reference: %.2e per token (exact), %.2e (k3)",
                      "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant, record["kl_full"],
                      record["kl_k3"])  # fmt: skip
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if world.main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if writer is not None:
             for k, v in record.items():
                 writer.add_scalar(k, v, step + 1)
@@ -560,17 +614,24 @@ def train_ppo(cfg: PPOConfig) -> dict:
         bar.set_postfix(score=f"{record['score']:.2f}", kl=f"{record['kl']:.3f}", eos=f"{record['eos_rate']:.2f}",
                         len=f"{record['response_length']:.1f}")  # fmt: skip
         summary = record
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            _atomic_save({
-                "step": step, "policy": _trainable(policy), "value": _trainable(value_module),
-                "opt": opt.state_dict(), "vopt": vopt.state_dict(), "sched": sched.state_dict(),
-                "vsched": vsched.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "config": asdict(cfg),
-            }, ckpt_path)  # fmt: skip
+        if step % cfg.save_every == 0 or step == stop:
+            rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+            rngs = gather_objects(rng, world)
+            if world.main:  # DDP keeps every rank's weights and optimizer states equal: rank 0's are all of them
+                _atomic_save({
+                    "step": step, "policy": _trainable(policy), "value": _trainable(value_module),
+                    "opt": opt.state_dict(), "vopt": vopt.state_dict(), "sched": sched.state_dict(),
+                    "vsched": vsched.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": rng[0], "cuda_rng": rng[1],
+                    "rng_per_rank": rngs, "world_size": world.size, "config": asdict(cfg),
+                }, ckpt_path)  # fmt: skip
     bar.close()
     if writer is not None:
         writer.close()
+    if step < cfg.steps:
+        log.info("stopped at step %d of %d (--max-steps); continue with --resume", step, cfg.steps)
+        return {"policy": None, "steps": step, "final": summary, "seconds": time.perf_counter() - t_start}
+    if not world.main:
+        return {"policy": str(out / "policy"), "steps": step, "final": summary, "rank": world.rank}
 
     final = peft_model.merge_and_unload() if peft_model is not None else policy  # LoRA merged: a plain model
     save_pretrained_atomic(final, tokenizer, out / "policy")
