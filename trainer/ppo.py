@@ -12,10 +12,10 @@ Each step:
     update     `ppo_epochs` passes of shuffled minibatches: clipped surrogate + vf_coef * clipped value
                loss - ent_coef * entropy; grad-norm clip; AdamW; linear LR decay
 
-Every log-prob is taken at the sampling temperature by `fastrlhf.kernels`: on CUDA by default straight from
-the last hidden state and the LM-head weight (`linear_logprobs`, `linear_full_kl`: no (B, R, V) logits
-tensor ever exists); otherwise from the logits (`token_logprobs`, `full_kl`), with the update's log-prob,
-entropy, ratio and clipped surrogate from one `ppo_head` pass. KL estimates via `kl_estimate`, advantages
+Every log-prob is taken at the sampling temperature by `fastrlhf.kernels`: from the logits (`token_logprobs`,
+`full_kl`), with the update's log-prob, entropy, ratio and clipped surrogate from one `ppo_head` pass; or,
+with `fused_linear`, straight from the last hidden state and the LM-head weight (`linear_logprobs`,
+`linear_full_kl`: no (B, R, V) logits tensor ever exists). KL estimates via `kl_estimate`, advantages
 via the `gae` scan. `kernels=False` swaps in the eager `*_ref` twins (same numbers to float error:
 tests/test_ppo.py and benchmarks/bench_ppo_step.py compare them).
 
@@ -31,9 +31,14 @@ Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et 
 - The step-0 KL floor of a quantized reference is measured and logged (`kl_floor_*`): with the policy
   equal to the unquantized model, the int8/nf4 reference alone already differs from it.
 
+Under torchrun (DDP) each rank samples and evaluates every N-th prompt; the per-row results are gathered
+so the rewards, advantages and logs are the whole batch's, and each minibatch trains on the ranks that hold
+its rows (see `train_ppo`, trainer/dist.py).
+
 Sanity checked every step: the first minibatch of each rollout sees the policy that sampled it, so its
 ratio is 1 to float error (`logratio_dev_first` = max |log ratio|); a non-finite loss or gradient stops the run
-with a message naming the quantity, before the optimizer step it would have poisoned.
+with a message naming the quantity (for a gradient, the parameters), before the optimizer step it would have
+poisoned.
 """
 
 from __future__ import annotations
