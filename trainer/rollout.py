@@ -145,11 +145,13 @@ def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
     every query row sees at least itself: bool (True = attend) for SDPA, additive fp32 for eager attention;
     any other implementation (flash-attention unpads the batch itself) gets the 2D mask back.
 
-    Why: a left-padding row would otherwise attend to nothing. Forward, SDPA returns 0 there, but its CUDA
-    backward can return NaN for such a row, and 0 x NaN spreads it into the weights' gradients (a NaN policy
-    gradient at PPO step 2 on an H200, torch 2.11, with a bf16 autocast update). A pad row's output is
-    never read and no real row attends to a pad key, so letting each pad row see itself changes nothing
-    else: the real rows' hidden states are the same as with the 2D mask (tests/test_rollout.py)."""
+    Why: a left-padding row would otherwise attend to nothing, a known NaN trigger in attention backwards
+    (0 x NaN then spreads into the weights' gradients). The pipeline's PPO got a NaN policy gradient at step
+    2 on an H200 (torch 2.11, bf16 autocast) without this mask and none in 2 x 20 steps with it, though
+    benchmarks/sdpa_masked_rows.py did not reproduce a NaN in isolation. A pad row's output is never read
+    and no real row attends to a pad key, so the real rows' hidden states are the same as with the 2D mask
+    (tests/test_rollout.py); only a batch-dependent layer sees a difference (LLM.int8's outlier columns
+    are chosen over all rows, pad rows included)."""
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl not in ("sdpa", "eager"):
         return attention_mask
