@@ -80,6 +80,23 @@ def test_two_processes_match_one(setup, parallel, freeze):
     assert torch.load(root / f"two-{parallel}" / "checkpoint.pt", weights_only=False)["world_size"] == 2
 
 
+def test_accelerate_launch_matches_one(setup):
+    """`accelerate launch --multi_gpu` starts torchrun's workers (on CPU too: gloo); same curve as 1 process."""
+    root = setup[0]
+    if not (root / "one-ddp").exists():
+        R.train_reward_model(RewardConfig(**_args(setup, "one-ddp", 1)))
+    flags = []
+    for k, v in _args(setup, "accelerate", 1).items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "-m", "fastrlhf.trainer.cli", "train-rm", *flags]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, f"accelerate launch failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert torch.load(root / "accelerate" / "checkpoint.pt", weights_only=False)["world_size"] == 2
+    _assert_same_curve(_train_log(root / "accelerate"), _train_log(root / "one-ddp"))
+
+
 def test_checkpoint_from_two_processes_resumes_in_one(setup):
     root = setup[0]
     _torchrun(_args(setup, "resume", 1, max_steps=3), "ddp")
