@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_ppo_step  # noqa: E402  (kernel_path, _json_safe)
+import bench_ppo_step  # noqa: E402  (kernel_path)
 import measure  # noqa: E402
 
 MB = 2.0**20
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     del adam
     doc = {"meta": meta, "args": vars(args), "modes": modes, "ratios": ratios, "targets": targets,
            "agreement": agreement, "agreement_passed": passed}  # fmt: skip
-    (out / "head_memory.json").write_text(json.dumps(bench_ppo_step._json_safe(doc), indent=2, default=str))
+    (out / "head_memory.json").write_text(json.dumps(measure.json_safe(doc), indent=2, default=str))
     md = markdown(doc)
     (out / "head_memory.md").write_text(md)
     print(f"[bench_head_memory] wrote {', '.join(str(out / f) for f in FILES)}", flush=True)

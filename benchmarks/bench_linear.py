@@ -492,16 +492,6 @@ def kernel_path(device: torch.device) -> str:
     return "torch_ref (CPU without TRITON_INTERPRET=1: the kernels dispatch to their *_ref twins, as torch_ref)"
 
 
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmarks/bench_linear.py", description=__doc__.split("\n\n")[0],
@@ -575,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = time.monotonic() - t0
     doc = {"meta": meta, "rows": rows, "targets": evaluate_targets(rows, cuda, headline)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "linear.json").write_text(json.dumps(_json_safe(doc), indent=2, default=str))
+    (args.out / "linear.json").write_text(json.dumps(measure.json_safe(doc), indent=2, default=str))
     md = markdown(doc)
     (args.out / "linear.md").write_text(md + "\n")
     print(f"[bench_linear] wrote {', '.join(FILES)} to {args.out}", flush=True)

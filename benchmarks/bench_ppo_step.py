@@ -318,17 +318,6 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(x):
-    """Strict JSON: non-finite floats become the strings "inf" / "-inf" / "nan", int keys strings."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 # ------------------------------------------------------------------------------------------------ main
 def run_mode(mode: str, common: dict, work: Path) -> list[dict]:
     from fastrlhf.trainer.config import PPOConfig
@@ -424,7 +413,7 @@ def _run(
     }  # fmt: skip
     doc = {"meta": meta, "args": vars(args), "phases": summary, "speed_ratio": speed_ratios(summary),
            "curves": curves, "per_step": per_step}  # fmt: skip
-    (out / "ppo_step.json").write_text(json.dumps(_json_safe(doc), indent=2, default=str, allow_nan=False))
+    (out / "ppo_step.json").write_text(json.dumps(measure.json_safe(doc), indent=2, default=str, allow_nan=False))
     for mode in MODES:
         shutil.copy2(work / f"run_{mode}" / "metrics.jsonl", out / f"metrics_{mode}.jsonl")
     md = markdown(doc)

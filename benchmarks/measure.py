@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -160,6 +161,18 @@ def gpu_driver() -> str | None:
 def gpu_clocks() -> str | None:
     """SM / memory clocks and power limit as nvidia-smi reads them (read only; never changed)."""
     return _run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm,power.limit", "--format=csv,noheader"])
+
+
+def json_safe(x):
+    """Strict JSON for a results document: non-finite floats become "nan" / "inf" / "-inf", keys strings,
+    tuples lists."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def environment(device: torch.device) -> dict:

@@ -338,19 +338,9 @@ def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
             w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
 
 
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def write_json(path: Path, rows: list[dict], meta: dict, targets: list[dict]) -> None:
     doc = {"meta": meta, "targets": targets, "columns": list(COLUMNS), "rows": rows}
-    path.write_text(json.dumps(_json_safe(doc), indent=1))
+    path.write_text(json.dumps(measure.json_safe(doc), indent=1))
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str, int]]) -> list[str]:
