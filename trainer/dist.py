@@ -1,7 +1,7 @@
 """Data parallelism for the training loops on PyTorch's own engines: DDP or FSDP2 (`fully_shard`).
 
 Launch `fastrlhf train-rm` or `fastrlhf ppo` with `torchrun --nproc-per-node N` and it runs on N processes,
-one device each (CUDA: NCCL; CPU: gloo). `train-rm` takes DDP or FSDP2 (`--parallel`); `ppo` takes DDP.
+one device each (CUDA: NCCL; CPU: gloo); both take DDP or FSDP2 (`--parallel`).
 
 - The global batch is the one a single process would use. `deal` gives each rank every N-th item of it;
   `train-rm` scales each rank's loss by N / (pairs in the step), so the gradient the engine averages is the
@@ -20,6 +20,7 @@ the gathers return their input.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -88,6 +89,24 @@ def wrap(module: torch.nn.Module, world: World, engine: str, layers=()) -> torch
     return module
 
 
+@contextlib.contextmanager
+def gathered(layers):
+    """FSDP2: within this block each of `layers` keeps its parameters gathered after its forward, so a
+    loop of forwards (generation: one per token) gathers each layer once, not once per call; resharded on
+    exit. Memory in the block: the whole model, as under DDP. Anything else: no effect."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in layers if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
 def sum_across(t: torch.Tensor, world: World) -> torch.Tensor:
     """In place: the sum of `t` over all ranks (for logging statistics)."""
     if world.size > 1:
@@ -154,7 +173,13 @@ def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
     """Trainable parameters and optimizer state, unsharded, on the CPU, keyed by parameter name (the
     same keys with or without DDP / FSDP2). A collective under FSDP2: every rank calls it; with more than
     one process only rank 0 gets the tensors."""
-    return get_state_dict(module, optimizer, options=FULL)
+    params, optim = get_state_dict(module, optimizer, options=FULL)
+    # A tied parameter (lm_head.weight = embed_tokens.weight) comes under both names, frozen or not
+    # (ignore_frozen_params drops one name): keep the one `named_parameters` gives, and only if trainable
+    inner = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    keep = {n for n, p in inner.named_parameters() if p.requires_grad}
+    drop = {n for n, _ in inner.named_parameters(remove_duplicate=False)} - keep
+    return {k: v for k, v in params.items() if k not in drop}, optim
 
 
 def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, params: dict, optim: dict) -> None:
