@@ -178,7 +178,7 @@ def ppo_step(model, ro, adv, mode: str, args, device: torch.device) -> tuple[dic
     from fastrlhf.trainer import rl
     from fastrlhf.trainer.models import autocast
     from fastrlhf.trainer.ppo import _targets, policy_forward
-    from fastrlhf.trainer.rollout import response_hidden
+    from fastrlhf.trainer.rollout import forward_reply
 
     fused, kernels = MODES[mode]
     one_pass = kernels and not fused  # trainer: the update's head is one ppo_head pass over the logits
@@ -186,7 +186,7 @@ def ppo_step(model, ro, adv, mode: str, args, device: torch.device) -> tuple[dic
     model.eval()
     with torch.no_grad(), autocast(device):
         with phase("policy_eval", rec, device):
-            old_logp, entropy, hidden, logits = policy_forward(model, ro, T, kernels, fused_linear=fused)
+            old_logp, entropy, hidden, logits, _ = policy_forward(model, ro, T, kernels, fused_linear=fused)
             logits = None  # trainer: freed before the reference's logits exist (k1 KL, step >= 2)
         with phase("reference", rec, device):
             ref_logp = policy_forward(model, ro, T, kernels, fused_linear=fused)[0]
@@ -194,12 +194,12 @@ def ppo_step(model, ro, adv, mode: str, args, device: torch.device) -> tuple[dic
     with phase("update", rec, device):
         with autocast(device):
             if one_pass:
-                h = response_hidden(model, ro)
-                head = ppo_head(model.get_output_embeddings()(h), _targets(ro), old_logp, adv,
+                h, logits, _ = forward_reply(model, model.get_output_embeddings(), ro)
+                head = ppo_head(logits, _targets(ro), old_logp, adv,
                                 clip_range=args.clip_range, temperature=T)  # fmt: skip
                 logp, ent = head.logprobs, head.entropy
             else:  # as the trainer, the (B, R, V) logits (eager) stay referenced through the backward
-                logp, ent, h, logits = policy_forward(model, ro, T, kernels, fused_linear=fused)
+                logp, ent, h, logits, _ = policy_forward(model, ro, T, kernels, fused_linear=fused)
         if one_pass:
             pg_loss, _ = rl.reduce_policy_loss(head.pg_loss, head.clipped, logp - old_logp, head.ratio, mask)
         else:

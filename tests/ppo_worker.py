@@ -19,7 +19,8 @@ from fastrlhf.trainer.config import PPOConfig
 from fastrlhf.trainer.rollout import Rollout, left_pad, mask_after_stop, stop_token_ids
 
 
-def fixed_replies(model, tokenizer, prompts, *, max_new_tokens, temperature, samples_per_prompt=1, device="cpu"):
+def fixed_replies(model, tokenizer, prompts, *, max_new_tokens, temperature, samples_per_prompt=1, device="cpu",
+                  synced_gpus=False):
     """`rollout.sample`'s signature and output; reply s of prompt p is a function of (p, s) alone."""
     stop, k = stop_token_ids(model), samples_per_prompt
     replies = []

@@ -18,6 +18,7 @@ from fastrlhf.trainer.config import PipelineConfig, PPOConfig, RewardConfig
 from fastrlhf.trainer.data import load_demo_prompts
 from fastrlhf.trainer.models import tiny_model_path
 from fastrlhf.trainer.pipeline import run_pipeline
+from fastrlhf.trainer.ppo import train_ppo
 
 COMPARED = ("loss", "accuracy", "reward_mean", "reward_std", "gap_mean", "grad_norm", "lr")
 
@@ -41,13 +42,13 @@ def _args(setup, out: str, freeze: int, **kw) -> dict:
     return {**args, **kw}
 
 
-def _torchrun(args: dict, parallel: str, nproc: int = 2) -> None:
+def _torchrun(args: dict, parallel: str, nproc: int = 2, command: str = "train-rm") -> None:
     flags = []
     for k, v in args.items():
         name = "--" + k.replace("_", "-")
         flags += ([name] if v else [f"--no-{k.replace('_', '-')}"]) if isinstance(v, bool) else [name, str(v)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "fastrlhf.trainer.cli", "train-rm", *flags, "--parallel", parallel]  # fmt: skip
+           "-m", "fastrlhf.trainer.cli", command, *flags, "--parallel", parallel]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -158,6 +159,46 @@ def test_ppo_two_processes_match_one(setup, tmp_path):
     two = AutoModelForCausalLM.from_pretrained(root / "ppo-two" / "policy").state_dict()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def _ppo_one(setup, out: str = "ppo-one", **kw) -> None:
+    import ppo_worker
+
+    if not (setup[0] / out).exists():
+        ppo_worker.run(PPOConfig(**_ppo_args(setup, out, **kw)))
+
+
+def test_ppo_fsdp2_two_processes_match_one(setup, tmp_path):
+    """FSDP2: policy and critic sharded per layer, every pass a call of the model itself; the same
+    setting as the DDP test, so the same 1-process curve."""
+    _ppo_one(setup)
+    _ppo_torchrun(_ppo_args(setup, "ppo-fsdp2", parallel="fsdp2"), tmp_path)
+    root = setup[0]
+    _assert_same_ppo(_ppo_log(root / "ppo-fsdp2"), _ppo_log(root / "ppo-one"))
+    one = AutoModelForCausalLM.from_pretrained(root / "ppo-one" / "policy").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(root / "ppo-fsdp2" / "policy").state_dict()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_fsdp2_samples_in_lockstep_and_resumes_in_one(setup):
+    """The command line with real sampling: replies of different lengths on the two ranks, so generation
+    must step in lockstep (each token step gathers the sharded layers); a value head on the policy and a
+    full fine-tune (the tied embedding / LM-head matrix trains, sharded); the FSDP2 checkpoint resumes in
+    one process."""
+    root = setup[0]
+    args = _ppo_args(setup, "ppo-fsdp2-cli", critic="value-head", freeze_layers=0, max_new_tokens=12, steps=3,
+                     max_steps=2)  # fmt: skip
+    _torchrun(args, "fsdp2", command="ppo")
+    ckpt = torch.load(root / "ppo-fsdp2-cli" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2
+    assert "model.embed_tokens.weight" in ckpt["policy"] and "lm_head.weight" not in ckpt["policy"]  # tied: once
+    assert set(ckpt["value"]) == {"weight", "bias"}
+    lengths = [r["response_length"] for r in _ppo_log(root / "ppo-fsdp2-cli")]
+    assert len(lengths) == 2
+    summary = train_ppo(PPOConfig(**{**args, "max_steps": None, "resume": True}))
+    assert summary["steps"] == 3 and (root / "ppo-fsdp2-cli" / "policy" / "config.json").exists()
+    assert [r["step"] for r in _ppo_log(root / "ppo-fsdp2-cli")] == [1, 2, 3]
 
 
 def test_ppo_checkpoint_from_two_processes_resumes_in_one(setup, tmp_path):

@@ -234,6 +234,11 @@ class PPOConfig:
     kernels: bool = True
     """Use the fused `fastrlhf.kernels` (False: their eager `*_ref` twins, for comparison). With logits,
     the update takes log-prob, entropy, ratio and clipped surrogate from one `ppo_head` pass."""
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    """Under `torchrun --nproc-per-node N` (N > 1): replicate the policy and critic with DDP, or shard their
+    parameters, gradients and optimizer states per layer with FSDP2 (generation then steps in lockstep on
+    every rank, each layer gathered once per rollout). The reward model and the reference stay whole on
+    every rank (no gradients: an int8 reference is small). Ignored in a single process."""
     fused_linear: bool = False
     """Log-probs of policy, old policy and reference straight from the last hidden state and the LM-head
     weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. Off by default: on an

@@ -486,12 +486,18 @@ def _head(model: PreTrainedModel) -> tuple[str, torch.nn.Linear]:
     raise TypeError(f"{type(model).__name__} has no linear `score` / `classifier` head")
 
 
-def reward_head_params(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scalar head's parameters: weight (1, H) and bias (1,) or None (Llama's `score` has no bias).
-    Live parameters (gradients flow), ready for `fastrlhf.kernels.reward_head_pairwise_loss`."""
+def reward_head(model: PreTrainedModel) -> torch.nn.Linear:
+    """The scalar head module on top of the trunk (`score` for Llama): H -> 1."""
     _, head = _head(model)
     if head.out_features != 1:
         raise ValueError(f"reward head must have one output, got {head.out_features}")
+    return head
+
+
+def reward_head_params(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scalar head's parameters: weight (1, H) and bias (1,) or None (Llama's `score` has no bias).
+    Live parameters (gradients flow), ready for `fastrlhf.kernels.reward_head_pairwise_loss`."""
+    head = reward_head(model)
     return head.weight, head.bias
 
 

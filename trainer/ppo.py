@@ -31,9 +31,11 @@ Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et 
 - The step-0 KL floor of a quantized reference is measured and logged (`kl_floor_*`): with the policy
   equal to the unquantized model, the int8/nf4 reference alone already differs from it.
 
-Under torchrun (DDP) each rank samples and evaluates every N-th prompt; the per-row results are gathered
-so the rewards, advantages and logs are the whole batch's, and each minibatch trains on the ranks that hold
-its rows (see `train_ppo`, trainer/dist.py).
+Under torchrun (DDP or FSDP2) each rank samples and evaluates every N-th prompt; the per-row results are
+gathered so the rewards, advantages and logs are the whole batch's, and each minibatch trains on the ranks
+that hold its rows (see `train_ppo`, trainer/dist.py). Every pass of the policy and the critic is a call of
+the model itself (`rollout.forward_reply`: hooks read the head's input and output, and the frozen prefix's
+states), which is what lets FSDP2 gather a sharded model's parameters for it.
 
 Sanity checked every step: the first minibatch of each rollout sees the policy that sampled it, so its
 ratio is 1 to float error (`logratio_dev_first` = max |log ratio|); a non-finite loss or gradient stops the run
@@ -52,6 +54,7 @@ import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -68,16 +71,21 @@ from .models import (
     load_reference_model,
     load_reward_model,
     load_tokenizer,
-    resolve_device,
     resolve_model_path,
+    reward_head,
     reward_head_params,
     save_pretrained_atomic,
 )
-from .dist import deal, gather_objects, gather_rows, init_world, max_across, sum_dict_across, wrap
-from .prefix_cache import prefix_states
-from .rollout import Rollout, attention_mask_4d, response_hidden, sample, trunk_hidden
+from .dist import deal, full_state, gather_objects, gather_rows, gathered, grad_norm_value, init_world, load_full_state
+from .dist import max_across, sum_dict_across, wrap
+from .rollout import Rollout, forward_reply, sample, trunk_hidden
 
 log = logging.getLogger("fastrlhf")
+# A cached-prefix critic pass gives the critic inputs_embeds; transformers then warns that the pooled reward
+# may read a padding position. That pooled value is never used (the critic is read per position): not shown.
+logging.getLogger("transformers.modeling_layers").addFilter(
+    lambda record: "will not detect padding tokens" not in record.getMessage()
+)
 
 try:  # NVTX ranges for Nsight Systems around each phase; optional
     import nvtx as _nvtx
@@ -96,7 +104,7 @@ def check_finite(name: str, x: torch.Tensor, step: int, module: torch.nn.Module 
     if not torch.isfinite(x).all():
         where = ""
         if module is not None:
-            bad = [n for n, p in module.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+            bad = [n for n, p in module.named_parameters() if p.grad is not None and not _local(p.grad).isfinite().all()]
             where = f" in {len(bad)} parameters' gradients ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})"
         raise NonFiniteError(
             f"step {step}: {name} is not finite{where} ({x.detach().float().flatten()[:4].tolist()} ...); the run "
@@ -105,16 +113,18 @@ def check_finite(name: str, x: torch.Tensor, step: int, module: torch.nn.Module 
         )
 
 
-def clip_gradients(name: str, module: torch.nn.Module, params: list, max_norm: float, step: int) -> torch.Tensor:
+def clip_gradients(name: str, module: torch.nn.Module, params: list, max_norm: float, step: int) -> float:
     """Total gradient norm of `params`, checked finite BEFORE any gradient is scaled (clipping by a NaN
     norm would turn every gradient NaN and hide where it started), then the gradients clipped to it."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    check_finite(name, norm, step, module)
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
-    return norm
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # FSDP2: a DTensor
+    check_finite(name, torch.tensor(grad_norm_value(norm)), step, module)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return grad_norm_value(norm)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) gradient; a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class Phase:
@@ -212,20 +222,35 @@ def head_inputs(model, hidden: torch.Tensor):
     return hidden.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
+class PolicyPass(NamedTuple):
+    """One pass of a causal LM over a rollout (B rows, reply width R)."""
+
+    logp: torch.Tensor
+    """(B, R) fp32: log-probs of the reply tokens at the sampling temperature (0 at padding)."""
+    entropy: torch.Tensor
+    """(B, R) fp32: entropy of the next-token distribution at the same temperature."""
+    hidden: torch.Tensor
+    """(B, R, H): the LM head's input at the positions that predict the reply tokens."""
+    logits: torch.Tensor | None
+    """(B, R, V), unscaled; None with `fused_linear`."""
+    states: torch.Tensor | None
+    """(B, P + R, H): the states entering layer `capture` (the frozen prefix's output), or None."""
+
+
 def policy_forward(model, rollout: Rollout, temperature: float, kernels: bool, prefix=None, n_frozen: int = 0,
-                   fused_linear: bool = False):  # fmt: skip
-    """-> logp (B, R) fp32, entropy (B, R) fp32, hidden (B, R, H), logits (B, R, V) (unscaled), or None
-    with `fused_linear`: then the log-probs come straight from the hidden states and the head weight."""
-    hidden = response_hidden(model, rollout, prefix=prefix, n_frozen=n_frozen)
+                   fused_linear: bool = False, capture: int = 0) -> PolicyPass:  # fmt: skip
+    """Log-probs and entropy of the reply tokens from one call of `model` (rollout.forward_reply): from the
+    logits, or with `fused_linear` straight from the hidden states and the head weight."""
+    hidden, logits, states = forward_reply(model, model.get_output_embeddings(), rollout, prefix=prefix,
+                                           n_frozen=n_frozen, capture=capture, head_output=not fused_linear)  # fmt: skip
     if fused_linear:
         fn = linear_logprobs if kernels else linear_logprobs_ref
         h, weight, bias = head_inputs(model, hidden)
         logp, entropy = fn(h, weight, _targets(rollout), bias=bias, temperature=temperature, return_entropy=True)
-        return logp, entropy, hidden, None
-    logits = model.get_output_embeddings()(hidden)
+        return PolicyPass(logp, entropy, hidden, None, states)
     fn = token_logprobs if kernels else token_logprobs_ref
     logp, entropy = fn(logits, _targets(rollout), temperature=temperature, return_entropy=True)
-    return logp, entropy, hidden, logits
+    return PolicyPass(logp, entropy, hidden, logits, states)
 
 
 def exact_kl(policy, reference, pol: tuple, ref: tuple, temperature: float, mask: torch.Tensor, kernels: bool):
@@ -240,15 +265,16 @@ def exact_kl(policy, reference, pol: tuple, ref: tuple, temperature: float, mask
     return fn(h, w, rh, rw, bias=b, ref_bias=rb, temperature=temperature, mask=mask)
 
 
-def critic_values(critic, value_head, rollout: Rollout, policy_hidden, prefix=None, n_frozen: int = 0):
-    """Values of the states that predict each reply token: (B, R) fp32. From the separate critic (its
-    trunk + scalar head), or from `value_head` on the policy's hidden states."""
+def critic_values(critic, value_head, rollout: Rollout, policy_hidden, prefix=None, n_frozen: int = 0,
+                  capture: int = 0):  # fmt: skip
+    """Values of the states that predict each reply token: (B, R) fp32, from one call of the separate
+    critic (its scalar head read at every position), or from `value_head` on the policy's hidden states.
+    -> (values, the critic's states entering layer `capture`, or None)."""
     if value_head is not None:
-        return value_head(policy_hidden).squeeze(-1).float()
-    hidden = response_hidden(critic, rollout, prefix=prefix, n_frozen=n_frozen)
-    weight, bias = reward_head_params(critic)
-    values = hidden @ weight.t()
-    return (values if bias is None else values + bias).squeeze(-1).float()
+        return value_head(policy_hidden).squeeze(-1).float(), None
+    _, values, states = forward_reply(critic, reward_head(critic), rollout, prefix=prefix, n_frozen=n_frozen,
+                                      capture=capture)  # fmt: skip
+    return values.squeeze(-1).float(), states
 
 
 @torch.no_grad()
@@ -265,7 +291,8 @@ def reward_scores(reward_model, rollout: Rollout, kernels: bool, prefix=None, n_
 
 class UpdateModel(torch.nn.Module):
     """One micro-batch's forward in the update (policy log-probs and entropy, or the one-pass PPO head;
-    the critic's values) as a module, so that DDP, which hooks `__call__`, sees it."""
+    the critic's values) as a module, so that DDP, which hooks `__call__`, sees it. (FSDP2 shards the
+    policy and the critic themselves, and every pass calls them: this module stays unwrapped.)"""
 
     def __init__(self, policy, critic, value_head, cfg: PPOConfig, n_frozen: int, n_frozen_critic: int, one_pass: bool):
         super().__init__()
@@ -276,26 +303,21 @@ class UpdateModel(torch.nn.Module):
         """-> logp (b, R), entropy (b, R), values (b, R), the PPOHeadOutput (one-pass) or None."""
         cfg, head = self.cfg, None
         if self.one_pass:
-            h = response_hidden(self.policy, sub, prefix=prefix, n_frozen=self.n_frozen)
-            head = ppo_head(self.policy.get_output_embeddings()(h), _targets(sub), old_logp, advantages,
-                            clip_range=cfg.clip_range, temperature=cfg.temperature)  # fmt: skip
+            h, logits, _ = forward_reply(self.policy, self.policy.get_output_embeddings(), sub, prefix=prefix,
+                                         n_frozen=self.n_frozen)  # fmt: skip
+            head = ppo_head(logits, _targets(sub), old_logp, advantages, clip_range=cfg.clip_range,
+                            temperature=cfg.temperature)  # fmt: skip
             logp, ent = head.logprobs, head.entropy
         else:
             logp, ent, h = policy_forward(self.policy, sub, cfg.temperature, cfg.kernels, prefix, self.n_frozen,
                                           cfg.fused_linear)[:3]  # fmt: skip
-        return logp, ent, critic_values(self.critic, self.value_head, sub, h, cprefix, self.n_frozen_critic), head
+        values, _ = critic_values(self.critic, self.value_head, sub, h, cprefix, self.n_frozen_critic)
+        return logp, ent, values, head
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def _trainable(module) -> dict[str, torch.Tensor]:
-    if module is None:
-        return {}
-    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
 def _restore(module, state: dict[str, torch.Tensor]) -> None:
-    if module is None:
-        return
+    """Copy `state` (parameter name -> tensor, as `dist.full_state` gives) into `module`'s parameters."""
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
@@ -344,13 +366,16 @@ def _load_policy(path: str, cfg: PPOConfig, device: torch.device, dtype: torch.d
 # ----------------------------------------------------------------------------------------------- the loop
 def train_ppo(cfg: PPOConfig) -> dict:
     """The PPO loop, top to bottom. Returns the summary (also in out_dir/summary.json).
-    Under torchrun (DDP, trainer/dist.py) each rank samples and evaluates its share of the prompts; the
+    Under torchrun (DDP / FSDP2, trainer/dist.py) each rank samples and evaluates its share of the prompts; the
     per-row results are gathered so rewards, advantages, whitening and the logs are the whole batch's, and
     the update runs each minibatch's rows on the ranks that hold them; rank 0 writes the files."""
     world = init_world(cfg.device)
     device = world.device
     if world.size > 1 and cfg.batch_prompts < world.size:
         raise ValueError(f"--batch-prompts {cfg.batch_prompts} < {world.size} processes: every rank needs a prompt")
+    sharded = world.size > 1 and cfg.parallel == "fsdp2"
+    if sharded and cfg.fused_linear:  # the fused kernels read the LM-head weight outside the model's own call
+        raise ValueError("--fused-linear does not run under FSDP2 (the head weight is sharded): use --parallel ddp")
     dtype = torch.float32  # bf16 autocast on CUDA; master weights stay fp32
     fused = cfg.fused_linear  # no logits at all
     one_pass = cfg.kernels and not fused  # the update's head is one `ppo_head` pass over the logits
@@ -390,7 +415,14 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if cache:
         log.info("frozen bottom (%d layers) computed once per rollout for the policy%s%s", n_frozen,
                  ", the reward model" if rm_shares else "", ", the critic" if critic_shares else "")  # fmt: skip
-    update_model = wrap(UpdateModel(policy, critic, value_head, cfg, n_frozen, n_frozen_critic, one_pass), world, "ddp")
+    update_model = UpdateModel(policy, critic, value_head, cfg, n_frozen, n_frozen_critic, one_pass)
+    if sharded:  # each trained model its own FSDP2 root (a group per layer); every pass calls the model itself
+        wrap(policy, world, "fsdp2", policy.base_model.layers)
+        wrap(value_module, world, "fsdp2", critic.base_model.layers if critic is not None else ())
+    else:
+        update_model = wrap(update_model, world, "ddp")
+    if world.size > 1:
+        log.info("rank %d of %d on %s, %s", world.rank, world.size, device, cfg.parallel)
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
@@ -412,9 +444,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _restore(policy, ckpt["policy"])
-        _restore(value_module, ckpt["value"])
-        for obj, key in ((opt, "opt"), (vopt, "vopt"), (sched, "sched"), (vsched, "vsched"), (kl_ctl, "kl_ctl")):
+        load_full_state(policy, opt, ckpt["policy"], ckpt["opt"])  # any world size, any engine
+        load_full_state(value_module, vopt, ckpt["value"], ckpt["vopt"])
+        for obj, key in ((sched, "sched"), (vsched, "vsched"), (kl_ctl, "kl_ctl")):
             obj.load_state_dict(ckpt[key])
         rngs = ckpt.get("rng_per_rank", [(ckpt["rng"], ckpt["cuda_rng"])])
         if len(rngs) == world.size:  # the sampling streams continue exactly
@@ -442,38 +474,37 @@ def train_ppo(cfg: PPOConfig) -> dict:
         mine = deal(len(idx), world)  # this rank's prompts: every N-th of the batch
 
         # ---- rollout
-        with phase("generation"), autocast(device):
+        with phase("generation"), autocast(device), gathered(policy.base_model.layers):
             ro = sample(policy, tokenizer, [prompts[idx[j]] for j in mine], max_new_tokens=cfg.max_new_tokens,
-                        temperature=T, samples_per_prompt=cfg.samples_per_prompt, device=device)  # fmt: skip
+                        temperature=T, samples_per_prompt=cfg.samples_per_prompt, device=device,
+                        synced_gpus=sharded)  # fmt: skip
         mask = ro.response_mask.float()  # (b, R) this rank's rows
         policy.eval()
 
         with torch.no_grad(), autocast(device):
             with phase("policy_eval"):
-                prefix = None
-                if cache:  # (B, P + R, H): states entering layer n_frozen, reused by every epoch below
-                    prefix = prefix_states(policy.base_model, n_frozen, ro.sequences,
-                                           attention_mask_4d(policy, ro.attention_mask), ro.position_ids)  # fmt: skip
-                old_logp, entropy, hidden, logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen, fused)
+                # one pass; with the cache it also keeps the states entering layer n_frozen (B, P + R, H),
+                # from which every epoch below runs the top layers only
+                old_logp, entropy, hidden, logits, prefix = policy_forward(
+                    policy, ro, T, cfg.kernels, fused_linear=fused, capture=n_frozen if cache else 0)
                 need_full_kl = cfg.kl_estimator == "full" or step == 0  # step 0: the exact KL floor
                 if not need_full_kl:
                     logits = None  # (B, R, V): free it before the reference's own logits exist
-                cprefix = None
+                capture_critic = n_frozen_critic if critic is not None and cfg.cache_frozen and not critic_shares else 0
+                old_values, cprefix = critic_values(critic, value_head, ro, hidden, prefix if critic_shares else None,
+                                                    n_frozen_critic, capture=capture_critic)  # fmt: skip
                 if critic_shares:
                     cprefix = prefix
-                elif critic is not None and cfg.cache_frozen and n_frozen_critic:
-                    cprefix = prefix_states(critic.base_model, n_frozen_critic, ro.sequences,
-                                            attention_mask_4d(critic, ro.attention_mask), ro.position_ids)  # fmt: skip
-                old_values = critic_values(critic, value_head, ro, hidden, cprefix, n_frozen_critic)
             with phase("scoring"):
                 score = reward_scores(reward_model, ro, cfg.kernels, prefix if rm_shares else None, n_frozen).float()
             with phase("reference"):
                 if cfg.ref_from_adapter:
                     with peft_model.disable_adapter():  # LoRA sits on the unfrozen layers only: reuse the prefix
-                        ref_logp, _, ref_hidden, ref_logits = policy_forward(policy, ro, T, cfg.kernels, prefix, n_frozen,
-                                                                             fused)  # fmt: skip
+                        ref_logp, _, ref_hidden, ref_logits, _ = policy_forward(policy, ro, T, cfg.kernels, prefix,
+                                                                                n_frozen, fused)  # fmt: skip
                 else:
-                    ref_logp, _, ref_hidden, ref_logits = policy_forward(reference, ro, T, cfg.kernels, fused_linear=fused)
+                    ref_logp, _, ref_hidden, ref_logits, _ = policy_forward(reference, ro, T, cfg.kernels,
+                                                                            fused_linear=fused)  # fmt: skip
                 if not need_full_kl:
                     ref_logits = ref_hidden = None
             # ---- KL, rewards and advantages
@@ -528,7 +559,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     mb_tokens = g["mask"][rows].sum().clamp(min=1)
                     mine_mb = local_of[rows][local_of[rows] >= 0]  # the minibatch's rows held here
                     chunks: list = list(mine_mb.chunk(cfg.grad_accum)) if len(mine_mb) else []
-                    if world.size > 1:  # the same number of backward passes on every rank (DDP all-reduces each)
+                    if world.size > 1:  # the same passes on every rank (the engine's collectives run in each)
                         chunks += [None] * (cfg.grad_accum - len(chunks))
                     acc: dict[str, float] = {}
                     for micro in chunks:
@@ -549,7 +580,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                         ent_mean = rl.entropy_bonus(ent, m)
                         for name, x in (("policy loss", pg_loss), ("value loss", vf_loss), ("entropy", ent_mean)):
                             check_finite(name, x, step)
-                        # DDP averages the ranks' gradients: x N gives the sum, the 1-process gradient
+                        # DDP / FSDP2 average the ranks' gradients: x N gives the sum, the 1-process gradient
                         loss = (pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent_mean) * w * world.size
                         loss.backward()
                         wf = float(w)
@@ -566,7 +597,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     vopt.step()
                     opt.zero_grad(set_to_none=True)
                     vopt.zero_grad(set_to_none=True)
-                    acc["grad_norm"], acc["value_grad_norm"] = float(gn), float(vgn)
+                    acc["grad_norm"], acc["value_grad_norm"] = gn, vgn
                     mb_stats.append(acc)
         sched.step()
         vsched.step()
@@ -622,10 +653,12 @@ def train_ppo(cfg: PPOConfig) -> dict:
         if step % cfg.save_every == 0 or step == stop:
             rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
             rngs = gather_objects(rng, world)
-            if world.main:  # DDP keeps every rank's weights and optimizer states equal: rank 0's are all of them
+            params, optim = full_state(policy, opt)  # every rank calls (FSDP2 gathers); rank 0 gets the tensors
+            vparams, voptim = full_state(value_module, vopt)
+            if world.main:
                 _atomic_save({
-                    "step": step, "policy": _trainable(policy), "value": _trainable(value_module),
-                    "opt": opt.state_dict(), "vopt": vopt.state_dict(), "sched": sched.state_dict(),
+                    "step": step, "policy": params, "value": vparams,
+                    "opt": optim, "vopt": voptim, "sched": sched.state_dict(),
                     "vsched": vsched.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": rng[0], "cuda_rng": rng[1],
                     "rng_per_rank": rngs, "world_size": world.size, "config": asdict(cfg),
                 }, ckpt_path)  # fmt: skip
@@ -635,6 +668,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if step < cfg.steps:
         log.info("stopped at step %d of %d (--max-steps); continue with --resume", step, cfg.steps)
         return {"policy": None, "steps": step, "final": summary, "seconds": time.perf_counter() - t_start}
+    if sharded:  # the trained parameters gathered into a plain copy of the policy on rank 0
+        params, _ = full_state(policy, opt)
+        if world.main:
+            policy, peft_model, _ = _load_policy(policy_path, cfg, device, dtype, tokenizer)
+            _restore(policy, params)
     if not world.main:
         return {"policy": str(out / "policy"), "steps": step, "final": summary, "rank": world.rank}
 

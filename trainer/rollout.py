@@ -16,6 +16,7 @@ Layout of every batch (PPO-for-LM conventions, DESIGN.md section 4):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,9 +115,12 @@ def sample(
     temperature: float,
     samples_per_prompt: int = 1,
     device: torch.device | str = "cpu",
+    synced_gpus: bool = False,
 ) -> Rollout:
     """Sample `samples_per_prompt` replies to each tokenized prompt (list of B0 token-id lists; rows of one
-    prompt are adjacent) with the global torch RNG -> Rollout of B = B0 * samples_per_prompt rows."""
+    prompt are adjacent) with the global torch RNG -> Rollout of B = B0 * samples_per_prompt rows.
+    `synced_gpus`: every process keeps stepping until all are done (FSDP2: each token step gathers the
+    parameters on every rank, so no rank may stop early)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (PPO samples the full distribution), got {temperature}")
     stop_ids = stop_token_ids(model)
@@ -128,7 +132,7 @@ def sample(
         input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_k=0,
         top_p=1.0, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
         max_new_tokens=max_new_tokens, num_return_sequences=samples_per_prompt, eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
     )  # (B, P + R') int64, R' <= max_new_tokens
     model.train(was_training)
     response, response_mask, has_eos = mask_after_stop(out[:, prompt_ids.shape[1] :], stop_ids, tokenizer.pad_token_id)
@@ -162,6 +166,57 @@ def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
     if impl == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: torch.Tensor | None = None,
+                  n_frozen: int = 0, capture: int = 0, head_output: bool = True):
+    """One call of `model` itself on prompt + reply, so that whatever wraps it (FSDP2 gathers its
+    parameters in the call, DDP hooks it) sees the pass; hooks on `head` read what is needed.
+
+    `head` is the module on top of the trunk: the LM head of a causal LM (it then only sees the last R + 1
+    positions: `logits_to_keep`) or the scalar `score` of a critic (every position; the pooled reward the
+    model returns is not used). `prefix`, `n_frozen`: as `trunk_hidden`. `capture` > 0 also returns the
+    states entering layer `capture` (the frozen prefix, from the same pass). `head_output=False` stops the
+    pass at the head's input (no logits: the fused-linear kernels take the hidden states and the weight).
+
+    -> hidden (B, R, H): the head's input at the positions that predict each reply token; out (B, R, V)
+    or (B, R, 1): the head's output there, or None; states (B, P + R, H) or None."""
+    from .prefix_cache import _Stop, top_layers_only
+
+    R, seen = rollout.response_ids.shape[1], {}
+
+    def take_input(module, args):
+        seen["hidden"] = args[0][:, -R - 1 : -1]
+        if not head_output:
+            raise _Stop
+
+    def take_output(module, args, out):
+        seen["out"] = out[:, -R - 1 : -1]
+
+    def take_states(module, args, kwargs):
+        seen["states"] = args[0] if args else kwargs["hidden_states"]
+
+    trunk = model.base_model
+    hooks = [head.register_forward_pre_hook(take_input), head.register_forward_hook(take_output)]
+    if capture:
+        hooks.append(trunk.layers[capture].register_forward_pre_hook(take_states, with_kwargs=True))
+    kwargs = {"attention_mask": attention_mask_4d(model, rollout.attention_mask), "position_ids": rollout.position_ids,
+              "use_cache": False}  # fmt: skip
+    if head is model.get_output_embeddings():
+        kwargs["logits_to_keep"] = R + 1  # positions P - 1 .. P + R - 1; the last one predicts nothing
+    if prefix is None:
+        kwargs["input_ids"] = rollout.sequences
+    else:
+        kwargs["inputs_embeds"] = prefix
+    try:
+        with top_layers_only(trunk, n_frozen) if prefix is not None else contextlib.nullcontext():
+            model(**kwargs)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["hidden"], seen.get("out"), seen.get("states")
 
 
 def trunk_hidden(model, rollout: Rollout, *, prefix: torch.Tensor | None = None, n_frozen: int = 0) -> torch.Tensor:
