@@ -1,4 +1,5 @@
-"""The rollout forward's attention mask: no query row attends to nothing, and real rows are unchanged."""
+"""The rollout forward: the attention mask (no query row attends to nothing, real rows unchanged) and
+forward_reply (one call of the model gives what the trunk and the head called apart give)."""
 
 import pytest
 import torch
@@ -47,3 +48,50 @@ def test_mask_4d_passes_other_implementations_the_2d_mask(policy_path):
     model.config._attn_implementation = "flash_attention_2"  # not loaded: only the dispatch is checked
     mask = torch.ones(2, 4, dtype=torch.long)
     assert attention_mask_4d(model, mask) is mask
+
+
+def _rollout(gen, vocab: int):
+    """3 rows: prompts left-padded to P = 5, replies right-padded to R = 4."""
+    from fastrlhf.trainer.rollout import Rollout
+
+    prompt_ids = torch.randint(3, vocab, (3, 5), generator=gen)
+    prompt_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])
+    response_ids = torch.randint(3, vocab, (3, 4), generator=gen)
+    response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+                   response_mask=response_mask, has_eos=torch.tensor([False, True, True]),
+                   prompt_index=torch.arange(3))  # fmt: skip
+
+
+def test_forward_reply_is_trunk_then_head(policy_path, gen):
+    """One call of the model (what FSDP2 needs) gives what the trunk and the head called apart give: the
+    reply-predicting hidden states and logits, the frozen prefix's states, and the top layers run from them;
+    for a critic, the scalar head at every reply-predicting position; with head_output=False, no logits."""
+    from fastrlhf.trainer.models import load_reward_model, load_tokenizer, reward_head
+    from fastrlhf.trainer.prefix_cache import prefix_states
+    from fastrlhf.trainer.rollout import forward_reply, response_hidden
+
+    model = AutoModelForCausalLM.from_pretrained(policy_path).eval()
+    ro = _rollout(gen, model.config.vocab_size)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        hidden, logits, states = forward_reply(model, head, ro, capture=1)
+        want_h = response_hidden(model, ro)
+        want_s = prefix_states(model.model, 1, ro.sequences, attention_mask_4d(model, ro.attention_mask), ro.position_ids)
+        top_h, top_logits, none = forward_reply(model, head, ro, prefix=states, n_frozen=1)
+        only_h, no_logits, _ = forward_reply(model, head, ro, head_output=False)
+    assert hidden.shape == (3, 4, 32) and logits.shape == (3, 4, model.config.vocab_size) and logits.is_contiguous()
+    torch.testing.assert_close(hidden, want_h, rtol=0, atol=0)
+    torch.testing.assert_close(logits, head(want_h), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(states, want_s, rtol=0, atol=0)
+    torch.testing.assert_close(top_h, want_h, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(top_logits, logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(only_h, want_h, rtol=0, atol=0)
+    assert none is None and no_logits is None
+
+    critic = load_reward_model(policy_path, device="cpu", tokenizer=load_tokenizer(policy_path)).eval()
+    with torch.no_grad():
+        _, values, _ = forward_reply(critic, reward_head(critic), ro)
+        want_v = response_hidden(critic, ro) @ reward_head(critic).weight.t()
+    assert values.shape == (3, 4, 1)
+    torch.testing.assert_close(values, want_v, rtol=1e-6, atol=1e-6)

@@ -173,9 +173,9 @@ def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: tor
     """One call of `model` itself on prompt + reply, so that whatever wraps it (FSDP2 gathers its
     parameters in the call, DDP hooks it) sees the pass; hooks on `head` read what is needed.
 
-    `head` is the module on top of the trunk: the LM head of a causal LM (it then only sees the last R + 1
-    positions: `logits_to_keep`) or the scalar `score` of a critic (every position; the pooled reward the
-    model returns is not used). `prefix`, `n_frozen`: as `trunk_hidden`. `capture` > 0 also returns the
+    `head` is the module on top of the trunk: the LM head of a causal LM (given only the R reply-predicting
+    positions, `logits_to_keep`, so the logits and their gradient are (B, R, V) and contiguous) or the
+    scalar `score` of a critic (every position; the pooled reward the model returns is not used). `prefix`, `n_frozen`: as `trunk_hidden`. `capture` > 0 also returns the
     states entering layer `capture` (the frozen prefix, from the same pass). `head_output=False` stops the
     pass at the head's input (no logits: the fused-linear kernels take the hidden states and the weight).
 
@@ -183,15 +183,18 @@ def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: tor
     or (B, R, 1): the head's output there, or None; states (B, P + R, H) or None."""
     from .prefix_cache import _Stop, top_layers_only
 
-    R, seen = rollout.response_ids.shape[1], {}
+    P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    lm = head is model.get_output_embeddings()
+    reply = slice(None) if lm else slice(P - 1, P + R - 1)  # the critic's head sees all P + R positions
+    seen = {}
 
     def take_input(module, args):
-        seen["hidden"] = args[0][:, -R - 1 : -1]
+        seen["hidden"] = args[0][:, reply]
         if not head_output:
             raise _Stop
 
     def take_output(module, args, out):
-        seen["out"] = out[:, -R - 1 : -1]
+        seen["out"] = out[:, reply]
 
     def take_states(module, args, kwargs):
         seen["states"] = args[0] if args else kwargs["hidden_states"]
@@ -202,8 +205,8 @@ def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: tor
         hooks.append(trunk.layers[capture].register_forward_pre_hook(take_states, with_kwargs=True))
     kwargs = {"attention_mask": attention_mask_4d(model, rollout.attention_mask), "position_ids": rollout.position_ids,
               "use_cache": False}  # fmt: skip
-    if head is model.get_output_embeddings():
-        kwargs["logits_to_keep"] = R + 1  # positions P - 1 .. P + R - 1; the last one predicts nothing
+    if lm:  # positions P - 1 .. P + R - 2 predict reply tokens 0 .. R - 1
+        kwargs["logits_to_keep"] = torch.arange(P - 1, P + R - 1, device=rollout.response_ids.device)
     if prefix is None:
         kwargs["input_ids"] = rollout.sequences
     else:
