@@ -10,6 +10,8 @@ relative to the running maxima m_p = max_j x_j and m_q = max_j y_j of the raw lo
     s   = sum_j p~_j                                      (softmax normaliser)
     D   = sum_j p~_j expm1(-d_j)                          (= sum q~ - sum p~, without cancelling)
     K   = sum_j p~_j k3(d_j),  k3(d) = d - 1 + e^-d        (>= 0, second order in d)
+(for |d_j| < 0.5 one series gives both: expm1(-d) = k3(d) - d, with |k3(d)| < 0.3 |d| there, so the
+subtraction is well-conditioned; beyond, q~ - p~ and p~ d + q~ - p~ no longer cancel).
 and finish with  KL = K/s - h(D/s),  h(e) = e - log(1 + e)  -- both terms second order, both evaluated by
 series for small arguments (`_series.py`). When a block raises a running maximum, the sums are moved to
 the new maxima exactly (see `_rescale`). Result: KL with relative (not absolute) fp32 accuracy.
@@ -127,10 +129,13 @@ def _full_kl_fwd(
         qt = tl.exp2((y - mq[:, None]) * scale)  # q~
         d = ((x - y) - (mp - mq)[:, None]) * inv_t  # x - y is exact for close logits
         small = tl.abs(d) < SERIES_D
-        d_term = tl.where(small, pt * expm1_neg_series(d), qt - pt)
-        k_term = tl.where(small, pt * k3_series(d), tl.where(pt > 0, pt * d, 0.0) + qt - pt)
+        # one polynomial per element: expm1(-d) = k3(d) - d, and k3 << |d| there, so no cancellation
+        k3d = k3_series(d)
+        pd = tl.where(pt > 0, pt * d, 0.0)  # p~ d; d may be infinite where p~ underflows to 0
+        d_term = tl.where(small, pt * (k3d - d), qt - pt)
+        k_term = tl.where(small, pt * k3d, pd + qt - pt)
         s += tl.sum(pt, 1)
-        M += tl.sum(tl.where(pt > 0, pt * d, 0.0), 1)
+        M += tl.sum(pd, 1)
         D += tl.sum(tl.where(pt + qt > 0, d_term, 0.0), 1)
         K += tl.sum(tl.where(pt + qt > 0, k_term, 0.0), 1)
 
