@@ -136,8 +136,10 @@ def _full_kl_fwd(
         k_term = tl.where(small, pt * k3d, pd + qt - pt)
         s += tl.sum(pt, 1)
         M += tl.sum(pd, 1)
-        D += tl.sum(tl.where(pt + qt > 0, d_term, 0.0), 1)
-        K += tl.sum(tl.where(pt + qt > 0, k_term, 0.0), 1)
+        # lanes with p~ = q~ = 0 (padding, a -inf in both) give 0 without a guard: d is NaN there, so `small`
+        # is false and q~ - p~ = 0, and `pd` is guarded
+        D += tl.sum(d_term, 1)
+        K += tl.sum(k_term, 1)
 
     eps = D / s
     kl = K / s - h_log1p(eps)
