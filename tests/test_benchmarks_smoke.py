@@ -359,3 +359,21 @@ def test_bench_head_memory_smoke(tmp_path, capsys, monkeypatch):
     res = bhm.max_batch(model, "eager", bhm.parse_args(["--batch", "8", "--max-batch", "12"]), torch.device("cpu"),
                         10, start_fits=True)  # fmt: skip
     assert (res["max_batch"], res["ended"]) == (12, "capped at --max-batch")
+
+
+@pytest.mark.parametrize("cfg", [(None, None, None), (64, 4, 2)])  # the library's tiles, and a sweep row
+def test_tune_rows_launches_match_the_library(gen, cfg):
+    """benchmarks/tune_rows.py repeats the launchers' argument lists (the library takes no tile arguments):
+    on the interpreter its launches must give what token_logprobs and full_kl give, so a GPU session's sweep
+    measures the shipped kernels and not a drifted copy (the GPU-only sweep itself needs CUDA)."""
+    import torch
+    import tune_rows
+
+    from fastrlhf.kernels import full_kl, token_logprobs
+
+    logits = torch.randn(5, 300, generator=gen) * 3
+    ref = logits + 0.1 * torch.randn(5, 300, generator=gen)
+    targets = torch.randint(0, 300, (5,), generator=gen)
+    torch.testing.assert_close(tune_rows.token_logprobs_fwd(logits, targets, cfg), token_logprobs(logits, targets))
+    torch.testing.assert_close(tune_rows.full_kl_fwd(logits, ref, cfg), full_kl(logits, ref))
+    assert tune_rows.CONFIGS[0] == (None, None, None) and tune_rows.main(["--rows", "4"]) == 2  # CPU: refuses
