@@ -18,20 +18,19 @@ which is never rounded nor stored. The floor here is FLOPs (2NVH per matmul), no
   Reads hidden S times and W once per row block (N/BLOCK_M times, mostly from L2).
 - linear_full_kl forward, 4 matmuls: pass 1 is that kernel on each head (row max, log-sum-exp); pass 2
   recomputes both tiles and sums p k3(d) and p d~ per range, d~_j = log(p_j/q_j) + a per-row constant.
-- backward, 2 matmuls + 1 recompute: one program per (row block, vocab tile) recomputes its tile(s) and
-  forms grad_z from the saved fp32 row statistics,
+- backward, 1 recompute + 2 cuBLAS GEMMs per vocabulary chunk: the chunk's grad_z kernel (one program per
+  (row block, vocab tile)) recomputes its tile(s) and forms grad_z from the saved fp32 row statistics,
       d logp/dz_j = (1[j=t] - p_j)/T     d H/dz_j = -p_j (log p_j + H)/T     d KL/dz_j = p_j (d~_j - E_p[d~])/T
-  (E_p[d~] from the forward's d~, bit for bit, as in full_kl.py), then loops over H: grad_hidden[rows] +=
-  grad_z @ W[cols], grad_W[cols] += grad_z^T @ hidden[rows], grad_b[cols] += sum_rows grad_z, as fp32
-  atomic adds into zero-filled fp32 buffers. Why atomics rather than two kernels (grad_hidden looping over
-  the vocabulary, grad_W over the rows): the logits are recomputed once, not twice (3 matmuls, not 4), and
-  (N/BLOCK_M)(V/BLOCK_V) programs fill the GPU at any batch size. The price: atomic traffic (each grad_hidden
-  entry is added V/BLOCK_V times, each grad_W entry N/BLOCK_M times, 4 bytes each), an fp32 (V, H) buffer
-  for grad_W, and a summation order that varies run to run at fp32 rounding level (not bit-reproducible).
+  (E_p[d~] from the forward's d~, bit for bit, as in full_kl.py), and stores it into an (N, chunk) buffer
+  (at most GRAD_Z_CHUNK_BYTES on CUDA) with its per-row-block column sums (grad_b); then
+  grad_hidden += grad_z @ W[chunk] and grad_W[chunk] = grad_z^T @ hidden run as cuBLAS GEMMs with fp32
+  output (`_mm_fp32`). Why not the earlier single kernel with fp32 atomic adds of both products: on an H200
+  its atomic traffic (each grad_hidden entry added V/BLOCK_V times) made it 5x slower than eager; the GEMMs
+  run near the tensor-core rate, need no fp32 (V, H) buffer, and the result is deterministic.
 Rounding: hidden and W are read in their dtype; products accumulate in fp32 (fp32 inputs in full fp32, no
 TF32; fp64 inputs in fp64, for gradcheck); per-token outputs are fp32. The one extra rounding: grad_z is
-rounded to the input dtype so the gradient matmuls run on tensor cores (a no-op for fp32); gradients
-accumulate in fp32 and are rounded to the parameters' dtypes once, at the end.
+rounded to the input dtype so the gradient GEMMs run on tensor cores (a no-op for fp32; grad_b sums the
+unrounded tile); gradients accumulate in fp32 and are rounded to the parameters' dtypes once, at the end.
 Saved for backward: the inputs and fp32 per-row statistics (2 or 4 a row, and the entropy); nothing [N, V].
 Rows whose target is `ignore_index` (or whose mask is 0) read nothing and give 0 and 0 gradient; a row block
 with none active is skipped. A target outside [0, V) gives a NaN log-prob and a NaN grad_hidden row, and
@@ -60,6 +59,7 @@ from .token_logprobs import token_logprobs_ref
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 REF_CHUNK_ROWS = 1024  # rows per chunk in the *_ref twins: their memory is O(REF_CHUNK_ROWS x V) fp32
+GRAD_Z_CHUNK_BYTES = 256 << 20  # the backward's (N, chunk) grad_z buffer on CUDA (see _chunk_cols)
 
 
 @triton.jit
@@ -108,33 +108,21 @@ def _logits_tile(
 
 
 @triton.jit
-def _accumulate_grads(
+def _store_grad_z(
     g,  # (BLOCK_M, BLOCK_V) grad_z in ACC, 0 outside active rows and valid columns
-    h_ptr, w_ptr,  # as in _logits_tile
-    gh_ptr,  # (N, H) ACC, zero-filled, atomically accumulated (NEED_DH)
-    gw_ptr,  # (V, H) ACC, zero-filled, atomically accumulated (NEED_DW)
-    gb_ptr,  # (V,) ACC, zero-filled, atomically accumulated (NEED_DB)
-    rows, row_off, rows_on, cols, V, H, h_end, s_hh, s_wv, s_wh, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-    NEED_DB: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr,
+    gz_ptr,  # (N, chunk) out, hidden's dtype; row stride s_gz; column c holds vocabulary column col0 + c
+    gb_ptr,  # (row blocks, chunk) ACC out: grad_z summed over this program's rows (NEED_DB)
+    rows, row_in, cols, col0, col_end, s_gz, NEED_DB: tl.constexpr,
 ):  # fmt: skip
-    """grad_hidden[rows] += g @ W[cols], grad_W[cols] += g^T @ hidden[rows], grad_b[cols] += sum_rows g."""
-    col_on = cols < V
+    """Store a grad_z tile for the chunk's cuBLAS products (grad_hidden += gz @ W[chunk], grad_W[chunk] =
+    gz^T @ hidden), rounded to the input dtype (the documented rounding: tensor cores; a no-op for fp32),
+    and, for grad_b, its unrounded column sums."""
+    col_on = cols < col_end
+    local = cols - col0
     if NEED_DB:
-        tl.atomic_add(gb_ptr + cols, tl.sum(g, 0), mask=col_on, sem="relaxed")
-    g_in = g.to(h_ptr.dtype.element_ty)  # the documented rounding, for the tensor cores; no-op for fp32
-    for k0 in range(0, h_end, BLOCK_H):
-        k = k0 + tl.arange(0, BLOCK_H)
-        k_on = k < H
-        row_mask = rows_on[:, None] & k_on[None, :]
-        col_mask = col_on[:, None] & k_on[None, :]
-        if NEED_DH:
-            w = tl.load(w_ptr + cols[:, None] * s_wv + k[None, :] * s_wh, mask=col_mask, other=0.0)
-            dh = _dot(g_in, w, DOT_DTYPE)  # (BLOCK_M, BLOCK_H)
-            tl.atomic_add(gh_ptr + rows[:, None] * H + k[None, :], dh, mask=row_mask, sem="relaxed")
-        if NEED_DW:
-            h = tl.load(h_ptr + row_off[:, None] + k[None, :] * s_hh, mask=row_mask, other=0.0)
-            dw = _dot(tl.trans(g_in), h, DOT_DTYPE)  # (BLOCK_V, BLOCK_H)
-            tl.atomic_add(gw_ptr + cols[:, None] * H + k[None, :], dw, mask=col_mask, sem="relaxed")
+        tl.store(gb_ptr + tl.program_id(0).to(tl.int64) * s_gz + local, tl.sum(g, 0), mask=col_on)
+    mask = row_in[:, None] & col_on[None, :]
+    tl.store(gz_ptr + rows[:, None] * s_gz + local[None, :], g.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -197,15 +185,16 @@ def _linear_logprobs_bwd(
     ent_ptr,  # (N,) ACC entropy from the forward, read when HAS_GRAD_ENT
     grad_logp_ptr,  # (N,) upstream gradient of logp, read when HAS_GRAD_LOGP
     grad_ent_ptr,  # (N,) upstream gradient of the entropy, read when HAS_GRAD_ENT
-    gh_ptr, gw_ptr, gb_ptr,  # (N, H), (V, H), (V,) ACC out, see _accumulate_grads
-    N, V, B, H, s_ha, s_hb, s_hh, s_wv, s_wh, temperature,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, NEED_DH: tl.constexpr,
-    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    gz_ptr, gb_ptr,  # (N, chunk), (row blocks, chunk) out, see _store_grad_z
+    N, V, B, H, s_ha, s_hb, s_hh, s_wv, s_wh, temperature, col0, col_end, s_gz,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, NEED_DB: tl.constexpr,
+    ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):  # fmt: skip
+    """grad_z of the vocabulary chunk [col0, col_end): one program per (row block, BLOCK_V tile)."""
     rows, row_in, active, row_off = _rows(active_ptr, N, B, s_ha, s_hb, BLOCK_M)
     tgt = tl.load(tgt_ptr + rows, mask=active, other=-1).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     h_end = tl.where(tl.max(active.to(tl.int32), 0) > 0, H, 0)  # no active row: read nothing
     inv_t = 1.0 / tl.cast(temperature, ACC)
     m = tl.load(stats_ptr + rows, mask=active, other=0.0)
@@ -220,7 +209,7 @@ def _linear_logprobs_bwd(
         g_h = tl.load(grad_ent_ptr + rows, mask=active, other=0.0).to(ACC)
         ent = tl.load(ent_ptr + rows, mask=active, other=0.0)
 
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, active, cols, V, h_end, s_hh, s_wv, s_wh,
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, active, cols, col_end, h_end, s_hh, s_wv, s_wh,
                      HAS_BIAS, ACC, DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
     y = (z - m[:, None]) * (LOG2E * inv_t) - log2_s[:, None]  # log2 p_j
     p = tl.exp2(y)
@@ -229,9 +218,8 @@ def _linear_logprobs_bwd(
         g += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
     if HAS_GRAD_ENT:
         g -= tl.where(p > 0, p * (y * LN2 + ent[:, None]), 0.0) * g_h[:, None]
-    g = tl.where(active[:, None] & (cols[None, :] < V), g * inv_t, 0.0)
-    _accumulate_grads(g, h_ptr, w_ptr, gh_ptr, gw_ptr, gb_ptr, rows, row_off, active, cols, V, H, h_end,
-                      s_hh, s_wv, s_wh, NEED_DH, NEED_DW, NEED_DB, DOT_DTYPE, BLOCK_H)  # fmt: skip
+    g = tl.where(active[:, None] & (cols[None, :] < col_end), g * inv_t, 0.0)
+    _store_grad_z(g, gz_ptr, gb_ptr, rows, row_in, cols, col0, col_end, s_gz, NEED_DB)
 
 
 @triton.jit
@@ -298,15 +286,16 @@ def _linear_kl_bwd(
     active_ptr,  # (N,) bool
     stats_ptr,  # (4, N) ACC from the forward: [max x, log2 sum_p, max y, E_p[d~]]
     grad_kl_ptr,  # (N,) upstream gradient
-    gh_ptr, gw_ptr, gb_ptr,  # (N, H), (V, H), (V,) ACC out, see _accumulate_grads
-    N, V, B, H, s_ha, s_hb, s_hh, s_wv, s_wh, RH, r_ha, r_hb, r_hh, r_wv, r_wh, temperature,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-    NEED_DB: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, REF_DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    gz_ptr, gb_ptr,  # (N, chunk), (row blocks, chunk) out, see _store_grad_z
+    N, V, B, H, s_ha, s_hb, s_hh, s_wv, s_wh, RH, r_ha, r_hb, r_hh, r_wv, r_wh, temperature, col0, col_end, s_gz,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, REF_DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):  # fmt: skip
+    """The policy's grad_z of the vocabulary chunk [col0, col_end): one program per (row block, tile)."""
     rows, row_in, active, row_off = _rows(active_ptr, N, B, s_ha, s_hb, BLOCK_M)
     ref_off = (rows // B) * r_ha + (rows % B) * r_hb
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     any_active = tl.max(active.to(tl.int32), 0) > 0  # none: read nothing
     inv_t = 1.0 / tl.cast(temperature, ACC)
     mp = tl.load(stats_ptr + rows, mask=active, other=0.0)
@@ -315,15 +304,13 @@ def _linear_kl_bwd(
     mean_d = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0)
     g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
 
-    p, d_rel, _ = _kl_tiles(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, row_off, ref_off, active, cols, V,
+    p, d_rel, _ = _kl_tiles(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, row_off, ref_off, active, cols, col_end,
                             tl.where(any_active, H, 0), s_hh, s_wv, s_wh, tl.where(any_active, RH, 0), r_hh, r_wv,
                             r_wh, mp, lsp, mq, inv_t, HAS_BIAS, HAS_REF_BIAS, ACC, DOT_DTYPE, REF_DOT_DTYPE,
                             BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
     g = tl.where(p > 0, p * (d_rel - mean_d[:, None]), 0.0) * g_kl[:, None]
-    g = tl.where(active[:, None] & (cols[None, :] < V), g, 0.0)
-    _accumulate_grads(g, h_ptr, w_ptr, gh_ptr, gw_ptr, gb_ptr, rows, row_off, active, cols, V, H,
-                      tl.where(any_active, H, 0), s_hh, s_wv, s_wh, NEED_DH, NEED_DW, NEED_DB, DOT_DTYPE,
-                      BLOCK_H)  # fmt: skip
+    g = tl.where(active[:, None] & (cols[None, :] < col_end), g, 0.0)
+    _store_grad_z(g, gz_ptr, gb_ptr, rows, row_in, cols, col0, col_end, s_gz, NEED_DB)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -390,17 +377,60 @@ def _row_stats(hidden, weight, bias, active, targets, temperature, entropy, acc)
     return m, torch.log2(s), z_k.sum(0), (alpha * (w_k + shift * s_k)).sum(0) / s
 
 
-def _grad_buffers(hidden, weight, bias, acc, needs):
-    """Zero-filled acc buffers for grad_hidden (N, H), grad_weight (V, H), grad_bias (V,); None where unneeded."""
-    V, H = weight.shape
-    shapes, needs = ((math.prod(hidden.shape[:-1]), H), (V, H), (V,)), (*needs[:2], needs[2] and bias is not None)
-    return [torch.zeros(s, dtype=acc, device=hidden.device) if n else None for s, n in zip(shapes, needs)]
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32 (fp64 for fp64). bf16 / fp16 operands on CUDA: cuBLAS's
+    fp32-output GEMM (`out_dtype`, torch >= 2.8); elsewhere (the CPU backend has no such kernel) on fp32
+    copies: the same products, a 16-bit product being exact in fp32."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype != acc and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (RuntimeError, TypeError):  # an older torch; or scripts/aot_compile.py's CPU tensors posing as CUDA
+            pass
+    return torch.mm(a.to(acc), b.to(acc))
 
 
-def _finish_grads(bufs, hidden, weight, bias):
-    gh, gw, gb = bufs
-    return (None if gh is None else gh.to(hidden.dtype).view(hidden.shape),
-            None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype))  # fmt: skip
+def _chunk_cols(N: int, V: int, block_v: int, device: torch.device, elem_bytes: int) -> int:
+    """Vocabulary columns per backward chunk, whole BLOCK_V tiles: on CUDA the (N, chunk) grad_z buffer stays
+    under GRAD_Z_CHUNK_BYTES (fewer, larger cuBLAS products above that buy little); on the interpreter two
+    tiles, so the CPU tests cross chunks."""
+    if device.type != "cuda":
+        return 2 * block_v
+    cols = GRAD_Z_CHUNK_BYTES // max(N * elem_bytes, 1) // block_v * block_v
+    return max(block_v, min(cols, triton.cdiv(V, block_v) * block_v))
+
+
+def _chunked_grads(hidden, weight, bias, active, needs, block_m, block_v, fill):
+    """Gradients of hidden (..., H), weight (V, H), bias (V,) (None where not needed), one vocabulary chunk at a
+    time: fill(gz, gb, col0, col_end) launches the grad_z kernel for columns [col0, col_end), writing gz
+    ((N, chunk), hidden's dtype) and, when grad_b is needed, gb's per-row-block column sums; then cuBLAS:
+    grad_hidden += gz @ W[chunk] (fp32 across chunks) and grad_W[chunk] = gz^T @ hidden (fp32 inside the GEMM,
+    rounded once). No atomics: deterministic, and no fp32 (V, H) buffer. Inactive rows' hidden states are
+    zeroed for grad_W (they may hold garbage, and 0 x NaN is NaN)."""
+    H, V = hidden.shape[-1], weight.shape[0]
+    h2 = hidden.reshape(-1, H)
+    N = h2.shape[0]
+    if needs[1]:
+        h2 = h2.masked_fill(~active[:, None], 0)
+    acc = acc_dtype(hidden)
+    need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    gh = torch.zeros((N, H), dtype=acc, device=hidden.device) if need_h else None
+    gw = torch.empty_like(weight) if need_w else None
+    gb = torch.empty(V, dtype=bias.dtype, device=bias.device) if need_b else None
+    width = min(_chunk_cols(N, V, block_v, hidden.device, hidden.element_size()), V)
+    gz = torch.empty((N, width), dtype=hidden.dtype, device=hidden.device)
+    part = torch.empty((triton.cdiv(N, block_m), width), dtype=acc, device=hidden.device) if need_b else gz
+    for col0 in range(0, V, width):
+        col_end = min(col0 + width, V)
+        fill(gz, part, col0, col_end)
+        g = gz[:, : col_end - col0]
+        if need_h:
+            gh += _mm_fp32(g, weight[col0:col_end])
+        if need_w:
+            gw[col0:col_end] = _mm_fp32(g.t(), h2)
+        if need_b:
+            gb[col0:col_end] = part[:, : col_end - col0].sum(0)
+    return (None if gh is None else gh.to(hidden.dtype).view(hidden.shape)), gw, gb
 
 
 def _forward(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
@@ -419,18 +449,21 @@ def _forward(hidden, weight, bias, targets, temperature, ignore_index, return_en
 def _backward(hidden, weight, bias, tgt, active, stats, ent, grad_logp, grad_ent, temperature, needs):
     with nvtx_range("fastrlhf.linear_logprobs.bwd"):
         cfg = _config(hidden.dtype, hidden.device)
-        sizes, grid, _ = _grid(hidden, weight, cfg, ranges=False)
+        sizes, _, _ = _grid(hidden, weight, cfg, ranges=False)
         ptrs, head = _head(hidden, weight, bias)
-        bufs = _grad_buffers(hidden, weight, bias, stats.dtype, needs)
         # (N,) views; contiguous because .sum()'s upstream gradient has stride 0
         flat = [t.reshape(-1).contiguous() if t is not None else stats for t in (ent, grad_logp, grad_ent)]
-        _linear_logprobs_bwd[grid](
-            *ptrs, active, tgt, stats, *flat, *(b if b is not None else stats for b in bufs),
-            *sizes, *head, temperature, HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None,
-            HAS_GRAD_ENT=grad_ent is not None, NEED_DH=bufs[0] is not None, NEED_DW=bufs[1] is not None,
-            NEED_DB=bufs[2] is not None, ACC=tl_dtype(stats.dtype), DOT_DTYPE=_dot_dtype(hidden), **cfg,
-        )  # fmt: skip
-        return _finish_grads(bufs, hidden, weight, bias)
+        need_db = needs[2] and bias is not None
+
+        def fill(gz, gb, col0, col_end):
+            grid = (triton.cdiv(sizes[0], cfg["BLOCK_M"]), triton.cdiv(col_end - col0, cfg["BLOCK_V"]))
+            _linear_logprobs_bwd[grid](
+                *ptrs, active, tgt, stats, *flat, gz, gb, *sizes, *head, temperature, col0, col_end, gz.stride(0),
+                HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
+                NEED_DB=need_db, ACC=tl_dtype(stats.dtype), DOT_DTYPE=_dot_dtype(hidden), **cfg,
+            )  # fmt: skip
+
+        return _chunked_grads(hidden, weight, bias, active, needs, cfg["BLOCK_M"], cfg["BLOCK_V"], fill)
 
 
 def _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active, temperature):
@@ -457,17 +490,21 @@ def _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active,
                  needs):  # fmt: skip
     with nvtx_range("fastrlhf.linear_full_kl.bwd"):
         cfg = _config(torch.promote_types(hidden.dtype, ref_hidden.dtype), hidden.device)
-        sizes, grid, _ = _grid(hidden, weight, cfg, ranges=False)
+        sizes, _, _ = _grid(hidden, weight, cfg, ranges=False)
         (ptrs, head), (ref_ptrs, ref_head) = _head(hidden, weight, bias), _head(ref_hidden, ref_weight, ref_bias)
-        bufs = _grad_buffers(hidden, weight, bias, stats.dtype, needs)
-        _linear_kl_bwd[grid](
-            *ptrs, *ref_ptrs, active, stats, grad_kl.reshape(-1).contiguous(),
-            *(b if b is not None else stats for b in bufs), *sizes, *head, *ref_head, temperature,
-            HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, NEED_DH=bufs[0] is not None,
-            NEED_DW=bufs[1] is not None, NEED_DB=bufs[2] is not None, ACC=tl_dtype(stats.dtype),
-            DOT_DTYPE=_dot_dtype(hidden), REF_DOT_DTYPE=_dot_dtype(ref_hidden), **cfg,
-        )  # fmt: skip
-        return _finish_grads(bufs, hidden, weight, bias)
+        g_kl = grad_kl.reshape(-1).contiguous()
+        need_db = needs[2] and bias is not None
+
+        def fill(gz, gb, col0, col_end):
+            grid = (triton.cdiv(sizes[0], cfg["BLOCK_M"]), triton.cdiv(col_end - col0, cfg["BLOCK_V"]))
+            _linear_kl_bwd[grid](
+                *ptrs, *ref_ptrs, active, stats, g_kl, gz, gb, *sizes, *head, *ref_head, temperature, col0, col_end,
+                gz.stride(0), HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, NEED_DB=need_db,
+                ACC=tl_dtype(stats.dtype), DOT_DTYPE=_dot_dtype(hidden), REF_DOT_DTYPE=_dot_dtype(ref_hidden),
+                **cfg,
+            )  # fmt: skip
+
+        return _chunked_grads(hidden, weight, bias, active, needs, cfg["BLOCK_M"], cfg["BLOCK_V"], fill)
 
 
 class _LinearLogprobs(torch.autograd.Function):

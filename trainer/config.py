@@ -244,7 +244,8 @@ class PPOConfig:
     weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. Off by default: on an
     H200 its kernel ran 2.9x slower than matmul + `token_logprobs` (8192 x 4096 x 151936 bf16) and one PPO
     step of Llama-3.2-1B shapes peaked at the same memory as the logits path (benchmarks/results/
-    2026-11-27-h200/); turn it on when the logits do not fit."""
+    2026-11-27-h200/; the forward's tiles and the backward have changed since, not yet measured); turn it
+    on when the logits do not fit."""
     seed: int = 0
     """Seed for prompt order, sampling and head initialisation."""
     device: str = "auto"
