@@ -314,9 +314,9 @@ def _linear_kl_bwd(
 
 
 # --------------------------------------------------------------------------------------------- launchers
-def _config(dtype: torch.dtype, device: torch.device, lse_pass: bool = False) -> dict:
+def _config(dtype: torch.dtype, device: torch.device, one_head: bool = False) -> dict:
     """Block sizes and launch options for inputs of `dtype`; tl.dot needs every block dim >= 16. On CUDA these
-    compile for sm_90 without register spills (checked ahead of time, not yet tuned on a GPU). The interpreter
+    compile for sm_90 (scripts/aot_compile.py, in CI); only the one-head bf16 tiles were tuned on a GPU. The interpreter
     runs each program in Python: there, tiles are larger (fewer programs), yet small enough that the CPU tests
     still cross row blocks, vocab tiles and ranges, and a partial H block."""
     if device.type != "cuda":
@@ -325,8 +325,10 @@ def _config(dtype: torch.dtype, device: torch.device, lse_pass: bool = False) ->
         return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # full-fp32 products run on FMA units, not tensor cores: smaller tiles
         return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2)
-    if lse_pass:  # one tile + the online-LSE epilogue; H200, 8192 x 4096 x 151936 (benchmarks/tune_linear.py):
-        return dict(BLOCK_M=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3)  # 74.5% of matmul, was 36.6%
+    if one_head:  # one logits tile a program, then an epilogue: the LSE pass (H200, 8192 x 4096 x 151936,
+        # benchmarks/tune_linear.py: 74.5% of matmul, was 36.6%, 192 B spilled with targets + entropy) and, by
+        # analogy, not measured yet, the log-probs backward's grad_z kernel (184-312 B spilled on sm_90)
+        return dict(BLOCK_M=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3)
 
 
@@ -360,7 +362,7 @@ def _grid(hidden, weight, cfg, ranges):
 
 def _row_stats(hidden, weight, bias, active, targets, temperature, entropy, acc):
     """One pass over the vocabulary -> (max z, log2 sum 2^y, z_target, sum_j p_j y_j), each (N,) in acc."""
-    cfg = _config(hidden.dtype, hidden.device, lse_pass=True)
+    cfg = _config(hidden.dtype, hidden.device, one_head=True)
     sizes, grid, cols_per_split = _grid(hidden, weight, cfg, ranges=True)
     ptrs, head = _head(hidden, weight, bias)
     part = torch.empty((4, grid[1], sizes[0]), dtype=acc, device=hidden.device)
@@ -448,7 +450,7 @@ def _forward(hidden, weight, bias, targets, temperature, ignore_index, return_en
 
 def _backward(hidden, weight, bias, tgt, active, stats, ent, grad_logp, grad_ent, temperature, needs):
     with nvtx_range("fastrlhf.linear_logprobs.bwd"):
-        cfg = _config(hidden.dtype, hidden.device)
+        cfg = _config(hidden.dtype, hidden.device, one_head=True)
         sizes, _, _ = _grid(hidden, weight, cfg, ranges=False)
         ptrs, head = _head(hidden, weight, bias)
         # (N,) views; contiguous because .sum()'s upstream gradient has stride 0
