@@ -62,6 +62,19 @@ def test_quantized_reference_logs_kl_floor(models, tmp_path, quant):
     assert rec["logratio_dev_first"] < 1e-5  # the policy side is unaffected by the reference's precision
 
 
+def test_reference_on_the_policys_frozen_bottom(models, tmp_path):
+    """ref_shares_bottom: the int8 reference keeps its top layer only and reads the policy's cached bottom
+    (the starting model's, exact): its step-0 KL floor comes from 1 quantized layer of 2, so it is smaller
+    than the whole int8 model's; the policy side is unchanged."""
+    floors = {}
+    for shares in (True, False):
+        train_ppo(_cfg(models, tmp_path / str(shares), ref_quant="int8", ref_shares_bottom=shares))
+        (rec,) = _records(tmp_path / str(shares))
+        floors[shares] = rec["kl_floor_full"]
+        assert rec["logratio_dev_first"] < 1e-5
+    assert 0 < floors[True] < floors[False], floors
+
+
 def test_resume_equals_uninterrupted(models, tmp_path, monkeypatch):
     """Kill a 3-step run after its step-2 checkpoint, resume it: the metrics equal an uninterrupted run's."""
     cfg = _cfg(models, tmp_path / "full", steps=3, ppo_epochs=2, adaptive_kl=True, kl_target=1e-3)

@@ -158,6 +158,11 @@ class PPOConfig:
     ref_from_adapter: bool = False
     """LoRA policy only: the reference is the policy's own base with the adapter disabled (no second
     model in memory; --ref-quant is then unused). Refused when the policy starts from a trained adapter."""
+    ref_shares_bottom: bool = True
+    """With a frozen, cached policy bottom (freeze_layers != 0, cache_frozen): the reference keeps only its
+    layers above it and reads the policy's cached states. That frozen bottom IS the starting model's, so
+    this is the same reference with an exact (unquantized) bottom, for a fraction of the compute and memory
+    (SmolLM2-135M, top 4 of 30 trainable: 4 quantized layers instead of 30). False: the whole quantized model."""
     critic: Literal["separate", "value-head"] = "separate"
     """"separate": a critic initialised from the reward model (InstructGPT; a second trunk in memory,
     plus its optimizer state). "value-head": a scalar head on the policy's own trunk (H+1 parameters,

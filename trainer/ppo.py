@@ -4,8 +4,8 @@ Each step:
     rollout    sample replies to `batch_prompts` prompts at temperature T (top_k=0, top_p=1), stop at EOS
     score      reward model at the last real token, normalised by its saved gain/bias; missing-EOS penalty;
                clipped
-    reference  log-probs of the sampled tokens under the frozen reference (bitsandbytes int8 / nf4, or
-               the LoRA policy's base with its adapter disabled), once per rollout
+    reference  log-probs of the sampled tokens under the frozen reference (bitsandbytes int8 / nf4 above
+               the policy's frozen bottom, or the LoRA policy's base with its adapter disabled), once per rollout
     old policy log-probs (+ entropy) and values of the rollout, no grad
     rewards    per-token -beta * KL (k1 by default) plus the score at the last real token; GAE(gamma, lambda);
                whitened advantages
@@ -25,6 +25,9 @@ Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et 
   `--freeze-layers 0` this is the textbook full fine-tune. When the reward model and the critic have
   bit-identical embeddings and bottom layers (checked on the weights: the pipeline's reward model was
   trained from the policy's base with the same bottom frozen), that bottom runs once for all three.
+- The reference shares that frozen bottom too (`ref_shares_bottom`): it is the starting model's, so the
+  quantized reference keeps only its layers above it and reads the policy's cached states; its
+  quantization error (the logged step-0 KL floor) then comes from the top layers alone.
 - The critic is a copy of the reward model (InstructGPT), or a value head on the policy trunk
   (`--critic value-head`); both use the frozen-bottom trick.
 - The reward-model score is normalised (gain/bias saved by train-rm) and clipped to +-`score_clip`.
@@ -184,6 +187,16 @@ def shares_bottom(a, b, n: int) -> bool:
         if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
             return False
     return True
+
+
+def keep_top_layers(model, n: int) -> None:
+    """Drop the bottom `n` transformer layers of `model` (in place; their memory is freed): from then on it is
+    fed the states entering layer n (`forward_reply(prefix=...)`), e.g. a reference model on the policy's
+    frozen, cached bottom."""
+    trunk = model.base_model
+    trunk.layers = torch.nn.ModuleList(list(trunk.layers)[n:])
+    log.info("reference: its bottom %d layers dropped (the policy's frozen bottom feeds it); %d kept, %.1f MB",
+             n, len(trunk.layers), model.get_memory_footprint() / 2**20)  # fmt: skip
 
 
 def add_lora(model, r: int, alpha: int, n_frozen: int):
@@ -410,6 +423,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
             value_head.bias.zero_()
     value_module = critic if critic is not None else value_head
     cache = cfg.cache_frozen and n_frozen > 0
+    ref_shares = cache and reference is not None and cfg.ref_shares_bottom
+    if ref_shares:  # its bottom would recompute the policy's frozen bottom (the starting model's), quantized
+        keep_top_layers(reference, n_frozen)
     rm_shares = cache and shares_bottom(policy, reward_model, n_frozen)
     critic_shares = cache and critic is not None and n_frozen_critic == n_frozen and shares_bottom(policy, critic, n_frozen)
     if cache:
@@ -502,9 +518,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     with peft_model.disable_adapter():  # LoRA sits on the unfrozen layers only: reuse the prefix
                         ref_logp, _, ref_hidden, ref_logits, _ = policy_forward(policy, ro, T, cfg.kernels, prefix,
                                                                                 n_frozen, fused)  # fmt: skip
-                else:
-                    ref_logp, _, ref_hidden, ref_logits, _ = policy_forward(reference, ro, T, cfg.kernels,
-                                                                            fused_linear=fused)  # fmt: skip
+                else:  # with ref_shares, from the policy's cached prefix through the reference's top layers
+                    ref_logp, _, ref_hidden, ref_logits, _ = policy_forward(
+                        reference, ro, T, cfg.kernels, prefix if ref_shares else None, fused_linear=fused)
                 if not need_full_kl:
                     ref_logits = ref_hidden = None
             # ---- KL, rewards and advantages
