@@ -12,25 +12,10 @@ SERIES_EPS = tl.constexpr(0.1)  # |eps| below this: eps - log1p(eps) by series
 
 
 # c_n = (-1)^n / n!: the Taylor coefficients of exp(-d), for Horner's rule (one FMA a term)
-C1, C2, C3, C4 = tl.constexpr(-1.0), tl.constexpr(1.0 / 2), tl.constexpr(-1.0 / 6), tl.constexpr(1.0 / 24)
+C2, C3, C4 = tl.constexpr(1.0 / 2), tl.constexpr(-1.0 / 6), tl.constexpr(1.0 / 24)
 C5, C6, C7 = tl.constexpr(-1.0 / 120), tl.constexpr(1.0 / 720), tl.constexpr(-1.0 / 5040)
 C8, C9, C10 = tl.constexpr(1.0 / 40320), tl.constexpr(-1.0 / 362880), tl.constexpr(1.0 / 3628800)
 C11 = tl.constexpr(-1.0 / 39916800)
-
-
-@triton.jit
-def expm1_neg_series(d):
-    """exp(-d) - 1 = sum_{n>=1} c_n d^n  for |d| < 0.5 (Taylor to d^10, Horner)."""
-    r = C9 + d * C10
-    r = C8 + d * r
-    r = C7 + d * r
-    r = C6 + d * r
-    r = C5 + d * r
-    r = C4 + d * r
-    r = C3 + d * r
-    r = C2 + d * r
-    r = C1 + d * r
-    return d * r
 
 
 @triton.jit
@@ -46,6 +31,12 @@ def k3_series(d):
     r = C3 + d * r
     r = C2 + d * r
     return (d * d) * r
+
+
+@triton.jit
+def expm1_neg_series(d):
+    """exp(-d) - 1 = k3(d) - d for |d| < 0.5: the one series, and well-conditioned (|k3(d)| < 0.3 |d| there)."""
+    return k3_series(d) - d
 
 
 @triton.jit
