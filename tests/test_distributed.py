@@ -146,21 +146,6 @@ def _assert_same_ppo(a: list[dict], b: list[dict]) -> None:
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (ra["step"], k, ra[k], rb[k])
 
 
-def test_ppo_two_processes_match_one(setup, tmp_path):
-    """5 prompts x 2 replies dealt 3 / 2 over the ranks; minibatches of 4 rows in 2 micro-batches, so
-    some ranks hold none of a micro-batch; a separate critic, the frozen-prefix cache, adaptive KL."""
-    import ppo_worker
-
-    ppo_worker.run(PPOConfig(**_ppo_args(setup, "ppo-one")))
-    _ppo_torchrun(_ppo_args(setup, "ppo-two"), tmp_path)
-    root = setup[0]
-    _assert_same_ppo(_ppo_log(root / "ppo-two"), _ppo_log(root / "ppo-one"))
-    one = AutoModelForCausalLM.from_pretrained(root / "ppo-one" / "policy").state_dict()
-    two = AutoModelForCausalLM.from_pretrained(root / "ppo-two" / "policy").state_dict()
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
-
-
 def _ppo_one(setup, out: str = "ppo-one", **kw) -> None:
     import ppo_worker
 
@@ -168,15 +153,17 @@ def _ppo_one(setup, out: str = "ppo-one", **kw) -> None:
         ppo_worker.run(PPOConfig(**_ppo_args(setup, out, **kw)))
 
 
-def test_ppo_fsdp2_two_processes_match_one(setup, tmp_path):
-    """FSDP2: policy and critic sharded per layer, every pass a call of the model itself; the same
-    setting as the DDP test, so the same 1-process curve."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_ppo_two_processes_match_one(setup, tmp_path, parallel):
+    """5 prompts x 2 replies dealt 3 / 2 over the ranks; minibatches of 4 rows in 2 micro-batches, so
+    some ranks hold none of a micro-batch; a separate critic, the frozen-prefix cache, adaptive KL. DDP
+    replicates; FSDP2 shards the policy and the critic per layer (every pass a call of the model itself)."""
     _ppo_one(setup)
-    _ppo_torchrun(_ppo_args(setup, "ppo-fsdp2", parallel="fsdp2"), tmp_path)
+    _ppo_torchrun(_ppo_args(setup, f"ppo-{parallel}", parallel=parallel), tmp_path)
     root = setup[0]
-    _assert_same_ppo(_ppo_log(root / "ppo-fsdp2"), _ppo_log(root / "ppo-one"))
+    _assert_same_ppo(_ppo_log(root / f"ppo-{parallel}"), _ppo_log(root / "ppo-one"))
     one = AutoModelForCausalLM.from_pretrained(root / "ppo-one" / "policy").state_dict()
-    two = AutoModelForCausalLM.from_pretrained(root / "ppo-fsdp2" / "policy").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(root / f"ppo-{parallel}" / "policy").state_dict()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
 
@@ -209,8 +196,7 @@ def test_ppo_checkpoint_from_two_processes_resumes_in_one(setup, tmp_path):
     ckpt = torch.load(root / "ppo-cut" / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2
     ppo_worker.run(PPOConfig(**_ppo_args(setup, "ppo-cut", resume=True)))
-    if not (root / "ppo-one").exists():
-        ppo_worker.run(PPOConfig(**_ppo_args(setup, "ppo-one")))
+    _ppo_one(setup)
     _assert_same_ppo(_ppo_log(root / "ppo-cut"), _ppo_log(root / "ppo-one"))
 
 
