@@ -337,7 +337,9 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         module.train()
         micro = step_batches(len(train), step, cfg.batch_pairs, cfg.grad_accum, cfg.seed)
         n_step = sum(len(m) for m in micro)
-        stats = torch.zeros(6, device=device)  # loss, correct, pairs, sum r, sum r^2, sum gap: one sync per step
+        # loss, correct, pairs, sum r, sum r^2, sum gap: one sync per step. fp64, as the std is
+        # sqrt(E[r^2] - E[r]^2): in fp32 that difference loses ~4 digits once |mean| >> std.
+        stats = torch.zeros(6, dtype=torch.float64, device=device)
         for idx in micro:
             # this rank's share of the micro-batch; the loss is scaled so the averaged gradient is 1-process's
             batch, kept, chunk = _pair_batch(train, idx[world.rank :: world.size].tolist(), cache, tokenizer, cfg, device)
@@ -359,7 +361,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             loss.backward()
             if scale == 0.0:
                 continue
-            rewards = torch.cat([res.chosen_rewards, res.rejected_rewards]).detach()  # (2B,) fp32
+            rewards = torch.cat([res.chosen_rewards, res.rejected_rewards]).detach().double()  # (2B,)
             gap = (res.chosen_rewards - res.rejected_rewards).detach()
             stats += torch.stack([res.loss.detach().sum(), (gap > 0).float().sum(), torch.tensor(float(len(kept)), device=device),
                                   rewards.sum(), rewards.pow(2).sum(), gap.sum()])  # fmt: skip
