@@ -376,6 +376,18 @@ def _bnb_config(quant: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     )
 
 
+def _keep_nf4_compute_dtype(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Keep bitsandbytes' `Linear4bit` off its AVX512-BF16 CPU path unless it fits. On a CPU with
+    avx512_bf16, bitsandbytes (0.50) repacks an eval-mode layer's weights at its first no-grad forward and
+    then computes in bf16, whatever `bnb_4bit_compute_dtype` says, and the repacking raises for layers whose
+    out_features is not a multiple of 32 or in_features not a multiple of the quantization block ("shape
+    '[32, 0]' is invalid" for a 32-wide layer). So the path stays on only for bf16 models whose layers fit."""
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            fits = m.out_features % 32 == 0 and m.in_features % m.weight.quant_state.blocksize == 0
+            m.support_avx512bf16_for_cpu = fits and dtype == torch.bfloat16
+
+
 def load_reference_model(
     path: str | Path,
     *,
@@ -386,7 +398,8 @@ def load_reference_model(
 ) -> PreTrainedModel:
     """Frozen reference policy for the PPO KL penalty: `AutoModelForCausalLM` with its linear layers in
     int8 (LLM.int8, bitsandbytes `Linear8bitLt`; activations are cast to fp16 inside each int8 matmul),
-    nf4 (4-bit NormalFloat, bitsandbytes `Linear4bit`, no double quantization, compute in `dtype`), or
+    nf4 (4-bit NormalFloat, bitsandbytes `Linear4bit`, no double quantization, compute in `dtype`, also on
+    CPUs with AVX512-BF16: `_keep_nf4_compute_dtype`), or
     none (plain copy in `dtype`). Everything else (embeddings, norms, and `lm_head`, which `transformers`
     leaves unquantized by default) stays in `dtype`, so logits come out in `dtype`.
 
@@ -410,6 +423,8 @@ def load_reference_model(
     )
     model = _prepare(model, tokenizer)
     model.requires_grad_(False)
+    if quant == "nf4":
+        _keep_nf4_compute_dtype(model, dtype)
     seconds = time.perf_counter() - t0
     log.info(
         "loaded reference model %s (quant %s, %s, %s) in %.1f s, %.1f MB",
