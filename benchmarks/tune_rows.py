@@ -13,6 +13,19 @@ measured one. Each config's output is checked against the library function's (ma
 must compute the same thing. The launch code repeats the launchers' `_forward` (on purpose: the library's
 launchers take no tile arguments); tests/test_benchmarks_smoke.py runs it on the interpreter against the
 library so it cannot drift.
+
+Without a GPU, `--sass` compiles the same launches for sm_90 (scripts/aot_compile.py's fake device and
+the ptxas in the triton wheel) and reads the streaming loop of each cubin: registers, spills, SASS
+instructions per element by pipe, and from them a compute floor (the busiest limit: instruction issue,
+128 per clock per SM, or one pipe's rate) beside the memory floor (minimum bytes / copy bandwidth). A
+kernel whose compute floor is above its memory floor cannot reach the copy bandwidth with any tiles:
+
+    python benchmarks/tune_rows.py --sass [--arch 90] [--sms 132 --clock-ghz 1.98 --copy-gbs 4246]
+
+The floors are a model, not a measurement: real kernels issue below the peak rate. Calibration (H200, run
+1 of results/2026-11-27-h200): full_kl's forward as measured there had 73.6 instructions per element, a
+2.74 ms issue floor at 1.98 GHz, and ran in 3.89 ms (70% of the issue rate); token_logprobs' forward,
+10.8 per element, is memory-bound (floor 0.59 ms, ran 0.686 ms).
 """
 
 from __future__ import annotations
@@ -91,13 +104,91 @@ def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple) -> t
     return kl
 
 
+OPS = ("token_logprobs", "full_kl")
+BYTES_PER_ELEMENT = {"token_logprobs": 2, "full_kl": 4}  # bf16: the minimum bytes of a forward, per N*V
+
+
+def sass_report(args) -> int:
+    """--sass: every (op, config) compiled for sm_{arch} without a GPU; prints a markdown table, writes JSON."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import aot_compile  # here, not at the top: it must be imported before triton is (no interpreter)
+    from triton.backends.compiler import GPUTarget
+
+    reason = aot_compile.unavailable_reason()
+    if reason:
+        print(f"tune_rows --sass: {reason}", file=sys.stderr)
+        return 2
+    target = GPUTarget("cuda", args.arch, 32)
+    # The launches only need the right dtypes, strides and tiles; 16 rows (a multiple of 16, as 8192 is, so
+    # the same integer specialisations) and torch.empty: nothing is computed
+    n, V = 16, args.vocab
+    logits, ref_logits = torch.empty(n, V, dtype=torch.bfloat16), torch.empty(n, V, dtype=torch.bfloat16)
+    targets = torch.zeros(n, dtype=torch.long)
+    launch = {"token_logprobs": lambda cfg: token_logprobs_fwd(logits, targets, cfg),
+              "full_kl": lambda cfg: full_kl_fwd(logits, ref_logits, cfg)}  # fmt: skip
+    elements = args.rows * V
+    print(f"sm_{args.arch}, {args.sms} SMs at {args.clock_ghz} GHz, copy {args.copy_gbs:.0f} GB/s; "
+          f"N x V = {args.rows} x {V} bf16 (triton {triton.__version__})")
+    print("| op | BLOCK_V | warps | stages | regs | spill B | instr/elem | fp32 | alu | mufu | bound "
+          "| compute floor ms | memory floor ms | best % of copy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    rows = []
+    for op in args.ops:
+        for cfg in CONFIGS:
+            (rec,) = aot_compile.record(lambda: launch[op](cfg), target)
+            row = {"op": op, "config": cfg, "launch": aot_compile.describe(rec)}
+            try:
+                kernel = aot_compile.compile_launch(rec, target)
+            except Exception as e:  # out of shared memory / registers: record and go on
+                rows.append({**row, "status": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            res = aot_compile._resources(kernel.asm["cubin"])
+            if res.get("stack", 0):
+                res.update(aot_compile._spills(kernel.asm["ptx"], args.arch))
+            loop = aot_compile.streaming_loop(aot_compile.sass_text(kernel.asm["cubin"]))
+            per_thread = rec["consts"]["BLOCK_R"] * rec["consts"]["BLOCK_V"] // (32 * rec["num_warps"])
+            cost = aot_compile.cycles_per_element(loop, per_thread)
+            compute_ms = elements * cost["clocks_per_element"] / (args.sms * args.clock_ghz * 1e9) * 1e3
+            memory_ms = elements * BYTES_PER_ELEMENT[op] / (args.copy_gbs * 1e9) * 1e3
+            row.update(status="ok", resources=res, loop=loop, elements_per_thread=per_thread, **cost,
+                       compute_floor_ms=compute_ms, memory_floor_ms=memory_ms,
+                       best_pct_copy=100 * memory_ms / max(compute_ms, memory_ms))  # fmt: skip
+            rows.append(row)
+            per = cost["per_element"]
+            print(f"| {op} | {rec['consts']['BLOCK_V']} | {rec['num_warps']} | {rec['num_stages']} "
+                  f"| {res.get('reg', '?')} | {res.get('spill_stores', 0)} | {per['instructions']:.1f} "
+                  f"| {per['fp32']:.1f} | {per['alu']:.1f} | {per['mufu']:.2f} | {cost['bound']} "
+                  f"| {compute_ms:.3f} | {memory_ms:.3f} | {row['best_pct_copy']:.0f} |", flush=True)  # fmt: skip
+    meta = {"mode": "sass (compiled, not run)", "arch": args.arch, "sms": args.sms, "clock_ghz": args.clock_ghz,
+            "copy_gbs": args.copy_gbs, "triton": triton.__version__, "torch": torch.__version__,
+            "commit": measure.git_commit(), "shape": {"N": args.rows, "V": V},
+            "pipes": {k: {"per_clock_per_sm": r, "opcodes": sorted(o)} for k, (r, o) in aot_compile.PIPES.items()},
+            "issue_per_clock_per_sm": aot_compile.ISSUE_PER_CLK,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    failed = [r for r in rows if r["status"] != "ok"]
+    for r in failed:
+        print(f"{r['op']} {r['config']}: {r['status']}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--out", default="tune_rows.json")
     ap.add_argument("--budget-s", type=float, default=90.0, help="stop starting configs after this many seconds")
+    ap.add_argument("--sass", action="store_true", help="no GPU: compile for --arch and count instructions instead")
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    ap.add_argument("--arch", type=int, default=90, help="--sass: compute capability (90: H100/H200)")
+    ap.add_argument("--sms", type=int, default=132, help="--sass: SMs (H100 SXM / H200: 132)")
+    ap.add_argument("--clock-ghz", type=float, default=1.98, help="--sass: SM clock (H100 SXM / H200 boost: 1.98)")
+    ap.add_argument("--copy-gbs", type=float, default=4246.0,
+                    help="--sass: copy bandwidth for the memory floor (default: the H200's, run 1 of 2026-11-27)")
     args = ap.parse_args(argv)
+    if args.sass:
+        return sass_report(args)
     if not torch.cuda.is_available():
         print("tune_rows: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -115,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                            tlp.token_logprobs(logits, targets)),
         "full_kl": (lambda cfg: full_kl_fwd(logits, ref_logits, cfg), N * V * 4, fkl.full_kl(logits, ref_logits)),
     }  # fmt: skip
+    ops = {op: ops[op] for op in args.ops}
     rows = []
     print("| op | BLOCK_V | warps | stages | ms | % of copy bw | max abs diff vs library |")
     print("|---|---:|---:|---:|---:|---:|---:|")

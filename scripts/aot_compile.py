@@ -40,6 +40,7 @@ raises during capture; spills only warn. tests/test_compile_gpu.py runs this in 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -362,6 +363,17 @@ def capture(modules, target) -> tuple[list[dict], dict[str, str]]:
                 SCENARIOS[name]()
             except Exception:
                 errors[name] = traceback.format_exc()
+    return _launches(rec), errors
+
+
+def record(fn, target) -> list[dict]:
+    """The launches `fn()` makes (CPU tensors seen as cuda, nothing launched), as `capture` gives them."""
+    with _Recorder(target) as rec:
+        fn()
+    return _launches(rec)
+
+
+def _launches(rec) -> list[dict]:
     launches = []
     for (module, kernel, _), r in rec.records.items():
         names = r["fn"].arg_names
@@ -369,7 +381,7 @@ def capture(modules, target) -> tuple[list[dict], dict[str, str]]:
         ptrs = {n: t for n, t in r["signature"].items() if isinstance(t, str) and t.startswith("*")}
         launches.append(dict(r, module=module.rsplit(".", 1)[-1], kernel=kernel, consts=consts, ptrs=ptrs,
                              num_warps=r["options"].num_warps, num_stages=r["options"].num_stages))  # fmt: skip
-    return launches, errors
+    return launches
 
 
 _PTR_CODE = {"bf16": "b", "fp16": "h", "fp32": "f", "fp64": "d", "i64": "l", "i32": "i", "i16": "s", "i8": "c",
@@ -456,12 +468,82 @@ def _spills(ptx: str, capability: int) -> dict:
     return dict(spill_stores=int(m.group(1)), spill_loads=int(m.group(2))) if m else {}
 
 
+# ------------------------------------------------------------------------------------ instruction mix
+# SASS opcodes by the sm_80/sm_90 pipe that executes them, and that pipe's results per clock per SM
+# (CUDA C++ Programming Guide, "Arithmetic Instructions", compute capability 8.x/9.0). Everything else
+# (loads, stores, moves, branches, barriers, uniform-datapath ops) only takes issue slots: one warp
+# instruction per clock per SM sub-partition, 4 x 32 = 128 thread-instructions per clock per SM.
+ISSUE_PER_CLK = 128
+PIPES = {
+    "fp32": (128, {"FADD", "FMUL", "FFMA"}),
+    "alu": (64, {"FMNMX", "FSETP", "FSEL", "SEL", "SHF", "PRMT", "LOP3", "ISETP", "IADD3", "PLOP3", "P2R", "R2P",
+                 "LEA", "IMNMX", "VIMNMX", "FCHK"}),
+    "imad": (64, {"IMAD", "HFMA2"}),
+    "mufu": (16, {"MUFU"}),
+    "conv": (16, {"F2F", "F2I", "I2F", "F2FP"}),
+    "shfl": (32, {"SHFL"}),
+}  # fmt: skip
+
+
+def sass_text(cubin: bytes) -> str:
+    """The cubin's SASS, from the cuobjdump bundled with triton."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                           timeout=60, check=True)  # fmt: skip
+    return r.stdout
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;")
+
+
+def streaming_loop(sass: str) -> dict | None:
+    """The instruction mix of the kernel's streaming loop: of the loops (a branch back to an earlier
+    address), the one with the most global loads (ties: the longest). None when there is no loop.
+    -> {"instructions": n, "ops": {opcode (no modifiers): count}, "loads": global loads in the body}."""
+    ins = [(int(a, 16), op, line) for line in sass.splitlines() for a, op in _SASS_LINE.findall(line)]
+    best = None
+    for addr, op, line in ins:
+        target = re.search(r"BRA\s+`?\(?\s*(?:\.L_x_\d+\s*)?\)?\s*0x([0-9a-f]+)", line) if op == "BRA" else None
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
+        key = (body.count("LDG"), len(body))
+        if best is None or key > best[0]:
+            best = (key, body)
+    if best is None:
+        return None
+    body = best[1]
+    return {"instructions": len(body), "ops": dict(collections.Counter(body).most_common()), "loads": body.count("LDG")}
+
+
+def cycles_per_element(mix: dict, elements: int) -> dict:
+    """Per element (one of the `elements` a thread handles per loop iteration): instructions, and the
+    SM clocks it costs at each limit -- issue (all instructions) and every pipe of PIPES -- and the
+    largest of them, the compute floor ("bound": which limit)."""
+    per = {"instructions": mix["instructions"] / elements}
+    clocks = {"issue": per["instructions"] / ISSUE_PER_CLK}
+    for pipe, (rate, ops) in PIPES.items():
+        n = sum(c for op, c in mix["ops"].items() if op in ops) / elements
+        per[pipe] = n
+        clocks[pipe] = n / rate
+    bound = max(clocks, key=clocks.get)
+    return {"per_element": per, "clocks": clocks, "bound": bound, "clocks_per_element": clocks[bound]}
+
+
+def compile_launch(launch, target):
+    """One captured launch compiled in full, as `JITFunction._do_compile` would (a CompiledKernel)."""
+    from triton.compiler import ASTSource
+
+    src = ASTSource(launch["fn"], launch["signature"], launch["constexprs"], launch["attrs"])
+    return triton.compile(src, target=target, options=launch["options"].__dict__)
+
+
 _LAUNCHES: list[dict] = []  # read by forked workers
 
 
 def _compile_one(i: int, target) -> dict:
-    from triton.compiler import ASTSource
-
     launch = _LAUNCHES[i]
     res = dict(module=launch["module"], kernel=launch["kernel"], config=describe(launch), scenario=launch["scenario"],
                check="cubin" if launch["cubin"] else "ttir", ok=True,
@@ -471,8 +553,7 @@ def _compile_one(i: int, target) -> dict:
         if not launch["cubin"]:
             _frontend(launch, target)
         else:
-            src = ASTSource(launch["fn"], launch["signature"], launch["constexprs"], launch["attrs"])
-            k = triton.compile(src, target=target, options=launch["options"].__dict__)
+            k = compile_launch(launch, target)
             res["shared"] = int(k.metadata.shared)
             limit = MAX_SHARED.get(target.arch)
             if limit is not None and res["shared"] > limit:

@@ -140,3 +140,33 @@ def test_check_catches_annotated_constexpr_global(report, tmp_path):
     failed = {r["kernel"] for r in rep["results"] if not r["ok"] and message in r["error"]}
     seen = [(r["kernel"], r.get("error")) for r in rep["results"]]
     assert failed == {"_token_logprobs_fwd", "_token_logprobs_bwd"}, seen
+
+
+_SASS_DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import tune_rows
+tune_rows.CONFIGS = [(None, None, None), (4096, 4, 3)]  # the shipped tiles, and one sweep row
+sys.exit(tune_rows.main(["--sass", "--out", sys.argv[2]]))
+"""
+
+
+def test_tune_rows_sass_counts_the_streaming_loop(report, tmp_path):
+    """`tune_rows.py --sass` (no GPU): the sm_90 cubins' streaming loops are found and counted. The
+    shipped forwards (BLOCK_V 4096, 8 warps: 16 bf16 per thread per tensor, two 16-byte loads each) must
+    show their loads and their exponentials, full_kl must come out compute-bound and token_logprobs
+    memory-bound at the H200's copy bandwidth, as run 1 of results/2026-11-27-h200 measured."""
+    rep = _run(["-c", _SASS_DRIVER, str(REPO / "benchmarks"), str(tmp_path / "report.json")], tmp_path)
+    rows = {(r["op"], r["config"][0]): r for r in rep["rows"]}
+    assert all(r["status"] == "ok" for r in rep["rows"]), rep["stdout"]
+    for op, tensors in (("token_logprobs", 1), ("full_kl", 2)):
+        r = rows[(op, None)]
+        assert r["elements_per_thread"] == 16 and r["loop"]["loads"] == 2 * tensors, r["loop"]
+        assert r["per_element"]["mufu"] >= tensors, r["per_element"]  # one exp2 per element and tensor
+        assert r["resources"].get("stack", 0) == 0  # no spills
+        assert rows[(op, 4096)]["elements_per_thread"] == 32
+    tlp, fkl = rows[("token_logprobs", None)], rows[("full_kl", None)]
+    assert 5 < tlp["per_element"]["instructions"] < fkl["per_element"]["instructions"] < 120
+    assert tlp["compute_floor_ms"] < tlp["memory_floor_ms"] and tlp["best_pct_copy"] == 100
+    assert fkl["compute_floor_ms"] > fkl["memory_floor_ms"] and fkl["bound"] == "issue"
+    assert "| full_kl | 4096 | 8 | 3 |" in rep["stdout"]
