@@ -71,6 +71,12 @@ def _rescale(s, D, K, M, mp_old, mp_new, mq_old, mq_new, inv_t):
 
 
 @triton.jit
+def _group_sum(v, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr):
+    """(BLOCK_R, BLOCK_V) -> (BLOCK_R, BLOCK_V // G): sums of G adjacent columns."""
+    return tl.sum(tl.reshape(v, [BLOCK_R, BLOCK_V // G, G]), 2)
+
+
+@triton.jit
 def _full_kl_fwd(
     x_ptr,  # (A, B, V) policy logits, any float; row r at a*sxa + b*sxb; vocab stride 1
     y_ptr,  # (A, B, V) reference logits, any float; row r at a*sya + b*syb; vocab stride 1
@@ -89,6 +95,7 @@ def _full_kl_fwd(
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    G: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_in = rows < N
@@ -104,10 +111,12 @@ def _full_kl_fwd(
 
     mp = tl.full([BLOCK_R], -float("inf"), ACC)
     mq = tl.full([BLOCK_R], -float("inf"), ACC)
-    s = tl.zeros([BLOCK_R], ACC)
-    D = tl.zeros([BLOCK_R], ACC)
-    K = tl.zeros([BLOCK_R], ACC)
-    M = tl.zeros([BLOCK_R], ACC)  # sum p~_j d_j, for the backward's E_p[d]
+    # the four sums stay partial, one per G-column group (G = a thread's contiguous load, so the partial
+    # sums need no cross-thread reduction) until the row ends: per block only the two maxima are reduced
+    s = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
+    D = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
+    K = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
+    M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j d_j, for the backward's E_p[d]
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = active[:, None] & (cols[None, :] < V)
@@ -117,11 +126,13 @@ def _full_kl_fwd(
         mq_new = tl.maximum(mq, tl.max(y, 1))
         mp_new = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # nothing finite yet: keep inf - inf away
         mq_new = tl.where(mq_new == -float("inf"), 0.0, mq_new)
-        s, D, K, M = _rescale(
-            s, D, K, M,
-            tl.where(mp == -float("inf"), mp_new, mp), mp_new,
-            tl.where(mq == -float("inf"), mq_new, mq), mq_new, inv_t,
-        )  # fmt: skip
+        grew = tl.max(((mp_new != mp) | (mq_new != mq)).to(tl.int32), 0)  # any row's maxima moved
+        if grew != 0:  # rare after the first blocks: the partial sums move only then
+            s, D, K, M = _rescale(
+                s, D, K, M,
+                tl.where(mp == -float("inf"), mp_new, mp)[:, None], mp_new[:, None],
+                tl.where(mq == -float("inf"), mq_new, mq)[:, None], mq_new[:, None], inv_t,
+            )  # fmt: skip
         mp = mp_new
         mq = mq_new
 
@@ -134,12 +145,16 @@ def _full_kl_fwd(
         pd = tl.where(pt > 0, pt * d, 0.0)  # p~ d; d may be infinite where p~ underflows to 0
         d_term = tl.where(small, pt * (k3d - d), qt - pt)
         k_term = tl.where(small, pt * k3d, pd + qt - pt)
-        s += tl.sum(pt, 1)
-        M += tl.sum(pd, 1)
+        s += _group_sum(pt, BLOCK_R, BLOCK_V, G)
+        M += _group_sum(pd, BLOCK_R, BLOCK_V, G)
         # lanes with p~ = q~ = 0 (padding, a -inf in both) give 0 without a guard: d is NaN there, so `small`
         # is false and q~ - p~ = 0, and `pd` is guarded
-        D += tl.sum(d_term, 1)
-        K += tl.sum(k_term, 1)
+        D += _group_sum(d_term, BLOCK_R, BLOCK_V, G)
+        K += _group_sum(k_term, BLOCK_R, BLOCK_V, G)
+    s = tl.sum(s, 1)
+    D = tl.sum(D, 1)
+    K = tl.sum(K, 1)
+    M = tl.sum(M, 1)
 
     eps = D / s
     kl = K / s - h_log1p(eps)
@@ -222,10 +237,20 @@ def _forward(logits, ref_logits, mask, temperature):
         _full_kl_fwd[(triton.cdiv(N, block_r),)](
             x, y, mask if mask is not None else kl, kl, stats,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), temperature,
-            HAS_MASK=mask is not None, ACC=tl_dtype(acc),
-            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
+            HAS_MASK=mask is not None, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
+            **fwd_tiles(block_r, block_v, logits.element_size()),
         )  # fmt: skip
         return kl, stats
+
+
+def fwd_tiles(block_r: int, block_v: int, element_size: int) -> dict:
+    """The forward's launch options past (BLOCK_R, BLOCK_V): G, a thread's contiguous 16-byte load in
+    elements (the partial sums' group); num_warps; and, for one-row tiles, a cap of 80 registers. Uncapped,
+    sm_90 takes 102 (2 blocks of 8 warps per SM); at 80 it keeps 3, as the kernel had before the partial
+    sums, for 16 B of spill outside the loop and the same 42 instructions per element inside it
+    (`benchmarks/tune_rows.py --sass`). Neither is measured on a GPU yet; tune_rows times both."""
+    return {"G": min(block_v, 16 // element_size), "num_warps": num_warps_for(block_r * block_v),
+            "maxnreg": 80 if block_r == 1 else None}  # fmt: skip
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):

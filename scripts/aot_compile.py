@@ -501,21 +501,36 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_
 def streaming_loop(sass: str) -> dict | None:
     """The instruction mix of the kernel's streaming loop: of the loops (a branch back to an earlier
     address), the one with the most global loads (ties: the longest). None when there is no loop.
-    -> {"instructions": n, "ops": {opcode (no modifiers): count}, "loads": global loads in the body}."""
+    Instructions that a forward branch inside the loop can skip (an `if` in the kernel, e.g. full_kl's
+    rescale when a running maximum moves) are counted apart, as `conditional`: `ops` and `instructions` are
+    the path through the loop that skips them all.
+    -> {"instructions": n, "ops": {opcode (no modifiers): count}, "loads": global loads, "conditional": n}."""
     ins = [(int(a, 16), op, line) for line in sass.splitlines() for a, op in _SASS_LINE.findall(line)]
+
+    def target(op, line):
+        m = re.search(r"BRA\b[^;]*?0x([0-9a-f]+)", line) if op == "BRA" else None
+        return int(m.group(1), 16) if m else None
+
     best = None
     for addr, op, line in ins:
-        target = re.search(r"BRA\s+`?\(?\s*(?:\.L_x_\d+\s*)?\)?\s*0x([0-9a-f]+)", line) if op == "BRA" else None
-        if target is None or int(target.group(1), 16) >= addr:
+        t = target(op, line)
+        if t is None or t >= addr:
             continue
-        body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
-        key = (body.count("LDG"), len(body))
+        body = [(a, o, l) for a, o, l in ins if t <= a <= addr]
+        key = (sum(o == "LDG" for _, o, _ in body), len(body))
         if best is None or key > best[0]:
             best = (key, body)
     if best is None:
         return None
     body = best[1]
-    return {"instructions": len(body), "ops": dict(collections.Counter(body).most_common()), "loads": body.count("LDG")}
+    skipped = set()
+    for a, o, l in body:
+        t = target(o, l)
+        if t is not None and a < t <= body[-1][0]:
+            skipped.update(b for b, _, _ in body if a < b < t)
+    path = [o for a, o, _ in body if a not in skipped]
+    return {"instructions": len(path), "ops": dict(collections.Counter(path).most_common()),
+            "loads": path.count("LDG"), "conditional": len(skipped)}  # fmt: skip
 
 
 def cycles_per_element(mix: dict, elements: int) -> dict:
