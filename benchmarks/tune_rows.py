@@ -18,16 +18,17 @@ Without a GPU, `--sass` compiles the same launches for sm_90 (scripts/aot_compil
 the ptxas in the triton wheel) and reads the streaming loop of each cubin: registers, spills, SASS
 instructions per element by pipe on the path that skips the loop's `if` blocks (their size per iteration
 is the `if-block` column: full_kl's rescale, taken only when a running maximum moves), and from them a
-compute floor (the busiest limit: instruction issue,
-128 per clock per SM, or one pipe's rate) beside the memory floor (minimum bytes / copy bandwidth). A
+compute floor (the busiest limit: instruction issue, 128 per clock per SM, or one pipe's rate) beside the
+memory floor (minimum bytes / copy bandwidth); the library's two backward kernels get a row each too. A
 kernel whose compute floor is above its memory floor cannot reach the copy bandwidth with any tiles:
 
     python benchmarks/tune_rows.py --sass [--arch 90] [--sms 132 --clock-ghz 1.98 --copy-gbs 4246]
 
-The floors are a model, not a measurement: real kernels issue below the peak rate. Calibration (H200, run
-1 of results/2026-11-27-h200): full_kl's forward as measured there had 73.6 instructions per element, a
-2.74 ms issue floor at 1.98 GHz, and ran in 3.89 ms (70% of the issue rate); token_logprobs' forward,
-10.8 per element, is memory-bound (floor 0.59 ms, ran 0.686 ms).
+The floors are a model, not a measurement: real kernels issue below the peak rate, and the GPU host's
+Triton (3.6 there) may schedule differently from this one. Calibration (H200, run 1 of
+results/2026-11-27-h200; its kernels, as at commit 7310124, counted the same way here): full_kl's forward
+had 73.6 instructions per element, a 2.74 ms issue floor at 1.98 GHz, and ran in 3.89 ms (70% of the
+issue rate); token_logprobs' forward, 10.8 per element, is memory-bound (floor 0.59 ms, ran 0.686 ms).
 """
 
 from __future__ import annotations
@@ -107,11 +108,22 @@ def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple) -> t
 
 
 OPS = ("token_logprobs", "full_kl")
-BYTES_PER_ELEMENT = {"token_logprobs": 2, "full_kl": 4}  # bf16: the minimum bytes of a forward, per N*V
+# bf16, per element of the N x V logits: the minimum bytes of a forward, and of the backward (read what the
+# forward read again, write the logits' gradient)
+BYTES_PER_ELEMENT = {("token_logprobs", "fwd"): 2, ("full_kl", "fwd"): 4, ("token_logprobs", "bwd"): 4,
+                     ("full_kl", "bwd"): 6}  # fmt: skip
+
+
+def _library_backward(op: str, logits, ref_logits, targets) -> None:
+    """The library's backward launch for `op` (its forward launches too; the caller keeps the `_bwd` one)."""
+    x = logits.detach().requires_grad_()
+    out = tlp.token_logprobs(x, targets) if op == "token_logprobs" else fkl.full_kl(x, ref_logits)
+    torch.autograd.grad(out.sum(), [x])
 
 
 def sass_report(args) -> int:
-    """--sass: every (op, config) compiled for sm_{arch} without a GPU; prints a markdown table, writes JSON."""
+    """--sass: every (op, config) forward, and the library's backward, compiled for sm_{arch} without a
+    GPU; prints a markdown table, writes JSON."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import aot_compile  # here, not at the top: it must be imported before triton is (no interpreter)
     from triton.backends.compiler import GPUTarget
@@ -128,39 +140,43 @@ def sass_report(args) -> int:
     targets = torch.zeros(n, dtype=torch.long)
     launch = {"token_logprobs": lambda cfg: token_logprobs_fwd(logits, targets, cfg),
               "full_kl": lambda cfg: full_kl_fwd(logits, ref_logits, cfg)}  # fmt: skip
+    cases = [(op, "fwd", cfg) for op in args.ops for cfg in CONFIGS] + [(op, "bwd", None) for op in args.ops]
     elements = args.rows * V
     print(f"sm_{args.arch}, {args.sms} SMs at {args.clock_ghz} GHz, copy {args.copy_gbs:.0f} GB/s; "
-          f"N x V = {args.rows} x {V} bf16 (triton {triton.__version__})")
-    print("| op | BLOCK_V | warps | stages | regs | spill B | instr/elem | fp32 | alu | mufu | if-block | bound "
+          f"N x V = {args.rows} x {V} bf16 (triton {triton.__version__}); bwd: the library's backward")
+    print("| op | pass | BLOCK_V | warps | regs | spill B | instr/elem | fp32 | alu | mufu | if-block | bound "
           "| compute floor ms | memory floor ms | best % of copy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     rows = []
-    for op in args.ops:
-        for cfg in CONFIGS:
+    for op, mode, cfg in cases:
+        if mode == "fwd":
             (rec,) = aot_compile.record(lambda: launch[op](cfg), target)
-            row = {"op": op, "config": cfg, "launch": aot_compile.describe(rec)}
-            try:
-                kernel = aot_compile.compile_launch(rec, target)
-            except Exception as e:  # out of shared memory / registers: record and go on
-                rows.append({**row, "status": f"{type(e).__name__}: {str(e)[:200]}"})
-                continue
-            res = aot_compile._resources(kernel.asm["cubin"])
-            if res.get("stack", 0):
-                res.update(aot_compile._spills(kernel.asm["ptx"], args.arch))
-            loop = aot_compile.streaming_loop(aot_compile.sass_text(kernel.asm["cubin"]))
-            per_thread = rec["consts"]["BLOCK_R"] * rec["consts"]["BLOCK_V"] // (32 * rec["num_warps"])
-            cost = aot_compile.cycles_per_element(loop, per_thread)
-            compute_ms = elements * cost["clocks_per_element"] / (args.sms * args.clock_ghz * 1e9) * 1e3
-            memory_ms = elements * BYTES_PER_ELEMENT[op] / (args.copy_gbs * 1e9) * 1e3
-            row.update(status="ok", resources=res, loop=loop, elements_per_thread=per_thread, **cost,
-                       compute_floor_ms=compute_ms, memory_floor_ms=memory_ms,
-                       best_pct_copy=100 * memory_ms / max(compute_ms, memory_ms))  # fmt: skip
-            rows.append(row)
-            per = cost["per_element"]
-            print(f"| {op} | {rec['consts']['BLOCK_V']} | {rec['num_warps']} | {rec['num_stages']} "
-                  f"| {res.get('reg', '?')} | {res.get('spill_stores', 0)} | {per['instructions']:.1f} "
-                  f"| {per['fp32']:.1f} | {per['alu']:.1f} | {per['mufu']:.2f} | {loop['conditional']} | {cost['bound']} "
-                  f"| {compute_ms:.3f} | {memory_ms:.3f} | {row['best_pct_copy']:.0f} |", flush=True)  # fmt: skip
+        else:
+            recs = aot_compile.record(lambda: _library_backward(op, logits, ref_logits, targets), target)
+            (rec,) = [r for r in recs if r["kernel"].endswith("_bwd")]
+        row = {"op": op, "pass": mode, "config": cfg, "launch": aot_compile.describe(rec)}
+        try:
+            kernel = aot_compile.compile_launch(rec, target)
+        except Exception as e:  # out of shared memory / registers: record and go on
+            rows.append({**row, "status": f"{type(e).__name__}: {str(e)[:200]}"})
+            continue
+        res = aot_compile._resources(kernel.asm["cubin"])
+        if res.get("stack", 0):
+            res.update(aot_compile._spills(kernel.asm["ptx"], args.arch))
+        loop = aot_compile.streaming_loop(aot_compile.sass_text(kernel.asm["cubin"]))
+        per_thread = rec["consts"]["BLOCK_R"] * rec["consts"]["BLOCK_V"] // (32 * rec["num_warps"])
+        cost = aot_compile.cycles_per_element(loop, per_thread)
+        compute_ms = elements * cost["clocks_per_element"] / (args.sms * args.clock_ghz * 1e9) * 1e3
+        memory_ms = elements * BYTES_PER_ELEMENT[(op, mode)] / (args.copy_gbs * 1e9) * 1e3
+        row.update(status="ok", resources=res, loop=loop, elements_per_thread=per_thread, **cost,
+                   compute_floor_ms=compute_ms, memory_floor_ms=memory_ms,
+                   best_pct_copy=100 * memory_ms / max(compute_ms, memory_ms))  # fmt: skip
+        rows.append(row)
+        per = cost["per_element"]
+        print(f"| {op} | {mode} | {rec['consts']['BLOCK_V']} | {rec['num_warps']} | {res.get('reg', '?')} "
+              f"| {res.get('spill_stores', 0)} | {per['instructions']:.1f} | {per['fp32']:.1f} | {per['alu']:.1f} "
+              f"| {per['mufu']:.2f} | {loop['conditional']} | {cost['bound']} | {compute_ms:.3f} | {memory_ms:.3f} "
+              f"| {row['best_pct_copy']:.0f} |", flush=True)  # fmt: skip
     meta = {"mode": "sass (compiled, not run)", "arch": args.arch, "sms": args.sms, "clock_ghz": args.clock_ghz,
             "copy_gbs": args.copy_gbs, "triton": triton.__version__, "torch": torch.__version__,
             "commit": measure.git_commit(), "shape": {"N": args.rows, "V": V},
@@ -171,9 +187,8 @@ def sass_report(args) -> int:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed:
-        print(f"{r['op']} {r['config']}: {r['status']}")
+        print(f"{r['op']} {r['pass']} {r['config']}: {r['status']}")
     return 1 if failed else 0
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
