@@ -144,9 +144,9 @@ def sass_report(args) -> int:
     elements = args.rows * V
     print(f"sm_{args.arch}, {args.sms} SMs at {args.clock_ghz} GHz, copy {args.copy_gbs:.0f} GB/s; "
           f"N x V = {args.rows} x {V} bf16 (triton {triton.__version__}); bwd: the library's backward")
-    print("| op | pass | BLOCK_V | warps | regs | spill B | instr/elem | fp32 | alu | mufu | if-block | bound "
+    print("| op | pass | tiles | BLOCK_V | warps | regs | spill B | instr/elem | fp32 | alu | mufu | if-block | bound "
           "| compute floor ms | memory floor ms | best % of copy |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     rows = []
     for op, mode, cfg in cases:
         if mode == "fwd":
@@ -173,7 +173,8 @@ def sass_report(args) -> int:
                    best_pct_copy=100 * memory_ms / max(compute_ms, memory_ms))  # fmt: skip
         rows.append(row)
         per = cost["per_element"]
-        print(f"| {op} | {mode} | {rec['consts']['BLOCK_V']} | {rec['num_warps']} | {res.get('reg', '?')} "
+        print(f"| {op} | {mode} | {'library' if cfg is None or cfg[0] is None else 'sweep'} | {rec['consts']['BLOCK_V']} "
+              f"| {rec['num_warps']} | {res.get('reg', '?')} "
               f"| {res.get('spill_stores', 0)} | {per['instructions']:.1f} | {per['fp32']:.1f} | {per['alu']:.1f} "
               f"| {per['mufu']:.2f} | {loop['conditional']} | {cost['bound']} | {compute_ms:.3f} | {memory_ms:.3f} "
               f"| {row['best_pct_copy']:.0f} |", flush=True)  # fmt: skip

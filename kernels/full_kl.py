@@ -246,9 +246,9 @@ def _forward(logits, ref_logits, mask, temperature):
 def fwd_tiles(block_r: int, block_v: int, element_size: int) -> dict:
     """The forward's launch options past (BLOCK_R, BLOCK_V): G, a thread's contiguous 16-byte load in
     elements (the partial sums' group); num_warps; and, for one-row tiles, a cap of 80 registers. Uncapped,
-    sm_90 takes 102 (2 blocks of 8 warps per SM); at 80 it keeps 3, as the kernel had before the partial
-    sums, for 16 B of spill outside the loop and the same 42 instructions per element inside it
-    (`benchmarks/tune_rows.py --sass`). Neither is measured on a GPU yet; tune_rows times both."""
+    sm_90 takes 102 (2 blocks of 8 warps per SM, like the 89 of the kernel measured on the H200); at 80 it
+    fits 3, for 16 B of spill outside the loop and the same 42 instructions per element inside it
+    (`benchmarks/tune_rows.py --sass`, triton 3.9). Neither is measured on a GPU yet; tune_rows times both."""
     return {"G": min(block_v, 16 // element_size), "num_warps": num_warps_for(block_r * block_v),
             "maxnreg": 80 if block_r == 1 else None}  # fmt: skip
 
