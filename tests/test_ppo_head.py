@@ -35,13 +35,19 @@ def eager(logits, targets, old, adv, ref, temperature, clip_range=CLIP, ignore_i
 
 
 def per_token_inputs(logits, targets, temperature, gen, with_ref=True):
-    """old_logprobs = logp -+ up to 0.5 (ratios in [0.61, 1.65]: clipped and unclipped tokens), advantages
-    of both signs (two exactly 0), ref_logprobs near logp (a few very near: the k3 series branch)."""
+    """old_logprobs = logp -+ up to 0.5 (ratios in [0.61, 1.65]: clipped and unclipped tokens, and the
+    first two active tokens one of each whatever the seed), advantages of both signs (the last two active
+    tokens exactly 0), ref_logprobs near logp (a few very near: the k3 series branch)."""
     logp = token_logprobs_fp64(logits, targets, temperature)
     shape = targets.shape
-    old = (logp + torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5).float()
+    old = logp + torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5
     adv = torch.randn(shape, generator=gen)
-    adv.view(-1)[:2] = 0.0
+    active = (targets.reshape(-1) != -100).nonzero().flatten().tolist()
+    old, adv, flat_logp = old.view(-1), adv.view(-1), logp.reshape(-1)
+    old[active[0]], adv[active[0]] = flat_logp[active[0]] - 0.4, 1.0  # ratio 1.49 with adv > 0: clipped
+    old[active[1]], adv[active[1]] = flat_logp[active[1]], 1.0  # ratio 1: not clipped
+    adv[active[-2:]] = 0.0
+    old, adv = old.view(shape).float(), adv.view(shape)
     if not with_ref:
         return old, adv, None
     ref = logp + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -92,7 +98,7 @@ CASES = ["random", "no_ref", "temperature", "masked_rows", "strided", "last_part
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
-def test_contract_forward_backward(case, dtype, gen, device):
+def test_contract_forward_backward(case, dtype, gen, device, tiles):
     leaf, view, t, temp, old, adv, ref = make_case(case, gen, dtype, device)
     weights = {n: torch.randn(t.shape, generator=gen).to(device) for n in DIFFERENTIABLE}
 
