@@ -19,10 +19,12 @@ the new maxima exactly (see `_rescale`). Result: KL with relative (not absolute)
 Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
 Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
 dx (N*V*(bytes_x + bytes_y + bytes_x)):
-    dKL/dx_j = p_j (log p_j - log q_j - KL) / T = p_j (d_j - E_p[d]) / T
-(the per-row constants cancel). E_p[d] is accumulated in the forward from the same d_j the backward
+    dKL/dx_j = p_j (log p_j - log q_j - KL) / T = p_j (w_j - E_p[w]) / T,   w_j = ((x_j - y_j) - c0) / T
+(the per-row constants cancel; c0 is the first block's m_p - m_q, fixed for the row, unlike d's centre,
+which follows the maxima). E_p[w] is accumulated in the forward from the same w_j the backward
 recomputes, bit for bit, so for a confident row (p_j -> 1) their rounding cancels as it does in eager
-autograd; using the forward's KL instead would leave an O(eps |log p/q|) error.
+autograd; using the forward's KL instead would leave an O(eps |log p/q|) error, and a centre that moves
+(E_p[d], shifted whenever a maximum moves) an O(eps |shift|) one.
 Differences are taken on the raw logits (x_j - m_p, x_j - y_j: exact or nearly so) and only then scaled,
 so neither a large common offset nor near-equal logits lose precision.
 computed from the fp32 logits, never as a difference of two rounded softmaxes.
@@ -59,15 +61,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 def _rescale(s, D, K, M, mp_old, mp_new, mq_old, mq_new, inv_t):
     """Move (s, D, K, M) from maxima (mp_old, mq_old) to (mp_new, mq_new). With a = e^((mp_old - mp_new)/T),
     b = e^((mq_old - mq_new)/T) and every d_j shifted by g = ((mp_old - mp_new) - (mq_old - mq_new))/T:
-        s' = a s,   D' = a (D + (D + s) expm1(-g)),   K' = a (K + g s + (D + s) expm1(-g)),   M' = a (M + g s)
-    and a expm1(-g) = b - a, which stays finite when a underflows and e^-g would overflow."""
+        s' = a s,   D' = a (D + (D + s) expm1(-g)),   K' = a (K + g s + (D + s) expm1(-g)),   M' = a M
+    (M sums p~ w against a fixed centre: only p~ moves) and a expm1(-g) = b - a, which stays finite when a
+    underflows and e^-g would overflow."""
     a = tl.exp2((mp_old - mp_new) * (inv_t * LOG2E))
     b = tl.exp2((mq_old - mq_new) * (inv_t * LOG2E))
     g = ((mp_old - mp_new) - (mq_old - mq_new)) * inv_t
     small = tl.abs(g) < SERIES_D
     a_em1 = tl.where(small, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
     q_sum = D + s  # sum of q~ in the old scale
-    return a * s, a * D + q_sum * a_em1, a * (K + g * s) + q_sum * a_em1, a * (M + g * s)
+    return a * s, a * D + q_sum * a_em1, a * (K + g * s) + q_sum * a_em1, a * M
 
 
 @triton.jit
@@ -82,7 +85,7 @@ def _full_kl_fwd(
     y_ptr,  # (A, B, V) reference logits, any float; row r at a*sya + b*syb; vocab stride 1
     mask_ptr,  # (N,) bool, read when HAS_MASK
     kl_ptr,  # (N,) fp32 out
-    stats_ptr,  # (4, N) fp32 out: [m_p, m_q, log2 s, E_p[d]] for the backward
+    stats_ptr,  # (4, N) fp32 out: [m_p, c0, log2 s, E_p[w]] for the backward
     N,
     V,
     B,
@@ -116,7 +119,8 @@ def _full_kl_fwd(
     s = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     D = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     K = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
-    M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j d_j, for the backward's E_p[d]
+    M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j w_j, for the backward's E_p[w]
+    c0 = tl.zeros([BLOCK_R], ACC)  # w's centre: the first block's m_p - m_q, then fixed
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = active[:, None] & (cols[None, :] < V)
@@ -135,18 +139,25 @@ def _full_kl_fwd(
             )  # fmt: skip
         mp = mp_new
         mq = mq_new
+        c0 = tl.where(start == 0, mp - mq, c0)
 
         pt = tl.exp2((x - mp[:, None]) * scale)  # p~
         qt = tl.exp2((y - mq[:, None]) * scale)  # q~
-        d = ((x - y) - (mp - mq)[:, None]) * inv_t  # x - y is exact for close logits
+        u = x - y  # exact for close logits
+        d = (u - (mp - mq)[:, None]) * inv_t
+        # w = d up to a per-row constant, but against the centre c0, which never moves: M = sum p~ w is then
+        # summed from the very w_j the backward recomputes, however the maxima move later, so for a confident
+        # row (p~ -> 1 at one token) E_p[w] and that token's w cancel to the bit, as in eager autograd
+        w = (u - c0[:, None]) * inv_t
         small = tl.abs(d) < SERIES_D
         # one polynomial per element: expm1(-d) = k3(d) - d, and k3 << |d| there, so no cancellation
         k3d = k3_series(d)
-        pd = tl.where(pt > 0, pt * d, 0.0)  # p~ d; d may be infinite where p~ underflows to 0
+        pw = tl.where(pt > 0, pt * w, 0.0)  # p~ w; w may be infinite where p~ underflows to 0
+        pd = pw - pt * (((mp - mq) - c0) * inv_t)[:, None]  # p~ d (d = w - that): guarded as pw; |d| >= 0.5 only
         d_term = tl.where(small, pt * (k3d - d), qt - pt)
         k_term = tl.where(small, pt * k3d, pd + qt - pt)
         s += _group_sum(pt, BLOCK_R, BLOCK_V, G)
-        M += _group_sum(pd, BLOCK_R, BLOCK_V, G)
+        M += _group_sum(pw, BLOCK_R, BLOCK_V, G)
         # lanes with p~ = q~ = 0 (padding, a -inf in both) give 0 without a guard: d is NaN there, so `small`
         # is false and q~ - p~ = 0, and `pd` is guarded
         D += _group_sum(d_term, BLOCK_R, BLOCK_V, G)
@@ -160,7 +171,7 @@ def _full_kl_fwd(
     kl = K / s - h_log1p(eps)
     tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_in)
     tl.store(stats_ptr + rows, tl.where(active, mp, 0.0), mask=row_in)
-    tl.store(stats_ptr + N + rows, tl.where(active, mq, 0.0), mask=row_in)
+    tl.store(stats_ptr + N + rows, tl.where(active, c0, 0.0), mask=row_in)
     tl.store(stats_ptr + 2 * N + rows, tl.where(active, tl.log2(s), 0.0), mask=row_in)
     tl.store(stats_ptr + 3 * N + rows, tl.where(active, M / s, 0.0), mask=row_in)
 
@@ -203,9 +214,9 @@ def _full_kl_bwd(
     scale = LOG2E * inv_t
 
     mp = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
-    mq = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
+    c0 = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
     log2_s = tl.load(stats_ptr + 2 * N + rows, mask=active, other=0.0).to(ACC)
-    mean_d = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
+    mean_w = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
     g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
 
     col_start = tl.program_id(1).to(tl.int64) * cols_per_split
@@ -217,8 +228,8 @@ def _full_kl_bwd(
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         p = tl.exp2((x - mp[:, None]) * scale - log2_s[:, None])
-        d = ((x - y) - (mp - mq)[:, None]) * inv_t  # exactly as in the forward
-        g = tl.where(p > 0, p * (d - mean_d[:, None]), 0.0) * g_kl[:, None]
+        w = ((x - y) - c0[:, None]) * inv_t  # exactly as in the forward
+        g = tl.where(p > 0, p * (w - mean_w[:, None]), 0.0) * g_kl[:, None]
         g = tl.where(mask, g, 0.0)
         tl.store(grad_x_ptr + g_off[:, None] + cols[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
 
@@ -245,12 +256,10 @@ def _forward(logits, ref_logits, mask, temperature):
 
 def fwd_tiles(block_r: int, block_v: int, element_size: int) -> dict:
     """The forward's launch options past (BLOCK_R, BLOCK_V): G, a thread's contiguous 16-byte load in
-    elements (the partial sums' group); num_warps; and, for one-row tiles, a cap of 80 registers. Uncapped,
-    sm_90 takes 102 (2 blocks of 8 warps per SM, like the 89 of the kernel measured on the H200); at 80 it
-    fits 3, for 16 B of spill outside the loop and the same 42 instructions per element inside it
-    (`benchmarks/tune_rows.py --sass`, triton 3.9). Neither is measured on a GPU yet; tune_rows times both."""
-    return {"G": min(block_v, 16 // element_size), "num_warps": num_warps_for(block_r * block_v),
-            "maxnreg": 80 if block_r == 1 else None}  # fmt: skip
+    elements (the partial sums' group), and num_warps. On sm_90 the one-row tile takes 123 registers, 2
+    blocks of 8 warps per SM like the 89 of the kernel measured on the H200 (a cap of 80 would fit 3, but
+    spills inside the loop); 45 SASS instructions per element (`benchmarks/tune_rows.py --sass`)."""
+    return {"G": min(block_v, 16 // element_size), "num_warps": num_warps_for(block_r * block_v)}
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):

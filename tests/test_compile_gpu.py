@@ -154,8 +154,8 @@ sys.exit(tune_rows.main(["--sass", "--out", sys.argv[2]]))
 def test_tune_rows_sass_counts_the_streaming_loop(report, tmp_path):
     """`tune_rows.py --sass` (no GPU): the sm_90 cubins' streaming loops are found and counted. The
     shipped kernels (BLOCK_V 4096, 8 warps: 16 bf16 per thread per tensor, two 16-byte loads each) must
-    show their loads, stores and exponentials and no spills in the loop (full_kl's register cap spills
-    16 B outside it); full_kl's forward must come out compute-bound and the rest memory-bound at the
+    show their loads, stores and exponentials and no spills in the loop; full_kl's forward must come out
+    compute-bound and the rest memory-bound at the
     H200's copy bandwidth, as run 1 of results/2026-11-27-h200 measured."""
     rep = _run(["-c", _SASS_DRIVER, str(REPO / "benchmarks"), str(tmp_path / "report.json")], tmp_path)
     assert all(r["status"] == "ok" for r in rep["rows"]), rep["stdout"]
@@ -173,5 +173,4 @@ def test_tune_rows_sass_counts_the_streaming_loop(report, tmp_path):
     assert 5 < tlp["per_element"]["instructions"] < fkl["per_element"]["instructions"] < 120
     assert fkl["compute_floor_ms"] > fkl["memory_floor_ms"] and fkl["bound"] == "issue"
     assert fkl["loop"]["conditional"] > 0  # the rescale, skipped while the maxima stay
-    assert "| full_kl | fwd | library | 4096 | 8 | 80 |" in rep["stdout"]  # the register cap
-    assert "| full_kl | bwd | library | 4096 | 8 |" in rep["stdout"]
+    assert "| full_kl | fwd | library | 4096 | 8 |" in rep["stdout"] and "| full_kl | bwd | library |" in rep["stdout"]

@@ -122,7 +122,7 @@ KL_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", KL_CASES)
-def test_full_kl_contract(case, dtype, gen, device):
+def test_full_kl_contract(case, dtype, gen, device, tiles):
     leaf, x, y, temp = make_pair(case, gen, dtype, device)
     kl = full_kl(x, y, temperature=temp)
     assert kl.dtype == torch.float32 and kl.shape == x.shape[:-1]
@@ -174,7 +174,7 @@ def test_full_kl_identical_is_zero_and_nonnegative(gen, device):
     assert (full_kl(x, y) >= 0).all()
 
 
-def test_full_kl_infinities(gen, device):
+def test_full_kl_infinities(gen, device, tiles):
     """-inf logits (banned tokens): both -inf contributes nothing; ref -inf where p > 0 is infinite KL."""
     x = torch.randn(4, 300, generator=gen).to(device)
     y = x + 0.3 * torch.randn(4, 300, generator=gen).to(device)
@@ -187,7 +187,7 @@ def test_full_kl_infinities(gen, device):
     assert max_err(kl[:3], ref[:3]) < 1e-6
 
 
-def test_full_kl_mask(gen, device):
+def test_full_kl_mask(gen, device, tiles):
     x = torch.randn(4, 6, 129, generator=gen).to(device).requires_grad_()
     y = torch.randn(4, 6, 129, generator=gen).to(device)
     mask = torch.rand(4, 6, generator=gen).to(device) > 0.5

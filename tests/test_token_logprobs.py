@@ -61,7 +61,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
-def test_contract_forward_backward(case, dtype, gen, device):
+def test_contract_forward_backward(case, dtype, gen, device, tiles):
     leaf, x, t, temp = make_case(case, gen, dtype, device)
     g_lp = torch.randn(t.shape, generator=gen).to(device)
     g_ent = torch.randn(t.shape, generator=gen).to(device)
