@@ -36,19 +36,19 @@ def gen(request) -> torch.Generator:
 ROW_KERNELS = ("token_logprobs", "full_kl", "ppo_head")
 
 
-@pytest.fixture(params=["own_tiles", "blocks_of_256"])
+@pytest.fixture(params=["own_tiles", "blocks_of_1024"])
 def tiles(request, monkeypatch) -> str:
-    """The row kernels with the launchers' own tiles, then with 256-column blocks. The own tiles hold the
+    """The row kernels with the launchers' own tiles, then with 1,024-column blocks. The own tiles hold the
     tests' vocabularies in one block (up to 65,536 columns on the interpreter, 4,096 on CUDA), so without
     the second run the online max and the rescaling of the sums across blocks would go untested on CPU."""
-    if request.param == "blocks_of_256":
+    if request.param == "blocks_of_1024":
         import importlib
 
         from fastrlhf.kernels import _common
 
-        def blocks_of_256(n_rows, n_cols, device, max_tile=None):
-            return _common.row_blocks(n_rows, n_cols, device, max_tile=min(max_tile or 256, 256))
+        def blocks_of_1024(n_rows, n_cols, device, max_tile=None):
+            return _common.row_blocks(n_rows, n_cols, device, max_tile=min(max_tile or 1024, 1024))
 
         for name in ROW_KERNELS:
-            monkeypatch.setattr(importlib.import_module(f"fastrlhf.kernels.{name}"), "row_blocks", blocks_of_256)
+            monkeypatch.setattr(importlib.import_module(f"fastrlhf.kernels.{name}"), "row_blocks", blocks_of_1024)
     return request.param
