@@ -256,9 +256,10 @@ def _forward(logits, ref_logits, mask, temperature):
 
 def fwd_tiles(block_r: int, block_v: int, element_size: int) -> dict:
     """The forward's launch options past (BLOCK_R, BLOCK_V): G, a thread's contiguous 16-byte load in
-    elements (the partial sums' group), and num_warps. On sm_90 the one-row tile takes 123 registers, 2
-    blocks of 8 warps per SM like the 89 of the kernel measured on the H200 (a cap of 80 would fit 3, but
-    spills inside the loop); 45 SASS instructions per element (`benchmarks/tune_rows.py --sass`)."""
+    elements (the partial sums' group), and num_warps. On sm_90 the one-row tile takes 123 registers (114
+    with triton 3.6): 2 blocks of 8 warps per SM, as the kernel measured on the H200 had (89; 102 with 3.6).
+    A cap of 80 would fit 3 but spills inside the loop. 45 SASS instructions per element in the loop
+    (`benchmarks/tune_rows.py --sass`; the measured kernel had 74-77)."""
     return {"G": min(block_v, 16 // element_size), "num_warps": num_warps_for(block_r * block_v)}
 
 
