@@ -155,23 +155,16 @@ def sass_report(args) -> int:
             (rec,) = [r for r in recs if r["kernel"].endswith("_bwd")]
         row = {"op": op, "pass": mode, "config": cfg, "launch": aot_compile.describe(rec)}
         try:
-            kernel = aot_compile.compile_launch(rec, target)
+            cost = aot_compile.loop_cost(rec, target)
         except Exception as e:  # out of shared memory / registers: record and go on
             rows.append({**row, "status": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
-        res = aot_compile._resources(kernel.asm["cubin"])
-        if res.get("stack", 0):
-            res.update(aot_compile._spills(kernel.asm["ptx"], args.arch))
-        loop = aot_compile.streaming_loop(aot_compile.sass_text(kernel.asm["cubin"]))
-        per_thread = rec["consts"]["BLOCK_R"] * rec["consts"]["BLOCK_V"] // (32 * rec["num_warps"])
-        cost = aot_compile.cycles_per_element(loop, per_thread)
+        res, loop, per = cost["resources"], cost["loop"], cost["per_element"]
         compute_ms = elements * cost["clocks_per_element"] / (args.sms * args.clock_ghz * 1e9) * 1e3
         memory_ms = elements * BYTES_PER_ELEMENT[(op, mode)] / (args.copy_gbs * 1e9) * 1e3
-        row.update(status="ok", resources=res, loop=loop, elements_per_thread=per_thread, **cost,
-                   compute_floor_ms=compute_ms, memory_floor_ms=memory_ms,
+        row.update(status="ok", **cost, compute_floor_ms=compute_ms, memory_floor_ms=memory_ms,
                    best_pct_copy=100 * memory_ms / max(compute_ms, memory_ms))  # fmt: skip
         rows.append(row)
-        per = cost["per_element"]
         print(f"| {op} | {mode} | {'library' if cfg is None or cfg[0] is None else 'sweep'} | {rec['consts']['BLOCK_V']} "
               f"| {rec['num_warps']} | {res.get('reg', '?')} "
               f"| {res.get('spill_stores', 0)} | {per['instructions']:.1f} | {per['fp32']:.1f} | {per['alu']:.1f} "

@@ -547,6 +547,19 @@ def cycles_per_element(mix: dict, elements: int) -> dict:
     return {"per_element": per, "clocks": clocks, "bound": bound, "clocks_per_element": clocks[bound]}
 
 
+def loop_cost(launch, target) -> dict:
+    """One captured row-streaming launch compiled for `target`, and its streaming loop's cost: resources
+    (registers, stack, spill bytes), the loop's mix, elements per thread per iteration (BLOCK_R x BLOCK_V
+    over the threads) and `cycles_per_element`'s result. Raises what the compiler raises."""
+    kernel = compile_launch(launch, target)
+    res = _resources(kernel.asm["cubin"])
+    if res.get("stack", 0):
+        res.update(_spills(kernel.asm["ptx"], target.arch))
+    loop = streaming_loop(sass_text(kernel.asm["cubin"]))
+    per_thread = launch["consts"]["BLOCK_R"] * launch["consts"]["BLOCK_V"] // (32 * launch["num_warps"])
+    return {"resources": res, "loop": loop, "elements_per_thread": per_thread, **cycles_per_element(loop, per_thread)}
+
+
 def compile_launch(launch, target):
     """One captured launch compiled in full, as `JITFunction._do_compile` would (a CompiledKernel)."""
     from triton.compiler import ASTSource

@@ -45,14 +45,10 @@ def main(folder: str, out: str) -> None:
     rows = []
     for op in ("token_logprobs", "full_kl"):
         for rec in aot_compile.record(lambda: run(op), target):
-            kernel = aot_compile.compile_launch(rec, target)
-            loop = aot_compile.streaming_loop(aot_compile.sass_text(kernel.asm["cubin"]))
-            per_thread = rec["consts"]["BLOCK_R"] * rec["consts"]["BLOCK_V"] // (32 * rec["num_warps"])
-            rows.append({"kernel": rec["kernel"], "launch": aot_compile.describe(rec),
-                         "resources": aot_compile._resources(kernel.asm["cubin"]), "loop": loop,
-                         "elements_per_thread": per_thread, **aot_compile.cycles_per_element(loop, per_thread)})  # fmt: skip
-            print(f"{rec['kernel']:22s} {rows[-1]['per_element']['instructions']:5.1f} instructions/element "
-                  f"(+{loop['conditional']} in if-blocks per iteration), {rows[-1]['resources']}")
+            r = {"kernel": rec["kernel"], "launch": aot_compile.describe(rec), **aot_compile.loop_cost(rec, target)}
+            rows.append(r)
+            print(f"{rec['kernel']:22s} {r['per_element']['instructions']:5.1f} instructions/element "
+                  f"(+{r['loop']['conditional']} in if-blocks per iteration), {r['resources']}")
     json.dump({"kernels": folder, "rows": rows}, open(out, "w"), indent=2)
 
 
