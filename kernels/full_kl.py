@@ -353,5 +353,8 @@ def full_kl_ref(
     log_p = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
     log_q = torch.log_softmax(ref_logits.detach().to(acc) / temperature, dim=-1)
     p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    # 0 log(0/q) = 0 with the difference kept out of the product: where(p > 0, p * (log_p - log_q), 0) gives
+    # NaN gradients where both are -inf (a vocabulary masked in both), as where's unused branch still
+    # back-propagates 0 * NaN
+    kl = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
     return kl if mask is None else torch.where(mask.bool(), kl, 0.0)

@@ -311,5 +311,7 @@ def token_logprobs_ref(
     if not return_entropy:
         return logp
     p = log_p.exp()
-    ent = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    # 0 log 0 = 0, with the -inf kept out of the product: where(p > 0, p * log_p, 0) would give the whole row
+    # NaN gradients at a -inf logit (a masked vocabulary), as where's unused branch still back-propagates 0 * inf
+    ent = -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
     return logp, torch.where(active, ent, 0.0)

@@ -3,6 +3,7 @@
 For an output or gradient, compare against an fp64 reference computed from the same (already rounded)
 inputs: the kernel's max abs error must be at most twice eager PyTorch's error in the input dtype, plus
 a few fp32 ulps of the result's scale. Non-finite entries must agree exactly in position and value.
+`mask_vocab` makes the one input pattern the row kernels' contract tests share.
 """
 
 from __future__ import annotations
@@ -44,3 +45,19 @@ def assert_contract(what: str, kernel: torch.Tensor, eager: torch.Tensor, ref: t
         eps += 2.0**-7 * ref.detach().double().abs().nan_to_num(posinf=0, neginf=0).max().item()
     assert k <= 2 * e + eps, f"{what}: kernel error {k:.3e} > 2 x eager error {e:.3e} + {eps:.1e}"
     return k, e
+
+
+def mask_vocab(x: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+    """-inf logits where a vocabulary mask puts them (banned tokens, padding of the vocabulary), in place
+    on a contiguous (..., V) tensor with V >= 1,700: columns 500-699 and the last 3 of every row, and the
+    first 1,100 of the first row, more than one 1,024-column block (`tiles`), so that a row's first block
+    holds nothing finite. Targets on those columns move to columns 1,200-1,699 (finite in every row)."""
+    V = x.shape[-1]
+    x[..., 500:700] = -float("inf")
+    x[..., V - 3 :] = -float("inf")
+    x.view(-1, V)[0, :1100] = -float("inf")
+    if targets is not None:
+        rows = x.view(-1, V)
+        t = targets.view(-1)
+        hit = torch.isinf(rows.gather(1, t.clamp(0, V - 1).unsqueeze(1)).squeeze(1)) & (t >= 0)
+        t[hit] = 1200 + t[hit] % 500

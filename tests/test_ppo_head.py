@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from contract import assert_contract, max_err
+from contract import assert_contract, mask_vocab, max_err
 
 from fastrlhf.kernels import kl_estimate, token_logprobs
 from fastrlhf.kernels.ppo_head import PPOHeadOutput, ppo_head, ppo_head_ref
@@ -24,7 +24,7 @@ def eager(logits, targets, old, adv, ref, temperature, clip_range=CLIP, ignore_i
     log_p = torch.log_softmax(logits / temperature, dim=-1)
     active = targets != ignore_index
     lp = log_p.gather(-1, torch.where(active, targets, 0).unsqueeze(-1)).squeeze(-1)
-    ent = -(log_p.exp() * log_p).sum(-1)
+    ent = -(log_p.exp() * torch.where(torch.isinf(log_p), 0, log_p)).sum(-1)  # 0 log 0 = 0 at a -inf logit
     ratio = torch.exp((lp - old).where(active, 0))
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
     pg = torch.maximum(unclipped, clipped)
@@ -72,6 +72,8 @@ def make_case(case, gen, dtype, device):
         t[:, ::2] = V - 1 - torch.randint(0, 5, t[:, ::2].shape, generator=gen)
     elif case == "offset_minus20":
         x = x - 20.0
+    elif case == "masked_vocab":
+        mask_vocab(x, t)
     leaf = x.to(dtype).to(device).requires_grad_()
     if case == "strided":  # logits[:, :-1] against targets[:, 1:], no copy
 
@@ -93,7 +95,7 @@ def weighted_loss(out, weights):
     return sum((getattr(out, n) * w).sum() for n, w in weights.items() if getattr(out, n) is not None)
 
 
-CASES = ["random", "no_ref", "temperature", "masked_rows", "strided", "last_partial_block", "offset_minus20"]
+CASES = ["random", "no_ref", "temperature", "masked_rows", "masked_vocab", "strided", "last_partial_block", "offset_minus20"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

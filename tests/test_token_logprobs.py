@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from contract import assert_contract, max_err
+from contract import assert_contract, mask_vocab, max_err
 
 import fastrlhf.kernels as K
 from fastrlhf.kernels import token_logprobs, token_logprobs_ref
@@ -19,7 +19,7 @@ def eager(logits, targets, temperature=1.0, ignore_index=-100):
     log_p = torch.log_softmax(logits / temperature, dim=-1)
     active = targets != ignore_index
     lp = log_p.gather(-1, torch.where(active, targets, 0).unsqueeze(-1)).squeeze(-1)
-    ent = -(log_p.exp() * log_p).sum(-1)
+    ent = -(log_p.exp() * torch.where(torch.isinf(log_p), 0, log_p)).sum(-1)  # 0 log 0 = 0 at a -inf logit
     return torch.where(active, lp, 0), torch.where(active, ent, 0)
 
 
@@ -41,6 +41,8 @@ def make_case(case: str, gen: torch.Generator, dtype: torch.dtype, device):
         x = x - 20.0
     elif case == "masked_rows":
         t[torch.rand(B, T, generator=gen) < 0.4] = -100
+    elif case == "masked_vocab":
+        mask_vocab(x, t)
     elif case == "temperature":
         temperature = 0.7
     elif case == "wide_vocab":
@@ -55,7 +57,7 @@ def make_case(case: str, gen: torch.Generator, dtype: torch.dtype, device):
 
 CASES = [
     "random", "last_partial_block", "confident", "all_negative", "offset_plus20", "offset_minus20",
-    "masked_rows", "temperature", "strided", "wide_vocab",
+    "masked_rows", "masked_vocab", "temperature", "strided", "wide_vocab",
 ]  # fmt: skip
 
 
