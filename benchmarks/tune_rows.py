@@ -47,7 +47,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 
-from fastrlhf.kernels._common import num_warps_for, row_blocks  # noqa: E402
+from fastrlhf.kernels._common import load_group, num_warps_for, row_blocks  # noqa: E402
 
 tlp = importlib.import_module("fastrlhf.kernels.token_logprobs")  # the modules: the package exports functions
 fkl = importlib.import_module("fastrlhf.kernels.full_kl")
@@ -85,7 +85,8 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple) 
     stats = torch.empty((2, N), dtype=torch.float32, device=logits.device)
     tlp._token_logprobs_fwd[(triton.cdiv(N, block_r),)](
         x, targets, logp, logp, stats, N, V, N, x.stride(0), x.stride(1), 1.0, -100,
-        COMPUTE_ENTROPY=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v, **opts,
+        COMPUTE_ENTROPY=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v,
+        G=load_group(block_v, logits.element_size()), **opts,
     )  # fmt: skip
     return logp
 

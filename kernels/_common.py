@@ -110,6 +110,14 @@ def row_blocks(n_rows: int, n_cols: int, device: torch.device, max_tile: int | N
     return block_r, block_v
 
 
+def load_group(block_v: int, element_size: int) -> int:
+    """Columns of one thread's 16-byte vector load (8 bf16/fp16, 4 fp32, 2 fp64; at most BLOCK_V): the
+    forward streaming loops keep their running maxima / sums per group of this many adjacent columns, so
+    that the partials live in one thread and the loop needs no cross-thread reduction. A thread that
+    loads fewer columns only costs a shuffle; the result does not depend on G."""
+    return min(block_v, 16 // element_size)
+
+
 def num_warps_for(tile: int) -> int:
     return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
 

@@ -44,6 +44,7 @@ from ._common import (
     check_same_device,
     check_shape,
     check_temperature,
+    load_group,
     num_warps_for,
     nvtx_range,
     row_blocks,
@@ -260,7 +261,7 @@ def fwd_tiles(block_r: int, block_v: int, element_size: int) -> dict:
     with triton 3.6): 2 blocks of 8 warps per SM, as the kernel measured on the H200 had (89; 102 with 3.6).
     A cap of 80 would fit 3 but spills inside the loop. 45 SASS instructions per element in the loop
     (`benchmarks/tune_rows.py --sass`; the measured kernel had 74-77)."""
-    return {"G": min(block_v, 16 // element_size), "num_warps": num_warps_for(block_r * block_v)}
+    return {"G": load_group(block_v, element_size), "num_warps": num_warps_for(block_r * block_v)}
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):

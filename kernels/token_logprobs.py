@@ -33,6 +33,7 @@ from ._common import (
     check_same_device,
     check_shape,
     check_temperature,
+    load_group,
     num_warps_for,
     nvtx_range,
     row_blocks,
@@ -47,28 +48,43 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY: tl.constexpr, ACC: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+               BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr):  # fmt: skip
     """The one streaming pass over BLOCK_R rows of logits (row_off: int64 offsets, active: rows to read).
-    -> m (running max of the raw logits), s = sum_j 2^y_j, w = sum_j 2^y_j * y_j (0 unless COMPUTE_ENTROPY),
-    with y_j = (x_j - m) * scale <= 0; each (BLOCK_R,) in ACC. Shared with ppo_head.py."""
-    m = tl.full([BLOCK_R], -float("inf"), ACC)
-    s = tl.zeros([BLOCK_R], ACC)
-    w = tl.zeros([BLOCK_R], ACC)
+    -> m (max of the raw logits; 0 for a row with nothing finite), s = sum_j 2^y_j, w = sum_j 2^y_j * y_j
+    (0 unless COMPUTE_ENTROPY), with y_j = (x_j - m) * scale <= 0; each (BLOCK_R,) in ACC. Shared with
+    ppo_head.py.
+
+    Every group of G adjacent columns (G = `_common.load_group`: one thread's 16-byte load) keeps its own
+    running max and sums, so the loop has no cross-thread reduction -- no shuffle, no barrier, and nothing
+    that makes a warp wait for the others between two loads; the groups are merged once, at the row's end.
+    A group holds m = -inf until it sees a finite logit (its sums are 0 until then)."""
+    NG: tl.constexpr = BLOCK_V // G
+    m = tl.full([BLOCK_R, NG], -float("inf"), ACC)
+    s = tl.zeros([BLOCK_R, NG], ACC)
+    w = tl.zeros([BLOCK_R, NG], ACC)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = active[:, None] & (cols[None, :] < V)
         x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing finite yet: keep inf - inf away
-        shift = (tl.where(m == -float("inf"), m_new, m) - m_new) * scale  # <= 0
+        x = tl.reshape(x, [BLOCK_R, NG, G])
+        m_new = tl.maximum(m, tl.max(x, 2))
+        c = tl.where(m_new == -float("inf"), 0.0, m_new)  # the centre: nothing finite yet keeps inf - inf away
+        shift = (tl.where(m == -float("inf"), c, m) - c) * scale  # <= 0
         alpha = tl.exp2(shift)
-        y = (x - m_new[:, None]) * scale  # (BLOCK_R, BLOCK_V)
+        y = (x - c[:, :, None]) * scale  # (BLOCK_R, NG, G)
         e = tl.exp2(y)
         if COMPUTE_ENTROPY:
-            w = alpha * (w + shift * s) + tl.sum(tl.where(e > 0, e * y, 0.0), 1)
-        s = s * alpha + tl.sum(e, 1)
+            w = alpha * (w + shift * s) + tl.sum(tl.where(e > 0, e * y, 0.0), 2)
+        s = s * alpha + tl.sum(e, 2)
         m = m_new
-    return m, s, w
+    # merge the groups at the row's max (the same rescale as above, once)
+    m_row = tl.max(m, 1)
+    c_row = tl.where(m_row == -float("inf"), 0.0, m_row)
+    shift = (tl.where(m == -float("inf"), c_row[:, None], m) - c_row[:, None]) * scale
+    alpha = tl.exp2(shift)
+    if COMPUTE_ENTROPY:
+        w = alpha * (w + shift * s)
+    return c_row, tl.sum(s * alpha, 1), tl.sum(w, 1)
 
 
 @triton.jit
@@ -89,6 +105,7 @@ def _token_logprobs_fwd(
     ACC: tl.constexpr,  # tl.float32 (tl.float64 for fp64 inputs)
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    G: tl.constexpr,  # columns per partial max/sum in the loop: `_common.load_group`
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_in = rows < N
@@ -97,7 +114,7 @@ def _token_logprobs_fwd(
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
     scale = LOG2E / tl.cast(temperature, ACC)
 
-    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V)
+    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V, G)
     log2_s = tl.log2(s)
     tgt_ok = active & (tgt >= 0) & (tgt < V)
     x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0).to(ACC)
@@ -196,7 +213,7 @@ def _forward(logits, targets, temperature, ignore_index, return_entropy):
             x, tgt, logp, ent if ent is not None else logp, stats,
             N, V, B, x.stride(0), x.stride(1), temperature, ignore_index,
             COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-            num_warps=num_warps_for(block_r * block_v),
+            G=load_group(block_v, logits.element_size()), num_warps=num_warps_for(block_r * block_v),
         )  # fmt: skip
         return logp, ent, stats
 
