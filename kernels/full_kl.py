@@ -127,8 +127,9 @@ def _full_kl_fwd(
         mask = active[:, None] & (cols[None, :] < V)
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
         y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        mp_new = tl.maximum(mp, tl.max(x, 1))
-        mq_new = tl.maximum(mq, tl.max(y, 1))
+        bm_p, bm_q = tl.split(tl.max(tl.join(x, y), 1))  # both block maxima in one reduction
+        mp_new = tl.maximum(mp, bm_p)
+        mq_new = tl.maximum(mq, bm_q)
         mp_new = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # nothing finite yet: keep inf - inf away
         mq_new = tl.where(mq_new == -float("inf"), 0.0, mq_new)
         grew = tl.max(((mp_new != mp) | (mq_new != mq)).to(tl.int32), 0)  # any row's maxima moved
@@ -257,9 +258,9 @@ def _forward(logits, ref_logits, mask, temperature):
 
 def fwd_tiles(block_r: int, block_v: int, element_size: int) -> dict:
     """The forward's launch options past (BLOCK_R, BLOCK_V): G, a thread's contiguous 16-byte load in
-    elements (the partial sums' group), and num_warps. On sm_90 the one-row tile takes 123 registers (114
-    with triton 3.6): 2 blocks of 8 warps per SM, as the kernel measured on the H200 had (89; 102 with 3.6).
-    A cap of 80 would fit 3 but spills inside the loop. 45 SASS instructions per element in the loop
+    elements (the partial sums' group), and num_warps. On sm_90 the one-row tile takes 92 registers with
+    triton 3.9 (2 blocks of 8 warps per SM, as the kernel measured on the H200 had) and 80 with 3.6 (3
+    blocks); a cap of 80 under 3.9 spills inside the loop. 44 SASS instructions per element in the loop
     (`benchmarks/tune_rows.py --sass`; the measured kernel had 74-77)."""
     return {"G": load_group(block_v, element_size), "num_warps": num_warps_for(block_r * block_v)}
 
