@@ -57,7 +57,7 @@ def lse(hidden: torch.Tensor, weight: torch.Tensor, cfg: tuple, targets: torch.T
         x, weight, weight, active, active if targets is None else targets, part, N, V, N, H, *x.stride(),
         *weight.stride(), 1.0, cols_per_split, HAS_BIAS=False, HAS_TARGETS=targets is not None,
         COMPUTE_ENTROPY=targets is not None, ACC=tl.float32, DOT_DTYPE=ll._dot_dtype(hidden),
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )  # fmt: skip
     m_k, s_k = part[0], part[1]
     m = torch.where(s_k > 0, m_k, -float("inf")).amax(0)

@@ -86,7 +86,7 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple) 
     tlp._token_logprobs_fwd[(triton.cdiv(N, block_r),)](
         x, targets, logp, logp, stats, N, V, N, x.stride(0), x.stride(1), 1.0, -100,
         COMPUTE_ENTROPY=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v,
-        G=load_group(block_v, logits.element_size()), **opts,
+        G=load_group(block_v, logits.element_size()), enable_fp_fusion=True, **opts,
     )  # fmt: skip
     return logp
 
@@ -102,7 +102,7 @@ def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple) -> t
     stats = torch.empty((4, N), dtype=torch.float32, device=logits.device)
     fkl._full_kl_fwd[(triton.cdiv(N, block_r),)](
         x, y, kl, kl, stats, N, V, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1), 1.0,
-        HAS_MASK=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v, **opts,
+        HAS_MASK=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v, enable_fp_fusion=True, **opts,
     )  # fmt: skip
     return kl
 

@@ -252,6 +252,7 @@ def _forward(logits, ref_logits, mask, temperature):
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), temperature,
             HAS_MASK=mask is not None, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
             **fwd_tiles(block_r, block_v, logits.element_size()),
+            enable_fp_fusion=True,
         )  # fmt: skip
         return kl, stats
 
@@ -281,6 +282,7 @@ def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):
             temperature, cols_per_split,
             HAS_MASK=mask is not None, ACC=tl_dtype(stats.dtype),
             BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
+            enable_fp_fusion=True,
         )  # fmt: skip
         return grad.view(logits.shape)
 

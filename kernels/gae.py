@@ -145,6 +145,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         _gae_fwd[(triton.cdiv(B, block_b),)](
             r, v, mask, adv, ret, B, T, *r.stride(), *v.stride(), *mask.stride(), gamma, gamma * lam,
             BLOCK_B=block_b, BLOCK_T=block_t, num_warps=4 if block_b * block_t <= 1024 else 8,
+            enable_fp_fusion=True,
         )  # fmt: skip
     return adv, ret
 

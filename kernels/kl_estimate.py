@@ -80,7 +80,8 @@ class _KLEstimate(torch.autograd.Function):
             a, b = logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous()
             out = torch.empty(a.shape, dtype=acc_dtype(a, b), device=a.device)
             _kl_estimate_fwd[(triton.cdiv(a.numel(), BLOCK),)](
-                a, b, out, a.numel(), ESTIMATOR=estimator, ACC=tl_dtype(out.dtype), BLOCK=BLOCK
+                a, b, out, a.numel(), ESTIMATOR=estimator, ACC=tl_dtype(out.dtype), BLOCK=BLOCK,
+                enable_fp_fusion=True,
             )
         ctx.save_for_backward(a, b)
         ctx.estimator, ctx.shape = estimator, logp.shape
@@ -94,6 +95,7 @@ class _KLEstimate(torch.autograd.Function):
             _kl_estimate_bwd[(triton.cdiv(a.numel(), BLOCK),)](
                 a, b, grad_out.reshape(-1).contiguous(), ga, gb, a.numel(),
                 ESTIMATOR=ctx.estimator, ACC=tl_dtype(acc_dtype(a, b)), BLOCK=BLOCK,
+                enable_fp_fusion=True,
             )  # fmt: skip
         return ga.view(ctx.shape), gb.view(ctx.shape), None
 

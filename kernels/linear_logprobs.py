@@ -370,6 +370,7 @@ def _row_stats(hidden, weight, bias, active, targets, temperature, entropy, acc)
         *ptrs, active, targets if targets is not None else active, part, *sizes, *head, temperature, cols_per_split,
         HAS_BIAS=bias is not None, HAS_TARGETS=targets is not None, COMPUTE_ENTROPY=entropy, ACC=tl_dtype(acc),
         DOT_DTYPE=_dot_dtype(hidden), **cfg,
+        enable_fp_fusion=True,
     )  # fmt: skip
     m_k, s_k, z_k, w_k = part.unbind(0)  # merge the ranges: the online update's rescaling, once
     m = torch.where(s_k > 0, m_k, -float("inf")).amax(0)
@@ -463,6 +464,7 @@ def _backward(hidden, weight, bias, tgt, active, stats, ent, grad_logp, grad_ent
                 *ptrs, active, tgt, stats, *flat, gz, gb, *sizes, *head, temperature, col0, col_end, gz.stride(0),
                 HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
                 NEED_DB=need_db, ACC=tl_dtype(stats.dtype), DOT_DTYPE=_dot_dtype(hidden), **cfg,
+                enable_fp_fusion=True,
             )  # fmt: skip
 
         return _chunked_grads(hidden, weight, bias, active, needs, cfg["BLOCK_M"], cfg["BLOCK_V"], fill)
@@ -483,6 +485,7 @@ def _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active, 
             *ptrs, *ref_ptrs, active, stats, part, *sizes, *head, *ref_head, temperature, cols_per_split,
             HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, ACC=tl_dtype(acc),
             DOT_DTYPE=_dot_dtype(hidden), REF_DOT_DTYPE=_dot_dtype(ref_hidden), **cfg,
+            enable_fp_fusion=True,
         )  # fmt: skip
         stats[3] = torch.where(active, part[1].sum(0), 0.0)
         return torch.where(active, part[0].sum(0), 0.0), stats
@@ -504,6 +507,7 @@ def _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active,
                 gz.stride(0), HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, NEED_DB=need_db,
                 ACC=tl_dtype(stats.dtype), DOT_DTYPE=_dot_dtype(hidden), REF_DOT_DTYPE=_dot_dtype(ref_hidden),
                 **cfg,
+                enable_fp_fusion=True,
             )  # fmt: skip
 
         return _chunked_grads(hidden, weight, bias, active, needs, cfg["BLOCK_M"], cfg["BLOCK_V"], fill)

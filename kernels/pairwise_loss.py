@@ -89,6 +89,7 @@ class _PairwiseLoss(torch.autograd.Function):
             _pairwise_fwd[(triton.cdiv(n, BLOCK),)](
                 chosen, rejected, margin if margin is not None else chosen, loss, n,
                 HAS_MARGIN=margin is not None, ACC=tl_dtype(acc), BLOCK=BLOCK,
+                enable_fp_fusion=True,
             )  # fmt: skip
         ctx.save_for_backward(chosen, rejected, margin)
         return loss
@@ -102,6 +103,7 @@ class _PairwiseLoss(torch.autograd.Function):
             _pairwise_bwd[(triton.cdiv(n, BLOCK),)](
                 chosen, rejected, margin if margin is not None else chosen, grad_loss.contiguous(), grad_z, n,
                 HAS_MARGIN=margin is not None, ACC=tl_dtype(grad_z.dtype), BLOCK=BLOCK,
+                enable_fp_fusion=True,
             )  # fmt: skip
         return (
             grad_z.to(chosen.dtype),

@@ -244,6 +244,7 @@ def _forward(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range
                 temperature, 1.0 - clip_range, 1.0 + clip_range, ignore_index,
                 HAS_REF=ref_logprobs is not None, SAVE=save, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
                 G=load_group(block_v, logits.element_size()), num_warps=num_warps_for(block_r * block_v),
+                enable_fp_fusion=True,
             )  # fmt: skip
         return outs + [None] * (6 - n_out), (stats if save else None)
 
@@ -271,6 +272,7 @@ def _backward(logits, targets, stats, grads, temperature, ignore_index):
             HAS_G_LOGP=g_logp, HAS_G_ENT=g_ent, HAS_G_RATIO=g_ratio, HAS_G_PG=g_pg, HAS_G_KL=g_kl,
             ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v,
             num_warps=num_warps_for(block_r * block_v),
+            enable_fp_fusion=True,
         )  # fmt: skip
         return grad.view(logits.shape)
 

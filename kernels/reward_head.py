@@ -187,6 +187,7 @@ def _head_backward(hidden, weight, bias, index, coef):
             hidden, weight, index, coef, grad_hidden, part,
             T, H, hidden.stride(0), hidden.stride(1), grad_hidden.stride(0), grad_hidden.stride(1),
             ACC=tl_dtype(acc), BLOCK_H=block_h,
+            enable_fp_fusion=True,
         )  # fmt: skip
         grad_w = part.sum(0).to(weight.dtype)
         grad_b = None if bias is None else coef.sum().to(bias.dtype).reshape(bias.shape)
@@ -210,6 +211,7 @@ class _PairwiseHead(torch.autograd.Function):
                 B, T, H, hidden.stride(0), hidden.stride(1), stride_mask,
                 USE_MASK=use_mask, HAS_BIAS=bias is not None, HAS_MARGIN=margin is not None,
                 ACC=tl_dtype(acc), BLOCK_T=block_t, BLOCK_H=block_h,
+                enable_fp_fusion=True,
             )  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, index, grad_z)
         return loss, chosen, rejected
@@ -238,6 +240,7 @@ class _HeadScore(torch.autograd.Function):
                 hidden, weight, bias if bias is not None else weight, mask_ptr, len_ptr, rewards, index,
                 T, H, hidden.stride(0), hidden.stride(1), stride_mask,
                 USE_MASK=use_mask, HAS_BIAS=bias is not None, ACC=tl_dtype(acc), BLOCK_T=block_t, BLOCK_H=block_h,
+                enable_fp_fusion=True,
             )  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, index)
         return rewards

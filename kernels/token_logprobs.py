@@ -214,6 +214,7 @@ def _forward(logits, targets, temperature, ignore_index, return_entropy):
             N, V, B, x.stride(0), x.stride(1), temperature, ignore_index,
             COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
             G=load_group(block_v, logits.element_size()), num_warps=num_warps_for(block_r * block_v),
+            enable_fp_fusion=True,
         )  # fmt: skip
         return logp, ent, stats
 
@@ -240,6 +241,7 @@ def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ign
             HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
             ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v,
             num_warps=num_warps_for(block_r * block_v),
+            enable_fp_fusion=True,
         )  # fmt: skip
         return grad.view(logits.shape)
 

@@ -575,7 +575,8 @@ def _compile_one(i: int, target) -> dict:
     launch = _LAUNCHES[i]
     res = dict(module=launch["module"], kernel=launch["kernel"], config=describe(launch), scenario=launch["scenario"],
                check="cubin" if launch["cubin"] else "ttir", ok=True,
-               signature={k: str(v) for k, v in launch["signature"].items()})  # fmt: skip
+               signature={k: str(v) for k, v in launch["signature"].items()},
+               fp_fusion=bool(launch["options"].enable_fp_fusion))  # fmt: skip
     t0 = time.perf_counter()
     try:
         if not launch["cubin"]:
@@ -655,9 +656,6 @@ def run(modules=MODULES, arch=90, jobs=1, cubin="group") -> dict:
 
 
 def main(argv=None) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")  # the default is what we want
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability (90 = H100/H200)")
     ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated kernel modules")

@@ -37,7 +37,10 @@ MODULES = sorted(p.stem for p in KERNELS.glob("*.py") if not p.stem.startswith("
 
 def _env() -> dict:
     # no interpreter, and no escape hatch for the very error this check is for
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")}
+    drop = ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", "TRITON_FORCE_DISABLE_FP_FUSION")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    # Triton 3.10's default (no FMA contraction), so that a launch that does not ask for it shows (kernels/_common.py)
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "scripts"), env.get("PYTHONPATH")]))
     return env
 
@@ -107,6 +110,8 @@ def test_kernels_compile_for_sm90(report, module):
     assert not failed, (f"{module}: {len(failed)} of {len(results)} launches fail to compile for sm_{report['arch']}:\n"
                         + "\n".join(lines))  # fmt: skip
     assert any(r["check"] == "cubin" for r in results), f"{module}: no launch was compiled to a cubin"
+    unfused = sorted({r["kernel"] for r in results if not r["fp_fusion"]})
+    assert not unfused, f"{module}: launches without enable_fp_fusion=True (kernels/_common.py says why): {unfused}"
 
 
 _DRIVER = """
