@@ -120,8 +120,8 @@ def row_blocks(n_rows: int, n_cols: int, device: torch.device, max_tile: int | N
 def load_group(block_v: int, element_size: int) -> int:
     """Columns of one thread's 16-byte vector load (8 bf16/fp16, 4 fp32, 2 fp64; at most BLOCK_V): the
     forward streaming loops keep their running maxima / sums per group of this many adjacent columns, so
-    that the partials live in one thread and the loop needs no cross-thread reduction. A thread that
-    loads fewer columns only costs a shuffle; the result does not depend on G."""
+    that the partials live in one thread and the loop needs no cross-thread reduction. Any G is correct:
+    it sets only the summation order, and a thread that loads fewer columns costs a shuffle."""
     return min(block_v, 16 // element_size)
 
 
