@@ -205,7 +205,8 @@ def test_pytest_benchmark_suite_runs_disabled():
 
 
 def test_shell_scripts_parse():
-    for script in ("scripts/gpu_check.sh", "scripts/fetch_wheels.sh"):
+    for script in ("scripts/gpu_check.sh", "scripts/fetch_wheels.sh", "scripts/gpu_prepare.sh", "scripts/gpu_session.sh",
+                   "scripts/gpu_pipeline.sh"):
         proc = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole device call of one GPU session (15 minutes of device time, machine start included): what run 1
+# of benchmarks/results/2026-11-27-h200 ran (357 s), plus the forward tile sweep, into two tar files.
+#
+#   FASTRLHF_GIT_COMMIT=<sha> bash scripts/gpu_session.sh OUT
+#       needs .whl/ and .gpu/cfg135m/ from scripts/gpu_prepare.sh; OUT is the device tool's $OUT
+#   1 gpu_check.sh in a 290 s slot (kernel tests compiled on CUDA, the sweep, the issue-6 benchmarks) -> /tmp/gc
+#   2 tune_rows.py --budget-s 60: token_logprobs' and full_kl's forward tiles              -> /tmp/gc/tune_rows.json
+#   3 gpu_pipeline.sh on a random model of .gpu/cfg135m (pipeline 180 s, bench_ppo_step 45 s) -> /tmp/pl
+#   OUT gets gpu_check.tgz and gpu_pipeline.tgz (the tool returns at most 8 files). About 430 s in all:
+#   run it with timeout_s=580, which leaves the rest of the 15 minutes for the start and one short rerun.
+# Every stage's time limit is the variable of gpu_check.sh / gpu_pipeline.sh of the same name (defaults: the
+# numbers above); PYTHON and FASTRLHF_GPU_CHECK_DRY pass through (a CPU wiring check: see gpu_check.sh).
+set -u
+[ $# = 1 ] || { echo "usage: bash scripts/gpu_session.sh OUT" >&2; exit 2; }
+OUT=$1
+cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python3}
+S=$(date +%s)
+stamp() { echo "== gpu_session: $1 at $(( $(date +%s) - S )) s"; }
+
+stamp "gpu_check"
+FASTRLHF_TOTAL_S=${FASTRLHF_TOTAL_S:-290} FASTRLHF_TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-70} \
+  FASTRLHF_SWEEP_MIN_S=${FASTRLHF_SWEEP_MIN_S:-100} FASTRLHF_SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-125} \
+  FASTRLHF_LINEAR_TIMEOUT=${FASTRLHF_LINEAR_TIMEOUT:-35} FASTRLHF_GAE_TIMEOUT=${FASTRLHF_GAE_TIMEOUT:-12} \
+  FASTRLHF_HEAD_MEMORY_TIMEOUT=${FASTRLHF_HEAD_MEMORY_TIMEOUT:-35} bash scripts/gpu_check.sh /tmp/gc
+# what gpu_check installed or shimmed (wheels in /tmp/site, fastrlhf itself editable or through the shim)
+export PYTHONPATH=/tmp/site:/tmp/fastrlhf_shim${PYTHONPATH:+:$PYTHONPATH}
+
+stamp "tune_rows"
+timeout "${FASTRLHF_TUNE_ROWS_TIMEOUT:-90}" "$PY" benchmarks/tune_rows.py --out /tmp/gc/tune_rows.json --budget-s 60 2>&1 | tee /tmp/gc/tune_rows.log
+tar czf "$OUT/gpu_check.tgz" -C /tmp gc
+
+stamp "gpu_pipeline"
+FASTRLHF_PIPELINE_TIMEOUT=${FASTRLHF_PIPELINE_TIMEOUT:-180} FASTRLHF_PPO_STEP_TIMEOUT=${FASTRLHF_PPO_STEP_TIMEOUT:-45} \
+  bash scripts/gpu_pipeline.sh .gpu/cfg135m /tmp/pl
+tar czf "$OUT/gpu_pipeline.tgz" -C /tmp pl
+stamp "all done"
