@@ -86,7 +86,7 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple) 
     tlp._token_logprobs_fwd[(triton.cdiv(N, block_r),)](
         x, targets, logp, logp, stats, N, V, N, x.stride(0), x.stride(1), 1.0, -100,
         COMPUTE_ENTROPY=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v,
-        G=load_group(block_v, logits.element_size()), enable_fp_fusion=True, **opts,
+        G=load_group(block_v, x), enable_fp_fusion=True, **opts,
     )  # fmt: skip
     return logp
 
@@ -96,7 +96,7 @@ def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple) -> t
     N, V = logits.shape
     x, y = logits.view(1, N, V), ref_logits.view(1, N, V)
     block_r, block_v, opts = _launch_options(N, V, logits.device, cfg)
-    lib = fkl.fwd_tiles(block_r, block_v, logits.element_size())  # the library's G and warps
+    lib = fkl.fwd_tiles(block_r, block_v, x, y)  # the library's G and warps
     opts = {**lib, **opts} if cfg[0] is None else {"G": lib["G"], **opts}
     kl = torch.empty(N, dtype=torch.float32, device=logits.device)
     stats = torch.empty((4, N), dtype=torch.float32, device=logits.device)

@@ -117,12 +117,19 @@ def row_blocks(n_rows: int, n_cols: int, device: torch.device, max_tile: int | N
     return block_r, block_v
 
 
-def load_group(block_v: int, element_size: int) -> int:
-    """Columns of one thread's 16-byte vector load (8 bf16/fp16, 4 fp32, 2 fp64; at most BLOCK_V): the
-    forward streaming loops keep their running maxima / sums per group of this many adjacent columns, so
-    that the partials live in one thread and the loop needs no cross-thread reduction. Any G is correct:
-    it sets only the summation order, and a thread that loads fewer columns costs a shuffle."""
-    return min(block_v, 16 // element_size)
+def load_group(block_v: int, *rows: torch.Tensor) -> int:
+    """Columns per partial max / sum in the forward streaming loops (token_logprobs, ppo_head, full_kl) for
+    the (A, B, V) row views `rows` they read. When every view starts on 16 bytes and both row strides are
+    multiples of 16, Triton proves the alignment and loads 16-byte vectors: a group is then one thread's
+    vector (8 bf16/fp16, 4 fp32, 2 fp64; at most BLOCK_V), so each group's partials live in one thread and
+    the loop needs no cross-thread reduction. Otherwise (an odd vocabulary such as GPT-2's 50,257, a view at
+    an odd offset) the loads are scalar and adjacent columns sit on adjacent threads, where small groups
+    would cost shuffles and an exponential per column (sm_90: 15 -> 31 instructions per element): then
+    one group of BLOCK_V columns, a block-wide reduction per block. Any G is correct: it only sets the
+    summation order (so the rounding)."""
+    if not all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 for t in rows):
+        return block_v
+    return min(block_v, 16 // max(t.element_size() for t in rows))
 
 
 def num_warps_for(tile: int) -> int:

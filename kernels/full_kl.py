@@ -251,19 +251,19 @@ def _forward(logits, ref_logits, mask, temperature):
             x, y, mask if mask is not None else kl, kl, stats,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), temperature,
             HAS_MASK=mask is not None, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-            **fwd_tiles(block_r, block_v, logits.element_size()),
+            **fwd_tiles(block_r, block_v, x, y),
             enable_fp_fusion=True,
         )  # fmt: skip
         return kl, stats
 
 
-def fwd_tiles(block_r: int, block_v: int, element_size: int) -> dict:
-    """The forward's launch options past (BLOCK_R, BLOCK_V): G, a thread's contiguous 16-byte load in
-    elements (the partial sums' group), and num_warps. On sm_90 the one-row tile takes 92 registers with
-    triton 3.9 (2 blocks of 8 warps per SM, as the kernel measured on the H200 had) and 80 with 3.6 (3
-    blocks); a cap of 80 under 3.9 spills inside the loop. 44 SASS instructions per element in the loop
-    (`benchmarks/tune_rows.py --sass`; the measured kernel had 74-77)."""
-    return {"G": load_group(block_v, element_size), "num_warps": num_warps_for(block_r * block_v)}
+def fwd_tiles(block_r: int, block_v: int, *rows: torch.Tensor) -> dict:
+    """The forward's launch options past (BLOCK_R, BLOCK_V) for the row views `rows` (policy, reference): G,
+    the partial sums' group (`_common.load_group`: a thread's 16-byte load), and num_warps. On sm_90 the
+    one-row tile takes 92 registers with triton 3.9 (2 blocks of 8 warps per SM, as the kernel measured on
+    the H200 had) and 80 with 3.6 (3 blocks); a cap of 80 under 3.9 spills inside the loop. 44 SASS
+    instructions per element in the loop (`benchmarks/tune_rows.py --sass`; the measured kernel had 74-77)."""
+    return {"G": load_group(block_v, *rows), "num_warps": num_warps_for(block_r * block_v)}
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):

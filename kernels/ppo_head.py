@@ -243,7 +243,7 @@ def _forward(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range
                 x, *flat, ref, *outs[:5], outs[n_out - 1], stats, N, V, B, x.stride(0), x.stride(1),
                 temperature, 1.0 - clip_range, 1.0 + clip_range, ignore_index,
                 HAS_REF=ref_logprobs is not None, SAVE=save, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-                G=load_group(block_v, logits.element_size()), num_warps=num_warps_for(block_r * block_v),
+                G=load_group(block_v, x), num_warps=num_warps_for(block_r * block_v),
                 enable_fp_fusion=True,
             )  # fmt: skip
         return outs + [None] * (6 - n_out), (stats if save else None)

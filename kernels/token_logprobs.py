@@ -57,6 +57,7 @@ def online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY: tl.conste
     Every group of G adjacent columns (G = `_common.load_group`: one thread's 16-byte load) keeps its own
     running max and sums, so the loop has no cross-thread reduction -- no shuffle, no barrier, and nothing
     that makes a warp wait for the others between two loads; the groups are merged once, at the row's end.
+    (With G = BLOCK_V, for rows Triton cannot load as vectors, this is the classic block-wide online pass.)
     A group holds m = -inf until it sees a finite logit (its sums are 0 until then)."""
     NG: tl.constexpr = BLOCK_V // G
     m = tl.full([BLOCK_R, NG], -float("inf"), ACC)
@@ -213,7 +214,7 @@ def _forward(logits, targets, temperature, ignore_index, return_entropy):
             x, tgt, logp, ent if ent is not None else logp, stats,
             N, V, B, x.stride(0), x.stride(1), temperature, ignore_index,
             COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-            G=load_group(block_v, logits.element_size()), num_warps=num_warps_for(block_r * block_v),
+            G=load_group(block_v, x), num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
         )  # fmt: skip
         return logp, ent, stats
