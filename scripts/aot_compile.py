@@ -190,6 +190,7 @@ class _Recorder:
 DTYPES = (torch.bfloat16, torch.float32)
 LM_VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M: row_blocks -> (BLOCK_R, BLOCK_V) = (1, 4096)
 SMALL_VOCAB = 256  # a toy vocabulary: multi-row tiles (16, 256)
+ODD_VOCAB = 50257  # GPT-2: rows Triton cannot load as vectors, so one column group of BLOCK_V (_common.load_group)
 
 
 def _e(*shape, dtype=torch.float32, grad=False):
@@ -213,7 +214,7 @@ def scenario_token_logprobs():
     from fastrlhf.kernels import token_logprobs
 
     for dt in DTYPES:
-        for V in (LM_VOCAB, SMALL_VOCAB):
+        for V in (LM_VOCAB, SMALL_VOCAB, ODD_VOCAB):
             logits = _e(4, 65, V, dtype=dt)[:, :-1]  # the trainer's strided `logits[:, :-1]`
             tgt = _ids(4, 64, high=V)
             with torch.no_grad():
@@ -229,7 +230,7 @@ def scenario_full_kl():
     from fastrlhf.kernels import full_kl
 
     for dt in DTYPES:
-        for V in (LM_VOCAB, SMALL_VOCAB):
+        for V in (LM_VOCAB, SMALL_VOCAB, ODD_VOCAB):
             logits = _e(4, 65, V, dtype=dt)[:, :-1]
             ref = _e(4, 65, V, dtype=dt)[:, :-1]
             for mask in (None, torch.ones(4, 64, dtype=torch.bool)):
@@ -297,7 +298,7 @@ def scenario_ppo_head():
     from fastrlhf.kernels import ppo_head
 
     for dt in DTYPES:
-        for V in (LM_VOCAB, SMALL_VOCAB):
+        for V in (LM_VOCAB, SMALL_VOCAB, ODD_VOCAB):
             logits = _e(4, 65, V, dtype=dt)[:, :-1]
             tgt, old, adv, ref = _ids(4, 64, high=V), _e(4, 64), _e(4, 64), _e(4, 64)
             for ref_lp in (None, ref):
@@ -307,7 +308,7 @@ def scenario_ppo_head():
             out = ppo_head(x, tgt, old, adv, ref_logprobs=ref)
             if V == LM_VOCAB:  # every subset of the differentiable outputs: 31 backward flag combinations
                 _grads({n: getattr(out, n) for n in PPO_OUTPUTS}, [x])
-            else:  # small vocab: the trainer's loss, pg - c * entropy + beta * kl
+            else:  # the other vocabularies: the trainer's loss, pg - c * entropy + beta * kl
                 torch.autograd.grad(out.pg_loss.sum() + out.entropy.sum() + out.kl.sum(), [x])
             ppo_head(x, tgt, old, adv)  # forward with grad, no reference
 
