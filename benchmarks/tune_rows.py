@@ -5,11 +5,10 @@ half of fwd+bwd: 51.3%, target 85).
     python benchmarks/tune_rows.py [--rows 8192] [--vocab 151936] [--out tune_rows.json] [--budget-s 90]
 
 Both kernels stream each row through the vocabulary in BLOCK_V chunks, one row per program at large
-vocabularies (`_common.row_blocks`: BLOCK_V 4096 on CUDA, num_warps from `num_warps_for`, Triton's default
-num_stages). This launches the same kernels under several (BLOCK_V, num_warps, num_stages) and prints
-ms and % of the copy bandwidth measured in the same run (minimum bytes: token_logprobs reads the logits
-once, N*V*2; full_kl reads both, N*V*4), so the next change to `row_blocks` / `num_warps_for` is a
-measured one. Each config's output is checked against the library function's (max |diff|): a faster config
+vocabularies (`_common.row_blocks`: BLOCK_V 4096 on CUDA; the rest from each op's `fwd_tiles`). This
+launches the same kernels under several (BLOCK_V, num_warps, loop pipelining STAGES, register cap) and
+prints ms and % of the copy bandwidth measured in the same run (minimum bytes: token_logprobs reads the
+logits once, N*V*2; full_kl reads both, N*V*4), so the next change to the tiles is a measured one. Each config's output is checked against the library function's (max |diff|): a faster config
 must compute the same thing. The launch code repeats the launchers' `_forward` (on purpose: the library's
 launchers take no tile arguments); tests/test_benchmarks_smoke.py runs it on the interpreter against the
 library so it cannot drift.
@@ -47,64 +46,93 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 
-from fastrlhf.kernels._common import load_group, num_warps_for, row_blocks  # noqa: E402
+from fastrlhf.kernels._common import load_group, row_blocks  # noqa: E402
 
 tlp = importlib.import_module("fastrlhf.kernels.token_logprobs")  # the modules: the package exports functions
 fkl = importlib.import_module("fastrlhf.kernels.full_kl")
 
-# (BLOCK_V, num_warps, num_stages); None = the library's own choice (the first row: what ships)
-CONFIGS = [
-    (None, None, None),
-    (2048, 4, 2),
-    (2048, 8, 3),
-    (4096, 4, 3),
-    (4096, 16, 3),  # (num_stages does not matter here: the SASS of these loops is the same for 1-4 stages)
-    (8192, 8, 3),
-    (8192, 16, 2),
-    (8192, 16, 3),
-    (16384, 16, 2),
-    (16384, 32, 2),
-]
+# (BLOCK_V, num_warps, STAGES, maxnreg) per op; the first row, None, is the library's own launch (what
+# ships). STAGES is the streaming loop's pipelining depth (1: plain loads; k > 1: Triton's software pipeliner
+# copies the next k - 1 blocks to shared memory while one computes); maxnreg caps registers per thread (None:
+# the compiler's choice), which sets how many blocks fit on an SM. The launch's own num_stages does nothing
+# to these loops (same SASS for 1-4) and keeps Triton's default.
+CONFIGS = {
+    "token_logprobs": [
+        None,  # 4096 x 8 warps, STAGES 1
+        (4096, 8, 2, None),
+        (4096, 8, 3, None),
+        (2048, 4, 1, None),
+        (2048, 4, 2, None),
+        (8192, 8, 1, None),
+        (8192, 16, 1, None),
+        (8192, 16, 2, None),
+        (16384, 16, 1, None),
+        (16384, 32, 1, None),
+    ],
+    "full_kl": [
+        None,  # 4096 x 8 warps, STAGES 1, 80 registers (3 blocks per SM)
+        (4096, 8, 1, None),  # uncapped: 94-97 registers, 2 blocks per SM
+        (4096, 8, 2, None),
+        (4096, 8, 2, 80),
+        (4096, 8, 3, None),
+        (2048, 4, 1, 80),
+        (2048, 4, 1, None),
+        (2048, 4, 2, None),
+        (4096, 4, 1, None),
+        (8192, 16, 1, 80),
+    ],
+}
 
 
-def _launch_options(N: int, V: int, device: torch.device, cfg: tuple) -> tuple[int, int, dict]:
-    """(BLOCK_R, BLOCK_V, launch kwargs) for `cfg`; (None, None, None) gives the library's."""
-    block_r, block_v = row_blocks(N, V, device)
-    bv, warps, stages = cfg
-    if bv is None:
-        return block_r, block_v, {"num_warps": num_warps_for(block_r * block_v)}
-    return 1, bv, {"num_warps": warps, "num_stages": stages}
+def _launch_options(N: int, V: int, x: torch.Tensor, cfg: tuple | None, library) -> tuple[int, int, dict]:
+    """(BLOCK_R, BLOCK_V, launch kwargs) for `cfg` over the (A, B, V) row views `x` (+ the reference's);
+    None gives the library's (`library`: the op's `fwd_tiles`)."""
+    rows = x if isinstance(x, tuple) else (x,)
+    if cfg is None:
+        block_r, block_v = row_blocks(N, V, rows[0].device)
+        return block_r, block_v, library(block_r, block_v, *rows)
+    bv, warps, stages, maxnreg = cfg
+    opts = {"G": load_group(bv, *rows), "num_warps": warps, "STAGES": stages}
+    return 1, bv, {**opts, **({"maxnreg": maxnreg} if maxnreg else {})}
 
 
-def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple) -> torch.Tensor:
+def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple | None) -> torch.Tensor:
     """(N, V) logits, (N,) targets -> (N,) fp32 log-probs (T = 1) through `_token_logprobs_fwd` with `cfg`."""
     N, V = logits.shape
     x = logits.view(1, N, V)
-    block_r, block_v, opts = _launch_options(N, V, logits.device, cfg)
+    block_r, block_v, opts = _launch_options(N, V, x, cfg, tlp.fwd_tiles)
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     stats = torch.empty((2, N), dtype=torch.float32, device=logits.device)
     tlp._token_logprobs_fwd[(triton.cdiv(N, block_r),)](
         x, targets, logp, logp, stats, N, V, N, x.stride(0), x.stride(1), 1.0, -100,
-        COMPUTE_ENTROPY=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v,
-        G=load_group(block_v, x), enable_fp_fusion=True, **opts,
+        COMPUTE_ENTROPY=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v, enable_fp_fusion=True, **opts,
     )  # fmt: skip
     return logp
 
 
-def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple) -> torch.Tensor:
+def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple | None) -> torch.Tensor:
     """(N, V) policy and reference logits -> (N,) fp32 KL (T = 1) through `_full_kl_fwd` with `cfg`."""
     N, V = logits.shape
     x, y = logits.view(1, N, V), ref_logits.view(1, N, V)
-    block_r, block_v, opts = _launch_options(N, V, logits.device, cfg)
-    lib = fkl.fwd_tiles(block_r, block_v, x, y)  # the library's G and warps
-    opts = {**lib, **opts} if cfg[0] is None else {"G": lib["G"], **opts}
+    block_r, block_v, opts = _launch_options(N, V, (x, y), cfg, fkl.fwd_tiles)
     kl = torch.empty(N, dtype=torch.float32, device=logits.device)
     stats = torch.empty((4, N), dtype=torch.float32, device=logits.device)
     fkl._full_kl_fwd[(triton.cdiv(N, block_r),)](
         x, y, kl, kl, stats, N, V, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1), 1.0,
-        HAS_MASK=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v, enable_fp_fusion=True, **opts,
+        HAS_MASK=False, UNIT_T=True, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v, enable_fp_fusion=True,
+        **opts,
     )  # fmt: skip
     return kl
+
+
+def _shown(op: str, N: int, V: int, cfg: tuple | None) -> tuple:
+    """(BLOCK_V, num_warps, STAGES, cap or '-') of `cfg`; for None, of the library's launch (bf16 rows)."""
+    if cfg is not None:
+        return (*cfg[:3], cfg[3] or "-")
+    x = torch.empty(1, N, V, dtype=torch.bfloat16, device="meta")
+    block_r, block_v = row_blocks(N, V, torch.device("cuda"))
+    opts = (tlp.fwd_tiles(block_r, block_v, x) if op == "token_logprobs" else fkl.fwd_tiles(block_r, block_v, x, x))
+    return block_v, opts["num_warps"], opts["STAGES"], opts.get("maxnreg", "-")
 
 
 OPS = ("token_logprobs", "full_kl")
@@ -140,13 +168,13 @@ def sass_report(args) -> int:
     targets = torch.zeros(n, dtype=torch.long)
     launch = {"token_logprobs": lambda cfg: token_logprobs_fwd(logits, targets, cfg),
               "full_kl": lambda cfg: full_kl_fwd(logits, ref_logits, cfg)}  # fmt: skip
-    cases = [(op, "fwd", cfg) for op in args.ops for cfg in CONFIGS] + [(op, "bwd", None) for op in args.ops]
+    cases = [(op, "fwd", cfg) for op in args.ops for cfg in CONFIGS[op]] + [(op, "bwd", None) for op in args.ops]
     elements = args.rows * V
     print(f"sm_{args.arch}, {args.sms} SMs at {args.clock_ghz} GHz, copy {args.copy_gbs:.0f} GB/s; "
           f"N x V = {args.rows} x {V} bf16 (triton {triton.__version__}); bwd: the library's backward")
-    print("| op | pass | tiles | BLOCK_V | warps | regs | spill B | instr/elem | fp32 | alu | mufu | if-block | bound "
-          "| compute floor ms | memory floor ms | best % of copy |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    print("| op | pass | tiles | BLOCK_V | warps | stages | cap | regs | spill B | instr/elem | fp32 | alu | mufu "
+          "| if-block | bound | compute floor ms | memory floor ms | best % of copy |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     rows = []
     for op, mode, cfg in cases:
         if mode == "fwd":
@@ -166,8 +194,9 @@ def sass_report(args) -> int:
         row.update(status="ok", **cost, compute_floor_ms=compute_ms, memory_floor_ms=memory_ms,
                    best_pct_copy=100 * memory_ms / max(compute_ms, memory_ms))  # fmt: skip
         rows.append(row)
-        print(f"| {op} | {mode} | {'library' if cfg is None or cfg[0] is None else 'sweep'} | {rec['consts']['BLOCK_V']} "
-              f"| {rec['num_warps']} | {res.get('reg', '?')} "
+        print(f"| {op} | {mode} | {'library' if cfg is None else 'sweep'} | {rec['consts']['BLOCK_V']} "
+              f"| {rec['num_warps']} | {rec['consts'].get('STAGES', '-')} | {rec['options'].maxnreg or '-'} "
+              f"| {res.get('reg', '?')} "
               f"| {res.get('spill_stores', 0)} | {per['instructions']:.1f} | {per['fp32']:.1f} | {per['alu']:.1f} "
               f"| {per['mufu']:.2f} | {loop['conditional']} | {cost['bound']} | {compute_ms:.3f} | {memory_ms:.3f} "
               f"| {row['best_pct_copy']:.0f} |", flush=True)  # fmt: skip
@@ -189,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--out", default="tune_rows.json")
-    ap.add_argument("--budget-s", type=float, default=90.0, help="stop starting configs after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=90.0,
+                    help="stop starting configs after this many seconds (each op gets an equal share)")
     ap.add_argument("--sass", action="store_true", help="no GPU: compile for --arch and count instructions instead")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--arch", type=int, default=90, help="--sass: compute capability (90: H100/H200)")
@@ -219,14 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     ops = {op: ops[op] for op in args.ops}
     rows = []
-    print("| op | BLOCK_V | warps | stages | ms | % of copy bw | max abs diff vs library |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for op, (run, nbytes, want) in ops.items():
-        for cfg in CONFIGS:
-            if time.monotonic() > t_end:
+    print("| op | tiles | BLOCK_V | warps | stages | cap | ms | % of copy bw | max abs diff vs library |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for i, (op, (run, nbytes, want)) in enumerate(ops.items()):
+        op_end = time.monotonic() + (t_end - time.monotonic()) / (len(ops) - i)  # an equal share of what is left
+        for cfg in CONFIGS[op]:
+            if time.monotonic() > op_end:
                 rows.append({"op": op, "config": cfg, "status": "skipped: time budget"})
                 continue
-            label = " | ".join("lib" if c is None else str(c) for c in cfg)
+            label = ("library | " if cfg is None else "sweep | ") + " | ".join(map(str, _shown(op, N, V, cfg)))
             try:
                 diff = (run(cfg) - want).abs().max().item()
                 ms = triton.testing.do_bench(lambda: run(cfg), warmup=25, rep=200, return_mode="median")
@@ -239,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {op} | {label} | {ms:.3f} | {pct:.1f} | {diff:.1e} |", flush=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": measure.git_commit(), "shape": {"N": N, "V": V}, "copy_bw_gbs": copy,
-            "config_fields": "BLOCK_V, num_warps, num_stages (None: the library's)",
+            "config_fields": "BLOCK_V, num_warps, STAGES (loop pipelining), maxnreg (None: the library's launch)",
+            "library": {op: _shown(op, N, V, None) for op in ops},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)

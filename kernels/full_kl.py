@@ -96,10 +96,12 @@ def _full_kl_fwd(
     syb,
     temperature,
     HAS_MASK: tl.constexpr,
+    UNIT_T: tl.constexpr,  # temperature == 1: no multiplications by 1 / T (2 of the forward's ~44 per element)
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    G: tl.constexpr,
+    G: tl.constexpr,  # columns per partial sum (`_common.load_group`)
+    STAGES: tl.constexpr,  # the loop's pipelining depth: 1 plain loads, k > 1 Triton's pipeliner (k - 1 ahead)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_in = rows < N
@@ -110,7 +112,7 @@ def _full_kl_fwd(
     b_idx = rows % B
     x_off = a_idx * sxa + b_idx * sxb
     y_off = a_idx * sya + b_idx * syb
-    inv_t = 1.0 / tl.cast(temperature, ACC)
+    inv_t = 1.0 if UNIT_T else 1.0 / tl.cast(temperature, ACC)
     scale = LOG2E * inv_t
 
     mp = tl.full([BLOCK_R], -float("inf"), ACC)
@@ -122,7 +124,7 @@ def _full_kl_fwd(
     K = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j w_j, for the backward's E_p[w]
     c0 = tl.zeros([BLOCK_R], ACC)  # w's centre: the first block's m_p - m_q, then fixed
-    for start in range(0, V, BLOCK_V):
+    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
         mask = active[:, None] & (cols[None, :] < V)
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
@@ -198,6 +200,7 @@ def _full_kl_bwd(
     temperature,
     cols_per_split,
     HAS_MASK: tl.constexpr,
+    UNIT_T: tl.constexpr,  # temperature == 1
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -212,7 +215,7 @@ def _full_kl_bwd(
     x_off = a_idx * sxa + b_idx * sxb
     y_off = a_idx * sya + b_idx * syb
     g_off = a_idx * gxa + b_idx * gxb
-    inv_t = 1.0 / tl.cast(temperature, ACC)
+    inv_t = 1.0 if UNIT_T else 1.0 / tl.cast(temperature, ACC)
     scale = LOG2E * inv_t
 
     mp = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
@@ -250,7 +253,7 @@ def _forward(logits, ref_logits, mask, temperature):
         _full_kl_fwd[(triton.cdiv(N, block_r),)](
             x, y, mask if mask is not None else kl, kl, stats,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), temperature,
-            HAS_MASK=mask is not None, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
+            HAS_MASK=mask is not None, UNIT_T=temperature == 1.0, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
             **fwd_tiles(block_r, block_v, x, y),
             enable_fp_fusion=True,
         )  # fmt: skip
@@ -259,11 +262,17 @@ def _forward(logits, ref_logits, mask, temperature):
 
 def fwd_tiles(block_r: int, block_v: int, *rows: torch.Tensor) -> dict:
     """The forward's launch options past (BLOCK_R, BLOCK_V) for the row views `rows` (policy, reference): G,
-    the partial sums' group (`_common.load_group`: a thread's 16-byte load), and num_warps. On sm_90 the
-    one-row tile takes 92 registers with triton 3.9 (2 blocks of 8 warps per SM, as the kernel measured on
-    the H200 had) and 80 with 3.6 (3 blocks); a cap of 80 under 3.9 spills inside the loop. 44 SASS
-    instructions per element in the loop (`benchmarks/tune_rows.py --sass`; the measured kernel had 74-77)."""
-    return {"G": load_group(block_v, *rows), "num_warps": num_warps_for(block_r * block_v)}
+    the partial sums' group (`_common.load_group`: a thread's 16-byte load), num_warps, STAGES = 1 (plain
+    loads) and, for 16-bit logits, a cap of 80 registers. The loop is issue-bound on an H100/H200 (42-43
+    SASS instructions per element; `benchmarks/tune_rows.py --sass`) and a block of 8 warps runs 16 elements
+    a thread: 80 registers fit 3 blocks per SM instead of 2 (sm_90, bf16, temperature 1: 94 registers
+    uncapped under triton 3.9 and 97 under 3.6, the GPU host's; capped, 24 and 8 bytes of spills, 43.0 and
+    43.4 per element). More warps to hide the loads' latency behind: the measured kernel issued at 70% of
+    the peak rate with 2 blocks. fp32 logits would spill 40-56 bytes: no cap; nor on ROCm, whose Triton has
+    no such option. The GPU has not timed the cap; tune_rows times the library's launch beside uncapped and
+    pipelined ones."""
+    cap = {"maxnreg": 80} if torch.version.hip is None and all(t.element_size() == 2 for t in rows) else {}
+    return {"G": load_group(block_v, *rows), "num_warps": num_warps_for(block_r * block_v), "STAGES": 1, **cap}
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):
@@ -280,7 +289,7 @@ def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):
             x, y, mask if mask is not None else stats, stats, grad_kl.reshape(N).contiguous(), grad,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
             temperature, cols_per_split,
-            HAS_MASK=mask is not None, ACC=tl_dtype(stats.dtype),
+            HAS_MASK=mask is not None, UNIT_T=temperature == 1.0, ACC=tl_dtype(stats.dtype),
             BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
         )  # fmt: skip

@@ -52,7 +52,6 @@ from ._common import (
     check_same_device,
     check_shape,
     check_temperature,
-    load_group,
     num_warps_for,
     nvtx_range,
     row_blocks,
@@ -61,7 +60,7 @@ from ._common import (
     vocab_splits,
 )
 from ._series import expm1_neg, k3
-from .token_logprobs import online_lse, token_logprobs_ref
+from .token_logprobs import fwd_tiles, online_lse, token_logprobs_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -96,6 +95,7 @@ def _ppo_head_fwd(
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
     G: tl.constexpr,  # columns per partial max/sum in the loop: `_common.load_group`
+    STAGES: tl.constexpr,  # the loop's pipelining depth (online_lse)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_in = rows < N
@@ -105,7 +105,7 @@ def _ppo_head_fwd(
     scale = LOG2E / tl.cast(temperature, ACC)
 
     # ---- the one streaming pass (token_logprobs.py's): running max m, s = sum 2^y, w = sum 2^y * y
-    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, True, ACC, BLOCK_R, BLOCK_V, G)
+    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, True, ACC, BLOCK_R, BLOCK_V, G, STAGES)
 
     log2_s = tl.log2(s)
     tgt_ok = active & (tgt >= 0) & (tgt < V)
@@ -243,8 +243,7 @@ def _forward(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range
                 x, *flat, ref, *outs[:5], outs[n_out - 1], stats, N, V, B, x.stride(0), x.stride(1),
                 temperature, 1.0 - clip_range, 1.0 + clip_range, ignore_index,
                 HAS_REF=ref_logprobs is not None, SAVE=save, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-                G=load_group(block_v, x), num_warps=num_warps_for(block_r * block_v),
-                enable_fp_fusion=True,
+                **fwd_tiles(block_r, block_v, x), enable_fp_fusion=True,
             )  # fmt: skip
         return outs + [None] * (6 - n_out), (stats if save else None)
 

@@ -48,7 +48,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY: tl.constexpr, ACC: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr):  # fmt: skip
+               BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """The one streaming pass over BLOCK_R rows of logits (row_off: int64 offsets, active: rows to read).
     -> m (max of the raw logits; 0 for a row with nothing finite), s = sum_j 2^y_j, w = sum_j 2^y_j * y_j
     (0 unless COMPUTE_ENTROPY), with y_j = (x_j - m) * scale <= 0; each (BLOCK_R,) in ACC. Shared with
@@ -58,12 +58,14 @@ def online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY: tl.conste
     running max and sums, so the loop has no cross-thread reduction -- no shuffle, no barrier, and nothing
     that makes a warp wait for the others between two loads; the groups are merged once, at the row's end.
     (With G = BLOCK_V, for rows Triton cannot load as vectors, this is the classic block-wide online pass.)
-    A group holds m = -inf until it sees a finite logit (its sums are 0 until then)."""
+    A group holds m = -inf until it sees a finite logit (its sums are 0 until then). STAGES > 1 hands the
+    loop to Triton's software pipeliner (`tl.range(num_stages=)`: the next STAGES - 1 blocks copied to
+    shared memory asynchronously while this one computes); 1 is plain loads into registers."""
     NG: tl.constexpr = BLOCK_V // G
     m = tl.full([BLOCK_R, NG], -float("inf"), ACC)
     s = tl.zeros([BLOCK_R, NG], ACC)
     w = tl.zeros([BLOCK_R, NG], ACC)
-    for start in range(0, V, BLOCK_V):
+    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
         mask = active[:, None] & (cols[None, :] < V)
         x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
@@ -107,6 +109,7 @@ def _token_logprobs_fwd(
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
     G: tl.constexpr,  # columns per partial max/sum in the loop: `_common.load_group`
+    STAGES: tl.constexpr,  # the loop's pipelining depth (online_lse)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_in = rows < N
@@ -115,7 +118,7 @@ def _token_logprobs_fwd(
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
     scale = LOG2E / tl.cast(temperature, ACC)
 
-    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V, G)
+    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V, G, STAGES)
     log2_s = tl.log2(s)
     tgt_ok = active & (tgt >= 0) & (tgt < V)
     x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0).to(ACC)
@@ -214,10 +217,18 @@ def _forward(logits, targets, temperature, ignore_index, return_entropy):
             x, tgt, logp, ent if ent is not None else logp, stats,
             N, V, B, x.stride(0), x.stride(1), temperature, ignore_index,
             COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-            G=load_group(block_v, x), num_warps=num_warps_for(block_r * block_v),
-            enable_fp_fusion=True,
+            **fwd_tiles(block_r, block_v, x), enable_fp_fusion=True,
         )  # fmt: skip
         return logp, ent, stats
+
+
+def fwd_tiles(block_r: int, block_v: int, x: torch.Tensor) -> dict:
+    """The launch options past (BLOCK_R, BLOCK_V) of a forward pass through `online_lse` over the (A, B, V)
+    row view `x` (this module's and ppo_head's): G (`_common.load_group`), num_warps, and STAGES = 1, plain
+    loads. On sm_90 pipelining costs instructions for nothing that the count can show (8.8 -> 10.8 per
+    element at 2 stages, with a barrier pair per block) and only the GPU can say what it buys:
+    `benchmarks/tune_rows.py` times both."""
+    return {"G": load_group(block_v, x), "num_warps": num_warps_for(block_r * block_v), "STAGES": 1}
 
 
 def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index):

@@ -392,7 +392,7 @@ _PTR_CODE = {"bf16": "b", "fp16": "h", "fp32": "f", "fp64": "d", "i64": "l", "i3
 def describe(launch) -> str:
     """`ptr=bll.. COMPUTE_ENTROPY=1 ACC=fp32 BLOCK_R=1 BLOCK_V=4096 w8 s3`: the pointer arguments' element
     types in order (b bf16, h fp16, f fp32, d fp64, l i64, i i32, u u8, 1 bool), the constexprs (ints the
-    binder specialised to 1 included), num_warps and num_stages."""
+    binder specialised to 1 included), num_warps, num_stages and a register cap (`r80`) if any."""
     parts = ["ptr=" + "".join(_PTR_CODE.get(t[1:], "?") for t in launch["ptrs"].values())]
     for n, v in launch["consts"].items():
         if isinstance(v, bool):
@@ -400,7 +400,9 @@ def describe(launch) -> str:
         elif not isinstance(v, (int, float)):
             v = str(v).replace("triton.language.", "")
         parts.append(f"{n}={v}")
-    return " ".join(parts + [f"w{launch['num_warps']}", f"s{launch['num_stages']}"])
+    parts += [f"w{launch['num_warps']}", f"s{launch['num_stages']}"]
+    maxnreg = getattr(launch["options"], "maxnreg", None)
+    return " ".join(parts + ([f"r{maxnreg}"] if maxnreg else []))
 
 
 def choose_cubins(launches, policy="group") -> None:
@@ -499,6 +501,9 @@ def sass_text(cubin: bytes) -> str:
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*;")
 
 
+LOADS = ("LDG", "LDGSTS")  # global loads: into registers, or copied to shared memory (a pipelined loop)
+
+
 def streaming_loop(sass: str) -> dict | None:
     """The instruction mix of the kernel's streaming loop: of the loops (a branch back to an earlier
     address), the one with the most global loads (ties: the longest). None when there is no loop.
@@ -518,7 +523,7 @@ def streaming_loop(sass: str) -> dict | None:
         if t is None or t >= addr:
             continue
         body = [(a, o, l) for a, o, l in ins if t <= a <= addr]
-        key = (sum(o == "LDG" for _, o, _ in body), len(body))
+        key = (sum(o in LOADS for _, o, _ in body), len(body))
         if best is None or key > best[0]:
             best = (key, body)
     if best is None:
@@ -531,7 +536,7 @@ def streaming_loop(sass: str) -> dict | None:
             skipped.update(b for b, _, _ in body if a < b < t)
     path = [o for a, o, _ in body if a not in skipped]
     return {"instructions": len(path), "ops": dict(collections.Counter(path).most_common()),
-            "loads": path.count("LDG"), "conditional": len(skipped)}  # fmt: skip
+            "loads": sum(o in LOADS for o in path), "conditional": len(skipped)}  # fmt: skip
 
 
 def cycles_per_element(mix: dict, elements: int) -> dict:

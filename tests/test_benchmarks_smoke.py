@@ -362,7 +362,7 @@ def test_bench_head_memory_smoke(tmp_path, capsys, monkeypatch):
     assert (res["max_batch"], res["ended"]) == (12, "capped at --max-batch")
 
 
-@pytest.mark.parametrize("cfg", [(None, None, None), (64, 4, 2)])  # the library's tiles, and a sweep row
+@pytest.mark.parametrize("cfg", [None, (64, 4, 2, 80)])  # the library's launch, and a sweep row
 def test_tune_rows_launches_match_the_library(gen, cfg):
     """benchmarks/tune_rows.py repeats the launchers' argument lists (the library takes no tile arguments):
     on the interpreter its launches must give what token_logprobs and full_kl give, so a GPU session's sweep
@@ -377,4 +377,5 @@ def test_tune_rows_launches_match_the_library(gen, cfg):
     targets = torch.randint(0, 300, (5,), generator=gen)
     torch.testing.assert_close(tune_rows.token_logprobs_fwd(logits, targets, cfg), token_logprobs(logits, targets))
     torch.testing.assert_close(tune_rows.full_kl_fwd(logits, ref, cfg), full_kl(logits, ref))
-    assert tune_rows.CONFIGS[0] == (None, None, None) and tune_rows.main(["--rows", "4"]) == 2  # CPU: refuses
+    assert all(c[0] is None for c in tune_rows.CONFIGS.values())  # every op's first row: the library's launch
+    assert tune_rows.main(["--rows", "4"]) == 2  # CPU: refuses
