@@ -46,7 +46,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 
-from fastrlhf.kernels._common import load_group, row_blocks  # noqa: E402
+from fastrlhf.kernels._common import row_blocks  # noqa: E402
 
 tlp = importlib.import_module("fastrlhf.kernels.token_logprobs")  # the modules: the package exports functions
 fkl = importlib.import_module("fastrlhf.kernels.full_kl")
@@ -92,8 +92,8 @@ def _launch_options(N: int, V: int, x: torch.Tensor, cfg: tuple | None, library)
         block_r, block_v = row_blocks(N, V, rows[0].device)
         return block_r, block_v, library(block_r, block_v, *rows)
     bv, warps, stages, maxnreg = cfg
-    opts = {"G": load_group(bv, *rows), "num_warps": warps, "STAGES": stages}
-    return 1, bv, {**opts, **({"maxnreg": maxnreg} if maxnreg else {})}
+    opts = {k: v for k, v in library(1, bv, *rows).items() if k in ("G", "ALIGN")}  # the library's layout
+    return 1, bv, {**opts, "num_warps": warps, "STAGES": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
 
 
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple | None) -> torch.Tensor:

@@ -119,7 +119,9 @@ def row_blocks(n_rows: int, n_cols: int, device: torch.device, max_tile: int | N
 
 def load_group(block_v: int, *rows: torch.Tensor) -> int:
     """Columns per partial max / sum in the forward streaming loops (token_logprobs, ppo_head, full_kl) for
-    the (A, B, V) row views `rows` they read. When every view starts on 16 bytes and both row strides are
+    the (A, B, V) row views `rows` they read, where those stream every row from column 0 (several rows a
+    program, or views whose data does not start on 16 bytes; otherwise the ops' `fwd_tiles` put the blocks
+    on memory's 16-byte grid and G is one vector). When every view starts on 16 bytes and both row strides are
     multiples of 16, Triton proves the alignment and loads 16-byte vectors: a group is then one thread's
     vector (8 bf16/fp16, 4 fp32, 2 fp64; at most BLOCK_V), so each group's partials live in one thread and
     the loop needs no cross-thread reduction. Otherwise (an odd vocabulary such as GPT-2's 50,257, a view at

@@ -81,6 +81,52 @@ def _group_sum(v, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr)
 
 
 @triton.jit
+def _kl_step(x, y, first, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+             G: tl.constexpr):  # fmt: skip
+    """One (BLOCK_R, BLOCK_V) block of policy and reference logits (ACC, -inf where masked) into the running
+    maxima (mp, mq) and the partial sums (s, D, K, M: (BLOCK_R, BLOCK_V // G)); `first`: the row's first
+    block, whose m_p - m_q becomes w's centre c0."""
+    bm_p, bm_q = tl.split(tl.max(tl.join(x, y), 1))  # both block maxima in one reduction
+    mp_new = tl.maximum(mp, bm_p)
+    mq_new = tl.maximum(mq, bm_q)
+    mp_new = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # nothing finite yet: keep inf - inf away
+    mq_new = tl.where(mq_new == -float("inf"), 0.0, mq_new)
+    grew = tl.max(((mp_new != mp) | (mq_new != mq)).to(tl.int32), 0)  # any row's maxima moved
+    if grew != 0:  # rare after the first blocks: the partial sums move only then
+        s, D, K, M = _rescale(
+            s, D, K, M,
+            tl.where(mp == -float("inf"), mp_new, mp)[:, None], mp_new[:, None],
+            tl.where(mq == -float("inf"), mq_new, mq)[:, None], mq_new[:, None], inv_t,
+        )  # fmt: skip
+    mp = mp_new
+    mq = mq_new
+    c0 = tl.where(first, mp - mq, c0)
+
+    pt = tl.exp2((x - mp[:, None]) * scale)  # p~
+    qt = tl.exp2((y - mq[:, None]) * scale)  # q~
+    u = x - y  # exact for close logits
+    d = (u - (mp - mq)[:, None]) * inv_t
+    # w = d up to a per-row constant, but against the centre c0, which never moves: M = sum p~ w is then
+    # summed from the very w_j the backward recomputes, however the maxima move later, so for a confident
+    # row (p~ -> 1 at one token) E_p[w] and that token's w cancel to the bit, as in eager autograd
+    w = (u - c0[:, None]) * inv_t
+    small = tl.abs(d) < SERIES_D
+    # one polynomial per element: expm1(-d) = k3(d) - d, and k3 << |d| there, so no cancellation
+    k3d = k3_series(d)
+    pw = tl.where(pt > 0, pt * w, 0.0)  # p~ w; w may be infinite where p~ underflows to 0
+    pd = pw - pt * (((mp - mq) - c0) * inv_t)[:, None]  # p~ d (d = w - that): guarded as pw; |d| >= 0.5 only
+    d_term = tl.where(small, pt * (k3d - d), qt - pt)
+    k_term = tl.where(small, pt * k3d, pd + qt - pt)
+    s += _group_sum(pt, BLOCK_R, BLOCK_V, G)
+    M += _group_sum(pw, BLOCK_R, BLOCK_V, G)
+    # lanes with p~ = q~ = 0 (padding, a -inf in both) give 0 without a guard: d is NaN there, so `small`
+    # is false and q~ - p~ = 0, and `pd` is guarded
+    D += _group_sum(d_term, BLOCK_R, BLOCK_V, G)
+    K += _group_sum(k_term, BLOCK_R, BLOCK_V, G)
+    return mp, mq, s, D, K, M, c0
+
+
+@triton.jit
 def _full_kl_fwd(
     x_ptr,  # (A, B, V) policy logits, any float; row r at a*sxa + b*sxb; vocab stride 1
     y_ptr,  # (A, B, V) reference logits, any float; row r at a*sya + b*syb; vocab stride 1
@@ -100,8 +146,9 @@ def _full_kl_fwd(
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    G: tl.constexpr,  # columns per partial sum (`_common.load_group`)
-    STAGES: tl.constexpr,  # the loop's pipelining depth: 1 plain loads, k > 1 Triton's pipeliner (k - 1 ahead)
+    G: tl.constexpr,  # columns per partial sum (`fwd_tiles`)
+    ALIGN: tl.constexpr,  # > 0: blocks on the 16-byte grid of memory, whole ones unmasked (`fwd_tiles`)
+    STAGES: tl.constexpr,  # the whole-block loop's pipelining depth: 1 plain loads, k > 1 Triton's pipeliner
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_in = rows < N
@@ -124,48 +171,35 @@ def _full_kl_fwd(
     K = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j w_j, for the backward's E_p[w]
     c0 = tl.zeros([BLOCK_R], ACC)  # w's centre: the first block's m_p - m_q, then fixed
-    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = active[:, None] & (cols[None, :] < V)
-        x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        bm_p, bm_q = tl.split(tl.max(tl.join(x, y), 1))  # both block maxima in one reduction
-        mp_new = tl.maximum(mp, bm_p)
-        mq_new = tl.maximum(mq, bm_q)
-        mp_new = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # nothing finite yet: keep inf - inf away
-        mq_new = tl.where(mq_new == -float("inf"), 0.0, mq_new)
-        grew = tl.max(((mp_new != mp) | (mq_new != mq)).to(tl.int32), 0)  # any row's maxima moved
-        if grew != 0:  # rare after the first blocks: the partial sums move only then
-            s, D, K, M = _rescale(
-                s, D, K, M,
-                tl.where(mp == -float("inf"), mp_new, mp)[:, None], mp_new[:, None],
-                tl.where(mq == -float("inf"), mq_new, mq)[:, None], mq_new[:, None], inv_t,
-            )  # fmt: skip
-        mp = mp_new
-        mq = mq_new
-        c0 = tl.where(start == 0, mp - mq, c0)
-
-        pt = tl.exp2((x - mp[:, None]) * scale)  # p~
-        qt = tl.exp2((y - mq[:, None]) * scale)  # q~
-        u = x - y  # exact for close logits
-        d = (u - (mp - mq)[:, None]) * inv_t
-        # w = d up to a per-row constant, but against the centre c0, which never moves: M = sum p~ w is then
-        # summed from the very w_j the backward recomputes, however the maxima move later, so for a confident
-        # row (p~ -> 1 at one token) E_p[w] and that token's w cancel to the bit, as in eager autograd
-        w = (u - c0[:, None]) * inv_t
-        small = tl.abs(d) < SERIES_D
-        # one polynomial per element: expm1(-d) = k3(d) - d, and k3 << |d| there, so no cancellation
-        k3d = k3_series(d)
-        pw = tl.where(pt > 0, pt * w, 0.0)  # p~ w; w may be infinite where p~ underflows to 0
-        pd = pw - pt * (((mp - mq) - c0) * inv_t)[:, None]  # p~ d (d = w - that): guarded as pw; |d| >= 0.5 only
-        d_term = tl.where(small, pt * (k3d - d), qt - pt)
-        k_term = tl.where(small, pt * k3d, pd + qt - pt)
-        s += _group_sum(pt, BLOCK_R, BLOCK_V, G)
-        M += _group_sum(pw, BLOCK_R, BLOCK_V, G)
-        # lanes with p~ = q~ = 0 (padding, a -inf in both) give 0 without a guard: d is NaN there, so `small`
-        # is false and q~ - p~ = 0, and `pd` is guarded
-        D += _group_sum(d_term, BLOCK_R, BLOCK_V, G)
-        K += _group_sum(k_term, BLOCK_R, BLOCK_V, G)
+    cols = tl.arange(0, BLOCK_V)
+    if ALIGN > 0:  # blocks on memory's 16-byte grid (`fwd_tiles`: both rows start equally far into theirs)
+        lead = x_off % ALIGN  # (1,)
+        xp = x_ptr + tl.multiple_of(x_off - lead, ALIGN)  # (1,) pointers to the rows' 16-byte groups
+        yp = y_ptr + tl.multiple_of(y_off - lead, ALIGN)
+        end = V + lead  # the row's end, in columns from its 16-byte group
+        n_blocks = tl.max(tl.where(active, tl.cdiv(end, BLOCK_V), 0), 0)  # scalars; 0: an inactive row
+        n_whole = tl.max(tl.where(active, end // BLOCK_V, 0), 0)
+        if n_blocks > 0:  # the first block, from the 16 bytes the row starts in
+            ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < end[:, None])
+            x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
+            y = tl.load(yp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
+            mp, mq, s, D, K, M, c0 = _kl_step(x, y, True, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R, BLOCK_V, G)
+        for start in tl.range(BLOCK_V, n_whole * BLOCK_V, BLOCK_V, num_stages=STAGES):  # whole: no mask
+            x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
+            y = tl.load(yp[:, None] + (start + cols)[None, :]).to(ACC)
+            mp, mq, s, D, K, M, c0 = _kl_step(x, y, False, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R, BLOCK_V, G)
+        for start in range(tl.maximum(n_whole, 1) * BLOCK_V, n_blocks * BLOCK_V, BLOCK_V):  # the last, partial
+            ok = (start + cols)[None, :] < end[:, None]
+            x = tl.load(xp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
+            y = tl.load(yp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
+            mp, mq, s, D, K, M, c0 = _kl_step(x, y, False, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R, BLOCK_V, G)
+    else:  # every block from column 0 under a mask
+        for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
+            mask = active[:, None] & ((start + cols)[None, :] < V)
+            x = tl.load(x_ptr + x_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
+            y = tl.load(y_ptr + y_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
+            first = start == 0
+            mp, mq, s, D, K, M, c0 = _kl_step(x, y, first, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R, BLOCK_V, G)
     s = tl.sum(s, 1)
     D = tl.sum(D, 1)
     K = tl.sum(K, 1)
@@ -260,19 +294,31 @@ def _forward(logits, ref_logits, mask, temperature):
         return kl, stats
 
 
-def fwd_tiles(block_r: int, block_v: int, *rows: torch.Tensor) -> dict:
-    """The forward's launch options past (BLOCK_R, BLOCK_V) for the row views `rows` (policy, reference): G,
-    the partial sums' group (`_common.load_group`: a thread's 16-byte load), num_warps, STAGES = 1 (plain
-    loads) and, for 16-bit logits, a cap of 80 registers. The loop is issue-bound on an H100/H200 (42-43
-    SASS instructions per element; `benchmarks/tune_rows.py --sass`) and a block of 8 warps runs 16 elements
-    a thread: 80 registers fit 3 blocks per SM instead of 2 (sm_90, bf16, temperature 1: 94 registers
-    uncapped under triton 3.9 and 97 under 3.6, the GPU host's; capped, 24 and 8 bytes of spills, 43.0 and
-    43.4 per element). More warps to hide the loads' latency behind: the measured kernel issued at 70% of
-    the peak rate with 2 blocks. fp32 logits would spill 40-56 bytes: no cap; nor on ROCm, whose Triton has
-    no such option. The GPU has not timed the cap; tune_rows times the library's launch beside uncapped and
-    pipelined ones."""
-    cap = {"maxnreg": 80} if torch.version.hip is None and all(t.element_size() == 2 for t in rows) else {}
-    return {"G": load_group(block_v, *rows), "num_warps": num_warps_for(block_r * block_v), "STAGES": 1, **cap}
+def fwd_tiles(block_r: int, block_v: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The forward's launch options past (BLOCK_R, BLOCK_V) for the (A, B, V) row views `x` (policy) and `y`
+    (reference): G, ALIGN, num_warps, STAGES = 1 (plain loads) and, for 16-bit logits, a cap of 80 registers.
+
+    G and ALIGN: with one row per program, both tensors on 16 bytes and every row starting equally far into
+    its 16-byte group in both (their row strides agree modulo one 16-byte vector), the blocks sit on memory's
+    16-byte grid: ALIGN = G = one vector (8 bf16) and every whole block loads unmasked, as vectors, whatever
+    the vocabulary. Otherwise blocks from column 0 and G from `_common.load_group`.
+
+    The cap: the loop is issue-bound on an H100/H200 (42 SASS instructions per element; `benchmarks/
+    tune_rows.py --sass`) and a block of 8 warps runs 16 elements a thread: 80 registers fit 3 blocks per SM
+    instead of 2 (sm_90, bf16, temperature 1: 92 registers uncapped under triton 3.9, and 97 under 3.6, the
+    GPU host's, before the degree-5 polynomial; capped, 20 bytes of spills under 3.9 and none under 3.6).
+    More warps to hide the loads' latency behind: the measured kernel issued at 70% of the peak rate with 2
+    blocks. fp32 logits would spill 40-56 bytes: no cap; nor on ROCm, whose Triton has no such option. The
+    GPU has not timed the cap; tune_rows times the library's launch beside uncapped and pipelined ones."""
+    vec = 16 // max(x.element_size(), y.element_size())
+    same_lead = x.element_size() == y.element_size() and all(
+        (x.stride(i) - y.stride(i)) % vec == 0 for i in (0, 1))  # fmt: skip
+    if block_r == 1 and block_v >= vec and x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0 and same_lead:
+        layout = {"G": vec, "ALIGN": vec}
+    else:
+        layout = {"G": load_group(block_v, x, y), "ALIGN": 0}
+    cap = {"maxnreg": 80} if torch.version.hip is None and x.element_size() == y.element_size() == 2 else {}
+    return {**layout, "num_warps": num_warps_for(block_r * block_v), "STAGES": 1, **cap}
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):

@@ -94,7 +94,8 @@ def _ppo_head_fwd(
     ACC: tl.constexpr,  # tl.float32 (tl.float64 for fp64 logits)
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    G: tl.constexpr,  # columns per partial max/sum in the loop: `_common.load_group`
+    G: tl.constexpr,  # columns per partial max/sum in the loop (online_lse, `token_logprobs.fwd_tiles`)
+    ALIGN: tl.constexpr,  # > 0: blocks on the 16-byte grid of memory (online_lse)
     STAGES: tl.constexpr,  # the loop's pipelining depth (online_lse)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
@@ -105,7 +106,7 @@ def _ppo_head_fwd(
     scale = LOG2E / tl.cast(temperature, ACC)
 
     # ---- the one streaming pass (token_logprobs.py's): running max m, s = sum 2^y, w = sum 2^y * y
-    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, True, ACC, BLOCK_R, BLOCK_V, G, STAGES)
+    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, True, ACC, BLOCK_R, BLOCK_V, G, ALIGN, STAGES)
 
     log2_s = tl.log2(s)
     tgt_ok = active & (tgt >= 0) & (tgt < V)

@@ -47,39 +47,71 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _lse_step(x, m, s, w, scale, COMPUTE_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, NG: tl.constexpr,
+              G: tl.constexpr):  # fmt: skip
+    """One (BLOCK_R, BLOCK_V) block of logits (ACC, -inf where masked) into the running (m, s, w) of its
+    (BLOCK_R, NG) column groups of G."""
+    x = tl.reshape(x, [BLOCK_R, NG, G])
+    m_new = tl.maximum(m, tl.max(x, 2))
+    c = tl.where(m_new == -float("inf"), 0.0, m_new)  # the centre: nothing finite yet keeps inf - inf away
+    shift = (tl.where(m == -float("inf"), c, m) - c) * scale  # <= 0
+    alpha = tl.exp2(shift)
+    y = (x - c[:, :, None]) * scale  # (BLOCK_R, NG, G)
+    e = tl.exp2(y)
+    if COMPUTE_ENTROPY:
+        w = alpha * (w + shift * s) + tl.sum(tl.where(e > 0, e * y, 0.0), 2)
+    return m_new, s * alpha + tl.sum(e, 2), w
+
+
+@triton.jit
 def online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY: tl.constexpr, ACC: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+               BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr,
+               STAGES: tl.constexpr):  # fmt: skip
     """The one streaming pass over BLOCK_R rows of logits (row_off: int64 offsets, active: rows to read).
     -> m (max of the raw logits; 0 for a row with nothing finite), s = sum_j 2^y_j, w = sum_j 2^y_j * y_j
     (0 unless COMPUTE_ENTROPY), with y_j = (x_j - m) * scale <= 0; each (BLOCK_R,) in ACC. Shared with
     ppo_head.py.
 
-    Every group of G adjacent columns (G = `_common.load_group`: one thread's 16-byte load) keeps its own
-    running max and sums, so the loop has no cross-thread reduction -- no shuffle, no barrier, and nothing
-    that makes a warp wait for the others between two loads; the groups are merged once, at the row's end.
-    (With G = BLOCK_V, for rows Triton cannot load as vectors, this is the classic block-wide online pass.)
-    A group holds m = -inf until it sees a finite logit (its sums are 0 until then). STAGES > 1 hands the
-    loop to Triton's software pipeliner (`tl.range(num_stages=)`: the next STAGES - 1 blocks copied to
-    shared memory asynchronously while this one computes); 1 is plain loads into registers."""
+    Every group of G adjacent columns (G = one thread's 16-byte load) keeps its own running max and sums, so
+    the loop has no cross-thread reduction -- no shuffle, no barrier, and nothing that makes a warp wait for
+    the others between two loads; the groups are merged once, at the row's end. A group holds m = -inf
+    until it sees a finite logit (its sums are 0 until then).
+
+    ALIGN > 0 (one row per program, the logits on 16 bytes: `fwd_tiles`): the blocks sit on memory's
+    16-byte grid, not on column 0 -- the first starts up to ALIGN - 1 columns before the row (masked), the
+    whole blocks after it load with no mask at all, as 16-byte vectors whatever the vocabulary (GPT-2's
+    50,257 included), and the last is masked again. An inactive row reads and computes nothing.
+    ALIGN = 0: every block from column 0 under a mask (several rows per program); vectors only where
+    Triton can prove them (`_common.load_group`: else G = BLOCK_V, the classic block-wide pass).
+    STAGES > 1 hands the whole-block loop (ALIGN > 0; else the one loop) to Triton's software pipeliner
+    (`tl.range(num_stages=)`: the next STAGES - 1 blocks copied to shared memory while one computes)."""
     NG: tl.constexpr = BLOCK_V // G
     m = tl.full([BLOCK_R, NG], -float("inf"), ACC)
     s = tl.zeros([BLOCK_R, NG], ACC)
     w = tl.zeros([BLOCK_R, NG], ACC)
-    for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = active[:, None] & (cols[None, :] < V)
-        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        x = tl.reshape(x, [BLOCK_R, NG, G])
-        m_new = tl.maximum(m, tl.max(x, 2))
-        c = tl.where(m_new == -float("inf"), 0.0, m_new)  # the centre: nothing finite yet keeps inf - inf away
-        shift = (tl.where(m == -float("inf"), c, m) - c) * scale  # <= 0
-        alpha = tl.exp2(shift)
-        y = (x - c[:, :, None]) * scale  # (BLOCK_R, NG, G)
-        e = tl.exp2(y)
-        if COMPUTE_ENTROPY:
-            w = alpha * (w + shift * s) + tl.sum(tl.where(e > 0, e * y, 0.0), 2)
-        s = s * alpha + tl.sum(e, 2)
-        m = m_new
+    cols = tl.arange(0, BLOCK_V)
+    if ALIGN > 0:
+        lead = row_off % ALIGN  # (1,): the row's columns start this far into a 16-byte group
+        ptr = logits_ptr + tl.multiple_of(row_off - lead, ALIGN)  # (1,): to the row's 16-byte group
+        end = V + lead  # the row's end, in columns from its 16-byte group
+        n_blocks = tl.max(tl.where(active, tl.cdiv(end, BLOCK_V), 0), 0)  # scalars; 0: an inactive row
+        n_whole = tl.max(tl.where(active, end // BLOCK_V, 0), 0)
+        if n_blocks > 0:  # the first block, from the 16 bytes the row starts in
+            ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < end[:, None])
+            x = tl.load(ptr[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
+            m, s, w = _lse_step(x, m, s, w, scale, COMPUTE_ENTROPY, BLOCK_R, NG, G)
+        for start in tl.range(BLOCK_V, n_whole * BLOCK_V, BLOCK_V, num_stages=STAGES):  # whole: no mask
+            x = tl.load(ptr[:, None] + (start + cols)[None, :]).to(ACC)
+            m, s, w = _lse_step(x, m, s, w, scale, COMPUTE_ENTROPY, BLOCK_R, NG, G)
+        for start in range(tl.maximum(n_whole, 1) * BLOCK_V, n_blocks * BLOCK_V, BLOCK_V):  # the last, partial
+            ok = (start + cols)[None, :] < end[:, None]
+            x = tl.load(ptr[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
+            m, s, w = _lse_step(x, m, s, w, scale, COMPUTE_ENTROPY, BLOCK_R, NG, G)
+    else:
+        for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
+            mask = active[:, None] & ((start + cols)[None, :] < V)
+            x = tl.load(logits_ptr + row_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf"))
+            m, s, w = _lse_step(x.to(ACC), m, s, w, scale, COMPUTE_ENTROPY, BLOCK_R, NG, G)
     # merge the groups at the row's max (the same rescale as above, once)
     m_row = tl.max(m, 1)
     c_row = tl.where(m_row == -float("inf"), 0.0, m_row)
@@ -108,7 +140,8 @@ def _token_logprobs_fwd(
     ACC: tl.constexpr,  # tl.float32 (tl.float64 for fp64 inputs)
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    G: tl.constexpr,  # columns per partial max/sum in the loop: `_common.load_group`
+    G: tl.constexpr,  # columns per partial max/sum in the loop (online_lse, `fwd_tiles`)
+    ALIGN: tl.constexpr,  # > 0: blocks on the 16-byte grid of memory (online_lse)
     STAGES: tl.constexpr,  # the loop's pipelining depth (online_lse)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
@@ -118,7 +151,8 @@ def _token_logprobs_fwd(
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
     scale = LOG2E / tl.cast(temperature, ACC)
 
-    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V, G, STAGES)
+    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V, G, ALIGN,
+                         STAGES)
     log2_s = tl.log2(s)
     tgt_ok = active & (tgt >= 0) & (tgt < V)
     x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0).to(ACC)
@@ -224,11 +258,19 @@ def _forward(logits, targets, temperature, ignore_index, return_entropy):
 
 def fwd_tiles(block_r: int, block_v: int, x: torch.Tensor) -> dict:
     """The launch options past (BLOCK_R, BLOCK_V) of a forward pass through `online_lse` over the (A, B, V)
-    row view `x` (this module's and ppo_head's): G (`_common.load_group`), num_warps, and STAGES = 1, plain
-    loads. On sm_90 pipelining costs instructions for nothing that the count can show (8.8 -> 10.8 per
-    element at 2 stages, with a barrier pair per block) and only the GPU can say what it buys:
-    `benchmarks/tune_rows.py` times both."""
-    return {"G": load_group(block_v, x), "num_warps": num_warps_for(block_r * block_v), "STAGES": 1}
+    row view `x` (this module's and ppo_head's): G, ALIGN, num_warps, and STAGES = 1, plain loads.
+
+    One row per program with the logits on 16 bytes: ALIGN = G = one 16-byte vector (8 bf16), blocks on
+    memory's 16-byte grid, so every whole block loads as vectors whatever the vocabulary and row strides.
+    Otherwise G from `_common.load_group` and blocks from column 0. On sm_90 pipelining costs instructions for
+    nothing that the count can show (8.8 -> 10.8 per element at 2 stages, with a barrier pair per block)
+    and only the GPU can say what it buys: `benchmarks/tune_rows.py` times both."""
+    vec = 16 // x.element_size()
+    if block_r == 1 and block_v >= vec and x.data_ptr() % 16 == 0:
+        layout = {"G": vec, "ALIGN": vec}
+    else:
+        layout = {"G": load_group(block_v, x), "ALIGN": 0}
+    return {**layout, "num_warps": num_warps_for(block_r * block_v), "STAGES": 1}
 
 
 def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index):

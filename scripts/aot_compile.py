@@ -190,7 +190,15 @@ class _Recorder:
 DTYPES = (torch.bfloat16, torch.float32)
 LM_VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M: row_blocks -> (BLOCK_R, BLOCK_V) = (1, 4096)
 SMALL_VOCAB = 256  # a toy vocabulary: multi-row tiles (16, 256)
-ODD_VOCAB = 50257  # GPT-2: rows Triton cannot load as vectors, so one column group of BLOCK_V (_common.load_group)
+ODD_VOCAB = 50257  # GPT-2: rows off memory's 16-byte grid; the row forwards' blocks then start before the row
+
+
+def _rows(dt, V):
+    """The trainer's strided `logits[:, :-1]` view of a (4, 65, V) tensor, and for ODD_VOCAB also a view
+    whose first element is off 16 bytes, which the row forwards stream from column 0 with scalar loads."""
+    yield _e(4, 65, V, dtype=dt)[:, :-1]
+    if V == ODD_VOCAB:
+        yield _e(4, 65, V + 1, dtype=dt)[:, :-1, 1:]
 
 
 def _e(*shape, dtype=torch.float32, grad=False):
@@ -214,8 +222,7 @@ def scenario_token_logprobs():
     from fastrlhf.kernels import token_logprobs
 
     for dt in DTYPES:
-        for V in (LM_VOCAB, SMALL_VOCAB, ODD_VOCAB):
-            logits = _e(4, 65, V, dtype=dt)[:, :-1]  # the trainer's strided `logits[:, :-1]`
+        for V, logits in ((V, x) for V in (LM_VOCAB, SMALL_VOCAB, ODD_VOCAB) for x in _rows(dt, V)):
             tgt = _ids(4, 64, high=V)
             with torch.no_grad():
                 for ent in (False, True):
@@ -231,13 +238,12 @@ def scenario_full_kl():
 
     for dt in DTYPES:
         for V in (LM_VOCAB, SMALL_VOCAB, ODD_VOCAB):
-            logits = _e(4, 65, V, dtype=dt)[:, :-1]
-            ref = _e(4, 65, V, dtype=dt)[:, :-1]
-            for mask in (None, torch.ones(4, 64, dtype=torch.bool)):
-                with torch.no_grad():
-                    full_kl(logits, ref, mask=mask)
-                x = logits.detach().requires_grad_()
-                torch.autograd.grad(full_kl(x, ref, mask=mask).sum(), [x])
+            for logits, ref in zip(_rows(dt, V), _rows(dt, V)):
+                for mask in (None, torch.ones(4, 64, dtype=torch.bool)):
+                    with torch.no_grad():
+                        full_kl(logits, ref, mask=mask)
+                    x = logits.detach().requires_grad_()
+                    torch.autograd.grad(full_kl(x, ref, mask=mask).sum(), [x])
 
 
 def scenario_kl_estimate():
@@ -502,11 +508,20 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_
 
 
 LOADS = ("LDG", "LDGSTS")  # global loads: into registers, or copied to shared memory (a pipelined loop)
+_LOAD_BYTES = {".128": 16, ".64": 8, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}  # by suffix; none: 4 bytes
+
+
+def _load_bytes(line: str) -> int:
+    """Bytes one thread moves with the global load on this SASS line (`LDG.E.128 ...`: 16)."""
+    op = re.search(r"\b(LDGSTS|LDG)[A-Z0-9._]*", line).group(0)
+    return next((b for suffix, b in _LOAD_BYTES.items() if op.endswith(suffix)), 4)
 
 
 def streaming_loop(sass: str) -> dict | None:
     """The instruction mix of the kernel's streaming loop: of the loops (a branch back to an earlier
-    address), the one with the most global loads (ties: the longest). None when there is no loop.
+    address), the one that loads the most bytes per iteration (ties: the shortest -- a row split into a
+    masked first block, unmasked whole blocks and a masked last one streams through the whole-block loop, and
+    the masked ones load the same bytes with more instructions). None when there is no loop.
     Instructions that a forward branch inside the loop can skip (an `if` in the kernel, e.g. full_kl's
     rescale when a running maximum moves) are counted apart, as `conditional`: `ops` and `instructions` are
     the path through the loop that skips them all.
@@ -523,7 +538,7 @@ def streaming_loop(sass: str) -> dict | None:
         if t is None or t >= addr:
             continue
         body = [(a, o, l) for a, o, l in ins if t <= a <= addr]
-        key = (sum(o in LOADS for _, o, _ in body), len(body))
+        key = (sum(_load_bytes(l) for _, o, l in body if o in LOADS), -len(body))
         if best is None or key > best[0]:
             best = (key, body)
     if best is None:

@@ -41,9 +41,12 @@ def tiles(request, monkeypatch) -> str:
     """The row kernels with the launchers' own tiles, then with 1,024-column blocks. The own tiles hold the
     tests' vocabularies in one block (up to 65,536 columns on the interpreter, 4,096 on CUDA), so without
     the second run the online max and the rescaling of the sums across blocks would go untested on CPU.
-    The second run also keeps partials per 16-byte column group whatever the rows' alignment
-    (`_common.load_group` picks them only for aligned rows, and most tests' vocabulary, 2053, is odd), so
-    the groups meet partial tails, -inf columns and empty groups too."""
+    With one row per program there, the forwards also take their 16-byte-grid path (`fwd_tiles`: a masked
+    first block starting before the row, whole blocks unmasked, a masked last one) for the tests' odd
+    vocabulary (2053: rows start anywhere in their 16 bytes). Where they fall back to blocks from column 0
+    (views off 16 bytes, several rows a program), this run keeps partials per 16-byte column group whatever
+    the alignment (`_common.load_group` picks them only for aligned rows), so the groups meet partial
+    tails, -inf columns and empty groups too."""
     if request.param == "blocks_of_1024":
         import importlib
 

@@ -191,9 +191,10 @@ def test_full_kl_infinities(gen, device, tiles):
     assert max_err(kl[:3], ref[:3]) < 1e-6
 
 
-def test_full_kl_mask(gen, device, tiles):
-    x = torch.randn(4, 6, 129, generator=gen).to(device).requires_grad_()
-    y = torch.randn(4, 6, 129, generator=gen).to(device)
+@pytest.mark.parametrize("V", [129, 2053])  # 2053 in 1,024-column blocks: one row a program, its blocks on 16 bytes
+def test_full_kl_mask(V, gen, device, tiles):
+    x = torch.randn(4, 6, V, generator=gen).to(device).requires_grad_()
+    y = torch.randn(4, 6, V, generator=gen).to(device)
     mask = torch.rand(4, 6, generator=gen).to(device) > 0.5
     kl = full_kl(x, y, mask=mask)
     assert (kl[~mask] == 0).all()
