@@ -46,7 +46,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 
-from fastrlhf.kernels._common import row_blocks  # noqa: E402
+from fastrlhf.kernels._common import row_layout  # noqa: E402
 
 tlp = importlib.import_module("fastrlhf.kernels.token_logprobs")  # the modules: the package exports functions
 fkl = importlib.import_module("fastrlhf.kernels.full_kl")
@@ -70,42 +70,41 @@ CONFIGS = {
         (16384, 32, 1, None),
     ],
     "full_kl": [
-        None,  # 4096 x 8 warps, STAGES 1, 80 registers (3 blocks per SM)
-        (4096, 8, 1, None),  # uncapped: 94-97 registers, 2 blocks per SM
-        (4096, 8, 2, None),
-        (4096, 8, 2, 80),
-        (4096, 8, 3, None),
+        None,  # 2048 x 4 warps, STAGES 1, 64 registers (8 blocks per SM)
+        (4096, 8, 1, 80),  # session 8's first choice: 3 blocks per SM
+        (4096, 8, 1, None),  # uncapped: 80-98 registers, 2-3 blocks per SM (the measured kernel's tiles)
+        (2048, 4, 1, None),  # 64-128 registers, by vocabulary and triton version
         (2048, 4, 1, 80),
-        (2048, 4, 1, None),
+        (2048, 4, 2, 64),
         (2048, 4, 2, None),
-        (4096, 4, 1, None),
-        (8192, 16, 1, 80),
+        (4096, 8, 2, None),
+        (4096, 4, 1, None),  # 32 elements a thread: 38 per element, 128 registers
+        (1024, 2, 1, 64),
     ],
 }
 
 
-def _launch_options(N: int, V: int, x: torch.Tensor, cfg: tuple | None, library) -> tuple[int, int, dict]:
-    """(BLOCK_R, BLOCK_V, launch kwargs) for `cfg` over the (A, B, V) row views `x` (+ the reference's);
-    None gives the library's (`library`: the op's `fwd_tiles`)."""
-    rows = x if isinstance(x, tuple) else (x,)
+def _launch_options(rows: tuple, cfg: tuple | None, library) -> dict:
+    """The launch options of `cfg` for the (A, B, V) row views `rows` (policy, and the reference's for
+    full_kl): the library's own (`library`: the op's `fwd_tiles`) for None; for a sweep row one row a program,
+    the library's layout (`row_layout`) and the row's BLOCK_V, num_warps, STAGES and register cap."""
     if cfg is None:
-        block_r, block_v = row_blocks(N, V, rows[0].device)
-        return block_r, block_v, library(block_r, block_v, *rows)
+        return library(*rows)
     bv, warps, stages, maxnreg = cfg
-    opts = {k: v for k, v in library(1, bv, *rows).items() if k in ("G", "ALIGN")}  # the library's layout
-    return 1, bv, {**opts, "num_warps": warps, "STAGES": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return {"BLOCK_R": 1, "BLOCK_V": bv, **row_layout(1, bv, *rows), "num_warps": warps, "STAGES": stages,
+            **({"maxnreg": maxnreg} if maxnreg else {})}  # fmt: skip
 
 
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple | None) -> torch.Tensor:
     """(N, V) logits, (N,) targets -> (N,) fp32 log-probs (T = 1) through `_token_logprobs_fwd` with `cfg`."""
     N, V = logits.shape
     x = logits.view(1, N, V)
-    block_r, block_v, opts = _launch_options(N, V, x, cfg, tlp.fwd_tiles)
+    opts = _launch_options((x,), cfg, tlp.fwd_tiles)
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     stats = torch.empty((2, N), dtype=torch.float32, device=logits.device)
-    tlp._token_logprobs_fwd[(triton.cdiv(N, block_r),)](
+    tlp._token_logprobs_fwd[(triton.cdiv(N, opts["BLOCK_R"]),)](
         x, targets, logp, logp, stats, N, V, N, x.stride(0), x.stride(1), 1.0, -100,
-        COMPUTE_ENTROPY=False, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v, enable_fp_fusion=True, **opts,
+        COMPUTE_ENTROPY=False, ACC=tl.float32, enable_fp_fusion=True, **opts,
     )  # fmt: skip
     return logp
 
@@ -114,25 +113,22 @@ def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple | Non
     """(N, V) policy and reference logits -> (N,) fp32 KL (T = 1) through `_full_kl_fwd` with `cfg`."""
     N, V = logits.shape
     x, y = logits.view(1, N, V), ref_logits.view(1, N, V)
-    block_r, block_v, opts = _launch_options(N, V, (x, y), cfg, fkl.fwd_tiles)
+    opts = _launch_options((x, y), cfg, fkl.fwd_tiles)
     kl = torch.empty(N, dtype=torch.float32, device=logits.device)
     stats = torch.empty((4, N), dtype=torch.float32, device=logits.device)
-    fkl._full_kl_fwd[(triton.cdiv(N, block_r),)](
+    fkl._full_kl_fwd[(triton.cdiv(N, opts["BLOCK_R"]),)](
         x, y, kl, kl, stats, N, V, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1), 1.0,
-        HAS_MASK=False, UNIT_T=True, ACC=tl.float32, BLOCK_R=block_r, BLOCK_V=block_v, enable_fp_fusion=True,
-        **opts,
+        HAS_MASK=False, UNIT_T=True, ACC=tl.float32, enable_fp_fusion=True, **opts,
     )  # fmt: skip
     return kl
 
 
-def _shown(op: str, N: int, V: int, cfg: tuple | None) -> tuple:
-    """(BLOCK_V, num_warps, STAGES, cap or '-') of `cfg`; for None, of the library's launch (bf16 rows)."""
-    if cfg is not None:
-        return (*cfg[:3], cfg[3] or "-")
-    x = torch.empty(1, N, V, dtype=torch.bfloat16, device="meta")
-    block_r, block_v = row_blocks(N, V, torch.device("cuda"))
-    opts = (tlp.fwd_tiles(block_r, block_v, x) if op == "token_logprobs" else fkl.fwd_tiles(block_r, block_v, x, x))
-    return block_v, opts["num_warps"], opts["STAGES"], opts.get("maxnreg", "-")
+def _shown(op: str, logits: torch.Tensor, cfg: tuple | None) -> tuple:
+    """(BLOCK_V, num_warps, STAGES, register cap or '-') of `cfg`'s launch for `op` on the (N, V) `logits`."""
+    x = logits.view(1, *logits.shape)
+    opts = _launch_options((x,) if op == "token_logprobs" else (x, x), cfg,
+                           tlp.fwd_tiles if op == "token_logprobs" else fkl.fwd_tiles)  # fmt: skip
+    return opts["BLOCK_V"], opts["num_warps"], opts["STAGES"], opts.get("maxnreg", "-")
 
 
 OPS = ("token_logprobs", "full_kl")
@@ -257,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > op_end:
                 rows.append({"op": op, "config": cfg, "status": "skipped: time budget"})
                 continue
-            label = ("library | " if cfg is None else "sweep | ") + " | ".join(map(str, _shown(op, N, V, cfg)))
+            label = ("library | " if cfg is None else "sweep | ") + " | ".join(map(str, _shown(op, logits, cfg)))
             try:
                 diff = (run(cfg) - want).abs().max().item()
                 ms = triton.testing.do_bench(lambda: run(cfg), warmup=25, rep=200, return_mode="median")
@@ -271,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": measure.git_commit(), "shape": {"N": N, "V": V}, "copy_bw_gbs": copy,
             "config_fields": "BLOCK_V, num_warps, STAGES (loop pipelining), maxnreg (None: the library's launch)",
-            "library": {op: _shown(op, N, V, None) for op in ops},
+            "library": {op: _shown(op, logits, None) for op in ops},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)

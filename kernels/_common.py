@@ -134,6 +134,21 @@ def load_group(block_v: int, *rows: torch.Tensor) -> int:
     return min(block_v, 16 // max(t.element_size() for t in rows))
 
 
+def row_layout(block_r: int, block_v: int, *rows: torch.Tensor) -> dict:
+    """{"G", "ALIGN"} of the forward streaming loops (token_logprobs, ppo_head, full_kl) over the (A, B, V) row
+    views `rows`. One row per program, every view's data on 16 bytes, and every row equally far into its 16
+    bytes in all views (row strides equal modulo one 16-byte vector): ALIGN = G = one vector (8 bf16), and
+    the loops put their blocks on memory's 16-byte grid, so whole blocks load unmasked as vectors whatever
+    the vocabulary. Otherwise ALIGN = 0, blocks from column 0, G from `load_group`."""
+    vec = 16 // max(t.element_size() for t in rows)
+    x = rows[0]
+    same_lead = all(t.element_size() == x.element_size() and (t.stride(0) - x.stride(0)) % vec == 0
+                    and (t.stride(1) - x.stride(1)) % vec == 0 for t in rows)  # fmt: skip
+    if block_r == 1 and block_v >= vec and same_lead and all(t.data_ptr() % 16 == 0 for t in rows):
+        return {"G": vec, "ALIGN": vec}
+    return {"G": load_group(block_v, *rows), "ALIGN": 0}
+
+
 def num_warps_for(tile: int) -> int:
     return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
 

@@ -44,10 +44,10 @@ from ._common import (
     check_same_device,
     check_shape,
     check_temperature,
-    load_group,
     num_warps_for,
     nvtx_range,
     row_blocks,
+    row_layout,
     tl_dtype,
     use_triton,
     vocab_splits,
@@ -283,42 +283,35 @@ def _forward(logits, ref_logits, mask, temperature):
         acc = acc_dtype(logits, ref_logits)
         kl = torch.empty(N, dtype=acc, device=logits.device)
         stats = torch.empty((4, N), dtype=acc, device=logits.device)
-        block_r, block_v = row_blocks(N, V, logits.device)
-        _full_kl_fwd[(triton.cdiv(N, block_r),)](
+        tiles = fwd_tiles(x, y)
+        _full_kl_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
             x, y, mask if mask is not None else kl, kl, stats,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), temperature,
-            HAS_MASK=mask is not None, UNIT_T=temperature == 1.0, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-            **fwd_tiles(block_r, block_v, x, y),
-            enable_fp_fusion=True,
+            HAS_MASK=mask is not None, UNIT_T=temperature == 1.0, ACC=tl_dtype(acc), **tiles, enable_fp_fusion=True,
         )  # fmt: skip
         return kl, stats
 
 
-def fwd_tiles(block_r: int, block_v: int, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """The forward's launch options past (BLOCK_R, BLOCK_V) for the (A, B, V) row views `x` (policy) and `y`
-    (reference): G, ALIGN, num_warps, STAGES = 1 (plain loads) and, for 16-bit logits, a cap of 80 registers.
+def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Every launch option of the forward but the flags, for the (A, B, V) row views `x` (policy) and `y`
+    (reference): BLOCK_R and BLOCK_V (`_common.row_blocks`, at most 2,048 columns on CUDA), G and ALIGN
+    (`_common.row_layout`), num_warps, STAGES = 1 (plain loads) and a register cap on NVIDIA GPUs.
 
-    G and ALIGN: with one row per program, both tensors on 16 bytes and every row starting equally far into
-    its 16-byte group in both (their row strides agree modulo one 16-byte vector), the blocks sit on memory's
-    16-byte grid: ALIGN = G = one vector (8 bf16) and every whole block loads unmasked, as vectors, whatever
-    the vocabulary. Otherwise blocks from column 0 and G from `_common.load_group`.
-
-    The cap: the loop is issue-bound on an H100/H200 (42 SASS instructions per element; `benchmarks/
-    tune_rows.py --sass`) and a block of 8 warps runs 16 elements a thread: 80 registers fit 3 blocks per SM
-    instead of 2 (sm_90, bf16, temperature 1: 92 registers uncapped under triton 3.9, and 97 under 3.6, the
-    GPU host's, before the degree-5 polynomial; capped, 20 bytes of spills under 3.9 and none under 3.6).
-    More warps to hide the loads' latency behind: the measured kernel issued at 70% of the peak rate with 2
-    blocks. fp32 logits would spill 40-56 bytes: no cap; nor on ROCm, whose Triton has no such option. The
-    GPU has not timed the cap; tune_rows times the library's launch beside uncapped and pipelined ones."""
-    vec = 16 // max(x.element_size(), y.element_size())
-    same_lead = x.element_size() == y.element_size() and all(
-        (x.stride(i) - y.stride(i)) % vec == 0 for i in (0, 1))  # fmt: skip
-    if block_r == 1 and block_v >= vec and x.data_ptr() % 16 == 0 and y.data_ptr() % 16 == 0 and same_lead:
-        layout = {"G": vec, "ALIGN": vec}
-    else:
-        layout = {"G": load_group(block_v, x, y), "ALIGN": 0}
-    cap = {"maxnreg": 80} if torch.version.hip is None and x.element_size() == y.element_size() == 2 else {}
-    return {**layout, "num_warps": num_warps_for(block_r * block_v), "STAGES": 1, **cap}
+    The loop is issue-bound on an H100/H200 (40 SASS instructions per element, `benchmarks/tune_rows.py
+    --sass`) and the measured kernel issued at 70% of the peak rate with 2 blocks of 8 warps per SM: more
+    resident warps to hide the loads' latency behind is the bet. A block of 2,048 columns and 4 warps runs
+    16 elements a thread, as 4,096 x 8 warps does, for the same count (40.1 vs 40.4 per element, sm_90, bf16,
+    temperature 1), and 64 registers fit 8 such blocks (32 warps) per SM; uncapped the compiler takes 64 to
+    127 depending on the vocabulary and triton version (3.6, the GPU host's, spills nothing at 64 for
+    vocabularies 151,936 and 50,257; 3.9 spills 112 bytes at 50,257). fp32 logits: 80 registers (6 blocks),
+    none spilled under 3.6; fp64 (gradcheck): no cap. ROCm's Triton has no such option. Not timed on a GPU:
+    tune_rows times this beside 4,096 x 8 warps capped at 80 and uncapped, and pipelined loops."""
+    A, B, V = x.shape
+    block_r, block_v = row_blocks(A * B, V, x.device, max_tile=2048 if x.device.type == "cuda" else None)
+    size = max(x.element_size(), y.element_size())
+    cap = {"maxnreg": 64 if size == 2 else 80} if size <= 4 and torch.version.hip is None else {}
+    return {"BLOCK_R": block_r, "BLOCK_V": block_v, **row_layout(block_r, block_v, x, y),
+            "num_warps": num_warps_for(block_r * block_v), "STAGES": 1, **cap}  # fmt: skip
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):

@@ -238,13 +238,12 @@ def _forward(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range
             A, B, V = x.shape
             flat = [t.reshape(N).contiguous() for t in (targets, old_logprobs, advantages)]
             ref = ref_logprobs.reshape(N).contiguous() if ref_logprobs is not None else flat[1]
-            block_r, block_v = row_blocks(N, V, logits.device)
-            _ppo_head_fwd[(triton.cdiv(N, block_r),)](
+            tiles = fwd_tiles(x)
+            _ppo_head_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
                 # without a reference, kl_ptr gets a dummy (never written)
                 x, *flat, ref, *outs[:5], outs[n_out - 1], stats, N, V, B, x.stride(0), x.stride(1),
                 temperature, 1.0 - clip_range, 1.0 + clip_range, ignore_index,
-                HAS_REF=ref_logprobs is not None, SAVE=save, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-                **fwd_tiles(block_r, block_v, x), enable_fp_fusion=True,
+                HAS_REF=ref_logprobs is not None, SAVE=save, ACC=tl_dtype(acc), **tiles, enable_fp_fusion=True,
             )  # fmt: skip
         return outs + [None] * (6 - n_out), (stats if save else None)
 

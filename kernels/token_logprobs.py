@@ -33,10 +33,10 @@ from ._common import (
     check_same_device,
     check_shape,
     check_temperature,
-    load_group,
     num_warps_for,
     nvtx_range,
     row_blocks,
+    row_layout,
     tl_dtype,
     use_triton,
     vocab_splits,
@@ -245,32 +245,25 @@ def _forward(logits, targets, temperature, ignore_index, return_entropy):
         logp = torch.empty(N, dtype=acc, device=logits.device)
         ent = torch.empty(N, dtype=acc, device=logits.device) if return_entropy else None
         stats = torch.empty((2, N), dtype=acc, device=logits.device)
-        block_r, block_v = row_blocks(N, V, logits.device)
-        grid = (triton.cdiv(N, block_r),)
-        _token_logprobs_fwd[grid](
+        tiles = fwd_tiles(x)
+        _token_logprobs_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
             x, tgt, logp, ent if ent is not None else logp, stats,
             N, V, B, x.stride(0), x.stride(1), temperature, ignore_index,
-            COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), BLOCK_R=block_r, BLOCK_V=block_v,
-            **fwd_tiles(block_r, block_v, x), enable_fp_fusion=True,
+            COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), **tiles, enable_fp_fusion=True,
         )  # fmt: skip
         return logp, ent, stats
 
 
-def fwd_tiles(block_r: int, block_v: int, x: torch.Tensor) -> dict:
-    """The launch options past (BLOCK_R, BLOCK_V) of a forward pass through `online_lse` over the (A, B, V)
-    row view `x` (this module's and ppo_head's): G, ALIGN, num_warps, and STAGES = 1, plain loads.
-
-    One row per program with the logits on 16 bytes: ALIGN = G = one 16-byte vector (8 bf16), blocks on
-    memory's 16-byte grid, so every whole block loads as vectors whatever the vocabulary and row strides.
-    Otherwise G from `_common.load_group` and blocks from column 0. On sm_90 pipelining costs instructions for
-    nothing that the count can show (8.8 -> 10.8 per element at 2 stages, with a barrier pair per block)
-    and only the GPU can say what it buys: `benchmarks/tune_rows.py` times both."""
-    vec = 16 // x.element_size()
-    if block_r == 1 and block_v >= vec and x.data_ptr() % 16 == 0:
-        layout = {"G": vec, "ALIGN": vec}
-    else:
-        layout = {"G": load_group(block_v, x), "ALIGN": 0}
-    return {**layout, "num_warps": num_warps_for(block_r * block_v), "STAGES": 1}
+def fwd_tiles(x: torch.Tensor) -> dict:
+    """Every launch option of a forward pass through `online_lse` over the (A, B, V) row view `x` (this
+    module's and ppo_head's) but the flags: BLOCK_R and BLOCK_V (`_common.row_blocks`), G and ALIGN
+    (`_common.row_layout`), num_warps, and STAGES = 1, plain loads. On sm_90 pipelining costs an instruction
+    per element (8.1 -> 9.1, with a barrier pair per block) and only the GPU can say what it buys:
+    `benchmarks/tune_rows.py` times both."""
+    A, B, V = x.shape
+    block_r, block_v = row_blocks(A * B, V, x.device)
+    return {"BLOCK_R": block_r, "BLOCK_V": block_v, **row_layout(block_r, block_v, x),
+            "num_warps": num_warps_for(block_r * block_v), "STAGES": 1}  # fmt: skip
 
 
 def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index):

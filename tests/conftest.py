@@ -61,6 +61,5 @@ def tiles(request, monkeypatch) -> str:
         for name in ROW_KERNELS:
             module = importlib.import_module(f"fastrlhf.kernels.{name}")
             monkeypatch.setattr(module, "row_blocks", blocks_of_1024)
-            if hasattr(module, "load_group"):  # ppo_head takes its G from token_logprobs.fwd_tiles
-                monkeypatch.setattr(module, "load_group", vector_groups)
+        monkeypatch.setattr(_common, "load_group", vector_groups)  # read by _common.row_layout
     return request.param

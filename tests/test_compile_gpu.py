@@ -159,11 +159,11 @@ sys.exit(tune_rows.main(["--sass", "--out", sys.argv[2]]))
 
 def test_tune_rows_sass_counts_the_streaming_loop(report, tmp_path):
     """`tune_rows.py --sass` (no GPU): the sm_90 cubins' streaming loops are found and counted. The
-    shipped kernels (BLOCK_V 4096, 8 warps: 16 bf16 per thread per tensor, two 16-byte loads each) must
-    show their loads, stores and exponentials and no spills in the loop, but for full_kl's forward, capped at
-    80 registers, a few (at most 8 local loads and stores per 16 elements); full_kl's forward must come out
-    compute-bound and the rest memory-bound at the H200's copy bandwidth, as run 1 of
-    results/2026-11-27-h200 measured. A pipelined loop's loads (LDGSTS, to shared memory) count as loads."""
+    shipped kernels (16 bf16 per thread per tensor, two 16-byte loads each: BLOCK_V 4096 and 8 warps, 2048
+    and 4 for full_kl's forward) must show their loads, stores and exponentials and no spills in the loop
+    (full_kl's forward is capped at 64 registers); full_kl's forward must come out compute-bound and the
+    rest memory-bound at the H200's copy bandwidth, as run 1 of results/2026-11-27-h200 measured. A
+    pipelined loop's loads (LDGSTS, to shared memory) count as loads."""
     rep = _run(["-c", _SASS_DRIVER, str(REPO / "benchmarks"), str(tmp_path / "report.json")], tmp_path)
     assert all(r["status"] == "ok" for r in rep["rows"]), rep["stdout"]
     rows = {(r["op"], r["pass"], (r["config"] or [None])[0]): r for r in rep["rows"]}
@@ -173,8 +173,7 @@ def test_tune_rows_sass_counts_the_streaming_loop(report, tmp_path):
             assert r["elements_per_thread"] == 16 and r["loop"]["loads"] == 2 * tensors, r["loop"]
             assert r["loop"]["ops"].get("STG", 0) == (2 if mode == "bwd" else 0), r["loop"]  # the gradient
             assert r["per_element"]["mufu"] >= (tensors if mode == "fwd" else 1), r["per_element"]  # exp2s
-            spills = r["loop"]["ops"].get("STL", 0) + r["loop"]["ops"].get("LDL", 0)  # spill traffic in the loop
-            assert spills <= (8 if (op, mode) == ("full_kl", "fwd") else 0), r["loop"]
+            assert not {"STL", "LDL"} & set(r["loop"]["ops"])  # no spill traffic in the loop
             assert mode == "fwd" and op == "full_kl" or r["best_pct_copy"] == 100, (op, mode, r["compute_floor_ms"])
         assert rows[(op, "fwd", 4096)]["elements_per_thread"] == 32
         piped = rows[(op, "fwd", 2048)]["loop"]
@@ -183,5 +182,5 @@ def test_tune_rows_sass_counts_the_streaming_loop(report, tmp_path):
     assert 5 < tlp["per_element"]["instructions"] < fkl["per_element"]["instructions"] < 120
     assert fkl["compute_floor_ms"] > fkl["memory_floor_ms"] and fkl["bound"] == "issue"
     assert fkl["loop"]["conditional"] > 0  # the rescale, skipped while the maxima stay
-    assert "| full_kl | fwd | library | 4096 | 8 | 1 | 80 | 80 |" in rep["stdout"]  # STAGES 1, cap 80: 80 registers
+    assert "| full_kl | fwd | library | 2048 | 4 | 1 | 64 | 64 |" in rep["stdout"]  # STAGES 1, cap 64: 64 registers
     assert "| full_kl | bwd | library |" in rep["stdout"]
