@@ -304,14 +304,17 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
     temperature 1), and 64 registers fit 8 such blocks (32 warps) per SM; uncapped the compiler takes 64 to
     127 depending on the vocabulary and triton version (3.6, the GPU host's, spills nothing at 64 for
     vocabularies 151,936 and 50,257; 3.9 spills 112 bytes at 50,257). fp32 logits: 80 registers (6 blocks),
-    none spilled under 3.6; fp64 (gradcheck): no cap. ROCm's Triton has no such option. Not timed on a GPU:
-    tune_rows times this beside 4,096 x 8 warps capped at 80 and uncapped, and pipelined loops."""
+    none spilled under 3.6. Only the 16-byte-grid path (ALIGN) is capped, the one counted: the column-0
+    path (several rows a program, views off 16 bytes) would spill 72-250 bytes. No cap for fp64 (gradcheck)
+    nor on ROCm, whose Triton has no such option. Not timed on a GPU: tune_rows times this beside 4,096 x 8
+    warps capped at 80 and uncapped, and pipelined loops."""
     A, B, V = x.shape
     block_r, block_v = row_blocks(A * B, V, x.device, max_tile=2048 if x.device.type == "cuda" else None)
+    layout = row_layout(block_r, block_v, x, y)
     size = max(x.element_size(), y.element_size())
-    cap = {"maxnreg": 64 if size == 2 else 80} if size <= 4 and torch.version.hip is None else {}
-    return {"BLOCK_R": block_r, "BLOCK_V": block_v, **row_layout(block_r, block_v, x, y),
-            "num_warps": num_warps_for(block_r * block_v), "STAGES": 1, **cap}  # fmt: skip
+    capped = layout["ALIGN"] and size <= 4 and torch.version.hip is None
+    return {"BLOCK_R": block_r, "BLOCK_V": block_v, **layout, "num_warps": num_warps_for(block_r * block_v),
+            "STAGES": 1, **({"maxnreg": 64 if size == 2 else 80} if capped else {})}  # fmt: skip
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):
