@@ -5,13 +5,14 @@ half of fwd+bwd: 51.3%, target 85).
     python benchmarks/tune_rows.py [--rows 8192] [--vocab 151936] [--out tune_rows.json] [--budget-s 90]
 
 Both kernels stream each row through the vocabulary in BLOCK_V chunks, one row per program at large
-vocabularies (`_common.row_blocks`: BLOCK_V 4096 on CUDA; the rest from each op's `fwd_tiles`). This
-launches the same kernels under several (BLOCK_V, num_warps, loop pipelining STAGES, register cap) and
-prints ms and % of the copy bandwidth measured in the same run (minimum bytes: token_logprobs reads the
-logits once, N*V*2; full_kl reads both, N*V*4), so the next change to the tiles is a measured one. Each config's output is checked against the library function's (max |diff|): a faster config
-must compute the same thing. The launch code repeats the launchers' `_forward` (on purpose: the library's
-launchers take no tile arguments); tests/test_benchmarks_smoke.py runs it on the interpreter against the
-library so it cannot drift.
+vocabularies; each op's `fwd_tiles` is its whole launch (token_logprobs: 4096 columns x 8 warps; full_kl:
+2048 x 4 warps at 64 registers). This launches the same kernels under several (BLOCK_V, num_warps, loop
+pipelining STAGES, register cap) and prints ms and % of the copy bandwidth measured in the same run
+(minimum bytes: token_logprobs reads the logits once, N*V*2; full_kl reads both, N*V*4), so the next change
+to the tiles is a measured one. Each config's output is checked against the library function's (max
+|diff|): a faster config must compute the same thing. The launch code repeats the launchers' `_forward` (on
+purpose: the library's launchers take no tile arguments); tests/test_benchmarks_smoke.py runs it on the
+interpreter against the library so it cannot drift.
 
 Without a GPU, `--sass` compiles the same launches for sm_90 (scripts/aot_compile.py's fake device and
 the ptxas in the triton wheel) and reads the streaming loop of each cubin: registers, spills, SASS

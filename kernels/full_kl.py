@@ -142,7 +142,7 @@ def _full_kl_fwd(
     syb,
     temperature,
     HAS_MASK: tl.constexpr,
-    UNIT_T: tl.constexpr,  # temperature == 1: no multiplications by 1 / T (2 of the forward's ~44 per element)
+    UNIT_T: tl.constexpr,  # temperature == 1: no multiplications by 1 / T (2 instructions per element)
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -164,8 +164,9 @@ def _full_kl_fwd(
 
     mp = tl.full([BLOCK_R], -float("inf"), ACC)
     mq = tl.full([BLOCK_R], -float("inf"), ACC)
-    # the four sums stay partial, one per G-column group (G = a thread's contiguous load, so the partial
-    # sums need no cross-thread reduction) until the row ends: per block only the two maxima are reduced
+    # the four sums stay partial, one per G-column group (G = a thread's 16-byte load, so the partial sums need
+    # no cross-thread reduction; BLOCK_V where the loads are scalar, `row_layout`) until the row ends: per
+    # block only the two maxima are reduced
     s = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     D = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     K = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)

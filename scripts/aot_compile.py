@@ -222,15 +222,16 @@ def scenario_token_logprobs():
     from fastrlhf.kernels import token_logprobs
 
     for dt in DTYPES:
-        for V, logits in ((V, x) for V in (LM_VOCAB, SMALL_VOCAB, ODD_VOCAB) for x in _rows(dt, V)):
+        for V in (LM_VOCAB, SMALL_VOCAB, ODD_VOCAB):
             tgt = _ids(4, 64, high=V)
-            with torch.no_grad():
-                for ent in (False, True):
-                    token_logprobs(logits, tgt, return_entropy=ent)
-            x = logits.detach().requires_grad_()
-            for ent in (False, True):  # backward: HAS_GRAD_ENT == return_entropy (autograd passes zeros)
-                out = token_logprobs(x, tgt, return_entropy=ent)
-                torch.autograd.grad((out[0] if ent else out).sum(), [x])
+            for logits in _rows(dt, V):
+                with torch.no_grad():
+                    for ent in (False, True):
+                        token_logprobs(logits, tgt, return_entropy=ent)
+                x = logits.detach().requires_grad_()
+                for ent in (False, True):  # backward: HAS_GRAD_ENT == return_entropy (autograd passes zeros)
+                    out = token_logprobs(x, tgt, return_entropy=ent)
+                    torch.autograd.grad((out[0] if ent else out).sum(), [x])
 
 
 def scenario_full_kl():
