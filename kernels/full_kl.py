@@ -14,7 +14,10 @@ relative to the running maxima m_p = max_j x_j and m_q = max_j y_j of the raw lo
 subtraction is well-conditioned; beyond, q~ - p~ and p~ d + q~ - p~ no longer cancel).
 and finish with  KL = K/s - h(D/s),  h(e) = e - log(1 + e)  -- both terms second order, both evaluated by
 series for small arguments (`_series.py`). When a block raises a running maximum, the sums are moved to
-the new maxima exactly (see `_rescale`). Result: KL with relative (not absolute) fp32 accuracy.
+the new maxima exactly (see `_rescale`). Result: KL with relative (not absolute) fp32 accuracy, to a
+factor: K/s and h(D/s) are both second order, but where the two maxima sit at different tokens the centre
+m_p - m_q is off the true log-normaliser difference, D/s is no longer small, and the two cancel by up to
+~10x (bf16 logits, reference + 0.05 noise: ~2e-5 relative, against 1150% for the textbook formula).
 
 Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
 Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
