@@ -103,6 +103,17 @@ def make_pair(case: str, gen: torch.Generator, dtype, device):
         y = y - 20
     elif case == "confident":
         x[..., 7] += 40
+    elif case in ("confident_vs_flat", "flat_vs_confident", "flat_vs_confident_late"):
+        # p on one token, q nearly uniform (or the reverse): the normalisers' ratio is ~V, so a KL centred on
+        # the two maxima cancels two ~V-sized terms (fp32: 1e-5 relative at V = 2053, 1e-3 at 151,936)
+        x, y = 0.1 * torch.randn(B, T, V, generator=gen), 0.1 * torch.randn(B, T, V, generator=gen)
+        top = V - 3 if case.endswith("late") else 7  # late: the jump comes in the last block
+        (x if case == "confident_vs_flat" else y)[..., top] += 40
+    elif case == "masked_head_low":  # a first block all -inf, then logits that underflow against a max of 0
+        x, y = x - 100, y - 100
+        x[..., :1100] = -float("inf")
+        y[..., :1100] = -float("inf")
+        temperature = 0.5
     elif case == "max_jumps_late":  # the running max grows by > 126 (base 2) after the first block
         x[..., V - 3] = 150.0
         y[..., V - 5] = 140.0
@@ -120,7 +131,8 @@ def make_pair(case: str, gen: torch.Generator, dtype, device):
 
 KL_CASES = [
     "random", "near_equal", "identical", "all_negative", "policy_offset_plus20", "ref_offset_minus20",
-    "confident", "max_jumps_late", "temperature", "masked_vocab", "strided",
+    "confident", "confident_vs_flat", "flat_vs_confident", "flat_vs_confident_late", "max_jumps_late",
+    "masked_head_low", "temperature", "masked_vocab", "strided",
 ]  # fmt: skip
 
 
