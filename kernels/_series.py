@@ -82,9 +82,3 @@ def expm1_neg(d):
 def k3(d):
     """Schulman's k3 = (r - 1) - log r with log r = -d, i.e. exp(-d) - 1 + d, without cancellation."""
     return tl.where(tl.abs(d) < SERIES_D, k3_series(d), tl.exp(-d) - 1.0 + d)
-
-
-@triton.jit
-def h_log1p(e):
-    """e - log(1 + e) without cancellation for small |e|."""
-    return tl.where(tl.abs(e) < SERIES_EPS, h_series(e), e - tl.log(1.0 + e))

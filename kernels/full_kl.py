@@ -3,34 +3,38 @@
 Math, per row with policy logits x, reference logits y, temperature T, p = softmax(x/T), q = softmax(y/T):
     KL = sum_j p_j (log p_j - log q_j)
 Written naively as E_p[x - y]/T - lse(x/T) + lse(y/T), two O(1) numbers cancel to an O(delta^2) result, so
-for near-equal policy and reference (the usual case in PPO) fp32 loses every digit. We instead keep,
-relative to the running maxima m_p = max_j x_j and m_q = max_j y_j of the raw logits:
-    p~_j = exp((x_j - m_p)/T),  q~_j = exp((y_j - m_q)/T)    (computed as exp2 of scaled differences)
-    d_j = (x_j - y_j)/T - (m_p - m_q)/T                   log(p_j/q_j) up to a per-row constant
-    s   = sum_j p~_j                                      (softmax normaliser)
-    D   = sum_j p~_j expm1(-d_j)                          (= sum q~ - sum p~, without cancelling)
-    K   = sum_j p~_j k3(d_j),  k3(d) = d - 1 + e^-d        (>= 0, second order in d)
+for near-equal policy and reference (the usual case in PPO) fp32 loses every digit. We instead keep, with the
+running maximum m_p = max_j x_j of the raw policy logits and a per-row centre c (below):
+    p~_j = exp((x_j - m_p)/T)                             (computed as exp2 of scaled differences)
+    d_j  = ((x_j - y_j) - c)/T                            log(p_j/q_j) up to a per-row constant
+    q^_j = p~_j e^-d_j = exp((y_j - (m_p - c))/T)         (q up to a per-row factor)
+    s = sum_j p~_j,   Q = sum_j q^_j,   M = sum_j p~_j d_j
+    D = sum_j p~_j expm1(-d_j)                            (= Q - s, without cancelling)
+    K = sum_j p~_j k3(d_j),  k3(d) = d - 1 + e^-d          (>= 0, second order in d)
 (for |d_j| < 0.5 one series gives both: expm1(-d) = k3(d) - d, with |k3(d)| < 0.3 |d| there, so the
-subtraction is well-conditioned; beyond, q~ - p~ and p~ d + q~ - p~ no longer cancel).
-and finish with  KL = K/s - h(D/s),  h(e) = e - log(1 + e)  -- both terms second order, both evaluated by
-series for small arguments (`_series.py`). When a block raises a running maximum, the sums are moved to
-the new maxima exactly (see `_rescale`). Result: KL with relative (not absolute) fp32 accuracy, to a
-factor: K/s and h(D/s) are both second order, but where the two maxima sit at different tokens the centre
-m_p - m_q is off the true log-normaliser difference, D/s is no longer small, and the two cancel by up to
-~10x (bf16 logits, reference + 0.05 noise: ~2e-5 relative, against 1150% for the textbook formula).
+subtraction is well-conditioned; beyond, q^ - p~ and p~ d + q^ - p~ no longer cancel.)
+Then, with eps = D/s and h(e) = e - log(1 + e), two exact formulas (`_full_kl_fwd` picks per row):
+    KL = K/s - h(eps)            second order: both terms O(d^2), relative accuracy when pi ~ pi_ref
+    KL = M/s + log(1 + eps)      first order, for eps > 1, where the second's two terms would cancel
+The centre c is the first block's m_p - m_q and stays, so the sums only scale by e^(old m_p - new m_p)/T when
+m_p grows (`_rescale`); it moves (an exact shift of the sums) only if q^'s largest value would leave
+2^(+-RECENTRE) -- maxima that drift apart by > 11 T nats, rows far from the reference. Result: KL with
+relative fp32 accuracy near the reference, to a factor: where the two maxima sit at different tokens, c is
+off the true log-normaliser difference and K/s and h(eps) cancel by up to ~10x (`scripts/kernel_demo.sh`:
+bf16 logits, reference + 0.05 noise, T = 0.7: 2e-5 relative, against 1150% for the textbook formula); and
+eager's accuracy far from the reference (a confident policy against a near-uniform reference, fp32: 1e-7
+relative at vocabulary 151,936, where the second-order formula alone gave 1e-3).
 
 Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
 Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
 dx (N*V*(bytes_x + bytes_y + bytes_x)):
-    dKL/dx_j = p_j (log p_j - log q_j - KL) / T = p_j (w_j - E_p[w]) / T,   w_j = ((x_j - y_j) - c0) / T
-(the per-row constants cancel; c0 is the first block's m_p - m_q, fixed for the row, unlike d's centre,
-which follows the maxima). E_p[w] is accumulated in the forward from the same w_j the backward
-recomputes, bit for bit, so for a confident row (p_j -> 1) their rounding cancels as it does in eager
-autograd; using the forward's KL instead would leave an O(eps |log p/q|) error, and a centre that moves
-(E_p[d], shifted whenever a maximum moves) an O(eps |shift|) one.
+    dKL/dx_j = p_j (log p_j - log q_j - KL) / T = p_j (w_j - E_p[w]) / T,   w_j = ((x_j - y_j) - c) / T
+(the per-row constants cancel; c is the forward's final centre, so w is its d). E_p[w] = M/s is summed in
+the forward from the same w_j the backward recomputes, bit for bit, so for a confident row (p_j -> 1) their
+rounding cancels as it does in eager autograd; using the forward's KL instead would leave an O(eps |log p/q|)
+error, and a centre that moved with the maxima an O(eps |shift|) one (the rare re-centring above costs that).
 Differences are taken on the raw logits (x_j - m_p, x_j - y_j: exact or nearly so) and only then scaled,
 so neither a large common offset nor near-equal logits lose precision.
-computed from the fp32 logits, never as a difference of two rounded softmaxes.
 Masked rows (mask == 0) read nothing and give 0 and 0 gradient.
 """
 
@@ -55,26 +59,26 @@ from ._common import (
     use_triton,
     vocab_splits,
 )
-from ._series import SERIES_D, expm1_neg_series, h_log1p, k3_series
+from ._series import SERIES_D, SERIES_EPS, expm1_neg_series, h_series, k3_series
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+RECENTRE = tl.constexpr(16.0)  # log2 of how far q^'s largest value may stray from 1 before the centre moves
 
 
 @triton.jit
-def _rescale(s, D, K, M, mp_old, mp_new, mq_old, mq_new, inv_t):
-    """Move (s, D, K, M) from maxima (mp_old, mq_old) to (mp_new, mq_new). With a = e^((mp_old - mp_new)/T),
-    b = e^((mq_old - mq_new)/T) and every d_j shifted by g = ((mp_old - mp_new) - (mq_old - mq_new))/T:
-        s' = a s,   D' = a (D + (D + s) expm1(-g)),   K' = a (K + g s + (D + s) expm1(-g)),   M' = a M
-    (M sums p~ w against a fixed centre: only p~ moves) and a expm1(-g) = b - a, which stays finite when a
-    underflows and e^-g would overflow."""
+def _rescale(s, D, K, M, Q, mp_old, mp_new, c_old, c_new, inv_t):
+    """Move (s, D, K, M, Q) from the policy maximum mp_old and centre c_old to mp_new and c_new. p~ is scaled
+    by a = e^((mp_old - mp_new)/T), every d_j shifted by g = (c_old - c_new)/T, and q^ = p~ e^-d scaled by
+    b = a e^-g:
+        s' = a s,  D' = a (D + Q expm1(-g)),  K' = a (K + g s + Q expm1(-g)),  M' = a (M + g s),  Q' = b Q
+    with a expm1(-g) = b - a, which stays finite where a underflows and e^-g would overflow. g = 0 (the
+    centre kept) leaves a pure scaling by a: exact but for one rounding a sum."""
     a = tl.exp2((mp_old - mp_new) * (inv_t * LOG2E))
-    b = tl.exp2((mq_old - mq_new) * (inv_t * LOG2E))
-    g = ((mp_old - mp_new) - (mq_old - mq_new)) * inv_t
-    small = tl.abs(g) < SERIES_D
-    a_em1 = tl.where(small, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
-    q_sum = D + s  # sum of q~ in the old scale
-    return a * s, a * D + q_sum * a_em1, a * (K + g * s) + q_sum * a_em1, a * M
+    g = (c_old - c_new) * inv_t
+    b = tl.exp2(((mp_old - mp_new) - (c_old - c_new)) * (inv_t * LOG2E))
+    a_em1 = tl.where(tl.abs(g) < SERIES_D, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
+    return a * s, a * D + Q * a_em1, a * (K + g * s) + Q * a_em1, a * (M + g * s), b * Q
 
 
 @triton.jit
@@ -84,49 +88,47 @@ def _group_sum(v, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr)
 
 
 @triton.jit
-def _kl_step(x, y, first, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+def _kl_step(x, y, first, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
              G: tl.constexpr):  # fmt: skip
     """One (BLOCK_R, BLOCK_V) block of policy and reference logits (ACC, -inf where masked) into the running
-    maxima (mp, mq) and the partial sums (s, D, K, M: (BLOCK_R, BLOCK_V // G)); `first`: the row's first
-    block, whose m_p - m_q becomes w's centre c0."""
+    maxima (mp, mq), the centre c and the partial sums (s, D, K, M, Q: (BLOCK_R, BLOCK_V // G)); `first`: the
+    row's first block, whose m_p - m_q becomes the centre."""
     bm_p, bm_q = tl.split(tl.max(tl.join(x, y), 1))  # both block maxima in one reduction
-    mp_new = tl.maximum(mp, bm_p)
+    mp_new = tl.maximum(mp, bm_p)  # -inf until the row has had a finite logit
     mq_new = tl.maximum(mq, bm_q)
-    mp_new = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # nothing finite yet: keep inf - inf away
-    mq_new = tl.where(mq_new == -float("inf"), 0.0, mq_new)
-    grew = tl.max(((mp_new != mp) | (mq_new != mq)).to(tl.int32), 0)  # any row's maxima moved
-    if grew != 0:  # rare after the first blocks: the partial sums move only then
-        s, D, K, M = _rescale(
-            s, D, K, M,
-            tl.where(mp == -float("inf"), mp_new, mp)[:, None], mp_new[:, None],
-            tl.where(mq == -float("inf"), mq_new, mq)[:, None], mq_new[:, None], inv_t,
-        )  # fmt: skip
+    mp_c = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # 0 until then (the sums are 0): no inf - inf
+    mq_c = tl.where(mq_new == -float("inf"), 0.0, mq_new)
+    # the centre moves only when q^'s largest value, 2^((m_q - m_p + c) log2(e)/T), would leave 2^(+-RECENTRE)
+    c_new = tl.where(first | (tl.abs((mq_c - mp_c + c) * scale) > RECENTRE), mp_c - mq_c, c)
+    c = tl.where(first, c_new, c)  # the first block has no sums to move
+    moved = tl.max(((mp_new != mp) | (c_new != c)).to(tl.int32), 0)  # any row's
+    if moved != 0:  # rare after the first blocks: the partial sums move only then
+        mp_old = tl.where(mp == -float("inf"), mp_c, mp)
+        s, D, K, M, Q = _rescale(s, D, K, M, Q, mp_old[:, None], mp_c[:, None], c[:, None], c_new[:, None], inv_t)
     mp = mp_new
     mq = mq_new
-    c0 = tl.where(first, mp - mq, c0)
+    c = c_new
 
-    pt = tl.exp2((x - mp[:, None]) * scale)  # p~
-    qt = tl.exp2((y - mq[:, None]) * scale)  # q~
-    u = x - y  # exact for close logits
-    d = (u - (mp - mq)[:, None]) * inv_t
-    # w = d up to a per-row constant, but against the centre c0, which never moves: M = sum p~ w is then
-    # summed from the very w_j the backward recomputes, however the maxima move later, so for a confident
-    # row (p~ -> 1 at one token) E_p[w] and that token's w cancel to the bit, as in eager autograd
-    w = (u - c0[:, None]) * inv_t
+    pt = tl.exp2((x - mp_c[:, None]) * scale)  # p~
+    qt = tl.exp2((y - (mp_c - c)[:, None]) * scale)  # q^ = p~ e^-d
+    # d against the centre c, which moves only in the rare case above: M = sum p~ d is then summed from the
+    # very d_j the backward recomputes (as w), so for a confident row (p~ -> 1 at one token) E_p[d] and that
+    # token's d cancel to the bit, as in eager autograd
+    d = ((x - y) - c[:, None]) * inv_t  # x - y: exact for close logits
     small = tl.abs(d) < SERIES_D
     # one polynomial per element: expm1(-d) = k3(d) - d, and k3 << |d| there, so no cancellation
     k3d = k3_series(d)
-    pw = tl.where(pt > 0, pt * w, 0.0)  # p~ w; w may be infinite where p~ underflows to 0
-    pd = pw - pt * (((mp - mq) - c0) * inv_t)[:, None]  # p~ d (d = w - that): guarded as pw; |d| >= 0.5 only
+    pd = tl.where(pt > 0, pt * d, 0.0)  # p~ d; d may be infinite where p~ underflows to 0
     d_term = tl.where(small, pt * (k3d - d), qt - pt)
-    k_term = tl.where(small, pt * k3d, pd + qt - pt)
+    k_term = tl.where(small, pt * k3d, pd + (qt - pt))
     s += _group_sum(pt, BLOCK_R, BLOCK_V, G)
-    M += _group_sum(pw, BLOCK_R, BLOCK_V, G)
-    # lanes with p~ = q~ = 0 (padding, a -inf in both) give 0 without a guard: d is NaN there, so `small`
-    # is false and q~ - p~ = 0, and `pd` is guarded
+    M += _group_sum(pd, BLOCK_R, BLOCK_V, G)
+    # lanes with p~ = q^ = 0 (padding, a -inf in both) give 0 without a guard: d is NaN there, so `small`
+    # is false and q^ - p~ = 0, and `pd` is guarded
     D += _group_sum(d_term, BLOCK_R, BLOCK_V, G)
     K += _group_sum(k_term, BLOCK_R, BLOCK_V, G)
-    return mp, mq, s, D, K, M, c0
+    Q += _group_sum(qt, BLOCK_R, BLOCK_V, G)
+    return mp, mq, c, s, D, K, M, Q
 
 
 @triton.jit
@@ -135,7 +137,7 @@ def _full_kl_fwd(
     y_ptr,  # (A, B, V) reference logits, any float; row r at a*sya + b*syb; vocab stride 1
     mask_ptr,  # (N,) bool, read when HAS_MASK
     kl_ptr,  # (N,) fp32 out
-    stats_ptr,  # (4, N) fp32 out: [m_p, c0, log2 s, E_p[w]] for the backward
+    stats_ptr,  # (4, N) fp32 out: [m_p, c, log2 s, E_p[d]] for the backward
     N,
     V,
     B,
@@ -173,8 +175,9 @@ def _full_kl_fwd(
     s = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     D = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     K = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
-    M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j w_j, for the backward's E_p[w]
-    c0 = tl.zeros([BLOCK_R], ACC)  # w's centre: the first block's m_p - m_q, then fixed
+    M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j d_j: E_p[d] for the backward and the first order
+    Q = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum q^_j (= D + s, without that sum's cancellation)
+    c = tl.zeros([BLOCK_R], ACC)  # d's centre: the first block's m_p - m_q (see _kl_step)
     cols = tl.arange(0, BLOCK_V)
     if ALIGN > 0:  # blocks on memory's 16-byte grid (`fwd_tiles`: both rows start equally far into theirs)
         lead = x_off % ALIGN  # (1,)
@@ -187,33 +190,53 @@ def _full_kl_fwd(
             ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < end[:, None])
             x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
             y = tl.load(yp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
-            mp, mq, s, D, K, M, c0 = _kl_step(x, y, True, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R, BLOCK_V, G)
+            mp, mq, c, s, D, K, M, Q = _kl_step(
+                x, y, True, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R, BLOCK_V, G
+            )
         for start in tl.range(BLOCK_V, n_whole * BLOCK_V, BLOCK_V, num_stages=STAGES):  # whole: no mask
             x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
             y = tl.load(yp[:, None] + (start + cols)[None, :]).to(ACC)
-            mp, mq, s, D, K, M, c0 = _kl_step(x, y, False, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R, BLOCK_V, G)
+            mp, mq, c, s, D, K, M, Q = _kl_step(
+                x, y, False, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R, BLOCK_V, G
+            )
         for start in range(tl.maximum(n_whole, 1) * BLOCK_V, n_blocks * BLOCK_V, BLOCK_V):  # the last, partial
             ok = (start + cols)[None, :] < end[:, None]
             x = tl.load(xp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
             y = tl.load(yp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
-            mp, mq, s, D, K, M, c0 = _kl_step(x, y, False, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R, BLOCK_V, G)
+            mp, mq, c, s, D, K, M, Q = _kl_step(
+                x, y, False, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R, BLOCK_V, G
+            )
     else:  # every block from column 0 under a mask
         for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
             mask = active[:, None] & ((start + cols)[None, :] < V)
             x = tl.load(x_ptr + x_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
             y = tl.load(y_ptr + y_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
             first = start == 0
-            mp, mq, s, D, K, M, c0 = _kl_step(x, y, first, mp, mq, s, D, K, M, c0, inv_t, scale, BLOCK_R, BLOCK_V, G)
+            mp, mq, c, s, D, K, M, Q = _kl_step(
+                x, y, first, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R, BLOCK_V, G
+            )
     s = tl.sum(s, 1)
     D = tl.sum(D, 1)
     K = tl.sum(K, 1)
     M = tl.sum(M, 1)
+    Q = tl.sum(Q, 1)
 
+    # Two exact formulas (module docstring), with eps = D/s = Q/s - 1 and h(e) = e - log(1 + e):
+    #   second order  KL = K/s - h(eps)           both terms >= 0 and O(d^2): relative accuracy near pi_ref
+    #   first order   KL = M/s + log(1 + eps)     = E_p[d] + log(Q/s), the textbook formula
+    # The second order's two terms cancel where the normalisers differ far more than the centre allows for
+    # (Q >> s: a confident policy against a near-uniform reference, Q/s ~ V, both terms ~V); there the first
+    # order's terms are no larger than the log-ratios, as in eager. log(1 + eps) = log(Q/s): from eps while
+    # 1 + eps >= 1/2 (eps keeps its relative accuracy), below from the sums of positive terms Q and s, where
+    # 1 + eps would cancel (Q << s: a near-uniform policy against a confident reference).
     eps = D / s
-    kl = K / s - h_log1p(eps)
+    log_r = tl.where(eps < -0.5, tl.log(Q) - tl.log(s), tl.log(1.0 + eps))
+    kl_2 = K / s - tl.where(tl.abs(eps) < SERIES_EPS, h_series(eps), eps - log_r)
+    kl_1 = M / s + log_r
+    kl = tl.where(eps > 1.0, kl_1, kl_2)
     tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_in)
-    tl.store(stats_ptr + rows, tl.where(active, mp, 0.0), mask=row_in)
-    tl.store(stats_ptr + N + rows, tl.where(active, c0, 0.0), mask=row_in)
+    tl.store(stats_ptr + rows, tl.where(active & (mp > -float("inf")), mp, 0.0), mask=row_in)
+    tl.store(stats_ptr + N + rows, tl.where(active, c, 0.0), mask=row_in)
     tl.store(stats_ptr + 2 * N + rows, tl.where(active, tl.log2(s), 0.0), mask=row_in)
     tl.store(stats_ptr + 3 * N + rows, tl.where(active, M / s, 0.0), mask=row_in)
 
@@ -257,7 +280,7 @@ def _full_kl_bwd(
     scale = LOG2E * inv_t
 
     mp = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
-    c0 = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
+    c = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
     log2_s = tl.load(stats_ptr + 2 * N + rows, mask=active, other=0.0).to(ACC)
     mean_w = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
     g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
@@ -271,7 +294,7 @@ def _full_kl_bwd(
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         p = tl.exp2((x - mp[:, None]) * scale - log2_s[:, None])
-        w = ((x - y) - c0[:, None]) * inv_t  # exactly as in the forward
+        w = ((x - y) - c[:, None]) * inv_t  # d, exactly as in the forward
         g = tl.where(p > 0, p * (w - mean_w[:, None]), 0.0) * g_kl[:, None]
         g = tl.where(mask, g, 0.0)
         tl.store(grad_x_ptr + g_off[:, None] + cols[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
@@ -301,24 +324,25 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
     (reference): BLOCK_R and BLOCK_V (`_common.row_blocks`, at most 2,048 columns on CUDA), G and ALIGN
     (`_common.row_layout`), num_warps, STAGES = 1 (plain loads) and a register cap on NVIDIA GPUs.
 
-    The loop is issue-bound on an H100/H200 (40 SASS instructions per element, `benchmarks/tune_rows.py
+    The loop is issue-bound on an H100/H200 (39 SASS instructions per element, `benchmarks/tune_rows.py
     --sass`) and the measured kernel issued at 70% of the peak rate with 2 blocks of 8 warps per SM: more
     resident warps to hide the loads' latency behind is the bet. A block of 2,048 columns and 4 warps runs
-    16 elements a thread, as 4,096 x 8 warps does, for the same count (40.1 vs 40.4 per element, sm_90, bf16,
-    temperature 1), and 64 registers fit 8 such blocks (32 warps) per SM; uncapped the compiler takes 64 to
-    127 depending on the vocabulary and triton version (3.6, the GPU host's, spills nothing at 64 for
-    vocabularies 151,936 and 50,257; 3.9 spills 112 bytes at 50,257). fp32 logits: 80 registers (6 blocks),
-    none spilled under 3.6. Only the 16-byte-grid path (ALIGN) is capped, the one counted: the column-0
-    path (several rows a program, views off 16 bytes) would spill 72-250 bytes. No cap for fp64 (gradcheck)
-    nor on ROCm, whose Triton has no such option. Not timed on a GPU: tune_rows times this beside 4,096 x 8
-    warps capped at 80 and uncapped, and pipelined loops."""
+    16 elements a thread, as 4,096 x 8 warps does, for the same count, and 88 registers fit 5 such blocks
+    (20 warps) per SM; uncapped the compiler takes 86 to 120 depending on the vocabulary and triton version.
+    At 88 (sm_90, bf16) the loop spills nothing under triton 3.9 nor 3.6 (the GPU host's) at vocabularies
+    151,936 and 50,257; at 80 (6 blocks) 3.9 reloads spilled registers in the loop, at 64 (8 blocks) 104
+    bytes of them (3.6 would fit either). fp32 logits: 96 registers (5 blocks). Only the 16-byte-grid path
+    (ALIGN) is capped, the one counted: the column-0 path (several rows a program, views off 16 bytes)
+    would spill more. No cap for fp64 (gradcheck) nor on ROCm, whose Triton has no such option. Not timed
+    on a GPU: tune_rows times this beside 64 registers, 4,096 x 8 warps capped at 80 and uncapped, and
+    pipelined loops."""
     A, B, V = x.shape
     block_r, block_v = row_blocks(A * B, V, x.device, max_tile=2048 if x.device.type == "cuda" else None)
     layout = row_layout(block_r, block_v, x, y)
     size = max(x.element_size(), y.element_size())
     capped = layout["ALIGN"] and size <= 4 and torch.version.hip is None
     return {"BLOCK_R": block_r, "BLOCK_V": block_v, **layout, "num_warps": num_warps_for(block_r * block_v),
-            "STAGES": 1, **({"maxnreg": 64 if size == 2 else 80} if capped else {})}  # fmt: skip
+            "STAGES": 1, **({"maxnreg": 88 if size == 2 else 96} if capped else {})}  # fmt: skip
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):
