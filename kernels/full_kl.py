@@ -46,11 +46,14 @@ import triton.language as tl
 
 from ._common import (
     acc_dtype,
+    aligned_share,
     as_rows,
+    bwd_layout,
     check_logits,
     check_same_device,
     check_shape,
     check_temperature,
+    grad_rows,
     num_warps_for,
     nvtx_range,
     row_blocks,
@@ -242,6 +245,15 @@ def _full_kl_fwd(
 
 
 @triton.jit
+def _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t):
+    """g_kl dKL/dx = g_kl p (w - E_p[w]) / T for a (BLOCK_R, BLOCK_V) block of policy / reference logits (ACC);
+    g_kl carries the 1/T."""
+    p = tl.exp2((x - mp[:, None]) * scale - log2_s[:, None])
+    w = ((x - y) - c[:, None]) * inv_t  # d, exactly as in the forward
+    return tl.where(p > 0, p * (w - mean_w[:, None]), 0.0) * g_kl[:, None]
+
+
+@triton.jit
 def _full_kl_bwd(
     x_ptr,  # (A, B, V) policy logits, as in forward
     y_ptr,  # (A, B, V) reference logits, as in forward
@@ -259,12 +271,13 @@ def _full_kl_bwd(
     gxa,
     gxb,
     temperature,
-    cols_per_split,
+    cols_per_split,  # vocabulary columns handled by one program along grid axis 1 (a multiple of BLOCK_V)
     HAS_MASK: tl.constexpr,
     UNIT_T: tl.constexpr,  # temperature == 1
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,  # > 0: blocks on memory's 16-byte grid, whole ones unmasked (`_common.aligned_share`)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_in = rows < N
@@ -285,19 +298,45 @@ def _full_kl_bwd(
     mean_w = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
     g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
 
-    col_start = tl.program_id(1).to(tl.int64) * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, V)
-    for start in range(col_start, col_end, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_bounds = row_in[:, None] & (cols[None, :] < col_end)
-        mask = active[:, None] & (cols[None, :] < col_end)
-        x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
-        y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
-        p = tl.exp2((x - mp[:, None]) * scale - log2_s[:, None])
-        w = ((x - y) - c[:, None]) * inv_t  # d, exactly as in the forward
-        g = tl.where(p > 0, p * (w - mean_w[:, None]), 0.0) * g_kl[:, None]
-        g = tl.where(mask, g, 0.0)
-        tl.store(grad_x_ptr + g_off[:, None] + cols[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=in_bounds)
+    cols = tl.arange(0, BLOCK_V)
+    dt = grad_x_ptr.dtype.element_ty
+    if ALIGN > 0:  # one row; x, y and gradient rows equally far into their 16 bytes (`_common.row_layout`)
+        lead, on, first, lo, hi, last, f0, f1 = aligned_share(x_off, active, V, cols_per_split, ALIGN, BLOCK_V)
+        xp = x_ptr + tl.multiple_of(x_off - lead, ALIGN)  # (1,): to the rows' 16-byte groups
+        yp = y_ptr + tl.multiple_of(y_off - lead, ALIGN)
+        gp = grad_x_ptr + tl.multiple_of(g_off - lead, ALIGN)
+        if on:
+            if first:  # block 0, from the 16 bytes the row starts in
+                ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
+                x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
+                y = tl.load(yp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
+                g = _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t)
+                tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
+            for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
+                x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
+                y = tl.load(yp[:, None] + (start + cols)[None, :]).to(ACC)
+                g = _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t)
+                tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
+            if last >= 0:  # the row's last, partial block
+                ok = (last + cols)[None, :] < (V + lead)[:, None]
+                x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
+                y = tl.load(yp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
+                g = _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t)
+                tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
+        else:  # a masked row: reads nothing, gradient 0
+            for start in range(f0, f1, BLOCK_V):
+                ok = ((start + cols)[None, :] >= lead[:, None]) & ((start + cols)[None, :] < (V + lead)[:, None])
+                tl.store(gp[:, None] + (start + cols)[None, :], tl.zeros([BLOCK_R, BLOCK_V], dt), mask=ok)
+    else:  # blocks from column 0 under a mask
+        col_start = tl.program_id(1).to(tl.int64) * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, V)
+        for start in range(col_start, col_end, BLOCK_V):
+            in_bounds = row_in[:, None] & ((start + cols)[None, :] < col_end)
+            mask = active[:, None] & ((start + cols)[None, :] < col_end)
+            x = tl.load(x_ptr + x_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+            y = tl.load(y_ptr + y_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+            g = tl.where(mask, _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t), 0.0)
+            tl.store(grad_x_ptr + g_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -345,22 +384,27 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
             "STAGES": 1, **({"maxnreg": 88 if size == 2 else 96} if capped else {})}  # fmt: skip
 
 
-def _backward(logits, ref_logits, mask, stats, grad_kl, temperature):
+def _backward(logits, ref_logits, mask, stats, grad_kl, temperature, like_logits=True):
+    """-> grad of the policy logits, laid out as they are where that is cheap (`_common.grad_rows`;
+    like_logits=False: contiguous)."""
     with nvtx_range("fastrlhf.full_kl.bwd"):
         x, y = as_rows(logits), as_rows(ref_logits)
         A, B, V = x.shape
         N = A * B
-        grad = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
+        grad = grad_rows(x, like_logits)
         block_r, block_v = row_blocks(N, V, logits.device)
+        layout = bwd_layout(block_r, block_v, x, y, grad)
+        align = layout["ALIGN"]
+        cols = V + max(align - 1, 0)  # on the 16-byte grid a row spans up to ALIGN - 1 more columns
         n_row_programs = triton.cdiv(N, block_r)
-        splits = vocab_splits(n_row_programs, triton.cdiv(V, block_v), logits.device)
-        cols_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-        _full_kl_bwd[(n_row_programs, triton.cdiv(V, cols_per_split))](
+        splits = vocab_splits(n_row_programs, triton.cdiv(cols, block_v), logits.device)
+        cols_per_split = triton.cdiv(triton.cdiv(cols, splits), block_v) * block_v
+        _full_kl_bwd[(n_row_programs, triton.cdiv(cols, cols_per_split))](
             x, y, mask if mask is not None else stats, stats, grad_kl.reshape(N).contiguous(), grad,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
             temperature, cols_per_split,
             HAS_MASK=mask is not None, UNIT_T=temperature == 1.0, ACC=tl_dtype(stats.dtype),
-            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps_for(block_r * block_v),
+            BLOCK_R=block_r, BLOCK_V=block_v, **layout, num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
         )  # fmt: skip
         return grad.view(logits.shape)

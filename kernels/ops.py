@@ -85,7 +85,9 @@ def _tlp_bwd_op(
     """-> grad of the logits, logits' shape and dtype (contiguous)."""
     if use_triton(logits):
         ent_rows = ent.reshape(-1) if grad_ent is not None else None
-        return _tlp_backward(logits, targets, stats, ent_rows, grad_logp, grad_ent, temperature, ignore_index)
+        return _tlp_backward(
+            logits, targets, stats, ent_rows, grad_logp, grad_ent, temperature, ignore_index, like_logits=False
+        )  # contiguous, as the fake impl's
     acc = acc_dtype(logits)  # reference path: recompute the softmax, apply the formulas in the module docstring
     log_p = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
     p = log_p.exp()
@@ -163,7 +165,7 @@ def _fkl_bwd_op(
 ) -> Tensor:
     """-> grad of the policy logits (the reference is frozen)."""
     if use_triton(logits):
-        return _fkl_backward(logits, ref_logits, _rows(mask), stats, grad_kl, temperature)
+        return _fkl_backward(logits, ref_logits, _rows(mask), stats, grad_kl, temperature, like_logits=False)
     acc = acc_dtype(logits, ref_logits)  # dKL/dz_j = p_j (log p_j - log q_j - KL)
     log_p = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
     d = log_p - torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)

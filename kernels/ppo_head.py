@@ -45,13 +45,16 @@ import triton.language as tl
 
 from ._common import (
     acc_dtype,
+    aligned_share,
     as_rows,
+    bwd_layout,
     check_float,
     check_int,
     check_logits,
     check_same_device,
     check_shape,
     check_temperature,
+    grad_rows,
     num_warps_for,
     nvtx_range,
     row_blocks,
@@ -60,7 +63,7 @@ from ._common import (
     vocab_splits,
 )
 from ._series import expm1_neg, k3
-from .token_logprobs import fwd_tiles, online_lse, token_logprobs_ref
+from .token_logprobs import _is_col, fwd_tiles, online_lse, token_logprobs_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -147,6 +150,18 @@ def _ppo_head_fwd(
 
 
 @triton.jit
+def _grad_tile(x, is_tgt, m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT: tl.constexpr):
+    """d loss / dx for a (BLOCK_R, BLOCK_V) block of logits x (ACC) from the per-row d loss / d logp (g_lp)
+    and d loss / d entropy (g_h); is_tgt marks the target."""
+    y = (x - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
+    p = tl.exp2(y)  # softmax(x / T), recomputed in fp32
+    g = tl.where(is_tgt, g_lp[:, None], 0.0) - p * g_lp[:, None]
+    if HAS_G_ENT:
+        g -= tl.where(p > 0, p * (y * LN2 + ent[:, None]), 0.0) * g_h[:, None]
+    return g * inv_t
+
+
+@triton.jit
 def _ppo_head_bwd(
     logits_ptr,  # (A, B, V) any float, as in forward
     targets_ptr,  # (N,) int
@@ -166,7 +181,7 @@ def _ppo_head_bwd(
     gstride_b,
     temperature,
     ignore_index,
-    cols_per_split,  # vocabulary columns handled by one program along grid axis 1
+    cols_per_split,  # vocabulary columns handled by one program along grid axis 1 (a multiple of BLOCK_V)
     HAS_G_LOGP: tl.constexpr,
     HAS_G_ENT: tl.constexpr,
     HAS_G_RATIO: tl.constexpr,
@@ -175,6 +190,7 @@ def _ppo_head_bwd(
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,  # > 0: blocks on memory's 16-byte grid, whole ones unmasked (`_common.aligned_share`)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_in = rows < N
@@ -208,20 +224,42 @@ def _ppo_head_bwd(
         g_h = tl.load(g_ent_ptr + rows, mask=active, other=0.0).to(ACC)
         ent = tl.load(stats_ptr + 5 * N + rows, mask=active, other=0.0)
 
-    col_start = tl.program_id(1).to(tl.int64) * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, V)
-    for start in range(col_start, col_end, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_bounds = row_in[:, None] & (cols[None, :] < col_end)
-        mask = active[:, None] & (cols[None, :] < col_end)
-        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
-        y = (x.to(ACC) - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
-        p = tl.exp2(y)  # softmax(x / T), recomputed in fp32
-        g = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * g_lp[:, None]
-        if HAS_G_ENT:
-            g -= tl.where(p > 0, p * (y * LN2 + ent[:, None]), 0.0) * g_h[:, None]
-        g = tl.where(mask, g * inv_t, 0.0)
-        tl.store(grad_logits_ptr + grad_off[:, None] + cols[None, :], g.to(grad_logits_ptr.dtype.element_ty), mask=in_bounds)
+    cols = tl.arange(0, BLOCK_V)
+    dt = grad_logits_ptr.dtype.element_ty
+    if ALIGN > 0:  # one row; logits and gradient rows equally far into their 16 bytes (`_common.row_layout`)
+        lead, on, first, lo, hi, last, f0, f1 = aligned_share(row_off, active, V, cols_per_split, ALIGN, BLOCK_V)
+        xp = logits_ptr + tl.multiple_of(row_off - lead, ALIGN)  # (1,): to the row's 16-byte group
+        gp = grad_logits_ptr + tl.multiple_of(grad_off - lead, ALIGN)
+        t_f = tgt + lead  # the target's column counted from there
+        if on:
+            if first:  # block 0, from the 16 bytes the row starts in
+                ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
+                x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT)
+                tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
+            for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
+                x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, start), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT)
+                tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
+            if last >= 0:  # the row's last, partial block
+                ok = (last + cols)[None, :] < (V + lead)[:, None]
+                x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT)
+                tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
+        else:  # an ignored row: reads nothing, gradient 0
+            for start in range(f0, f1, BLOCK_V):
+                ok = ((start + cols)[None, :] >= lead[:, None]) & ((start + cols)[None, :] < (V + lead)[:, None])
+                tl.store(gp[:, None] + (start + cols)[None, :], tl.zeros([BLOCK_R, BLOCK_V], dt), mask=ok)
+    else:  # blocks from column 0 under a mask
+        col_start = tl.program_id(1).to(tl.int64) * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, V)
+        for start in range(col_start, col_end, BLOCK_V):
+            in_bounds = row_in[:, None] & ((start + cols)[None, :] < col_end)
+            mask = active[:, None] & ((start + cols)[None, :] < col_end)
+            x = tl.load(logits_ptr + row_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+            g = _grad_tile(x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT)
+            g = tl.where(mask, g, 0.0)
+            tl.store(grad_logits_ptr + grad_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -249,19 +287,23 @@ def _forward(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range
 
 
 def _backward(logits, targets, stats, grads, temperature, ignore_index):
-    """grads: upstream (logp, entropy, ratio, pg, kl), each a tensor or None -> grad_logits (logits' shape)."""
+    """grads: upstream (logp, entropy, ratio, pg, kl), each a tensor or None -> grad_logits (logits' shape,
+    laid out as the logits are where that is cheap: `_common.grad_rows`)."""
     with nvtx_range("fastrlhf.ppo_head.bwd"):
         if logits.numel() == 0:
             return torch.zeros_like(logits)
         x = as_rows(logits)
         A, B, V = x.shape
         N = A * B
-        grad = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
+        grad = grad_rows(x)
         block_r, block_v = row_blocks(N, V, logits.device)
+        layout = bwd_layout(block_r, block_v, x, grad)
+        align = layout["ALIGN"]
+        cols = V + max(align - 1, 0)  # on the 16-byte grid a row spans up to ALIGN - 1 more columns
         n_row_programs = triton.cdiv(N, block_r)
-        splits = vocab_splits(n_row_programs, triton.cdiv(V, block_v), logits.device)
-        cols_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-        splits = triton.cdiv(V, cols_per_split)
+        splits = vocab_splits(n_row_programs, triton.cdiv(cols, block_v), logits.device)
+        cols_per_split = triton.cdiv(triton.cdiv(cols, splits), block_v) * block_v
+        splits = triton.cdiv(cols, cols_per_split)
         flat = [g.reshape(N).contiguous() if g is not None else stats for g in grads]  # .sum() gives stride 0
         g_logp, g_ent, g_ratio, g_pg, g_kl = (g is not None for g in grads)
         _ppo_head_bwd[(n_row_programs, splits)](
@@ -269,7 +311,7 @@ def _backward(logits, targets, stats, grads, temperature, ignore_index):
             N, V, B, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
             temperature, ignore_index, cols_per_split,
             HAS_G_LOGP=g_logp, HAS_G_ENT=g_ent, HAS_G_RATIO=g_ratio, HAS_G_PG=g_pg, HAS_G_KL=g_kl,
-            ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v,
+            ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v, **layout,
             num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
         )  # fmt: skip

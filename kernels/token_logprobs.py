@@ -27,12 +27,15 @@ import triton.language as tl
 
 from ._common import (
     acc_dtype,
+    aligned_share,
     as_rows,
+    bwd_layout,
     check_int,
     check_logits,
     check_same_device,
     check_shape,
     check_temperature,
+    grad_rows,
     num_warps_for,
     nvtx_range,
     row_blocks,
@@ -167,6 +170,29 @@ def _token_logprobs_fwd(
 
 
 @triton.jit
+def _is_col(cols, col, start):
+    """(BLOCK_R, BLOCK_V) mask of column `col` (BLOCK_R,) int64 in the block of `cols` (int32 arange) starting
+    at `start`: one 32-bit compare per element instead of 64-bit index arithmetic."""
+    rel = col - start
+    rel = tl.where((rel >= 0) & (rel < cols.shape[0]), rel, -1).to(tl.int32)
+    return cols[None, :] == rel[:, None]
+
+
+@triton.jit
+def _grad_tile(x, is_tgt, m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP: tl.constexpr,
+               HAS_GRAD_ENT: tl.constexpr):  # fmt: skip
+    """d(g_lp . logp + g_h . H)/dx for a (BLOCK_R, BLOCK_V) block of logits x (ACC); is_tgt marks the target."""
+    y = (x - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
+    p = tl.exp2(y)  # softmax(x / T), recomputed in fp32
+    g = -p * g_lp[:, None]
+    if HAS_GRAD_LOGP:
+        g += tl.where(is_tgt, g_lp[:, None], 0.0)
+    if HAS_GRAD_ENT:
+        g -= tl.where(p > 0, p * (y * LN2 + ent[:, None]), 0.0) * g_h[:, None]
+    return g * inv_t
+
+
+@triton.jit
 def _token_logprobs_bwd(
     logits_ptr,  # (A, B, V) any float, as in forward
     targets_ptr,  # (N,) int
@@ -184,12 +210,13 @@ def _token_logprobs_bwd(
     gstride_b,
     temperature,
     ignore_index,
-    cols_per_split,  # vocabulary columns handled by one program along grid axis 1
+    cols_per_split,  # vocabulary columns handled by one program along grid axis 1 (a multiple of BLOCK_V)
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENT: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,  # > 0: blocks on memory's 16-byte grid, whole ones unmasked (`_common.aligned_share`)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_in = rows < N
@@ -215,22 +242,47 @@ def _token_logprobs_bwd(
         g_h = tl.load(grad_ent_ptr + rows, mask=active, other=0.0).to(ACC)
         ent = tl.load(ent_ptr + rows, mask=active, other=0.0).to(ACC)
 
-    col_start = tl.program_id(1).to(tl.int64) * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, V)
-    for start in range(col_start, col_end, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_bounds = row_in[:, None] & (cols[None, :] < col_end)
-        mask = active[:, None] & (cols[None, :] < col_end)
-        x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
-        y = (x.to(ACC) - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
-        p = tl.exp2(y)  # softmax(x / T), recomputed in fp32
-        g = -p * g_lp[:, None]
-        if HAS_GRAD_LOGP:
-            g += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
-        if HAS_GRAD_ENT:
-            g -= tl.where(p > 0, p * (y * LN2 + ent[:, None]), 0.0) * g_h[:, None]
-        g = tl.where(mask, g * inv_t, 0.0)
-        tl.store(grad_logits_ptr + grad_off[:, None] + cols[None, :], g.to(grad_logits_ptr.dtype.element_ty), mask=in_bounds)
+    cols = tl.arange(0, BLOCK_V)
+    dt = grad_logits_ptr.dtype.element_ty
+    if ALIGN > 0:  # one row; logits and gradient rows equally far into their 16 bytes (`_common.row_layout`)
+        lead, on, first, lo, hi, last, f0, f1 = aligned_share(row_off, active, V, cols_per_split, ALIGN, BLOCK_V)
+        xp = logits_ptr + tl.multiple_of(row_off - lead, ALIGN)  # (1,): to the row's 16-byte group
+        gp = grad_logits_ptr + tl.multiple_of(grad_off - lead, ALIGN)
+        t_f = tgt + lead  # the target's column counted from there
+        if on:
+            if first:  # block 0, from the 16 bytes the row starts in
+                ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
+                x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t,
+                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
+            for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
+                x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, start), m, log2_s, g_lp, g_h, ent, scale, inv_t,
+                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
+            if last >= 0:  # the row's last, partial block
+                ok = (last + cols)[None, :] < (V + lead)[:, None]
+                x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t,
+                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
+        else:  # an ignored row: reads nothing, gradient 0
+            for start in range(f0, f1, BLOCK_V):
+                f = start + cols
+                ok = (f[None, :] >= lead[:, None]) & (f[None, :] < (V + lead)[:, None])
+                tl.store(gp[:, None] + f[None, :], tl.zeros([BLOCK_R, BLOCK_V], dt), mask=ok)
+    else:  # blocks from column 0 under a mask
+        col_start = tl.program_id(1).to(tl.int64) * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, V)
+        for start in range(col_start, col_end, BLOCK_V):
+            in_bounds = row_in[:, None] & ((start + cols)[None, :] < col_end)
+            mask = active[:, None] & ((start + cols)[None, :] < col_end)
+            x = tl.load(logits_ptr + row_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+            g = _grad_tile(x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t,
+                           HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+            g = tl.where(mask, g, 0.0)
+            tl.store(grad_logits_ptr + grad_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -266,18 +318,22 @@ def fwd_tiles(x: torch.Tensor) -> dict:
             "num_warps": num_warps_for(block_r * block_v), "STAGES": 1}  # fmt: skip
 
 
-def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index):
-    """-> grad_logits with logits' shape and dtype (contiguous)."""
+def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index, like_logits=True):
+    """-> grad_logits with logits' shape and dtype, laid out as the logits are where that is cheap
+    (`_common.grad_rows`; like_logits=False: contiguous)."""
     with nvtx_range("fastrlhf.token_logprobs.bwd"):
         x = as_rows(logits)
         A, B, V = x.shape
         N = A * B
-        grad = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
+        grad = grad_rows(x, like_logits)
         block_r, block_v = row_blocks(N, V, logits.device)
+        layout = bwd_layout(block_r, block_v, x, grad)
+        align = layout["ALIGN"]
+        cols = V + max(align - 1, 0)  # on the 16-byte grid a row spans up to ALIGN - 1 more columns
         n_row_programs = triton.cdiv(N, block_r)
-        splits = vocab_splits(n_row_programs, triton.cdiv(V, block_v), logits.device)
-        cols_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
-        splits = triton.cdiv(V, cols_per_split)
+        splits = vocab_splits(n_row_programs, triton.cdiv(cols, block_v), logits.device)
+        cols_per_split = triton.cdiv(triton.cdiv(cols, splits), block_v) * block_v
+        splits = triton.cdiv(cols, cols_per_split)
         dummy = stats
         _token_logprobs_bwd[(n_row_programs, splits)](
             x, targets.reshape(N), stats, ent if ent is not None else dummy,
@@ -286,7 +342,7 @@ def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ign
             grad, N, V, B, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
             temperature, ignore_index, cols_per_split,
             HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
-            ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v,
+            ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v, **layout,
             num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
         )  # fmt: skip

@@ -46,7 +46,9 @@ def tiles(request, monkeypatch) -> str:
     vocabulary (2053: rows start anywhere in their 16 bytes). Where they fall back to blocks from column 0
     (views off 16 bytes, several rows a program), this run keeps partials per 16-byte column group whatever
     the alignment (`_common.load_group` picks them only for aligned rows), so the groups meet partial
-    tails, -inf columns and empty groups too."""
+    tails, -inf columns and empty groups too. The backwards take their 16-byte-grid path the same way
+    (`_common.aligned_share`), with each row split over three programs as on a GPU (one on the interpreter
+    otherwise), so a split's first, whole and last blocks all run."""
     if request.param == "blocks_of_1024":
         import importlib
 
@@ -58,8 +60,12 @@ def tiles(request, monkeypatch) -> str:
         def vector_groups(block_v, *rows):
             return min(block_v, 16 // max(t.element_size() for t in rows))
 
+        def three_splits(n_row_programs, n_col_blocks, device):  # the backwards' programs per row (1 on CPU)
+            return min(3, n_col_blocks)
+
         for name in ROW_KERNELS:
             module = importlib.import_module(f"fastrlhf.kernels.{name}")
             monkeypatch.setattr(module, "row_blocks", blocks_of_1024)
+            monkeypatch.setattr(module, "vocab_splits", three_splits)
         monkeypatch.setattr(_common, "load_group", vector_groups)  # read by _common.row_layout
     return request.param
