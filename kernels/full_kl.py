@@ -16,14 +16,18 @@ subtraction is well-conditioned; beyond, q^ - p~ and p~ d + q^ - p~ no longer ca
 Then, with eps = D/s and h(e) = e - log(1 + e), two exact formulas (`_full_kl_fwd` picks per row):
     KL = K/s - h(eps)            second order: both terms O(d^2), relative accuracy when pi ~ pi_ref
     KL = M/s + log(1 + eps)      first order, for eps > 1, where the second's two terms would cancel
-The centre c is the first block's m_p - m_q and stays, so the sums only scale by e^(old m_p - new m_p)/T when
-m_p grows (`_rescale`); it moves (an exact shift of the sums) only if q^'s largest value would leave
-2^(+-RECENTRE) -- maxima that drift apart by > 11 T nats, rows far from the reference. Result: KL with
-relative fp32 accuracy near the reference, to a factor: where the two maxima sit at different tokens, c is
-off the true log-normaliser difference and K/s and h(eps) cancel by up to ~10x (`scripts/kernel_demo.sh`:
-bf16 logits, reference + 0.05 noise, T = 0.7: 2e-5 relative, against 1150% for the textbook formula); and
-eager's accuracy far from the reference (a confident policy against a near-uniform reference, fp32: 1e-7
-relative at vocabulary 151,936, where the second-order formula alone gave 1e-3).
+The centre c is the difference of the first block's log-normalisers, T log(sum e^(x/T) / sum e^(y/T)) over
+it (one more pass over that block), and stays, so the sums only scale by e^((old m_p - new m_p)/T) when m_p
+grows (`_rescale`); it moves (an exact shift of the sums) only if q^'s largest value would leave
+2^(+-RECENTRE) -- maxima that drift apart by > 11 T nats, rows far from the reference. Measured on the CPU
+interpreter (fp32 arithmetic, 2026-12-03): near the reference 2e-7 relative (`scripts/kernel_demo.sh`: bf16,
+reference + 0.05 noise, T = 0.7; in 2,048-column blocks as on a GPU, 1.8e-7), against 1150% for the
+textbook formula; far from it eager's accuracy (a confident policy against a near-uniform reference, fp32:
+1e-7 at vocabulary 151,936, where the second-order formula alone gave 1e-3). Where a centre from the first
+block is poor, K/s and h(eps) cancel by ~(centre error / log-ratio spread)^2: at delta = 1e-5 in 1,024-
+column blocks 6e-5, and in a confident row whose top token comes after the first block by ~1/(1 - p_top):
+p_top = 0.9999 gave up to 1e-1 relative (of KLs of 1e-10 to 1e-7), where centring on the moving maxima
+(before 2026-12-03) gave 6e-4 there but 9e-3 at delta = 1e-5 in several blocks.
 
 Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
 Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
@@ -95,15 +99,24 @@ def _kl_step(x, y, first, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R: tl.co
              G: tl.constexpr):  # fmt: skip
     """One (BLOCK_R, BLOCK_V) block of policy and reference logits (ACC, -inf where masked) into the running
     maxima (mp, mq), the centre c and the partial sums (s, D, K, M, Q: (BLOCK_R, BLOCK_V // G)); `first`: the
-    row's first block, whose m_p - m_q becomes the centre."""
+    row's first block, which sets the centre."""
     bm_p, bm_q = tl.split(tl.max(tl.join(x, y), 1))  # both block maxima in one reduction
     mp_new = tl.maximum(mp, bm_p)  # -inf until the row has had a finite logit
     mq_new = tl.maximum(mq, bm_q)
     mp_c = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # 0 until then (the sums are 0): no inf - inf
     mq_c = tl.where(mq_new == -float("inf"), 0.0, mq_new)
-    # the centre moves only when q^'s largest value, 2^((m_q - m_p + c) log2(e)/T), would leave 2^(+-RECENTRE)
-    c_new = tl.where(first | (tl.abs((mq_c - mp_c + c) * scale) > RECENTRE), mp_c - mq_c, c)
-    c = tl.where(first, c_new, c)  # the first block has no sums to move
+    # the centre: in the first block the difference of its log-normalisers, T log(sum e^(x/T) / sum e^(y/T))
+    # (one more pass over that block: a q-weighted mean of the block's log-ratios, so within their spread
+    # of the row's -- the two maxima's difference alone can be off by far more, and K/s and h(eps) cancel by
+    # the square of that); later it moves only when q^'s largest value, 2^((m_q - m_p + c) log2(e)/T),
+    # would leave 2^(+-RECENTRE), to m_p - m_q
+    c_new = tl.where(tl.abs((mq_c - mp_c + c) * scale) > RECENTRE, mp_c - mq_c, c)
+    if first:
+        s1 = tl.sum(tl.exp2((x - mp_c[:, None]) * scale), 1)
+        q1 = tl.sum(tl.exp2((y - mq_c[:, None]) * scale), 1)
+        both = (s1 > 0) & (q1 > 0)  # else a side has nothing finite yet: the maxima's difference
+        c_new = (mp_c - mq_c) + tl.where(both, (tl.log2(s1) - tl.log2(q1)) * (LN2 / inv_t), 0.0)
+        c = c_new  # the first block has no sums to move
     moved = tl.max(((mp_new != mp) | (c_new != c)).to(tl.int32), 0)  # any row's
     if moved != 0:  # rare after the first blocks: the partial sums move only then
         mp_old = tl.where(mp == -float("inf"), mp_c, mp)
@@ -113,7 +126,9 @@ def _kl_step(x, y, first, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R: tl.co
     c = c_new
 
     pt = tl.exp2((x - mp_c[:, None]) * scale)  # p~
-    qt = tl.exp2((y - (mp_c - c)[:, None]) * scale)  # q^ = p~ e^-d
+    # q^ = p~ e^-d = 2^((y - m_q + g) log2(e)/T), g = m_q - m_p + c: the logits' own difference y - m_q (exact)
+    # and a small per-row g, never y - (m_p - c), which would round y to eps |y| (logits near -100: 1e-5)
+    qt = tl.exp2((y - mq_c[:, None]) * scale + ((mq_c - mp_c + c) * scale)[:, None])
     # d against the centre c, which moves only in the rare case above: M = sum p~ d is then summed from the
     # very d_j the backward recomputes (as w), so for a confident row (p~ -> 1 at one token) E_p[d] and that
     # token's d cancel to the bit, as in eager autograd
