@@ -147,13 +147,15 @@ def bwd_layout(block_r: int, block_v: int, *rows: torch.Tensor) -> dict:
     a view off 16 bytes (sm_90, bf16, vocabulary 50,257: token_logprobs 30.9 -> 10.6 instructions per
     element, full_kl 33.8 -> 15.1: compute-bound to memory-bound). Rows Triton can prove aligned keep the
     column-0 path: its loads are vectors already and it ran at 90-97% of copy bandwidth on the H200. On
-    NVIDIA GPUs the grid path is capped at 64 registers (4 blocks of 8 warps per SM; uncapped triton 3.6
-    takes 72-115 by dtype, 3.9 62-71; no spill in the loop at 64 under either)."""
+    NVIDIA GPUs the grid path is capped at 64 registers for 16-bit logits (4 blocks of 8 warps per SM;
+    uncapped triton 3.6 takes 72-94, 3.9 about 64) and 80 for fp32 (3 blocks; 64 spilled up to 56 bytes
+    under 3.9): no spill at these under either version."""
     if provably_aligned(*rows):
         return {"ALIGN": 0}
     align = row_layout(block_r, block_v, *rows)["ALIGN"]
-    capped = align and rows[0].device.type == "cuda" and torch.version.hip is None
-    return {"ALIGN": align, **({"maxnreg": 64} if capped and max(t.element_size() for t in rows) <= 4 else {})}
+    size = max(t.element_size() for t in rows)
+    capped = align and rows[0].device.type == "cuda" and torch.version.hip is None and size <= 4
+    return {"ALIGN": align, **({"maxnreg": 64 if size == 2 else 80} if capped else {})}
 
 
 def row_layout(block_r: int, block_v: int, *rows: torch.Tensor) -> dict:

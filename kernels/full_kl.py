@@ -17,17 +17,18 @@ Then, with eps = D/s and h(e) = e - log(1 + e), two exact formulas (`_full_kl_fw
     KL = K/s - h(eps)            second order: both terms O(d^2), relative accuracy when pi ~ pi_ref
     KL = M/s + log(1 + eps)      first order, for eps > 1, where the second's two terms would cancel
 The centre c is the difference of the first block's log-normalisers, T log(sum e^(x/T) / sum e^(y/T)) over
-it (one more pass over that block), and stays, so the sums only scale by e^((old m_p - new m_p)/T) when m_p
-grows (`_rescale`); it moves (an exact shift of the sums) only if q^'s largest value would leave
-2^(+-RECENTRE) -- maxima that drift apart by > 11 T nats, rows far from the reference. Measured on the CPU
-interpreter (fp32 arithmetic, 2026-12-03): near the reference 2e-7 relative (`scripts/kernel_demo.sh`: bf16,
-reference + 0.05 noise, T = 0.7; in 2,048-column blocks as on a GPU, 1.8e-7), against 1150% for the
-textbook formula; far from it eager's accuracy (a confident policy against a near-uniform reference, fp32:
-1e-7 at vocabulary 151,936, where the second-order formula alone gave 1e-3). Where a centre from the first
-block is poor, K/s and h(eps) cancel by ~(centre error / log-ratio spread)^2: at delta = 1e-5 in 1,024-
-column blocks 6e-5, and in a confident row whose top token comes after the first block by ~1/(1 - p_top):
-p_top = 0.9999 gave up to 1e-1 relative (of KLs of 1e-10 to 1e-7), where centring on the moving maxima
-(before 2026-12-03) gave 6e-4 there but 9e-3 at delta = 1e-5 in several blocks.
+it (one more pass over that block), so the sums only scale by e^((old m_p - new m_p)/T) when m_p grows
+(`_rescale`). It moves (an exact shift of the sums, K's in a form without first-order terms) to m_p - m_q
+when the policy's maximum grows so far that everything summed so far weighs < 2^-6 of the new maximum's
+term (a confident token after the first block: its log-ratio is then the row's), and when q^'s largest
+value would leave 2^(+-RECENTRE) (maxima drifting > 11 T nats apart, rows far from the reference).
+Measured on the CPU interpreter (fp32 arithmetic, 2026-12-03), relative error of KL: near the reference
+2e-7 (`scripts/kernel_demo.sh`: bf16, reference + 0.05 noise, T = 0.7; in 2,048-column blocks as on a GPU,
+1.8e-7) against 1150% for the textbook formula; at delta = 1e-5 in 1,024-column blocks 8e-6; confident
+rows whose top token comes after the first block (p_top 0.96-0.9999) 1e-6 to 1.4e-5; far from the
+reference eager's accuracy (a confident policy against a near-uniform reference, fp32: 1e-7 at vocabulary
+151,936, where the second-order formula alone gave 1e-3). Before 2026-12-03 (centre on the moving maxima,
+shifted at first order) those were 2e-5, 1.5e-5, 9e-3, 5e-4 and 1e-3.
 
 Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
 Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
@@ -78,14 +79,17 @@ def _rescale(s, D, K, M, Q, mp_old, mp_new, c_old, c_new, inv_t):
     """Move (s, D, K, M, Q) from the policy maximum mp_old and centre c_old to mp_new and c_new. p~ is scaled
     by a = e^((mp_old - mp_new)/T), every d_j shifted by g = (c_old - c_new)/T, and q^ = p~ e^-d scaled by
     b = a e^-g:
-        s' = a s,  D' = a (D + Q expm1(-g)),  K' = a (K + g s + Q expm1(-g)),  M' = a (M + g s),  Q' = b Q
-    with a expm1(-g) = b - a, which stays finite where a underflows and e^-g would overflow. g = 0 (the
-    centre kept) leaves a pure scaling by a: exact but for one rounding a sum."""
+        s' = a s,  D' = a (D + Q expm1(-g)),  K' = a (K + s k3(g) + D expm1(-g)),  M' = a (M + g s),  Q' = b Q
+    K's shift in its k3 form (= a (K + g s + Q expm1(-g)), as Q = s + D) adds second-order terms only, so it
+    rounds at their size, not at g s's. a expm1(-g) = b - a and a k3(g) = a (g - 1) + b stay finite where a
+    underflows and e^-g would overflow. g = 0 (the centre kept) is a pure scaling by a: one rounding a sum."""
     a = tl.exp2((mp_old - mp_new) * (inv_t * LOG2E))
     g = (c_old - c_new) * inv_t
     b = tl.exp2(((mp_old - mp_new) - (c_old - c_new)) * (inv_t * LOG2E))
-    a_em1 = tl.where(tl.abs(g) < SERIES_D, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
-    return a * s, a * D + Q * a_em1, a * (K + g * s) + Q * a_em1, a * (M + g * s), b * Q
+    small = tl.abs(g) < SERIES_D
+    a_em1 = tl.where(small, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
+    a_k3 = tl.where(small, a * k3_series(g), (a * g - a) + b)  # a * k3(g)
+    return a * s, a * D + Q * a_em1, (a * K + s * a_k3) + D * a_em1, a * (M + g * s), b * Q
 
 
 @triton.jit
@@ -95,32 +99,39 @@ def _group_sum(v, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr)
 
 
 @triton.jit
-def _kl_step(x, y, first, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-             G: tl.constexpr):  # fmt: skip
+def _kl_step(x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
+             BLOCK_V: tl.constexpr, G: tl.constexpr):  # fmt: skip
     """One (BLOCK_R, BLOCK_V) block of policy and reference logits (ACC, -inf where masked) into the running
-    maxima (mp, mq), the centre c and the partial sums (s, D, K, M, Q: (BLOCK_R, BLOCK_V // G)); `first`: the
-    row's first block, which sets the centre."""
+    maxima (mp, mq), the centre c and the partial sums (s, D, K, M, Q: (BLOCK_R, BLOCK_V // G)); FIRST: the
+    row's first block, which sets the centre (peeled off the loops, whose code stays without that pass)."""
     bm_p, bm_q = tl.split(tl.max(tl.join(x, y), 1))  # both block maxima in one reduction
     mp_new = tl.maximum(mp, bm_p)  # -inf until the row has had a finite logit
     mq_new = tl.maximum(mq, bm_q)
     mp_c = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # 0 until then (the sums are 0): no inf - inf
     mq_c = tl.where(mq_new == -float("inf"), 0.0, mq_new)
-    # the centre: in the first block the difference of its log-normalisers, T log(sum e^(x/T) / sum e^(y/T))
-    # (one more pass over that block: a q-weighted mean of the block's log-ratios, so within their spread
-    # of the row's -- the two maxima's difference alone can be off by far more, and K/s and h(eps) cancel by
-    # the square of that); later it moves only when q^'s largest value, 2^((m_q - m_p + c) log2(e)/T),
-    # would leave 2^(+-RECENTRE), to m_p - m_q
+    # The centre c. In the row's first block, the difference of its log-normalisers, T log(sum e^(x/T) /
+    # sum e^(y/T)) (one more pass over that block: a q-weighted mean of its log-ratios, where the two maxima's
+    # difference alone can be far off, and K/s and h(eps) cancel by the square of that). Later it moves to
+    # m_p - m_q when the policy's maximum grows so far that the sums so far weigh < 2^-6 of the new maximum's
+    # own term (a confident token after the first block, whose log-ratio that is: the old centre would be
+    # off by it); moving rounds M by eps |g| of those sums only, and K and D at second order. And to m_p - m_q
+    # when q^'s largest value, 2^((m_q - m_p + c) log2(e)/T), would leave 2^(+-RECENTRE).
     c_new = tl.where(tl.abs((mq_c - mp_c + c) * scale) > RECENTRE, mp_c - mq_c, c)
-    if first:
+    if FIRST:  # no sums to move yet
         s1 = tl.sum(tl.exp2((x - mp_c[:, None]) * scale), 1)
         q1 = tl.sum(tl.exp2((y - mq_c[:, None]) * scale), 1)
         both = (s1 > 0) & (q1 > 0)  # else a side has nothing finite yet: the maxima's difference
         c_new = (mp_c - mq_c) + tl.where(both, (tl.log2(s1) - tl.log2(q1)) * (LN2 / inv_t), 0.0)
-        c = c_new  # the first block has no sums to move
-    moved = tl.max(((mp_new != mp) | (c_new != c)).to(tl.int32), 0)  # any row's
-    if moved != 0:  # rare after the first blocks: the partial sums move only then
-        mp_old = tl.where(mp == -float("inf"), mp_c, mp)
-        s, D, K, M, Q = _rescale(s, D, K, M, Q, mp_old[:, None], mp_c[:, None], c[:, None], c_new[:, None], inv_t)
+    else:
+        grew = mp_new != mp
+        if tl.max((grew | (c_new != c)).to(tl.int32), 0) != 0:  # rare after the first blocks
+            mp_old = tl.where(mp == -float("inf"), mp_c, mp)
+            old = tl.sum(s, 1) * tl.exp2((mp_old - mp_c) * scale)  # the sums' weight at the new maximum
+            c_new = tl.where(grew & (old <= 0.015625), mp_c - mq_c, c_new)
+            c = tl.where(old == 0, c_new, c)  # no sums yet (a first block all -inf): nothing to move
+            s, D, K, M, Q = _rescale(
+                s, D, K, M, Q, mp_old[:, None], mp_c[:, None], c[:, None], c_new[:, None], inv_t
+            )
     mp = mp_new
     mq = mq_new
     c = c_new
@@ -195,7 +206,7 @@ def _full_kl_fwd(
     K = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j d_j: E_p[d] for the backward and the first order
     Q = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum q^_j (= D + s, without that sum's cancellation)
-    c = tl.zeros([BLOCK_R], ACC)  # d's centre: the first block's m_p - m_q (see _kl_step)
+    c = tl.zeros([BLOCK_R], ACC)  # d's centre (see _kl_step)
     cols = tl.arange(0, BLOCK_V)
     if ALIGN > 0:  # blocks on memory's 16-byte grid (`fwd_tiles`: both rows start equally far into theirs)
         lead = x_off % ALIGN  # (1,)
@@ -209,29 +220,32 @@ def _full_kl_fwd(
             x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
             y = tl.load(yp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
             mp, mq, c, s, D, K, M, Q = _kl_step(
-                x, y, True, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R, BLOCK_V, G
+                x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, True, BLOCK_R, BLOCK_V, G
             )
         for start in tl.range(BLOCK_V, n_whole * BLOCK_V, BLOCK_V, num_stages=STAGES):  # whole: no mask
             x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
             y = tl.load(yp[:, None] + (start + cols)[None, :]).to(ACC)
             mp, mq, c, s, D, K, M, Q = _kl_step(
-                x, y, False, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R, BLOCK_V, G
+                x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, False, BLOCK_R, BLOCK_V, G
             )
         for start in range(tl.maximum(n_whole, 1) * BLOCK_V, n_blocks * BLOCK_V, BLOCK_V):  # the last, partial
             ok = (start + cols)[None, :] < end[:, None]
             x = tl.load(xp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
             y = tl.load(yp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
             mp, mq, c, s, D, K, M, Q = _kl_step(
-                x, y, False, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R, BLOCK_V, G
+                x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, False, BLOCK_R, BLOCK_V, G
             )
-    else:  # every block from column 0 under a mask
-        for start in tl.range(0, V, BLOCK_V, num_stages=STAGES):
+    else:  # every block from column 0 under a mask; the first (FIRST) peeled off the loop
+        mask = active[:, None] & (cols[None, :] < V)
+        x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
+        y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
+        mp, mq, c, s, D, K, M, Q = _kl_step(x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, True, BLOCK_R, BLOCK_V, G)
+        for start in tl.range(BLOCK_V, V, BLOCK_V, num_stages=STAGES):
             mask = active[:, None] & ((start + cols)[None, :] < V)
             x = tl.load(x_ptr + x_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
             y = tl.load(y_ptr + y_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
-            first = start == 0
             mp, mq, c, s, D, K, M, Q = _kl_step(
-                x, y, first, mp, mq, c, s, D, K, M, Q, inv_t, scale, BLOCK_R, BLOCK_V, G
+                x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, False, BLOCK_R, BLOCK_V, G
             )
     s = tl.sum(s, 1)
     D = tl.sum(D, 1)
