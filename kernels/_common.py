@@ -208,6 +208,17 @@ def aligned_share(row_off, active, V, cols_per_split, ALIGN: tl.constexpr, BLOCK
     return lead, on, f0 == 0, tl.maximum(f0, BLOCK_V), tl.minimum(f1, n_whole * BLOCK_V), last, f0, f1
 
 
+@triton.jit
+def zero_fill(gp, lead, V, f0, f1, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Zeros into a backward program's columns [f0, f1) of a row on the 16-byte grid (`aligned_share`): the
+    gradient of a row that reads nothing (ignored target, masked row). gp (1,): the row's 16-byte group."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(f0, f1, BLOCK_V):
+        ok = ((start + cols)[None, :] >= lead[:, None]) & ((start + cols)[None, :] < (V + lead)[:, None])
+        zeros = tl.zeros([BLOCK_R, BLOCK_V], gp.dtype.element_ty)
+        tl.store(gp[:, None] + (start + cols)[None, :], zeros, mask=ok)
+
+
 def num_warps_for(tile: int) -> int:
     return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
 

@@ -66,6 +66,7 @@ from ._common import (
     tl_dtype,
     use_triton,
     vocab_splits,
+    zero_fill,
 )
 from ._series import SERIES_D, SERIES_EPS, expm1_neg_series, h_series, k3_series
 
@@ -353,9 +354,7 @@ def _full_kl_bwd(
                 g = _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t)
                 tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
         else:  # a masked row: reads nothing, gradient 0
-            for start in range(f0, f1, BLOCK_V):
-                ok = ((start + cols)[None, :] >= lead[:, None]) & ((start + cols)[None, :] < (V + lead)[:, None])
-                tl.store(gp[:, None] + (start + cols)[None, :], tl.zeros([BLOCK_R, BLOCK_V], dt), mask=ok)
+            zero_fill(gp, lead, V, f0, f1, BLOCK_R, BLOCK_V)
     else:  # blocks from column 0 under a mask
         col_start = tl.program_id(1).to(tl.int64) * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, V)

@@ -61,9 +61,10 @@ from ._common import (
     tl_dtype,
     use_triton,
     vocab_splits,
+    zero_fill,
 )
 from ._series import expm1_neg, k3
-from .token_logprobs import _is_col, fwd_tiles, online_lse, token_logprobs_ref
+from .token_logprobs import _grad_tile, _is_col, fwd_tiles, online_lse, token_logprobs_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -150,18 +151,6 @@ def _ppo_head_fwd(
 
 
 @triton.jit
-def _grad_tile(x, is_tgt, m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT: tl.constexpr):
-    """d loss / dx for a (BLOCK_R, BLOCK_V) block of logits x (ACC) from the per-row d loss / d logp (g_lp)
-    and d loss / d entropy (g_h); is_tgt marks the target."""
-    y = (x - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
-    p = tl.exp2(y)  # softmax(x / T), recomputed in fp32
-    g = tl.where(is_tgt, g_lp[:, None], 0.0) - p * g_lp[:, None]
-    if HAS_G_ENT:
-        g -= tl.where(p > 0, p * (y * LN2 + ent[:, None]), 0.0) * g_h[:, None]
-    return g * inv_t
-
-
-@triton.jit
 def _ppo_head_bwd(
     logits_ptr,  # (A, B, V) any float, as in forward
     targets_ptr,  # (N,) int
@@ -235,21 +224,20 @@ def _ppo_head_bwd(
             if first:  # block 0, from the 16 bytes the row starts in
                 ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
                 x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT)
+                g = _grad_tile(x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT)
                 tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
             for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
                 x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, start), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT)
+                is_t = _is_col(cols, t_f, start)
+                g = _grad_tile(x, is_t, m, log2_s, g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT)
                 tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
             if last >= 0:  # the row's last, partial block
                 ok = (last + cols)[None, :] < (V + lead)[:, None]
                 x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT)
+                g = _grad_tile(x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT)
                 tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
         else:  # an ignored row: reads nothing, gradient 0
-            for start in range(f0, f1, BLOCK_V):
-                ok = ((start + cols)[None, :] >= lead[:, None]) & ((start + cols)[None, :] < (V + lead)[:, None])
-                tl.store(gp[:, None] + (start + cols)[None, :], tl.zeros([BLOCK_R, BLOCK_V], dt), mask=ok)
+            zero_fill(gp, lead, V, f0, f1, BLOCK_R, BLOCK_V)
     else:  # blocks from column 0 under a mask
         col_start = tl.program_id(1).to(tl.int64) * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, V)
@@ -257,7 +245,7 @@ def _ppo_head_bwd(
             in_bounds = row_in[:, None] & ((start + cols)[None, :] < col_end)
             mask = active[:, None] & ((start + cols)[None, :] < col_end)
             x = tl.load(logits_ptr + row_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
-            g = _grad_tile(x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_G_ENT)
+            g = _grad_tile(x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT)
             g = tl.where(mask, g, 0.0)
             tl.store(grad_logits_ptr + grad_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
 

@@ -43,6 +43,7 @@ from ._common import (
     tl_dtype,
     use_triton,
     vocab_splits,
+    zero_fill,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -268,10 +269,7 @@ def _token_logprobs_bwd(
                                HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
                 tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
         else:  # an ignored row: reads nothing, gradient 0
-            for start in range(f0, f1, BLOCK_V):
-                f = start + cols
-                ok = (f[None, :] >= lead[:, None]) & (f[None, :] < (V + lead)[:, None])
-                tl.store(gp[:, None] + f[None, :], tl.zeros([BLOCK_R, BLOCK_V], dt), mask=ok)
+            zero_fill(gp, lead, V, f0, f1, BLOCK_R, BLOCK_V)
     else:  # blocks from column 0 under a mask
         col_start = tl.program_id(1).to(tl.int64) * cols_per_split
         col_end = tl.minimum(col_start + cols_per_split, V)
