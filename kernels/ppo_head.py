@@ -45,7 +45,6 @@ import triton.language as tl
 
 from ._common import (
     acc_dtype,
-    aligned_share,
     as_rows,
     bwd_layout,
     check_float,
@@ -61,10 +60,9 @@ from ._common import (
     tl_dtype,
     use_triton,
     vocab_splits,
-    zero_fill,
 )
 from ._series import expm1_neg, k3
-from .token_logprobs import _grad_tile, _is_col, fwd_tiles, online_lse, token_logprobs_ref
+from .token_logprobs import _grad_pass, fwd_tiles, online_lse, token_logprobs_ref
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -213,41 +211,8 @@ def _ppo_head_bwd(
         g_h = tl.load(g_ent_ptr + rows, mask=active, other=0.0).to(ACC)
         ent = tl.load(stats_ptr + 5 * N + rows, mask=active, other=0.0)
 
-    cols = tl.arange(0, BLOCK_V)
-    dt = grad_logits_ptr.dtype.element_ty
-    if ALIGN > 0:  # one row; logits and gradient rows equally far into their 16 bytes (`_common.row_layout`)
-        lead, on, first, lo, hi, last, f0, f1 = aligned_share(row_off, active, V, cols_per_split, ALIGN, BLOCK_V)
-        xp = logits_ptr + tl.multiple_of(row_off - lead, ALIGN)  # (1,): to the row's 16-byte group
-        gp = grad_logits_ptr + tl.multiple_of(grad_off - lead, ALIGN)
-        t_f = tgt + lead  # the target's column counted from there
-        if on:
-            if first:  # block 0, from the 16 bytes the row starts in
-                ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
-                x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT)
-                tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
-            for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
-                x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
-                is_t = _is_col(cols, t_f, start)
-                g = _grad_tile(x, is_t, m, log2_s, g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT)
-                tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
-            if last >= 0:  # the row's last, partial block
-                ok = (last + cols)[None, :] < (V + lead)[:, None]
-                x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT)
-                tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
-        else:  # an ignored row: reads nothing, gradient 0
-            zero_fill(gp, lead, V, f0, f1, BLOCK_R, BLOCK_V)
-    else:  # blocks from column 0 under a mask
-        col_start = tl.program_id(1).to(tl.int64) * cols_per_split
-        col_end = tl.minimum(col_start + cols_per_split, V)
-        for start in range(col_start, col_end, BLOCK_V):
-            in_bounds = row_in[:, None] & ((start + cols)[None, :] < col_end)
-            mask = active[:, None] & ((start + cols)[None, :] < col_end)
-            x = tl.load(logits_ptr + row_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
-            g = _grad_tile(x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT)
-            g = tl.where(mask, g, 0.0)
-            tl.store(grad_logits_ptr + grad_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
+    _grad_pass(logits_ptr, grad_logits_ptr, row_off, grad_off, row_in, active, tgt, V, cols_per_split, m, log2_s,
+               g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT, ACC, BLOCK_R, BLOCK_V, ALIGN)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- launchers

@@ -194,6 +194,52 @@ def _grad_tile(x, is_tgt, m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP
 
 
 @triton.jit
+def _grad_pass(logits_ptr, grad_logits_ptr, row_off, grad_off, row_in, active, tgt, V, cols_per_split, m, log2_s,
+               g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
+               ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+    """A backward program's share of its rows' gradient (`_grad_tile` per block), shared with ppo_head.py:
+    on memory's 16-byte grid (ALIGN > 0, `_common.aligned_share`) or from column 0 under a mask."""
+    cols = tl.arange(0, BLOCK_V)
+    dt = grad_logits_ptr.dtype.element_ty
+    if ALIGN > 0:  # one row; logits and gradient rows equally far into their 16 bytes (`_common.row_layout`)
+        lead, on, first, lo, hi, last, f0, f1 = aligned_share(row_off, active, V, cols_per_split, ALIGN, BLOCK_V)
+        xp = logits_ptr + tl.multiple_of(row_off - lead, ALIGN)  # (1,): to the row's 16-byte group
+        gp = grad_logits_ptr + tl.multiple_of(grad_off - lead, ALIGN)
+        t_f = tgt + lead  # the target's column counted from there
+        if on:
+            if first:  # block 0, from the 16 bytes the row starts in
+                ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
+                x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t,
+                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
+            for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
+                x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, start), m, log2_s, g_lp, g_h, ent, scale, inv_t,
+                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
+            if last >= 0:  # the row's last, partial block
+                ok = (last + cols)[None, :] < (V + lead)[:, None]
+                x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
+                g = _grad_tile(x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t,
+                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
+        else:  # an ignored row: reads nothing, gradient 0
+            zero_fill(gp, lead, V, f0, f1, BLOCK_R, BLOCK_V)
+    else:  # blocks from column 0 under a mask
+        col_start = tl.program_id(1).to(tl.int64) * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, V)
+        for start in range(col_start, col_end, BLOCK_V):
+            in_bounds = row_in[:, None] & ((start + cols)[None, :] < col_end)
+            mask = active[:, None] & ((start + cols)[None, :] < col_end)
+            x = tl.load(logits_ptr + row_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
+            g = _grad_tile(x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t,
+                           HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+            g = tl.where(mask, g, 0.0)
+            tl.store(grad_logits_ptr + grad_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
+
+
+@triton.jit
 def _token_logprobs_bwd(
     logits_ptr,  # (A, B, V) any float, as in forward
     targets_ptr,  # (N,) int
@@ -243,44 +289,8 @@ def _token_logprobs_bwd(
         g_h = tl.load(grad_ent_ptr + rows, mask=active, other=0.0).to(ACC)
         ent = tl.load(ent_ptr + rows, mask=active, other=0.0).to(ACC)
 
-    cols = tl.arange(0, BLOCK_V)
-    dt = grad_logits_ptr.dtype.element_ty
-    if ALIGN > 0:  # one row; logits and gradient rows equally far into their 16 bytes (`_common.row_layout`)
-        lead, on, first, lo, hi, last, f0, f1 = aligned_share(row_off, active, V, cols_per_split, ALIGN, BLOCK_V)
-        xp = logits_ptr + tl.multiple_of(row_off - lead, ALIGN)  # (1,): to the row's 16-byte group
-        gp = grad_logits_ptr + tl.multiple_of(grad_off - lead, ALIGN)
-        t_f = tgt + lead  # the target's column counted from there
-        if on:
-            if first:  # block 0, from the 16 bytes the row starts in
-                ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
-                x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t,
-                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
-                tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
-            for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
-                x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, start), m, log2_s, g_lp, g_h, ent, scale, inv_t,
-                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
-                tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
-            if last >= 0:  # the row's last, partial block
-                ok = (last + cols)[None, :] < (V + lead)[:, None]
-                x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t,
-                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
-                tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
-        else:  # an ignored row: reads nothing, gradient 0
-            zero_fill(gp, lead, V, f0, f1, BLOCK_R, BLOCK_V)
-    else:  # blocks from column 0 under a mask
-        col_start = tl.program_id(1).to(tl.int64) * cols_per_split
-        col_end = tl.minimum(col_start + cols_per_split, V)
-        for start in range(col_start, col_end, BLOCK_V):
-            in_bounds = row_in[:, None] & ((start + cols)[None, :] < col_end)
-            mask = active[:, None] & ((start + cols)[None, :] < col_end)
-            x = tl.load(logits_ptr + row_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
-            g = _grad_tile(x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t,
-                           HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
-            g = tl.where(mask, g, 0.0)
-            tl.store(grad_logits_ptr + grad_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
+    _grad_pass(logits_ptr, grad_logits_ptr, row_off, grad_off, row_in, active, tgt, V, cols_per_split, m, log2_s,
+               g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP, HAS_GRAD_ENT, ACC, BLOCK_R, BLOCK_V, ALIGN)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- launchers
