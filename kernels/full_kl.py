@@ -395,12 +395,13 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
     --sass`) and the measured kernel issued at 70% of the peak rate with 2 blocks of 8 warps per SM: more
     resident warps to hide the loads' latency behind is the bet. A block of 2,048 columns and 4 warps runs
     16 elements a thread, as 4,096 x 8 warps does, for the same count, and 88 registers fit 5 such blocks
-    (20 warps) per SM; uncapped the compiler takes 86 to 120 depending on the vocabulary and triton version.
-    At 88 (sm_90, bf16) the loop spills nothing under triton 3.9 nor 3.6 (the GPU host's) at vocabularies
-    151,936 and 50,257; at 80 (6 blocks) 3.9 reloads spilled registers in the loop, at 64 (8 blocks) 104
-    bytes of them (3.6 would fit either). fp32 logits: 96 registers (5 blocks). Only the 16-byte-grid path
-    (ALIGN) is capped, the one counted: the column-0 path (several rows a program, views off 16 bytes)
-    would spill more. No cap for fp64 (gradcheck) nor on ROCm, whose Triton has no such option. Not timed
+    (20 warps) per SM; uncapped, 3.9 and 3.6 both take 96 here (vocabulary 151,936: also 5 blocks, so the
+    cap only bounds other vocabularies and versions; 4,096 x 8: 111-122). At 88 (sm_90, bf16) the loop
+    spills nothing under triton 3.9 nor 3.6 (the GPU host's) at vocabularies 151,936 and 50,257; at 80
+    (6 blocks) 3.9 spills 24 bytes and reloads them in the loop (3.6 none), at 64 (8 blocks) 3.9 spills 196
+    bytes, 3.6 52 (tune_rows' launch at 72110b3, vocabulary 151,936). fp32 logits: 96 registers (5 blocks).
+    Only the 16-byte-grid path (ALIGN) is capped, the one counted: the column-0 path (several rows a program,
+    views off 16 bytes) would spill more. No cap for fp64 (gradcheck) nor on ROCm, whose Triton has no such option. Not timed
     on a GPU: tune_rows times this beside 64 registers, 4,096 x 8 warps capped at 80 and uncapped, and
     pipelined loops."""
     A, B, V = x.shape
