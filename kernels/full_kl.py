@@ -400,10 +400,10 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
     spills nothing under triton 3.9 nor 3.6 (the GPU host's) at vocabularies 151,936 and 50,257; at 80
     (6 blocks) 3.9 spills 24 bytes and reloads them in the loop (3.6 none), at 64 (8 blocks) 3.9 spills 196
     bytes, 3.6 52 (tune_rows' launch at 72110b3, vocabulary 151,936). fp32 logits: 96 registers (5 blocks).
-    Only the 16-byte-grid path (ALIGN) is capped, the one counted: the column-0 path (several rows a program,
-    views off 16 bytes) would spill more. No cap for fp64 (gradcheck) nor on ROCm, whose Triton has no such option. Not timed
-    on a GPU: tune_rows times this beside 64 registers, 4,096 x 8 warps capped at 80 and uncapped, and
-    pipelined loops."""
+    Only the 16-byte-grid path (ALIGN) is capped, the one counted: the column-0 path (several rows a
+    program, views off 16 bytes) would spill more. No cap for fp64 (gradcheck) nor on ROCm, whose Triton
+    has no such option. Not timed on a GPU: tune_rows times this beside 64 and 80 registers, 4,096 x 8
+    warps capped at 80 and uncapped, and pipelined loops."""
     A, B, V = x.shape
     block_r, block_v = row_blocks(A * B, V, x.device, max_tile=2048 if x.device.type == "cuda" else None)
     layout = row_layout(block_r, block_v, x, y)
