@@ -119,7 +119,7 @@ def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple | Non
     stats = torch.empty((4, N), dtype=torch.float32, device=logits.device)
     fkl._full_kl_fwd[(triton.cdiv(N, opts["BLOCK_R"]),)](
         x, y, kl, kl, stats, N, V, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1), 1.0,
-        HAS_MASK=False, UNIT_T=True, ACC=tl.float32, enable_fp_fusion=True, **opts,
+        HAS_MASK=False, ACC=tl.float32, enable_fp_fusion=True, **opts,
     )  # fmt: skip
     return kl
 

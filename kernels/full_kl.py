@@ -3,43 +3,46 @@
 Math, per row with policy logits x, reference logits y, temperature T, p = softmax(x/T), q = softmax(y/T):
     KL = sum_j p_j (log p_j - log q_j)
 Written naively as E_p[x - y]/T - lse(x/T) + lse(y/T), two O(1) numbers cancel to an O(delta^2) result, so
-for near-equal policy and reference (the usual case in PPO) fp32 loses every digit. We instead keep, with the
-running maximum m_p = max_j x_j of the raw policy logits and a per-row centre c (below):
-    p~_j = exp((x_j - m_p)/T)                             (computed as exp2 of scaled differences)
-    d_j  = ((x_j - y_j) - c)/T                            log(p_j/q_j) up to a per-row constant
-    q^_j = p~_j e^-d_j = exp((y_j - (m_p - c))/T)         (q up to a per-row factor)
-    s = sum_j p~_j,   Q = sum_j q^_j,   M = sum_j p~_j d_j
-    D = sum_j p~_j expm1(-d_j)                            (= Q - s, without cancelling)
-    K = sum_j p~_j k3(d_j),  k3(d) = d - 1 + e^-d          (>= 0, second order in d)
-(for |d_j| < 0.5 one series gives both: expm1(-d) = k3(d) - d, with |k3(d)| < 0.3 |d| there, so the
-subtraction is well-conditioned; beyond, q^ - p~ and p~ d + q^ - p~ no longer cancel.)
+for near-equal policy and reference (the usual case in PPO) fp32 loses every digit. We instead keep, with
+lam = log2(e)/T (logits -> exp2 arguments), the running maxima m_p, m_q of the raw logits and a per-row
+centre E (below):
+    p~_j = 2^((x_j - m_p) lam)                         exactly 1 at the maximum
+    t_j  = (x_j - y_j) lam - E                         log2(p_j/q_j) up to a per-row constant; d_j = t_j ln 2
+    q^_j = p~_j 2^-t_j = 2^((y_j - m_q) lam + (m_q - m_p) lam + E)       (q up to a per-row factor)
+    s = sum_j p~_j,   Q = sum_j q^_j,   M = sum_j p~_j t_j
+    K = sum_j p~_j k3(d_j),  k3(d) = d - 1 + e^-d       (>= 0, second order in d)
+k3 by a series for |d_j| < 0.5 (`_series.k3_series_base2`), beyond as p~ d + q^ - p~, which no longer
+cancels there. D = Q - s = sum p~ expm1(-d) is K - M ln 2: the two sums' terms differ by exactly D's, and
+neither cancels, so D needs no sum of its own (before 2026-12-03 it had one; Q stays for the case below).
 Then, with eps = D/s and h(e) = e - log(1 + e), two exact formulas (`_full_kl_fwd` picks per row):
-    KL = K/s - h(eps)            second order: both terms O(d^2), relative accuracy when pi ~ pi_ref
-    KL = M/s + log(1 + eps)      first order, for eps > 1, where the second's two terms would cancel
-The centre c is the difference of the first block's log-normalisers, T log(sum e^(x/T) / sum e^(y/T)) over
-it (one more pass over that block), so the sums only scale by e^((old m_p - new m_p)/T) when m_p grows
-(`_rescale`). It moves (an exact shift of the sums, K's in a form without first-order terms) to m_p - m_q
-when the policy's maximum grows so far that everything summed so far weighs < 2^-6 of the new maximum's
-term (a confident token after the first block: its log-ratio is then the row's), and when q^'s largest
-value would leave 2^(+-RECENTRE) (maxima drifting > 11 T nats apart, rows far from the reference).
+    KL = K/s - h(eps)              second order: both terms O(d^2), relative accuracy when pi ~ pi_ref
+    KL = M ln2/s + log(1 + eps)    first order, for eps > 1, where the second's two terms would cancel
+(log(1 + eps) as log Q - log s where eps < -0.5, where 1 + eps would cancel.) The centre E is the difference
+of the first block's base-2 log-normalisers, log2(sum 2^(x lam) / sum 2^(y lam)) over it (one more pass over
+that block), so the sums only scale by 2^((old m_p - new m_p) lam) when m_p grows (`_rescale`). It moves (an
+exact shift of the sums, K's in a form without first-order terms) to (m_p - m_q) lam when the policy's
+maximum grows so far that everything summed so far weighs < 2^-6 of the new maximum's term (a confident
+token after the first block: its log-ratio is then the row's), and when q^'s largest value would leave
+2^(+-RECENTRE) (maxima drifting > 11 T nats apart, rows far from the reference).
 Measured on the CPU interpreter (fp32 arithmetic, 2026-12-03), relative error of KL: near the reference
-2e-7 (`scripts/kernel_demo.sh`: bf16, reference + 0.05 noise, T = 0.7; in 2,048-column blocks as on a GPU,
-1.8e-7) against 1150% for the textbook formula; at delta = 1e-5 in 1,024-column blocks 8e-6; confident
-rows whose top token comes after the first block (p_top 0.96-0.9999) 1e-6 to 1.4e-5; far from the
-reference eager's accuracy (a confident policy against a near-uniform reference, fp32: 1e-7 at vocabulary
-151,936, where the second-order formula alone gave 1e-3). Before 2026-12-03 (centre on the moving maxima,
-shifted at first order) those were 2e-5, 1.5e-5, 9e-3, 5e-4 and 1e-3.
+1.6e-7 (`scripts/kernel_demo.sh`'s inputs: bf16, reference + 0.05 noise, T = 0.7; in 2,048-column blocks as
+on a GPU, 2.1e-7) against 1150% for the textbook formula; at delta = 1e-5 in 1,024-column blocks 1e-6;
+confident rows whose top token comes after the first block (p_top 0.96-0.9999) 1e-6; far from the
+reference eager's accuracy (a confident policy against a near-uniform reference, fp32: 2e-7 at vocabulary
+151,936, where the second-order formula alone gave 1e-3). The limit where a row spans several blocks is the
+first block's centre: a row whose probability mass lies elsewhere can be left with |eps| ~ |d|, and the
+terms beyond the series carry q^'s rounding (delta = 0.1 in 1,024-column blocks: up to 2e-5).
 
 Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
 Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
 dx (N*V*(bytes_x + bytes_y + bytes_x)):
-    dKL/dx_j = p_j (log p_j - log q_j - KL) / T = p_j (w_j - E_p[w]) / T,   w_j = ((x_j - y_j) - c) / T
-(the per-row constants cancel; c is the forward's final centre, so w is its d). E_p[w] = M/s is summed in
-the forward from the same w_j the backward recomputes, bit for bit, so for a confident row (p_j -> 1) their
-rounding cancels as it does in eager autograd; using the forward's KL instead would leave an O(eps |log p/q|)
-error, and a centre that moved with the maxima an O(eps |shift|) one (the rare re-centring above costs that).
-Differences are taken on the raw logits (x_j - m_p, x_j - y_j: exact or nearly so) and only then scaled,
-so neither a large common offset nor near-equal logits lose precision.
+    dKL/dx_j = p_j (log p_j - log q_j - KL) / T = p_j (t_j - E_p[t]) ln 2 / T
+(the per-row constants cancel; E is the forward's final centre). E_p[t] = M/s is summed in the forward from
+the same t_j the backward recomputes, bit for bit, and p~ is exactly 1 at the maximum, so for a confident row
+(p_j -> 1) their rounding cancels as it does in eager autograd; using the forward's KL instead would leave an
+O(eps |log p/q|) error, and a centre that moved with the maxima an O(eps |shift|) one (the rare re-centring
+above costs that). Differences are taken on the raw logits (x_j - m_p, x_j - y_j: exact or nearly so) and
+only then scaled, so neither a large common offset nor near-equal logits lose precision.
 Masked rows (mask == 0) read nothing and give 0 and 0 gradient.
 """
 
@@ -68,7 +71,7 @@ from ._common import (
     vocab_splits,
     zero_fill,
 )
-from ._series import SERIES_D, SERIES_EPS, expm1_neg_series, h_series, k3_series
+from ._series import SERIES_D, SERIES_EPS, SERIES_T, expm1_neg_series, h_series, k3_series, k3_series_base2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -76,21 +79,26 @@ RECENTRE = tl.constexpr(16.0)  # log2 of how far q^'s largest value may stray fr
 
 
 @triton.jit
-def _rescale(s, D, K, M, Q, mp_old, mp_new, c_old, c_new, inv_t):
-    """Move (s, D, K, M, Q) from the policy maximum mp_old and centre c_old to mp_new and c_new. p~ is scaled
-    by a = e^((mp_old - mp_new)/T), every d_j shifted by g = (c_old - c_new)/T, and q^ = p~ e^-d scaled by
-    b = a e^-g:
-        s' = a s,  D' = a (D + Q expm1(-g)),  K' = a (K + s k3(g) + D expm1(-g)),  M' = a (M + g s),  Q' = b Q
+def _rescale(s, K, M, Q, da, g2, empty):
+    """Move the partial sums (s, K, M, Q) to a new policy maximum and centre. da: the old maximum minus the new
+    one as an exp2 argument ((m_p_old - m_p_new) log2(e)/T), g2 = E_old - E_new; (BLOCK_R, 1) each. p~
+    scales by a = 2^da, q^ by b = 2^(da - g2) = a e^-g, and every t moves by g2 (d by g = g2 ln 2):
+        s' = a s,  K' = a (K + s k3(g) + D expm1(-g)),  M' = a (M + g2 s),  Q' = b Q,   D = K - M ln 2
     K's shift in its k3 form (= a (K + g s + Q expm1(-g)), as Q = s + D) adds second-order terms only, so it
     rounds at their size, not at g s's. a expm1(-g) = b - a and a k3(g) = a (g - 1) + b stay finite where a
-    underflows and e^-g would overflow. g = 0 (the centre kept) is a pure scaling by a: one rounding a sum."""
-    a = tl.exp2((mp_old - mp_new) * (inv_t * LOG2E))
-    g = (c_old - c_new) * inv_t
-    b = tl.exp2(((mp_old - mp_new) - (c_old - c_new)) * (inv_t * LOG2E))
+    underflows and e^-g would overflow. g = 0 (the centre kept) is a pure scaling by a: one rounding a sum.
+    `empty`: rows without a finite policy logit yet, where s = M = 0 and K = Q = sum q^ to the bit (a may
+    overflow there): K' = Q' = b Q. An empty Q stays 0 (b may overflow)."""
+    a = tl.exp2(da)
+    b = tl.exp2(da - g2)
+    g = g2 * LN2
     small = tl.abs(g) < SERIES_D
     a_em1 = tl.where(small, a * expm1_neg_series(g), b - a)  # a * expm1(-g)
     a_k3 = tl.where(small, a * k3_series(g), (a * g - a) + b)  # a * k3(g)
-    return a * s, a * D + Q * a_em1, (a * K + s * a_k3) + D * a_em1, a * (M + g * s), b * Q
+    bQ = tl.where(Q == 0, 0.0, b * Q)
+    K = tl.where(empty, bQ, (a * K + s * a_k3) + (K - M * LN2) * a_em1)
+    M = tl.where(empty, 0.0, a * (M + g2 * s))
+    return tl.where(empty, 0.0, a * s), K, M, bQ
 
 
 @triton.jit
@@ -100,65 +108,69 @@ def _group_sum(v, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr)
 
 
 @triton.jit
-def _kl_step(x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
+def _log_ratio(x, y, scale, E):
+    """t = (x - y) log2(e)/T - E = log2(p/q) up to a per-row constant, for a block (x, y: (BLOCK_R, BLOCK_V),
+    ACC; E: (BLOCK_R,)): x - y is exact for close logits, then one rounding. The forward's M and the
+    backward's gradient take this very value, bit for bit."""
+    return tl.fma(x - y, scale, -E[:, None])
+
+
+@triton.jit
+def _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
              BLOCK_V: tl.constexpr, G: tl.constexpr):  # fmt: skip
     """One (BLOCK_R, BLOCK_V) block of policy and reference logits (ACC, -inf where masked) into the running
-    maxima (mp, mq), the centre c and the partial sums (s, D, K, M, Q: (BLOCK_R, BLOCK_V // G)); FIRST: the
-    row's first block, which sets the centre (peeled off the loops, whose code stays without that pass)."""
+    maxima (mp, mq), the centre E ((BLOCK_R,) each) and the partial sums (s, K, M, Q: (BLOCK_R, BLOCK_V // G));
+    FIRST: the row's first block, which sets the centre (peeled off the loops, whose code stays without that
+    pass)."""
     bm_p, bm_q = tl.split(tl.max(tl.join(x, y), 1))  # both block maxima in one reduction
     mp_new = tl.maximum(mp, bm_p)  # -inf until the row has had a finite logit
     mq_new = tl.maximum(mq, bm_q)
     mp_c = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # 0 until then (the sums are 0): no inf - inf
     mq_c = tl.where(mq_new == -float("inf"), 0.0, mq_new)
-    # The centre c. In the row's first block, the difference of its log-normalisers, T log(sum e^(x/T) /
-    # sum e^(y/T)) (one more pass over that block: a q-weighted mean of its log-ratios, where the two maxima's
-    # difference alone can be far off, and K/s and h(eps) cancel by the square of that). Later it moves to
-    # m_p - m_q when the policy's maximum grows so far that the sums so far weigh < 2^-6 of the new maximum's
-    # own term (a confident token after the first block, whose log-ratio that is: the old centre would be
-    # off by it); moving rounds M by eps |g| of those sums only, and K and D at second order. And to m_p - m_q
-    # when q^'s largest value, 2^((m_q - m_p + c) log2(e)/T), would leave 2^(+-RECENTRE).
-    c_new = tl.where(tl.abs((mq_c - mp_c + c) * scale) > RECENTRE, mp_c - mq_c, c)
+    # The centre E of t. In the row's first block, the difference of its base-2 log-normalisers,
+    # log2(sum 2^(x lam) / sum 2^(y lam)) over it, lam = `scale` (one more pass over that block: a q-weighted
+    # mean of its log-ratios, where the two maxima's difference alone can be far off, and K/s and h(eps)
+    # cancel by the square of that). Later it moves to (m_p - m_q) lam when the policy's maximum grows so far
+    # that the sums so far weigh < 2^-6 of the new maximum's own term (a confident token after the first
+    # block, whose log-ratio that is: the old centre would be off by it); moving rounds M by eps |g| of those
+    # sums only, and K at second order. And to (m_p - m_q) lam when q^'s largest value, 2^((m_q - m_p) lam + E),
+    # would leave 2^(+-RECENTRE).
+    E_new = tl.where(tl.abs(tl.fma(mq_c - mp_c, scale, E)) > RECENTRE, (mp_c - mq_c) * scale, E)
     if FIRST:  # no sums to move yet
         s1 = tl.sum(tl.exp2((x - mp_c[:, None]) * scale), 1)
         q1 = tl.sum(tl.exp2((y - mq_c[:, None]) * scale), 1)
         both = (s1 > 0) & (q1 > 0)  # else a side has nothing finite yet: the maxima's difference
-        c_new = (mp_c - mq_c) + tl.where(both, (tl.log2(s1) - tl.log2(q1)) * (LN2 / inv_t), 0.0)
+        E_new = (mp_c - mq_c) * scale + tl.where(both, tl.log2(s1) - tl.log2(q1), 0.0)
     else:
         grew = mp_new != mp
-        if tl.max((grew | (c_new != c)).to(tl.int32), 0) != 0:  # rare after the first blocks
-            mp_old = tl.where(mp == -float("inf"), mp_c, mp)
-            old = tl.sum(s, 1) * tl.exp2((mp_old - mp_c) * scale)  # the sums' weight at the new maximum
-            c_new = tl.where(grew & (old <= 0.015625), mp_c - mq_c, c_new)
-            c = tl.where(old == 0, c_new, c)  # no sums yet (a first block all -inf): nothing to move
-            s, D, K, M, Q = _rescale(
-                s, D, K, M, Q, mp_old[:, None], mp_c[:, None], c[:, None], c_new[:, None], inv_t
-            )
+        if tl.max((grew | (E_new != E)).to(tl.int32), 0) != 0:  # rare after the first blocks
+            empty = mp == -float("inf")  # no finite policy logit before this block: its sums used m_p = 0
+            da = (tl.where(empty, 0.0, mp) - mp_c) * scale
+            old = tl.where(empty, 0.0, tl.sum(s, 1) * tl.exp2(da))  # the sums' weight at the new maximum
+            E_new = tl.where(grew & (old <= 0.015625), (mp_c - mq_c) * scale, E_new)
+            s, K, M, Q = _rescale(s, K, M, Q, da[:, None], (E - E_new)[:, None], empty[:, None])
     mp = mp_new
     mq = mq_new
-    c = c_new
+    E = E_new
 
-    pt = tl.exp2((x - mp_c[:, None]) * scale)  # p~
-    # q^ = p~ e^-d = 2^((y - m_q + g) log2(e)/T), g = m_q - m_p + c: the logits' own difference y - m_q (exact)
-    # and a small per-row g, never y - (m_p - c), which would round y to eps |y| (logits near -100: 1e-5)
-    qt = tl.exp2((y - mq_c[:, None]) * scale + ((mq_c - mp_c + c) * scale)[:, None])
-    # d against the centre c, which moves only in the rare case above: M = sum p~ d is then summed from the
-    # very d_j the backward recomputes (as w), so for a confident row (p~ -> 1 at one token) E_p[d] and that
-    # token's d cancel to the bit, as in eager autograd
-    d = ((x - y) - c[:, None]) * inv_t  # x - y: exact for close logits
-    small = tl.abs(d) < SERIES_D
-    # one polynomial per element: expm1(-d) = k3(d) - d, and k3 << |d| there, so no cancellation
-    k3d = k3_series(d)
-    pd = tl.where(pt > 0, pt * d, 0.0)  # p~ d; d may be infinite where p~ underflows to 0
-    d_term = tl.where(small, pt * (k3d - d), qt - pt)
-    k_term = tl.where(small, pt * k3d, pd + (qt - pt))
+    pt = tl.exp2((x - mp_c[:, None]) * scale)  # p~: exactly 1 at the maximum (see M below)
+    # q^ = p~ 2^-t = 2^((y - m_q) lam + g), g = (m_q - m_p) lam + E: the logits' own difference y - m_q (exact)
+    # and a small per-row g (one rounding), never y - m_p + E / lam, which would round y to eps |y| (logits near
+    # -100: 1e-5); g's rounding is a mismatch of q^ and p~ 2^-t, which K's terms beyond the series take
+    qt = tl.exp2(tl.fma(y - mq_c[:, None], scale, tl.fma(mq_c - mp_c, scale, E)[:, None]))
+    # t against the centre E, which moves only in the rare case above: M = sum p~ t is then summed from the
+    # very t_j the backward recomputes, so for a confident row (p~ = 1 at one token, the rest negligible) E_p[t]
+    # and that token's t cancel to the bit, as in eager autograd
+    t = _log_ratio(x, y, scale, E)
+    pt_t = tl.where(pt > 0, pt * t, 0.0)  # t may be infinite where p~ underflows to 0
+    # p~ k3(d), d = t ln 2: the series where |d| < 0.5, else p~ d + q^ - p~, which no longer cancels there.
+    # Lanes with p~ = q^ = 0 (padding, a -inf in both) give 0 without a guard: t is NaN there (second branch)
+    k_term = tl.where(tl.abs(t) < SERIES_T, pt_t * k3_series_base2(t), tl.fma(pt_t, LN2, qt - pt))
     s += _group_sum(pt, BLOCK_R, BLOCK_V, G)
-    M += _group_sum(pd, BLOCK_R, BLOCK_V, G)
-    # lanes with p~ = q^ = 0 (padding, a -inf in both) give 0 without a guard: d is NaN there, so `small`
-    # is false and q^ - p~ = 0, and `pd` is guarded
-    D += _group_sum(d_term, BLOCK_R, BLOCK_V, G)
+    M += _group_sum(pt_t, BLOCK_R, BLOCK_V, G)
     K += _group_sum(k_term, BLOCK_R, BLOCK_V, G)
     Q += _group_sum(qt, BLOCK_R, BLOCK_V, G)
-    return mp, mq, c, s, D, K, M, Q
+    return mp, mq, E, s, K, M, Q
 
 
 @triton.jit
@@ -167,7 +179,7 @@ def _full_kl_fwd(
     y_ptr,  # (A, B, V) reference logits, any float; row r at a*sya + b*syb; vocab stride 1
     mask_ptr,  # (N,) bool, read when HAS_MASK
     kl_ptr,  # (N,) fp32 out
-    stats_ptr,  # (4, N) fp32 out: [m_p, c, log2 s, E_p[d]] for the backward
+    stats_ptr,  # (4, N) fp32 out: [m_p, E, log2 s, E_p[t]] for the backward
     N,
     V,
     B,
@@ -177,7 +189,6 @@ def _full_kl_fwd(
     syb,
     temperature,
     HAS_MASK: tl.constexpr,
-    UNIT_T: tl.constexpr,  # temperature == 1: no multiplications by 1 / T (2 instructions per element)
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -194,8 +205,7 @@ def _full_kl_fwd(
     b_idx = rows % B
     x_off = a_idx * sxa + b_idx * sxb
     y_off = a_idx * sya + b_idx * syb
-    inv_t = 1.0 if UNIT_T else 1.0 / tl.cast(temperature, ACC)
-    scale = LOG2E * inv_t
+    scale = LOG2E * (1.0 / tl.cast(temperature, ACC))  # logits -> exp2 arguments, as the backward's to the bit
 
     mp = tl.full([BLOCK_R], -float("inf"), ACC)
     mq = tl.full([BLOCK_R], -float("inf"), ACC)
@@ -203,11 +213,10 @@ def _full_kl_fwd(
     # no cross-thread reduction; BLOCK_V where the loads are scalar, `row_layout`) until the row ends: per
     # block only the two maxima are reduced
     s = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
-    D = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
     K = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)
-    M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j d_j: E_p[d] for the backward and the first order
-    Q = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum q^_j (= D + s, without that sum's cancellation)
-    c = tl.zeros([BLOCK_R], ACC)  # d's centre (see _kl_step)
+    M = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum p~_j t_j: E_p[t] for the backward and the first order
+    Q = tl.zeros([BLOCK_R, BLOCK_V // G], ACC)  # sum q^_j (= s + K - M ln 2, without that sum's cancellation)
+    E = tl.zeros([BLOCK_R], ACC)  # t's centre (see _kl_step)
     cols = tl.arange(0, BLOCK_V)
     if ALIGN > 0:  # blocks on memory's 16-byte grid (`fwd_tiles`: both rows start equally far into theirs)
         lead = x_off % ALIGN  # (1,)
@@ -220,41 +229,41 @@ def _full_kl_fwd(
             ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < end[:, None])
             x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
             y = tl.load(yp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
-            mp, mq, c, s, D, K, M, Q = _kl_step(
-                x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, True, BLOCK_R, BLOCK_V, G
+            mp, mq, E, s, K, M, Q = _kl_step(
+                x, y, mp, mq, E, s, K, M, Q, scale, True, BLOCK_R, BLOCK_V, G
             )
         for start in tl.range(BLOCK_V, n_whole * BLOCK_V, BLOCK_V, num_stages=STAGES):  # whole: no mask
             x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
             y = tl.load(yp[:, None] + (start + cols)[None, :]).to(ACC)
-            mp, mq, c, s, D, K, M, Q = _kl_step(
-                x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, False, BLOCK_R, BLOCK_V, G
+            mp, mq, E, s, K, M, Q = _kl_step(
+                x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G
             )
         for start in range(tl.maximum(n_whole, 1) * BLOCK_V, n_blocks * BLOCK_V, BLOCK_V):  # the last, partial
             ok = (start + cols)[None, :] < end[:, None]
             x = tl.load(xp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
             y = tl.load(yp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
-            mp, mq, c, s, D, K, M, Q = _kl_step(
-                x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, False, BLOCK_R, BLOCK_V, G
+            mp, mq, E, s, K, M, Q = _kl_step(
+                x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G
             )
     else:  # every block from column 0 under a mask; the first (FIRST) peeled off the loop
         mask = active[:, None] & (cols[None, :] < V)
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
         y = tl.load(y_ptr + y_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
-        mp, mq, c, s, D, K, M, Q = _kl_step(x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, True, BLOCK_R, BLOCK_V, G)
+        mp, mq, E, s, K, M, Q = _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, True, BLOCK_R, BLOCK_V, G)
         for start in tl.range(BLOCK_V, V, BLOCK_V, num_stages=STAGES):
             mask = active[:, None] & ((start + cols)[None, :] < V)
             x = tl.load(x_ptr + x_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
             y = tl.load(y_ptr + y_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
-            mp, mq, c, s, D, K, M, Q = _kl_step(
-                x, y, mp, mq, c, s, D, K, M, Q, inv_t, scale, False, BLOCK_R, BLOCK_V, G
+            mp, mq, E, s, K, M, Q = _kl_step(
+                x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G
             )
     s = tl.sum(s, 1)
-    D = tl.sum(D, 1)
     K = tl.sum(K, 1)
-    M = tl.sum(M, 1)
+    mean_t = tl.sum(M, 1) / s
+    M = tl.sum(M, 1) * LN2  # sum p~ d
     Q = tl.sum(Q, 1)
 
-    # Two exact formulas (module docstring), with eps = D/s = Q/s - 1 and h(e) = e - log(1 + e):
+    # Two exact formulas (module docstring), with eps = D/s = Q/s - 1, D = K - M, and h(e) = e - log(1 + e):
     #   second order  KL = K/s - h(eps)           both terms >= 0 and O(d^2): relative accuracy near pi_ref
     #   first order   KL = M/s + log(1 + eps)     = E_p[d] + log(Q/s), the textbook formula
     # The second order's two terms cancel where the normalisers differ far more than the centre allows for
@@ -262,25 +271,28 @@ def _full_kl_fwd(
     # order's terms are no larger than the log-ratios, as in eager. log(1 + eps) = log(Q/s): from eps while
     # 1 + eps >= 1/2 (eps keeps its relative accuracy), below from the sums of positive terms Q and s, where
     # 1 + eps would cancel (Q << s: a near-uniform policy against a confident reference).
-    eps = D / s
+    eps = (K - M) / s
     log_r = tl.where(eps < -0.5, tl.log(Q) - tl.log(s), tl.log(1.0 + eps))
     kl_2 = K / s - tl.where(tl.abs(eps) < SERIES_EPS, h_series(eps), eps - log_r)
     kl_1 = M / s + log_r
     kl = tl.where(eps > 1.0, kl_1, kl_2)
+    kl = tl.where(K == float("inf"), K, kl)  # p > 0 where q = 0 (a -inf reference logit): K - M is inf - inf
+    kl = tl.where(kl < 0.0, 0.0, kl)  # KL >= 0: rounding below 0 is off by less than that (t's last rounding
+    # leaves a vocabulary of 1 with t ~ 1e-7 where its KL is 0: -3e-23)
     tl.store(kl_ptr + rows, tl.where(active, kl, 0.0), mask=row_in)
     tl.store(stats_ptr + rows, tl.where(active & (mp > -float("inf")), mp, 0.0), mask=row_in)
-    tl.store(stats_ptr + N + rows, tl.where(active, c, 0.0), mask=row_in)
+    tl.store(stats_ptr + N + rows, tl.where(active, E, 0.0), mask=row_in)
     tl.store(stats_ptr + 2 * N + rows, tl.where(active, tl.log2(s), 0.0), mask=row_in)
-    tl.store(stats_ptr + 3 * N + rows, tl.where(active, M / s, 0.0), mask=row_in)
+    tl.store(stats_ptr + 3 * N + rows, tl.where(active, mean_t, 0.0), mask=row_in)
 
 
 @triton.jit
-def _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t):
-    """g_kl dKL/dx = g_kl p (w - E_p[w]) / T for a (BLOCK_R, BLOCK_V) block of policy / reference logits (ACC);
-    g_kl carries the 1/T."""
+def _grad_tile(x, y, mp, E, log2_s, mean_t, g_kl, scale):
+    """g_kl dKL/dx = g_kl p (t - E_p[t]) ln 2 / T for a (BLOCK_R, BLOCK_V) block of policy / reference logits
+    (ACC); g_kl carries the ln 2 / T."""
     p = tl.exp2((x - mp[:, None]) * scale - log2_s[:, None])
-    w = ((x - y) - c[:, None]) * inv_t  # d, exactly as in the forward
-    return tl.where(p > 0, p * (w - mean_w[:, None]), 0.0) * g_kl[:, None]
+    t = _log_ratio(x, y, scale, E)  # exactly as in the forward
+    return tl.where(p > 0, p * (t - mean_t[:, None]), 0.0) * g_kl[:, None]
 
 
 @triton.jit
@@ -303,7 +315,6 @@ def _full_kl_bwd(
     temperature,
     cols_per_split,  # vocabulary columns handled by one program along grid axis 1 (a multiple of BLOCK_V)
     HAS_MASK: tl.constexpr,
-    UNIT_T: tl.constexpr,  # temperature == 1
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -319,14 +330,14 @@ def _full_kl_bwd(
     x_off = a_idx * sxa + b_idx * sxb
     y_off = a_idx * sya + b_idx * syb
     g_off = a_idx * gxa + b_idx * gxb
-    inv_t = 1.0 if UNIT_T else 1.0 / tl.cast(temperature, ACC)
+    inv_t = 1.0 / tl.cast(temperature, ACC)
     scale = LOG2E * inv_t
 
     mp = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
-    c = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
+    E = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)
     log2_s = tl.load(stats_ptr + 2 * N + rows, mask=active, other=0.0).to(ACC)
-    mean_w = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
-    g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
+    mean_t = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0).to(ACC)
+    g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * (inv_t * LN2)
 
     cols = tl.arange(0, BLOCK_V)
     dt = grad_x_ptr.dtype.element_ty
@@ -340,18 +351,18 @@ def _full_kl_bwd(
                 ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
                 x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
                 y = tl.load(yp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t)
+                g = _grad_tile(x, y, mp, E, log2_s, mean_t, g_kl, scale)
                 tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
             for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
                 x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
                 y = tl.load(yp[:, None] + (start + cols)[None, :]).to(ACC)
-                g = _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t)
+                g = _grad_tile(x, y, mp, E, log2_s, mean_t, g_kl, scale)
                 tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
             if last >= 0:  # the row's last, partial block
                 ok = (last + cols)[None, :] < (V + lead)[:, None]
                 x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
                 y = tl.load(yp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t)
+                g = _grad_tile(x, y, mp, E, log2_s, mean_t, g_kl, scale)
                 tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
         else:  # a masked row: reads nothing, gradient 0
             zero_fill(gp, lead, V, f0, f1, BLOCK_R, BLOCK_V)
@@ -363,7 +374,7 @@ def _full_kl_bwd(
             mask = active[:, None] & ((start + cols)[None, :] < col_end)
             x = tl.load(x_ptr + x_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
             y = tl.load(y_ptr + y_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
-            g = tl.where(mask, _grad_tile(x, y, mp, c, log2_s, mean_w, g_kl, scale, inv_t), 0.0)
+            g = tl.where(mask, _grad_tile(x, y, mp, E, log2_s, mean_t, g_kl, scale), 0.0)
             tl.store(grad_x_ptr + g_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
 
 
@@ -381,7 +392,7 @@ def _forward(logits, ref_logits, mask, temperature):
         _full_kl_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
             x, y, mask if mask is not None else kl, kl, stats,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), temperature,
-            HAS_MASK=mask is not None, UNIT_T=temperature == 1.0, ACC=tl_dtype(acc), **tiles, enable_fp_fusion=True,
+            HAS_MASK=mask is not None, ACC=tl_dtype(acc), **tiles, enable_fp_fusion=True,
         )  # fmt: skip
         return kl, stats
 
@@ -432,7 +443,7 @@ def _backward(logits, ref_logits, mask, stats, grad_kl, temperature, like_logits
             x, y, mask if mask is not None else stats, stats, grad_kl.reshape(N).contiguous(), grad,
             N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
             temperature, cols_per_split,
-            HAS_MASK=mask is not None, UNIT_T=temperature == 1.0, ACC=tl_dtype(stats.dtype),
+            HAS_MASK=mask is not None, ACC=tl_dtype(stats.dtype),
             BLOCK_R=block_r, BLOCK_V=block_v, **layout, num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
         )  # fmt: skip

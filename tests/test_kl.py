@@ -82,8 +82,8 @@ def eager_full_kl(x, y, temperature=1.0):
     """The textbook formula, in the input dtype."""
     log_p = torch.log_softmax(x / temperature, -1)
     log_q = torch.log_softmax(y / temperature, -1)
-    d = log_p - log_q
-    return (log_p.exp() * torch.where(torch.isnan(d), 0, d)).sum(-1)  # -inf - -inf: a column masked in both
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0)).sum(-1)  # 0 log(0/q) = 0, also where log_p = -inf
 
 
 def make_pair(case: str, gen: torch.Generator, dtype, device):
@@ -114,6 +114,9 @@ def make_pair(case: str, gen: torch.Generator, dtype, device):
         x[..., :1100] = -float("inf")
         y[..., :1100] = -float("inf")
         temperature = 0.5
+    elif case == "policy_masked_head":  # the policy's first block all -inf, the reference's finite there
+        x[..., :1100] = -float("inf")
+        y[..., 1, :3] += 30  # and confident there in some rows
     elif case == "max_jumps_late":  # the running max grows by > 126 (base 2) after the first block
         x[..., V - 3] = 150.0
         y[..., V - 5] = 140.0
@@ -132,7 +135,7 @@ def make_pair(case: str, gen: torch.Generator, dtype, device):
 KL_CASES = [
     "random", "near_equal", "identical", "all_negative", "policy_offset_plus20", "ref_offset_minus20",
     "confident", "confident_vs_flat", "flat_vs_confident", "flat_vs_confident_late", "max_jumps_late",
-    "masked_head_low", "temperature", "masked_vocab", "strided",
+    "masked_head_low", "policy_masked_head", "temperature", "masked_vocab", "strided",
 ]  # fmt: skip
 
 
