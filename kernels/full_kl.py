@@ -402,26 +402,24 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
     (reference): BLOCK_R and BLOCK_V (`_common.row_blocks`, at most 2,048 columns on CUDA), G and ALIGN
     (`_common.row_layout`), num_warps, STAGES = 1 (plain loads) and a register cap on NVIDIA GPUs.
 
-    The loop is issue-bound on an H100/H200 (39 SASS instructions per element, `benchmarks/tune_rows.py
-    --sass`) and the measured kernel issued at 70% of the peak rate with 2 blocks of 8 warps per SM: more
-    resident warps to hide the loads' latency behind is the bet. A block of 2,048 columns and 4 warps runs
-    16 elements a thread, as 4,096 x 8 warps does, for the same count, and 88 registers fit 5 such blocks
-    (20 warps) per SM; uncapped, 3.9 and 3.6 both take 96 here (vocabulary 151,936: also 5 blocks, so the
-    cap only bounds other vocabularies and versions; 4,096 x 8: 111-122). At 88 (sm_90, bf16) the loop
-    spills nothing under triton 3.9 nor 3.6 (the GPU host's) at vocabularies 151,936 and 50,257; at 80
-    (6 blocks) 3.9 spills 24 bytes and reloads them in the loop (3.6 none), at 64 (8 blocks) 3.9 spills 196
-    bytes, 3.6 52 (tune_rows' launch at 72110b3, vocabulary 151,936). fp32 logits: 96 registers (5 blocks).
-    Only the 16-byte-grid path (ALIGN) is capped, the one counted: the column-0 path (several rows a
-    program, views off 16 bytes) would spill more. No cap for fp64 (gradcheck) nor on ROCm, whose Triton
-    has no such option. Not timed on a GPU: tune_rows times this beside 64 and 80 registers, 4,096 x 8
-    warps capped at 80 and uncapped, and pipelined loops."""
+    The loop is issue-bound on an H100/H200 (35 SASS instructions per element, `benchmarks/tune_rows.py
+    --sass`; the measured kernel of 2026-11-27, at 45, issued at 70% of the peak rate with 2 blocks of 8 warps
+    per SM): more resident warps to hide the loads' latency behind is the bet. A block of 2,048 columns and 4
+    warps runs 16 elements a thread, as 4,096 x 8 warps does, for the same count, and 80 registers fit 6 such
+    blocks (24 warps) per SM. At 80 (sm_90, bf16) the loop spills nothing under triton 3.9 nor 3.6 (the GPU
+    host's) at vocabularies 151,936 and 50,257 (3.9 spills 8 and 116 bytes outside it); uncapped, 3.9 takes
+    96 registers, 3.6 91 (5 blocks); at 64 (8 blocks) both spill in the loop (tune_rows at this commit).
+    fp32 logits: 96 registers (5 blocks). Only the 16-byte-grid path (ALIGN) is capped, the one counted: the
+    column-0 path (several rows a program, views off 16 bytes) would spill more. No cap for fp64 (gradcheck)
+    nor on ROCm, whose Triton has no such option. Not timed on a GPU: tune_rows times this beside 64 and 88
+    registers, 4,096 x 8 warps capped at 80 and uncapped, and pipelined loops."""
     A, B, V = x.shape
     block_r, block_v = row_blocks(A * B, V, x.device, max_tile=2048 if x.device.type == "cuda" else None)
     layout = row_layout(block_r, block_v, x, y)
     size = max(x.element_size(), y.element_size())
     capped = layout["ALIGN"] and size <= 4 and torch.version.hip is None
     return {"BLOCK_R": block_r, "BLOCK_V": block_v, **layout, "num_warps": num_warps_for(block_r * block_v),
-            "STAGES": 1, **({"maxnreg": 88 if size == 2 else 96} if capped else {})}  # fmt: skip
+            "STAGES": 1, **({"maxnreg": 80 if size == 2 else 96} if capped else {})}  # fmt: skip
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature, like_logits=True):
