@@ -62,6 +62,7 @@ from ._common import (
     check_shape,
     check_temperature,
     grad_rows,
+    load_whole,
     num_warps_for,
     nvtx_range,
     row_blocks,
@@ -233,8 +234,8 @@ def _full_kl_fwd(
                 x, y, mp, mq, E, s, K, M, Q, scale, True, BLOCK_R, BLOCK_V, G
             )
         for start in tl.range(BLOCK_V, n_whole * BLOCK_V, BLOCK_V, num_stages=STAGES):  # whole: no mask
-            x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
-            y = tl.load(yp[:, None] + (start + cols)[None, :]).to(ACC)
+            x = load_whole(xp + start, BLOCK_R, BLOCK_V, ACC)
+            y = load_whole(yp + start, BLOCK_R, BLOCK_V, ACC)
             mp, mq, E, s, K, M, Q = _kl_step(
                 x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G
             )
