@@ -124,10 +124,6 @@ def _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, FIRST: tl.constexpr, BLOCK_R: t
     FIRST: the row's first block, which sets the centre (peeled off the loops, whose code stays without that
     pass)."""
     bm_p, bm_q = tl.split(tl.max(tl.join(x, y), 1))  # both block maxima in one reduction
-    mp_new = tl.maximum(mp, bm_p)  # -inf until the row has had a finite logit
-    mq_new = tl.maximum(mq, bm_q)
-    mp_c = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # 0 until then (the sums are 0): no inf - inf
-    mq_c = tl.where(mq_new == -float("inf"), 0.0, mq_new)
     # The centre E of t. In the row's first block, the difference of its base-2 log-normalisers,
     # log2(sum 2^(x lam) / sum 2^(y lam)) over it, lam = `scale` (one more pass over that block: a q-weighted
     # mean of its log-ratios, where the two maxima's difference alone can be far off, and K/s and h(eps)
@@ -135,24 +131,34 @@ def _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, FIRST: tl.constexpr, BLOCK_R: t
     # that the sums so far weigh < 2^-6 of the new maximum's own term (a confident token after the first
     # block, whose log-ratio that is: the old centre would be off by it); moving rounds M by eps |g| of those
     # sums only, and K at second order. And to (m_p - m_q) lam when q^'s largest value, 2^((m_q - m_p) lam + E),
-    # would leave 2^(+-RECENTRE).
-    E_new = tl.where(tl.abs(tl.fma(mq_c - mp_c, scale, E)) > RECENTRE, (mp_c - mq_c) * scale, E)
+    # would leave 2^(+-RECENTRE). All of that can change only when a maximum grows: the loop's blocks where
+    # neither does (nearly all, after the first few) run none of it.
     if FIRST:  # no sums to move yet
+        mp = tl.maximum(mp, bm_p)  # -inf until the row has had a finite logit
+        mq = tl.maximum(mq, bm_q)
+        mp_c = tl.where(mp == -float("inf"), 0.0, mp)
+        mq_c = tl.where(mq == -float("inf"), 0.0, mq)
         s1 = tl.sum(tl.exp2((x - mp_c[:, None]) * scale), 1)
         q1 = tl.sum(tl.exp2((y - mq_c[:, None]) * scale), 1)
         both = (s1 > 0) & (q1 > 0)  # else a side has nothing finite yet: the maxima's difference
-        E_new = (mp_c - mq_c) * scale + tl.where(both, tl.log2(s1) - tl.log2(q1), 0.0)
-    else:
-        grew = mp_new != mp
-        if tl.max((grew | (E_new != E)).to(tl.int32), 0) != 0:  # rare after the first blocks
-            empty = mp == -float("inf")  # no finite policy logit before this block: its sums used m_p = 0
-            da = (tl.where(empty, 0.0, mp) - mp_c) * scale
-            old = tl.where(empty, 0.0, tl.sum(s, 1) * tl.exp2(da))  # the sums' weight at the new maximum
-            E_new = tl.where(grew & (old <= 0.015625), (mp_c - mq_c) * scale, E_new)
-            s, K, M, Q = _rescale(s, K, M, Q, da[:, None], (E - E_new)[:, None], empty[:, None])
-    mp = mp_new
-    mq = mq_new
-    E = E_new
+        E = (mp_c - mq_c) * scale + tl.where(both, tl.log2(s1) - tl.log2(q1), 0.0)
+    elif tl.max(((bm_p > mp) | (bm_q > mq)).to(tl.int32), 0) != 0:  # rare after the first blocks
+        mp_new = tl.maximum(mp, bm_p)
+        mq_new = tl.maximum(mq, bm_q)
+        mp_c = tl.where(mp_new == -float("inf"), 0.0, mp_new)  # 0 until finite (the sums are 0): no inf - inf
+        mq_c = tl.where(mq_new == -float("inf"), 0.0, mq_new)
+        E_new = tl.where(tl.abs(tl.fma(mq_c - mp_c, scale, E)) > RECENTRE, (mp_c - mq_c) * scale, E)
+        empty = mp == -float("inf")  # no finite policy logit before this block: its sums used m_p = 0
+        da = (tl.where(empty, 0.0, mp) - mp_c) * scale
+        old = tl.where(empty, 0.0, tl.sum(s, 1) * tl.exp2(da))  # the sums' weight at the new maximum
+        E_new = tl.where((mp_new != mp) & (old <= 0.015625), (mp_c - mq_c) * scale, E_new)
+        # a no-op, bit for bit, where only m_q grew and E stays (a = 1, g = 0)
+        s, K, M, Q = _rescale(s, K, M, Q, da[:, None], (E - E_new)[:, None], empty[:, None])
+        mp = mp_new
+        mq = mq_new
+        E = E_new
+    mp_c = tl.where(mp == -float("inf"), 0.0, mp)
+    mq_c = tl.where(mq == -float("inf"), 0.0, mq)
 
     pt = tl.exp2((x - mp_c[:, None]) * scale)  # p~: exactly 1 at the maximum (see M below)
     # q^ = p~ 2^-t = 2^((y - m_q) lam + g), g = (m_q - m_p) lam + E: the logits' own difference y - m_q (exact)
