@@ -414,8 +414,8 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
     per SM): more resident warps to hide the loads' latency behind is the bet. A block of 2,048 columns and 4
     warps runs 16 elements a thread, as 4,096 x 8 warps does, for the same count, and 80 registers fit 6 such
     blocks (24 warps) per SM. At 80 (sm_90, bf16) the loop spills nothing under triton 3.9 nor 3.6 (the GPU
-    host's) at vocabularies 151,936 and 50,257 (3.9 spills 116 bytes outside it at 50,257); uncapped, 3.9
-    takes 96 registers (5 blocks); at 64 (8 blocks) 3.9 spills in the loop (tune_rows,
+    host's) at vocabularies 151,936 and 50,257 (3.9 spills 4 and 124 bytes outside it); uncapped, both take
+    96 registers (5 blocks); at 64 (8 blocks) 3.9 spills in the loop (tune_rows,
     results/2026-12-03-sm90-sass). fp32 logits: 96 registers (5 blocks). Only the 16-byte-grid path (ALIGN)
     is capped, the one counted: the column-0 path (several rows a program, views off 16 bytes) would spill
     more. No cap for fp64 (gradcheck) nor on ROCm, whose Triton has no such option. Not timed on a GPU:
