@@ -266,8 +266,9 @@ def _full_kl_fwd(
             )
     s = tl.sum(s, 1)
     K = tl.sum(K, 1)
-    mean_t = tl.sum(M, 1) / s
-    M = tl.sum(M, 1) * LN2  # sum p~ d
+    M = tl.sum(M, 1)  # sum p~ t
+    mean_t = M / s
+    M = M * LN2  # sum p~ d
     Q = tl.sum(Q, 1)
 
     # Two exact formulas (module docstring), with eps = D/s = Q/s - 1, D = K - M, and h(e) = e - log(1 + e):
