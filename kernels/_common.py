@@ -8,6 +8,13 @@ their products-then-sums were written, tested against the contract and counted (
 (TRITON_DEFAULT_FP_FUSION), which would change every kernel's rounding and cost full_kl's forward 16% more
 instructions (44.2 -> 51.3 SASS per element on sm_90). (From 3.9, TRITON_FORCE_DISABLE_FP_FUSION=1 still
 turns it off.)
+
+Divisions in the kernels are correctly rounded (`div_rn` below): a plain fp32 `/` in Triton is div.full.f32
+on NVIDIA GPUs, a * rcp(b) (MUFU.RCP) and a rounded product, up to 2 ulp off, while the interpreter divides
+exactly. There are few divisions (a program's 1/T, a row's final ratios): the correctly rounded ones cost
+nothing, and both backends, forward and backward, agree on them to the bit. exp2 stays the hardware's
+ex2.approx.ftz.f32 (one or two an element: not free to replace); tests/gpu_math.py models it (and div.full)
+in the interpreter, and the fp32 contract tests pass under that model too (tests/test_gpu_math.py).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ try:  # the `nvtx` package annotates ranges for Nsight Systems; a no-op when no 
     import nvtx as _nvtx
 except ImportError:  # pragma: no cover - nvtx is a declared dependency, kept optional for drop-in users
     _nvtx = None
+
+# An instantiated constexpr: compiled Triton rejects a global merely annotated `LOG2E: tl.constexpr = ...`
+# (the interpreter does not check; tests/test_compile_gpu.py does)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # Read once, like triton itself does: TRITON_INTERPRET=1 must be set before triton is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -186,6 +197,24 @@ def grad_rows(x: torch.Tensor, like_x: bool = True) -> torch.Tensor:
     if like_x and x.numel() > 0 and apart and 8 * span <= 9 * x.numel():
         return torch.empty_strided((A, B, V), (sa, sb, 1), dtype=x.dtype, device=x.device)
     return torch.empty((A, B, V), dtype=x.dtype, device=x.device)
+
+
+@triton.jit
+def temperature_scale(temperature, ACC: tl.constexpr):
+    """(1/T, log2(e)/T) in ACC, a program's scales of the logits to natural and to exp2 arguments; every
+    kernel's forward and backward take them from here, so they agree to the bit. 1/T correctly rounded."""
+    inv_t = div_rn(1.0, tl.cast(temperature, ACC))
+    return inv_t, inv_t * LOG2E
+
+
+@triton.jit
+def div_rn(a, b):
+    """a / b correctly rounded, for fp32 (`tl.div_rn`; a plain `/` is div.full.f32 on NVIDIA GPUs, see above)
+    and fp64 (whose `/` already is)."""
+    if b.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
 
 
 @triton.jit

@@ -61,12 +61,14 @@ from ._common import (
     check_same_device,
     check_shape,
     check_temperature,
+    div_rn,
     grad_rows,
     load_whole,
     num_warps_for,
     nvtx_range,
     row_blocks,
     row_layout,
+    temperature_scale,
     tl_dtype,
     use_triton,
     vocab_splits,
@@ -74,7 +76,6 @@ from ._common import (
 )
 from ._series import SERIES_D, SERIES_EPS, SERIES_T, expm1_neg_series, h_series, k3_series, k3_series_base2
 
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 RECENTRE = tl.constexpr(16.0)  # log2 of how far q^'s largest value may stray from 1 before the centre moves
 
@@ -212,7 +213,7 @@ def _full_kl_fwd(
     b_idx = rows % B
     x_off = a_idx * sxa + b_idx * sxb
     y_off = a_idx * sya + b_idx * syb
-    scale = LOG2E * (1.0 / tl.cast(temperature, ACC))  # logits -> exp2 arguments, as the backward's to the bit
+    _, scale = temperature_scale(temperature, ACC)  # logits -> exp2 arguments, as the backward's to the bit
 
     mp = tl.full([BLOCK_R], -float("inf"), ACC)
     mq = tl.full([BLOCK_R], -float("inf"), ACC)
@@ -267,7 +268,7 @@ def _full_kl_fwd(
     s = tl.sum(s, 1)
     K = tl.sum(K, 1)
     M = tl.sum(M, 1)  # sum p~ t
-    mean_t = M / s
+    mean_t = div_rn(M, s)  # correctly rounded, as every division here (see _common)
     M = M * LN2  # sum p~ d
     Q = tl.sum(Q, 1)
 
@@ -279,10 +280,10 @@ def _full_kl_fwd(
     # order's terms are no larger than the log-ratios, as in eager. log(1 + eps) = log(Q/s): from eps while
     # 1 + eps >= 1/2 (eps keeps its relative accuracy), below from the sums of positive terms Q and s, where
     # 1 + eps would cancel (Q << s: a near-uniform policy against a confident reference).
-    eps = (K - M) / s
+    eps = div_rn(K - M, s)
     log_r = tl.where(eps < -0.5, tl.log(Q) - tl.log(s), tl.log(1.0 + eps))
-    kl_2 = K / s - tl.where(tl.abs(eps) < SERIES_EPS, h_series(eps), eps - log_r)
-    kl_1 = M / s + log_r
+    kl_2 = div_rn(K, s) - tl.where(tl.abs(eps) < SERIES_EPS, h_series(eps), eps - log_r)
+    kl_1 = div_rn(M, s) + log_r
     kl = tl.where(eps > 1.0, kl_1, kl_2)
     kl = tl.where(K == float("inf"), K, kl)  # p > 0 where q = 0 (a -inf reference logit): K - M is inf - inf
     kl = tl.where(kl < 0.0, 0.0, kl)  # KL >= 0: rounding below 0 is off by less than that (t's last rounding
@@ -338,8 +339,7 @@ def _full_kl_bwd(
     x_off = a_idx * sxa + b_idx * sxb
     y_off = a_idx * sya + b_idx * syb
     g_off = a_idx * gxa + b_idx * gxb
-    inv_t = 1.0 / tl.cast(temperature, ACC)
-    scale = LOG2E * inv_t
+    inv_t, scale = temperature_scale(temperature, ACC)
 
     mp = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
     E = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)

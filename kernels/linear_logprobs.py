@@ -49,7 +49,7 @@ import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
 from ._common import _desc, acc_dtype, as_rows, check_float, check_int, check_same_device, check_shape
-from ._common import check_temperature, nvtx_range, tl_dtype, use_triton, vocab_splits
+from ._common import check_temperature, nvtx_range, temperature_scale, tl_dtype, use_triton, vocab_splits
 from ._series import SERIES_D, k3_series
 from .full_kl import full_kl_ref
 from .token_logprobs import token_logprobs_ref
@@ -138,7 +138,7 @@ def _linear_lse_fwd(
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     rows, row_in, active, row_off = _rows(active_ptr, N, B, s_ha, s_hb, BLOCK_M)
-    scale = LOG2E / tl.cast(temperature, ACC)
+    _, scale = temperature_scale(temperature, ACC)
     split = tl.program_id(1).to(tl.int64)
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, V)
@@ -196,7 +196,7 @@ def _linear_logprobs_bwd(
     tgt = tl.load(tgt_ptr + rows, mask=active, other=-1).to(tl.int64)
     cols = col0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     h_end = tl.where(tl.max(active.to(tl.int32), 0) > 0, H, 0)  # no active row: read nothing
-    inv_t = 1.0 / tl.cast(temperature, ACC)
+    inv_t, scale = temperature_scale(temperature, ACC)
     m = tl.load(stats_ptr + rows, mask=active, other=0.0)
     log2_s = tl.load(stats_ptr + N + rows, mask=active, other=0.0)
     g_lp = tl.zeros([BLOCK_M], ACC)
@@ -211,7 +211,7 @@ def _linear_logprobs_bwd(
 
     z = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, active, cols, col_end, h_end, s_hh, s_wv, s_wh,
                      HAS_BIAS, ACC, DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
-    y = (z - m[:, None]) * (LOG2E * inv_t) - log2_s[:, None]  # log2 p_j
+    y = (z - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
     p = tl.exp2(y)
     g = -p * g_lp[:, None]
     if HAS_GRAD_LOGP:
@@ -234,7 +234,7 @@ def _kl_tiles(
                      HAS_BIAS, ACC, DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
     y = _logits_tile(rh_ptr, rw_ptr, rb_ptr, ref_off, active, cols, col_end, RH, r_hh, r_wv, r_wh,
                      HAS_REF_BIAS, ACC, REF_DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
-    p = tl.exp2((x - mp[:, None]) * (LOG2E * inv_t) - lsp[:, None])
+    p = tl.exp2((x - mp[:, None]) * (inv_t * LOG2E) - lsp[:, None])  # temperature_scale's, to the bit
     d_rel = ((x - y) - (mp - mq)[:, None]) * inv_t  # x - y first: nearly exact for near-equal heads
     return p, d_rel, y
 
@@ -252,7 +252,7 @@ def _linear_kl_fwd(
 ):  # fmt: skip
     rows, row_in, active, row_off = _rows(active_ptr, N, B, s_ha, s_hb, BLOCK_M)
     ref_off = (rows // B) * r_ha + (rows % B) * r_hb
-    inv_t = 1.0 / tl.cast(temperature, ACC)
+    inv_t, scale = temperature_scale(temperature, ACC)
     split = tl.program_id(1).to(tl.int64)
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, V)
@@ -270,7 +270,7 @@ def _linear_kl_fwd(
         p, d_rel, y = _kl_tiles(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, row_off, ref_off, active, cols, col_end,
                                 H, s_hh, s_wv, s_wh, RH, r_hh, r_wv, r_wh, mp, lsp, mq, inv_t, HAS_BIAS, HAS_REF_BIAS,
                                 ACC, DOT_DTYPE, REF_DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
-        q = tl.exp2((y - mq[:, None]) * (LOG2E * inv_t) - lsq[:, None])
+        q = tl.exp2((y - mq[:, None]) * scale - lsq[:, None])
         d = d_rel - c[:, None]
         k = tl.where(tl.abs(d) < SERIES_D, p * k3_series(d), tl.where(p > 0, p * d, 0.0) + q - p)
         K += tl.sum(tl.where(p + q > 0, k, 0.0), 1)
@@ -297,7 +297,7 @@ def _linear_kl_bwd(
     ref_off = (rows // B) * r_ha + (rows % B) * r_hb
     cols = col0 + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     any_active = tl.max(active.to(tl.int32), 0) > 0  # none: read nothing
-    inv_t = 1.0 / tl.cast(temperature, ACC)
+    inv_t, _ = temperature_scale(temperature, ACC)
     mp = tl.load(stats_ptr + rows, mask=active, other=0.0)
     lsp = tl.load(stats_ptr + N + rows, mask=active, other=0.0)
     mq = tl.load(stats_ptr + 2 * N + rows, mask=active, other=0.0)
@@ -360,6 +360,12 @@ def _grid(hidden, weight, cfg, ranges):
     return (N, V, x.shape[1]), (n_rows, triton.cdiv(V, cols_per_split)), cols_per_split
 
 
+def _exp2_scale(temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """log2(e)/T exactly as the kernels' `temperature_scale` makes it (T an fp32 argument, 1/T correctly
+    rounded in acc, then times log2(e)), for the torch ops that merge their partial sums: () in acc, on CPU."""
+    return torch.tensor(temperature, dtype=torch.float32).to(acc).reciprocal() * LOG2E.value
+
+
 def _row_stats(hidden, weight, bias, active, targets, temperature, entropy, acc):
     """One pass over the vocabulary -> (max z, log2 sum 2^y, z_target, sum_j p_j y_j), each (N,) in acc."""
     cfg = _config(hidden.dtype, hidden.device, one_head=True)
@@ -374,7 +380,7 @@ def _row_stats(hidden, weight, bias, active, targets, temperature, entropy, acc)
     )  # fmt: skip
     m_k, s_k, z_k, w_k = part.unbind(0)  # merge the ranges: the online update's rescaling, once
     m = torch.where(s_k > 0, m_k, -float("inf")).amax(0)
-    shift = (m_k - m) * (LOG2E.value / temperature)  # <= 0
+    shift = (m_k - m) * _exp2_scale(temperature, acc)  # <= 0
     alpha = torch.where(s_k > 0, torch.exp2(shift), 0.0)
     s = (alpha * s_k).sum(0)
     return m, torch.log2(s), z_k.sum(0), (alpha * (w_k + shift * s_k)).sum(0) / s
@@ -443,7 +449,7 @@ def _forward(hidden, weight, bias, targets, temperature, ignore_index, return_en
         active = tgt != ignore_index
         acc = acc_dtype(hidden)
         m, log2_s, z_t, mean_y = _row_stats(hidden, weight, bias, active, tgt, temperature, return_entropy, acc)
-        logp = ((z_t - m) * (LOG2E.value / temperature) - log2_s) * LN2.value
+        logp = ((z_t - m) * _exp2_scale(temperature, acc) - log2_s) * LN2.value
         logp = torch.where(active, torch.where((tgt >= 0) & (tgt < weight.shape[0]), logp, float("nan")), 0.0)
         ent = torch.where(active, (log2_s - mean_y) * LN2.value, 0.0) if return_entropy else None
         return logp, ent, torch.where(active, torch.stack([m, log2_s]), 0.0), active

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_float, check_same_device, check_shape, nvtx_range, tl_dtype, use_triton
+from ._common import acc_dtype, check_float, check_same_device, check_shape, div_rn, nvtx_range, tl_dtype, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 BLOCK = 1024
@@ -30,9 +30,9 @@ def softplus_neg(z):
 
 @triton.jit
 def sigmoid_neg(z):
-    """sigmoid(-z) = 1 - sigmoid(z), for any finite z."""
+    """sigmoid(-z) = 1 - sigmoid(z), for any finite z (divisions correctly rounded, see _common)."""
     e = tl.exp(-tl.abs(z))
-    return tl.where(z >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+    return tl.where(z >= 0, div_rn(e, 1.0 + e), div_rn(1.0, 1.0 + e))
 
 
 @triton.jit

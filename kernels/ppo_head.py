@@ -53,10 +53,12 @@ from ._common import (
     check_same_device,
     check_shape,
     check_temperature,
+    div_rn,
     grad_rows,
     num_warps_for,
     nvtx_range,
     row_blocks,
+    temperature_scale,
     tl_dtype,
     use_triton,
     vocab_splits,
@@ -64,7 +66,6 @@ from ._common import (
 from ._series import expm1_neg, k3
 from .token_logprobs import _grad_pass, fwd_tiles, online_lse, token_logprobs_ref
 
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -105,7 +106,7 @@ def _ppo_head_fwd(
     tgt = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
     active = row_in & (tgt != ignore_index)  # ignored rows read nothing
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
-    scale = LOG2E / tl.cast(temperature, ACC)
+    _, scale = temperature_scale(temperature, ACC)
 
     # ---- the one streaming pass (token_logprobs.py's): running max m, s = sum 2^y, w = sum 2^y * y
     m, s, w = online_lse(logits_ptr, row_off, active, V, scale, True, ACC, BLOCK_R, BLOCK_V, G, ALIGN, STAGES)
@@ -115,7 +116,7 @@ def _ppo_head_fwd(
     x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0).to(ACC)
     logp = ((x_t - m) * scale - log2_s) * LN2
     logp = tl.where(tgt_ok, logp, float("nan"))
-    ent = (log2_s - w / s) * LN2
+    ent = (log2_s - div_rn(w, s)) * LN2
 
     # ---- the PPO algebra, per row (rl.policy_loss's expressions, in the same order)
     old = tl.load(old_ptr + rows, mask=active, other=0.0).to(ACC)
@@ -188,8 +189,7 @@ def _ppo_head_bwd(
     b = rows % B
     row_off = a * stride_a + b * stride_b
     grad_off = a * gstride_a + b * gstride_b
-    inv_t = 1.0 / tl.cast(temperature, ACC)
-    scale = LOG2E * inv_t
+    inv_t, scale = temperature_scale(temperature, ACC)
 
     m = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
     log2_s = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)

@@ -35,18 +35,19 @@ from ._common import (
     check_same_device,
     check_shape,
     check_temperature,
+    div_rn,
     grad_rows,
     num_warps_for,
     nvtx_range,
     row_blocks,
     row_layout,
+    temperature_scale,
     tl_dtype,
     use_triton,
     vocab_splits,
     zero_fill,
 )
 
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -153,7 +154,7 @@ def _token_logprobs_fwd(
     tgt = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index).to(tl.int64)
     active = row_in & (tgt != ignore_index)  # ignored rows read nothing
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
-    scale = LOG2E / tl.cast(temperature, ACC)
+    _, scale = temperature_scale(temperature, ACC)
 
     m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V, G, ALIGN,
                          STAGES)
@@ -166,7 +167,7 @@ def _token_logprobs_fwd(
     tl.store(stats_ptr + rows, tl.where(active, m, 0.0), mask=row_in)
     tl.store(stats_ptr + N + rows, tl.where(active, log2_s, 0.0), mask=row_in)
     if COMPUTE_ENTROPY:
-        ent = (log2_s - w / s) * LN2
+        ent = (log2_s - div_rn(w, s)) * LN2
         tl.store(ent_ptr + rows, tl.where(active, ent, 0.0), mask=row_in)
 
 
@@ -274,8 +275,7 @@ def _token_logprobs_bwd(
     b = rows % B
     row_off = a * stride_a + b * stride_b
     grad_off = a * gstride_a + b * gstride_b
-    inv_t = 1.0 / tl.cast(temperature, ACC)
-    scale = LOG2E * inv_t
+    inv_t, scale = temperature_scale(temperature, ACC)
 
     m = tl.load(stats_ptr + rows, mask=active, other=0.0).to(ACC)
     log2_s = tl.load(stats_ptr + N + rows, mask=active, other=0.0).to(ACC)

@@ -593,6 +593,17 @@ def compile_launch(launch, target):
 _LAUNCHES: list[dict] = []  # read by forked workers
 
 
+def _error_text(e: BaseException) -> str:
+    """The exception and its causes: an error inside a called @triton.jit helper reaches the kernel as a
+    CompilationError at the call, with the helper's own error (e.g. the NameError) as its cause."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {str(e).strip() or repr(e)}")
+        e = e.__cause__ or e.__context__
+    return "\ncaused by ".join(parts)
+
+
 def _compile_one(i: int, target) -> dict:
     launch = _LAUNCHES[i]
     res = dict(module=launch["module"], kernel=launch["kernel"], config=describe(launch), scenario=launch["scenario"],
@@ -617,8 +628,7 @@ def _compile_one(i: int, target) -> dict:
             except Exception as e:  # resource usage is a report, never a failure
                 res["resource_error"] = f"{type(e).__name__}: {e}"
     except Exception as e:
-        msg = str(e).strip() or repr(e)
-        res.update(ok=False, error=f"{type(e).__name__}: {msg}")
+        res.update(ok=False, error=_error_text(e))
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 

@@ -130,14 +130,15 @@ json.dump(report, open(sys.argv[2], "w"), default=str)
 
 
 def test_check_catches_annotated_constexpr_global(report, tmp_path):
-    """The bug this check exists for: in a scratch copy of kernels/, write token_logprobs' LOG2E global as
-    `LOG2E: tl.constexpr = ...` (fine under the interpreter); both of its kernels must then fail to compile."""
+    """The bug this check exists for: in a scratch copy of kernels/, write _common's LOG2E global (every kernel's
+    exp2 scale, `temperature_scale`) as `LOG2E: tl.constexpr = ...` (fine under the interpreter); both of
+    token_logprobs' kernels must then fail to compile."""
     scratch = tmp_path / "kernels"
     shutil.copytree(KERNELS, scratch, ignore=shutil.ignore_patterns("__pycache__"))
-    src = (scratch / "token_logprobs.py").read_text()
+    src = (scratch / "_common.py").read_text()
     bad, n = re.subn(r"^LOG2E = tl\.constexpr\((.+)\)$", r"LOG2E: tl.constexpr = \1", src, flags=re.M)
-    assert n == 1, "kernels/token_logprobs.py no longer defines `LOG2E = tl.constexpr(...)`; update this test"
-    (scratch / "token_logprobs.py").write_text(bad)
+    assert n == 1, "kernels/_common.py no longer defines `LOG2E = tl.constexpr(...)`; update this test"
+    (scratch / "_common.py").write_text(bad)
 
     rep = _run(["-c", _DRIVER, str(scratch), str(tmp_path / "report.json")], tmp_path)
     assert not rep["capture_errors"], rep["capture_errors"]
