@@ -17,6 +17,13 @@ import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# FASTRLHF_GPU_MATH=1: the interpreter's exp2, exp and fp32 division as a GPU's approximate ones (gpu_math.py);
+# tests/test_gpu_math.py runs the fp32 contract tests that way in a subprocess.
+if os.environ.get("FASTRLHF_GPU_MATH") == "1" and os.environ.get("TRITON_INTERPRET") == "1":
+    import gpu_math  # noqa: E402
+
+    gpu_math.install()
+
 
 @pytest.fixture
 def device() -> torch.device:

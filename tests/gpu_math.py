@@ -1,0 +1,93 @@
+"""A model of an NVIDIA GPU's approximate fp32 arithmetic for Triton's interpreter (opt-in: FASTRLHF_GPU_MATH=1).
+
+Compiled for an NVIDIA GPU, Triton evaluates fp32 `tl.exp2` as ex2.approx.ftz.f32 (MUFU.EX2), `tl.exp(x)` as that
+of the rounded product x * log2(e), and `a / b` as div.full.f32 (MUFU.RCP, then a rounded product); the
+interpreter takes numpy's (division correctly rounded, exp2 nearly so). So a kernel can meet the precision
+contract on CPU and miss it on a GPU. `install()` replaces the interpreter's exp2, exp and division with models of the hardware:
+- exp2: the argument in fixed point with 2^-23 resolution (2^x is exact at integers, 2^-tiny is 1), times a
+  relative error of at most 2^-23.5, subnormal results flushed to 0 (.ftz).
+- a / b: a * rcp(b), rcp within a relative 2^-23 (exact for powers of two), the product rounded.
+Each error is a fixed pseudo-random function of the operands (the hardware's are deterministic too: identical
+inputs still give identical outputs); FASTRLHF_GPU_MATH_SEED picks another function. tl.log / tl.log2 (libdevice
+on a GPU, accurate), `tl.div_rn` and everything else keep the interpreter's exact rounding. FMA contraction,
+which the GPU build also applies (`enable_fp_fusion=True`), is not modelled.
+
+It is a model, not the hardware's tables: the bounds are of the documented order (~2 ulp for both), and the
+one check against a GPU is the H200 run of 2026-11-27 (kernels of 7310124). Under this exp2 those kernels pass
+every test of tests/test_gpu_math.py's selection (all passed on the H200); under this division two ppo_head
+tests fail that passed there (T = 0.7: the H200's rcp was closer than the model's bound). The kernels have
+divided only with `div_rn` since (kernels/_common.py), which the model leaves exact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+F32 = np.float32
+QBITS = 23  # the exp2 argument's fixed-point fraction bits
+TABLE_ERR = 2.0**-23.5  # exp2's relative error beyond the argument's quantisation
+RCP_ERR = 2.0**-23  # rcp's relative error
+
+
+def _noise(bits: np.ndarray, seed: int) -> np.ndarray:
+    """A pseudo-random number in [-1, 1) for each uint64 key, always the same for the same key and seed."""
+    h = (bits.astype(np.uint64) ^ np.uint64(seed * 7919 + 12345)) * np.uint64(0x9E3779B97F4A7C15)
+    return (h >> np.uint64(40)).astype(np.float64) / 2.0**23 - 1.0
+
+
+def exp2(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """ex2.approx.ftz.f32 as modelled above; other dtypes exactly."""
+    if x.dtype != F32:
+        return np.exp2(x)
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        xq = np.where(np.abs(x64) < 2.0**20, np.round(x64 * 2.0**QBITS) / 2.0**QBITS, x64)
+        frac = xq - np.floor(xq)
+        key = np.nan_to_num(frac * 2.0**QBITS).astype(np.uint64)
+        y = np.exp2(xq) * (1.0 + np.where(frac == 0, 0.0, _noise(key, seed) * TABLE_ERR))
+    y = y.astype(F32)
+    return np.where(np.abs(y) < np.finfo(F32).tiny, F32(0), y)
+
+
+def exp(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """tl.exp: exp2 of x * log2(e), the product rounded to fp32."""
+    if x.dtype != F32:
+        return np.exp(x)
+    return exp2((x * F32(1.4426950408889634)).astype(F32), seed)
+
+
+def div(a, b, seed: int = 0):
+    """div.full.f32 as a * rcp(b), modelled above; other dtypes exactly."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exact = np.divide(a, b)
+    if not isinstance(exact, np.ndarray) or exact.dtype != F32:
+        return exact
+    b32 = np.broadcast_to(np.asarray(b, F32), exact.shape)
+    bits = b32.view(np.uint32)
+    power_of_two = (bits & np.uint32(0x7FFFFF)) == 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        rcp = 1.0 / b32.astype(np.float64)
+        rcp = np.where(power_of_two, rcp, rcp * (1.0 + _noise(bits, seed) * RCP_ERR)).astype(F32)
+        out = (np.asarray(a, F32) * rcp).astype(F32)
+    return np.where(np.isfinite(exact) & np.isfinite(out), out, exact)
+
+
+def install(seed: int | None = None) -> dict:
+    """Patch Triton's interpreter; returns what it replaced (for `uninstall`)."""
+    from triton.runtime.interpreter import InterpreterBuilder as B
+
+    seed = int(os.environ.get("FASTRLHF_GPU_MATH_SEED", "0")) if seed is None else seed
+    old = {name: getattr(B, name) for name in ("create_exp2", "create_exp", "create_fdiv")}
+    B.create_exp2 = lambda self, arg: self.unary_op(arg, lambda x: exp2(x, seed))
+    B.create_exp = lambda self, arg: self.unary_op(arg, lambda x: exp(x, seed))
+    B.create_fdiv = lambda self, lhs, rhs: self.binary_op(lhs, rhs, lambda a, b: div(a, b, seed))
+    return old
+
+
+def uninstall(old: dict) -> None:
+    from triton.runtime.interpreter import InterpreterBuilder as B
+
+    for name, fn in old.items():
+        setattr(B, name, fn)
