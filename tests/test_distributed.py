@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from fastrlhf.trainer import dist as D
 from fastrlhf.trainer import reward as R
 from fastrlhf.trainer.config import PipelineConfig, PPOConfig, RewardConfig
 from fastrlhf.trainer.data import load_demo_prompts
@@ -42,7 +43,7 @@ def _args(setup, out: str, freeze: int, **kw) -> dict:
     return {**args, **kw}
 
 
-def _torchrun(args: dict, parallel: str, nproc: int = 2, command: str = "train-rm") -> None:
+def _torchrun(args: dict, parallel: str, nproc: int = 2, command: str = "train-rm") -> subprocess.CompletedProcess:
     flags = []
     for k, v in args.items():
         name = "--" + k.replace("_", "-")
@@ -52,6 +53,7 @@ def _torchrun(args: dict, parallel: str, nproc: int = 2, command: str = "train-r
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
 
 
 def _train_log(out) -> list[dict]:
@@ -79,6 +81,38 @@ def test_two_processes_match_one(setup, parallel, freeze):
     summary = json.loads((root / f"two-{parallel}" / "summary.json").read_text())
     assert summary["finished"] and summary["test"]["pairs"] > 0
     assert torch.load(root / f"two-{parallel}" / "checkpoint.pt", weights_only=False)["world_size"] == 2
+
+
+def test_fsdp_param_dtype_choice():
+    assert D.fsdp_param_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert D.fsdp_param_dtype("auto", torch.device("cpu")) == torch.float32
+    assert D.fsdp_param_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert D.fsdp_param_dtype("fp32", torch.device("cuda", 0)) == torch.float32
+    with pytest.raises(ValueError, match="fsdp_param_dtype must be"):
+        D.fsdp_param_dtype("fp16", torch.device("cpu"))
+
+
+def test_fsdp2_gathers_and_computes_in_bf16(setup):
+    """--fsdp-param-dtype bf16 (auto's choice on CUDA): FSDP2 gathers each layer in bf16 and computes in it,
+    and reduces the gradients in fp32 into fp32 shards. On CPU the curve then follows the fp32 run's to bf16
+    rounding, but is not the fp32 run's, and the saved model is fp32."""
+    root = setup[0]
+    if not (root / "two-fsdp2").exists():
+        _torchrun(_args(setup, "two-fsdp2", 0), "fsdp2")
+    done = _torchrun(_args(setup, "two-fsdp2-bf16", 0, fsdp_param_dtype="bf16"), "fsdp2")
+    assert "parameters gathered in torch.bfloat16" in done.stderr
+    bf16, fp32 = _train_log(root / "two-fsdp2-bf16"), _train_log(root / "two-fsdp2")
+    assert len(bf16) == len(fp32) > 0
+    assert any(a["loss"] != b["loss"] for a, b in zip(bf16, fp32))  # computed in bf16 indeed
+    for a, b in zip(bf16, fp32):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2, abs=1e-2), (a, b)
+        for k in ("reward_mean", "gap_mean"):  # O(1) rewards: bf16 moves them by ~1e-2 here
+            assert a[k] == pytest.approx(b[k], abs=5e-2), (k, a, b)
+    one = AutoModelForSequenceClassification.from_pretrained(root / "two-fsdp2" / "model").state_dict()
+    two = AutoModelForSequenceClassification.from_pretrained(root / "two-fsdp2-bf16" / "model", torch_dtype="auto").state_dict()
+    for k in one:
+        assert two[k].dtype == torch.float32, k
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=3e-2)
 
 
 def test_accelerate_launch_matches_one(setup):
@@ -171,15 +205,17 @@ def test_ppo_two_processes_match_one(setup, tmp_path, parallel):
 def test_ppo_fsdp2_samples_in_lockstep_and_resumes_in_one(setup):
     """The command line with real sampling: replies of different lengths on the two ranks, so generation
     must step in lockstep (each token step gathers the sharded layers); a value head on the policy and a
-    full fine-tune (the tied embedding / LM-head matrix trains, sharded); the FSDP2 checkpoint resumes in
-    one process."""
+    full fine-tune (the tied embedding / LM-head matrix trains, sharded); parameters gathered in bf16 (auto's
+    choice on CUDA; the shards and the checkpoint stay fp32); the FSDP2 checkpoint resumes in one process."""
     root = setup[0]
     args = _ppo_args(setup, "ppo-fsdp2-cli", critic="value-head", freeze_layers=0, max_new_tokens=12, steps=3,
-                     max_steps=2)  # fmt: skip
-    _torchrun(args, "fsdp2", command="ppo")
+                     max_steps=2, fsdp_param_dtype="bf16")  # fmt: skip
+    done = _torchrun(args, "fsdp2", command="ppo")
+    assert "parameters gathered in torch.bfloat16" in done.stderr
     ckpt = torch.load(root / "ppo-fsdp2-cli" / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["world_size"] == 2
     assert "model.embed_tokens.weight" in ckpt["policy"] and "lm_head.weight" not in ckpt["policy"]  # tied: once
+    assert all(v.dtype == torch.float32 for v in ckpt["policy"].values())
     assert set(ckpt["value"]) == {"weight", "bias"}
     lengths = [r["response_length"] for r in _ppo_log(root / "ppo-fsdp2-cli")]
     assert len(lengths) == 2

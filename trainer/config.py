@@ -97,6 +97,10 @@ class RewardConfig:
     """Under `torchrun --nproc-per-node N` (N > 1): replicate the model with DDP, or shard parameters,
     gradients and optimizer state per layer with FSDP2 (validation then runs at the end only). Ignored in a
     single process. The batch sizes stay global: each step sees the same pairs as one process would."""
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """With `--parallel fsdp2`: the dtype each layer's parameters are all-gathered and computed in (FSDP2's
+    MixedPrecisionPolicy; gradients reduce in fp32 into the fp32 shards the optimizer updates). auto: bf16
+    on CUDA, where autocast computes in bf16 anyway (half the gathered bytes and memory), fp32 elsewhere."""
     lora_r: int = 0
     """LoRA rank for the trainable layers (0: full fine-tuning). Needs `peft`."""
     lora_alpha: int = 16
@@ -244,6 +248,11 @@ class PPOConfig:
     parameters, gradients and optimizer states per layer with FSDP2 (generation then steps in lockstep on
     every rank, each layer gathered once per rollout). The reward model and the reference stay whole on
     every rank (no gradients: an int8 reference is small). Ignored in a single process."""
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """With `--parallel fsdp2`: the dtype the policy's and critic's parameters are all-gathered and computed in
+    (FSDP2's MixedPrecisionPolicy; gradients reduce in fp32 into the fp32 shards the optimizer updates; the
+    rollout's generation runs in it too). auto: bf16 on CUDA, where autocast computes in bf16 anyway (half
+    the gathered bytes and memory), fp32 elsewhere."""
     fused_linear: bool = False
     """Log-probs of policy, old policy and reference straight from the last hidden state and the LM-head
     weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. Off by default: on an

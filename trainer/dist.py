@@ -10,7 +10,8 @@ one device each (CUDA: NCCL; CPU: gloo); both take DDP or FSDP2 (`--parallel`).
   (tests/test_distributed.py).
 - The engine does every gradient collective: DDP all-reduces gradients; FSDP2 shards parameters,
   gradients and optimizer state per transformer layer (plus one root group) and all-gathers a layer for its
-  forward. The helpers here only move statistics and per-row results (all_reduce, all_gather_object).
+  forward, in bf16 by default on CUDA (`fsdp_param_dtype`; the shards stay fp32). The helpers here only move
+  statistics and per-row results (all_reduce, all_gather_object).
 - Rank 0 alone writes files and shows progress bars. Checkpoints hold full (unsharded) trainable state
   keyed by parameter name, so a run saved on 2 processes resumes on 1, or on 4.
 
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .models import resolve_device
 
 ENGINES = ("ddp", "fsdp2")
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
@@ -71,9 +73,21 @@ def require_single_process(command: str) -> None:
                          f"steps (`train-rm`, `ppo`) as separate commands, or launch it with plain `fastrlhf {command}`.")  # fmt: skip
 
 
-def wrap(module: torch.nn.Module, world: World, engine: str, layers=()) -> torch.nn.Module:
+def fsdp_param_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The dtype FSDP2 gathers and computes a layer's parameters in for a config's `fsdp_param_dtype`: "auto"
+    is bf16 on CUDA (where autocast computes in bf16 anyway) and fp32 elsewhere."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if choice not in PARAM_DTYPES:
+        raise ValueError(f"fsdp_param_dtype must be 'auto' or one of {sorted(PARAM_DTYPES)}, got {choice!r}")
+    return PARAM_DTYPES[choice]
+
+
+def wrap(module: torch.nn.Module, world: World, engine: str, layers=(), param_dtype=torch.float32) -> torch.nn.Module:
     """`module` under DDP, or sharded by FSDP2 (each of `layers` its own group, the rest in the root's);
-    `module` itself in a world of one."""
+    `module` itself in a world of one. FSDP2 all-gathers the parameters in `param_dtype` and computes in it
+    (MixedPrecisionPolicy: bf16 halves the gathers' bytes and the gathered layers' memory); gradients are
+    reduce-scattered in fp32 into the fp32 shards, which the optimizer updates."""
     if engine not in ENGINES:
         raise ValueError(f"parallel engine must be one of {ENGINES}, got {engine!r}")
     if world.size == 1:
@@ -81,11 +95,14 @@ def wrap(module: torch.nn.Module, world: World, engine: str, layers=()) -> torch
     if engine == "ddp":
         ids = [world.device.index] if world.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = MixedPrecisionPolicy()  # fp32: FSDP2's default, which casts nothing
+    if param_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(module)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
     return module
 
 

@@ -80,7 +80,7 @@ from .models import (
     save_pretrained_atomic,
 )
 from .dist import deal, full_state, gather_objects, gather_rows, gathered, grad_norm_value, init_world, load_full_state
-from .dist import max_across, sum_dict_across, wrap
+from .dist import fsdp_param_dtype, max_across, sum_dict_across, wrap
 from .rollout import Rollout, forward_reply, sample, trunk_hidden
 
 log = logging.getLogger("fastrlhf")
@@ -432,13 +432,15 @@ def train_ppo(cfg: PPOConfig) -> dict:
         log.info("frozen bottom (%d layers) computed once per rollout for the policy%s%s", n_frozen,
                  ", the reward model" if rm_shares else "", ", the critic" if critic_shares else "")  # fmt: skip
     update_model = UpdateModel(policy, critic, value_head, cfg, n_frozen, n_frozen_critic, one_pass)
+    param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, device)
     if sharded:  # each trained model its own FSDP2 root (a group per layer); every pass calls the model itself
-        wrap(policy, world, "fsdp2", policy.base_model.layers)
-        wrap(value_module, world, "fsdp2", critic.base_model.layers if critic is not None else ())
+        wrap(policy, world, "fsdp2", policy.base_model.layers, param_dtype)
+        wrap(value_module, world, "fsdp2", critic.base_model.layers if critic is not None else (), param_dtype)
     else:
         update_model = wrap(update_model, world, "ddp")
     if world.size > 1:
-        log.info("rank %d of %d on %s, %s", world.rank, world.size, device, cfg.parallel)
+        log.info("rank %d of %d on %s, %s%s", world.rank, world.size, device, cfg.parallel,
+                 f" (parameters gathered in {param_dtype})" if sharded else "")  # fmt: skip
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)

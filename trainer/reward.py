@@ -35,7 +35,7 @@ from fastrlhf.kernels import reward_head_pairwise_loss, reward_head_pairwise_los
 
 from .config import EvalRewardConfig, RewardConfig
 from .data import PreferencePair, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
-from .dist import World, full_state, grad_norm_value, init_world, load_full_state, sum_across, wrap
+from .dist import World, fsdp_param_dtype, full_state, grad_norm_value, init_world, load_full_state, sum_across, wrap
 from .metrics import pairwise_metrics, plot_reward_report, reward_distribution
 from .models import (
     autocast,
@@ -300,9 +300,12 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     model, n_frozen, peft_model = _freeze_and_adapt(model, cfg)
     cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)  # every rank: all pairs
     sharded = world.size > 1 and cfg.parallel == "fsdp2"
-    module = wrap(PairModel(model, cfg.kernels, n_frozen), world, cfg.parallel, getattr(reward_trunk(model), "layers", ()))
+    param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, device)
+    module = wrap(PairModel(model, cfg.kernels, n_frozen), world, cfg.parallel, getattr(reward_trunk(model), "layers", ()),
+                  param_dtype)  # fmt: skip
     if world.size > 1:
-        log.info("rank %d of %d on %s, %s", world.rank, world.size, device, cfg.parallel)
+        log.info("rank %d of %d on %s, %s%s", world.rank, world.size, device, cfg.parallel,
+                 f" (parameters gathered in {param_dtype})" if sharded else "")  # fmt: skip
     spare = None  # a pair every rank can fall back on (at zero weight) when its share of a micro-batch is empty
     if world.size > 1:
         spare = next(i for i in range(len(train)) if len(_pair_batch(train, [i], cache, tokenizer, cfg, device)[1]))
