@@ -10,7 +10,7 @@ instructions (44.2 -> 51.3 SASS per element on sm_90). (From 3.9, TRITON_FORCE_D
 turns it off.)
 
 Divisions in the kernels are correctly rounded (`div_rn` below): a plain fp32 `/` in Triton is div.full.f32
-on NVIDIA GPUs, a * rcp(b) (MUFU.RCP) and a rounded product, up to 2 ulp off, while the interpreter divides
+on NVIDIA GPUs, a * rcp(b) (MUFU.RCP) and a rounded product, ~2 ulp off, while the interpreter divides
 exactly. There are few divisions (a program's 1/T, a row's final ratios): the correctly rounded ones cost
 nothing, and both backends, forward and backward, agree on them to the bit. exp2 stays the hardware's
 ex2.approx.ftz.f32 (one or two an element: not free to replace); tests/gpu_math.py models it (and div.full)

@@ -362,6 +362,28 @@ def test_bench_head_memory_smoke(tmp_path, capsys, monkeypatch):
     assert (res["max_batch"], res["ended"]) == (12, "capped at --max-batch")
 
 
+def test_gpu_math_probe_measures_the_model_and_the_interpreter(tmp_path):
+    """benchmarks/gpu_math_probe.py (a GPU session measures ex2.approx and div.full with it): on CPU it
+    measures tests/gpu_math.py's model (--model) or the interpreter's own exp2 and division, in a subprocess
+    (the model patches the interpreter for the whole process)."""
+    res = {}
+    for mode in ("--model", None):
+        out = tmp_path / f"probe{mode or ''}.json"
+        cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_math_probe.py"), "--out", str(out)] + ([mode] if mode else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "| exp2 |" in done.stdout
+        res[mode] = json.loads(out.read_text())
+    model, interp = res["--model"], res[None]
+    assert model["device"].startswith("model") and model["quick"]
+    assert model["exp2"]["integers_exact"] and model["exp2"]["same_error_at_frac_shifted"] == 1.0
+    assert 1.0 < model["exp2"]["max_ulp"] <= 2.0 and len(model["exp2"]["max_rel_per_frac_64th"]) == 64
+    assert 0.5 < model["rcp"]["max_ulp"] <= 1.0 and model["rcp"]["powers_of_two_exact"]
+    assert 1.0 < model["div"]["max_ulp"] <= 2.5 and model["div"]["by_powers_of_two_exact"]
+    assert interp["device"] == "interpreter" and interp["div"]["correctly_rounded"] == 1.0
+    assert interp["rcp"]["correctly_rounded"] == 1.0
+
+
 @pytest.mark.parametrize("cfg", [None, (64, 4, 2, 80)])  # the library's launch, and a sweep row
 def test_tune_rows_launches_match_the_library(gen, cfg):
     """benchmarks/tune_rows.py repeats the launchers' argument lists (the library takes no tile arguments):
