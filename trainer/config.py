@@ -100,7 +100,9 @@ class RewardConfig:
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """With `--parallel fsdp2`: the dtype each layer's parameters are all-gathered and computed in (FSDP2's
     MixedPrecisionPolicy; gradients reduce in fp32 into the fp32 shards the optimizer updates). auto: bf16
-    on CUDA, where autocast computes in bf16 anyway (half the gathered bytes and memory), fp32 elsewhere."""
+    on CUDA, where autocast runs the matmuls in bf16 anyway (half the gathered bytes and memory), fp32
+    elsewhere. Unlike autocast (DDP, one process), bf16 parameters also keep the residual stream and the
+    norms' weights in bf16; fp32 follows those runs' numerics."""
     lora_r: int = 0
     """LoRA rank for the trainable layers (0: full fine-tuning). Needs `peft`."""
     lora_alpha: int = 16
@@ -251,8 +253,9 @@ class PPOConfig:
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """With `--parallel fsdp2`: the dtype the policy's and critic's parameters are all-gathered and computed in
     (FSDP2's MixedPrecisionPolicy; gradients reduce in fp32 into the fp32 shards the optimizer updates; the
-    rollout's generation runs in it too). auto: bf16 on CUDA, where autocast computes in bf16 anyway (half
-    the gathered bytes and memory), fp32 elsewhere."""
+    rollout's generation runs in it too). auto: bf16 on CUDA, where autocast runs the matmuls in bf16 anyway
+    (half the gathered bytes and memory), fp32 elsewhere. Unlike autocast (DDP, one process), bf16 parameters
+    also keep the residual stream and the norms' weights in bf16; fp32 follows those runs' numerics."""
     fused_linear: bool = False
     """Log-probs of policy, old policy and reference straight from the last hidden state and the LM-head
     weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. Off by default: on an
