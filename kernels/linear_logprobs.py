@@ -49,14 +49,13 @@ import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
 from ._common import _desc, acc_dtype, as_rows, check_float, check_int, check_same_device, check_shape
-from ._common import check_temperature, nvtx_range, temperature_scale, tl_dtype, use_triton, vocab_splits
+from ._common import LOG2E, check_temperature, nvtx_range, temperature_scale, tl_dtype, use_triton, vocab_splits
 from ._series import SERIES_D, k3_series
 from .full_kl import full_kl_ref
 from .token_logprobs import token_logprobs_ref
 
 # Instantiated constexprs: compiled Triton rejects globals merely annotated `x: tl.constexpr = ...` (triton
 # PR #5961; seen compiling for sm_90 with 3.9). The interpreter does not check, so CPU tests cannot tell.
-LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 REF_CHUNK_ROWS = 1024  # rows per chunk in the *_ref twins: their memory is O(REF_CHUNK_ROWS x V) fp32
 GRAD_Z_CHUNK_BYTES = 256 << 20  # the backward's (N, chunk) grad_z buffer on CUDA (see _chunk_cols)
