@@ -28,9 +28,10 @@ which is never rounded nor stored. The floor here is FLOPs (2NVH per matmul), no
   its atomic traffic (each grad_hidden entry added V/BLOCK_V times) made it 5x slower than eager; the GEMMs
   run near the tensor-core rate, need no fp32 (V, H) buffer, and the result is deterministic.
 Rounding: hidden and W are read in their dtype; products accumulate in fp32 (fp32 inputs in full fp32, no
-TF32; fp64 inputs in fp64, for gradcheck); per-token outputs are fp32. The one extra rounding: grad_z is
-rounded to the input dtype so the gradient GEMMs run on tensor cores (a no-op for fp32; grad_b sums the
-unrounded tile); gradients accumulate in fp32 and are rounded to the parameters' dtypes once, at the end.
+TF32, summed in BLOCK_H slices added by TwoSum: logits within ~1 ulp; fp64 inputs in fp64, for gradcheck);
+per-token outputs are fp32. The one extra rounding: grad_z is rounded to the input dtype so the gradient GEMMs
+run on tensor cores (a no-op for fp32; grad_b sums the unrounded tile); gradients accumulate in fp32 and are
+rounded to the parameters' dtypes once, at the end.
 Saved for backward: the inputs and fp32 per-row statistics (2 or 4 a row, and the entropy); nothing [N, V].
 Rows whose target is `ignore_index` (or whose mask is 0) read nothing and give 0 and 0 gradient; a row block
 with none active is skipped. A target outside [0, V) gives a NaN log-prob and a NaN grad_hidden row, and
@@ -62,16 +63,18 @@ GRAD_Z_CHUNK_BYTES = 256 << 20  # the backward's (N, chunk) grad_z buffer on CUD
 
 
 @triton.jit
-def _dot(a, b, DOT_DTYPE: tl.constexpr):
-    """a @ b accumulated in fp32 (fp64 for fp64), operands cast to DOT_DTYPE; fp32 operands in full fp32.
-    fp64 (gradcheck only) is a broadcast multiply and sum, not tl.dot: Triton 3.6's fp64 MMA asserts
-    "fp64 don't support largeK MMA" for these tiles on sm_90 (seen on an H200)."""
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr):
+    """acc + a @ b in acc's dtype (fp32; fp64 for fp64), operands cast to DOT_DTYPE; fp32 operands in full fp32.
+    The accumulator goes into tl.dot, as the compiler would put it anyway (`acc + tl.dot(a, b)` is rewritten to
+    `tl.dot(a, b, acc)`), so the interpreter sums in the compiled order. fp64 (gradcheck only) is a broadcast
+    multiply and sum, not tl.dot: Triton 3.6's fp64 MMA asserts "fp64 don't support largeK MMA" for these tiles
+    on sm_90 (seen on an H200)."""
     if DOT_DTYPE == tl.float64:
-        return tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+        return acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
     elif DOT_DTYPE == tl.float32:
-        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision="ieee")  # no TF32
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")  # no TF32
     else:
-        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
 
 
 @triton.jit
@@ -92,16 +95,33 @@ def _logits_tile(
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """(BLOCK_M, BLOCK_V) logits hidden[rows] @ W[cols]^T + b[cols] in ACC, -inf where cols >= col_end.
-    Rows not in rows_on read no hidden state; H = 0 skips the matmul."""
+    Rows not in rows_on read no hidden state; H = 0 skips the matmul.
+    fp32 inputs: each BLOCK_H slice's products go into a fresh accumulator (an FMA chain of BLOCK_H), which
+    TwoSum adds exactly to a running (acc, lo) pair that starts at the bias: the logits come out within about
+    an ulp whatever H. One chain over all of H (tl.dot's accumulator; bf16's tensor cores here) rounds H times
+    at the running sum's scale. Cost on sm_90: 7 FADD per element per slice, 112 next to 256 FFMA a thread."""
     col_on = cols < col_end
     acc = tl.zeros([BLOCK_M, BLOCK_V], ACC)
+    TWO_SUM: tl.constexpr = h_ptr.dtype.element_ty == tl.float32
+    if TWO_SUM and HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_on, other=0.0).to(ACC)[None, :]
+    lo = tl.zeros([BLOCK_M, BLOCK_V], ACC)  # TWO_SUM: the rounding errors of the running sum acc
     for k0 in range(0, H, BLOCK_H):
         k = k0 + tl.arange(0, BLOCK_H)
         k_on = k < H
         h = tl.load(h_ptr + row_off[:, None] + k[None, :] * s_hh, mask=rows_on[:, None] & k_on[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * s_wv + k[:, None] * s_wh, mask=col_on[None, :] & k_on[:, None], other=0.0)
-        acc += _dot(h, w, DOT_DTYPE)  # (BLOCK_M, BLOCK_H) @ (BLOCK_H, BLOCK_V)
-    if HAS_BIAS:
+        if TWO_SUM:  # acc + part = hi + its rounding error, exactly (Knuth's TwoSum)
+            part = _dot(h, w, tl.zeros([BLOCK_M, BLOCK_V], ACC), DOT_DTYPE)
+            hi = acc + part
+            part_in_hi = hi - acc
+            lo += (acc - (hi - part_in_hi)) + (part - part_in_hi)
+            acc = hi
+        else:
+            acc = _dot(h, w, acc, DOT_DTYPE)  # (BLOCK_M, BLOCK_H) @ (BLOCK_H, BLOCK_V)
+    if TWO_SUM:
+        acc += lo
+    elif HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_on, other=0.0).to(ACC)[None, :]
     return tl.where(col_on[None, :], acc, -float("inf"))
 
@@ -317,9 +337,10 @@ def _config(dtype: torch.dtype, device: torch.device, one_head: bool = False) ->
     """Block sizes and launch options for inputs of `dtype`; tl.dot needs every block dim >= 16. On CUDA these
     compile for sm_90 (scripts/aot_compile.py, in CI); only the one-head bf16 tiles were tuned on a GPU. The interpreter
     runs each program in Python: there, tiles are larger (fewer programs), yet small enough that the CPU tests
-    still cross row blocks, vocab tiles and ranges, and a partial H block."""
+    still cross row blocks, vocab tiles and ranges, and a partial H block; H slices of 16 as fp32 on CUDA, so
+    the fp32 logits are summed in the same order as there (tests/gpu_math.py models the dot's FMA chain)."""
     if device.type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_V=256, BLOCK_H=64)
+        return dict(BLOCK_M=32, BLOCK_V=256, BLOCK_H=16)
     if dtype == torch.float64:  # gradcheck only: (BLOCK_M, BLOCK_H, BLOCK_V) products in registers
         return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # full-fp32 products run on FMA units, not tensor cores: smaller tiles

@@ -64,6 +64,41 @@ def test_division_model():
     assert gpu_math.div(np.float64(1.0), np.float64(3.0)) == 1.0 / 3.0  # other dtypes: exact
 
 
+def test_fp32_dot_is_one_fma_chain_over_k():
+    a = np.array([[1e8, 1.0, -1e8, 1.0]], F32)  # 1e8 + 1 rounds back to 1e8 in fp32: the order shows
+    ones = np.ones((4, 1), F32)
+    assert gpu_math.dot(a, ones, np.zeros((1, 1), F32))[0, 0] == 1.0  # ((1e8 + 1) - 1e8) + 1
+    assert gpu_math.dot(a[:, [0, 2, 1, 3]], ones, np.zeros((1, 1), F32))[0, 0] == 2.0  # ((1e8 - 1e8) + 1) + 1: exact
+    assert gpu_math.dot(a, ones, np.full((1, 1), -1e8, F32))[0, 0] == -1e8 + 1  # from the accumulator passed in
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((8, 64)).astype(F32), rng.standard_normal((64, 8)).astype(F32)
+    chain = np.zeros((8, 8), F32)
+    for k in range(64):  # the FMA: exact product, one rounding
+        chain = (chain.astype(np.float64) + x[:, k, None].astype(np.float64) * y[k].astype(np.float64)).astype(F32)
+    assert np.array_equal(gpu_math.dot(x, y, np.zeros((8, 8), F32)), chain)
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr):
+    i, k = tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + i[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + i[None, :])
+    c = tl.load(c_ptr + i[:, None] * N + i[None, :])
+    tl.store(out_ptr + i[:, None] * N + i[None, :], tl.dot(a, b, c, input_precision="ieee"))
+
+
+def test_install_models_the_fp32_dot():
+    g = torch.Generator().manual_seed(5)
+    a, b, c = torch.randn(16, 64, generator=g) * 8, torch.randn(64, 16, generator=g), torch.randn(16, 16, generator=g)
+    out = torch.empty(16, 16)
+    old = gpu_math.install(seed=0)
+    try:
+        _dot_kernel[(1,)](a, b, c, out, N=16, K=64)
+    finally:
+        gpu_math.uninstall(old)
+    assert torch.equal(out, torch.from_numpy(gpu_math.dot(a.numpy(), b.numpy(), c.numpy())))
+
+
 @triton.jit
 def _ops(x_ptr, b_ptr, out_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
