@@ -1,5 +1,5 @@
-"""Measure the GPU's fp32 exp2 and division as compiled Triton runs them, against fp64, to calibrate
-tests/gpu_math.py (the interpreter's model of ex2.approx.ftz.f32 and div.full.f32).
+"""Measure the GPU's fp32 exp2, division and tl.dot as compiled Triton runs them, against fp64, to calibrate
+tests/gpu_math.py (the interpreter's model of ex2.approx.ftz.f32, div.full.f32 and the fp32 dot's FMA chain).
 
     python benchmarks/gpu_math_probe.py --out probe.json            # on a GPU: the hardware (~5 s)
     python benchmarks/gpu_math_probe.py --model --out probe.json    # on CPU: tests/gpu_math.py's model
@@ -14,6 +14,10 @@ One Triton kernel stores tl.exp2(x), 1.0 / b and a / b for:
 Reported per function: the largest and mean error in ulps of the exact result, the share of correctly
 rounded results (error <= 1/2 ulp) and the exactness checks; for exp2 also the largest relative error per
 1/64 of frac(x) (the model assumes one bound for all). Errors against fp64 (exact for these).
+A second kernel runs acc = tl.dot(a, b, acc) over K = 256 in slices of 16, as linear_logprobs does, on
+(64, 256) @ (256, 64) with logit-like magnitudes, for fp32 operands (input_precision "ieee": FMA units) and
+bf16 ones (tensor cores): the share of outputs bit-equal to the model's FMA chain over k (gpu_math.dot) and
+to the correctly rounded exact sum, and the error against fp64 relative to sum_k |a_k b_k| (in fp32 eps).
 """
 
 from __future__ import annotations
@@ -55,7 +59,48 @@ def _setup(model: bool):
         tl.store(r_ptr + i, 1.0 / b, mask=m)
         tl.store(q_ptr + i, tl.load(a_ptr + i, mask=m, other=1.0) / b, mask=m)
 
-    return triton, probe
+    @triton.jit
+    def dot_probe(a_ptr, b_ptr, o_ptr, K, M: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        i = tl.arange(0, M)
+        acc = tl.zeros([M, M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + i[:, None] * K + k[None, :]).to(DOT)
+            b = tl.load(b_ptr + k[:, None] * M + i[None, :]).to(DOT)
+            if DOT == tl.float32:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        tl.store(o_ptr + i[:, None] * M + i[None, :], acc)
+
+    return triton, probe, dot_probe
+
+
+def _dot(triton, dot_probe, device: str) -> dict:
+    """tl.dot with its accumulator over K = 256 in slices of 16: fp32 (FMA units) and bf16 (tensor cores;
+    fp32 operands under the interpreter, whose bf16 dot multiplies bit patterns as integers)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import gpu_math
+    import triton.language as tl
+
+    rng = np.random.default_rng(1)
+    M, K = 64, 256
+    out = {}
+    for name, dt, tl_dt in (("dot_fp32", torch.float32, tl.float32), ("dot_bf16", torch.bfloat16, tl.bfloat16)):
+        a = torch.from_numpy(rng.standard_normal((M, K)) * 8).to(dt).float()  # representable in dt
+        b = torch.from_numpy(rng.standard_normal((K, M)) * (3 / K**0.5)).to(dt).float()
+        o = torch.empty(M, M, device=device)
+        dot = tl_dt if device == "cuda" else tl.float32
+        dot_probe[(1,)](a.to(device), b.to(device), o, K, M=M, BLOCK_K=16, DOT=dot)
+        y, an, bn = o.cpu().numpy(), a.numpy(), b.numpy()
+        exact = an.astype(np.float64) @ bn.astype(np.float64)
+        scale = np.abs(an).astype(np.float64) @ np.abs(bn).astype(np.float64) * np.finfo(np.float32).eps
+        err = np.abs(y - exact) / scale
+        chain = gpu_math.dot(an, bn, np.zeros((M, M), np.float32))
+        out[name] = {"n": int(y.size), "equal_to_fma_chain": float(np.mean(y == chain)),
+                     "correctly_rounded": float(np.mean(y == exact.astype(np.float32))),
+                     "max_err_eps_sum_abs": float(err.max()), "mean_err_eps_sum_abs": float(err.mean())}  # fmt: skip
+    return out
 
 
 def _run(triton, probe, x: np.ndarray, a: np.ndarray, b: np.ndarray, device: str) -> tuple[np.ndarray, ...]:
@@ -84,7 +129,7 @@ def _summary(y: np.ndarray, exact: np.ndarray) -> dict:
 
 
 def measure(quick: bool, model: bool) -> dict:
-    triton, probe = _setup(model)
+    triton, probe, dot_probe = _setup(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(0)
     grid_bits = 13 if quick else 23
@@ -132,6 +177,7 @@ def measure(quick: bool, model: bool) -> dict:
                 "powers_of_two_exact": bool(np.all(r[-n_p2:].astype(np.float64) == r_exact[-n_p2:]))},  # fmt: skip
         "div": {**_summary(q[n_m:], q_exact[n_m:]),
                 "by_powers_of_two_exact": bool(np.all(q[-n_p2:].astype(np.float64) == q_exact[-n_p2:]))},  # fmt: skip
+        **_dot(triton, dot_probe, device),
     }
 
 
@@ -142,6 +188,12 @@ def table(res: dict) -> str:
         checks = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()
                            if k not in ("n", "max_ulp", "mean_ulp", "correctly_rounded", "max_rel_per_frac_64th"))  # fmt: skip
         rows.append(f"| {name} | {s['n']} | {s['max_ulp']:.3f} | {s['mean_ulp']:.3f} | {s['correctly_rounded']:.4f} | {checks} |")
+    rows += ["", "| dot (K = 256, slices of 16) | n | = FMA chain | correctly rounded | max err | mean err |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name in ("dot_fp32", "dot_bf16"):
+        d = res[name]
+        rows.append(f"| {name} | {d['n']} | {d['equal_to_fma_chain']:.4f} | {d['correctly_rounded']:.4f} | "
+                    f"{d['max_err_eps_sum_abs']:.3f} | {d['mean_err_eps_sum_abs']:.3f} |")  # fmt: skip
     worst = max(res["exp2"]["max_rel_per_frac_64th"])
     return f"{res['device']}, triton {res['triton']}: exp2 max relative error {worst:.3g} (2^{math.log2(worst):.2f})\n" + "\n".join(rows)
 

@@ -6,7 +6,7 @@
 #       needs .whl/ and .gpu/cfg135m/ from scripts/gpu_prepare.sh; OUT is the device tool's $OUT
 #   1 gpu_check.sh in a 290 s slot (kernel tests compiled on CUDA, the sweep, the issue-6 benchmarks) -> /tmp/gc
 #   2 tune_rows.py --budget-s 80: token_logprobs' and full_kl's forward tiles (10 each)    -> /tmp/gc/tune_rows.json
-#     gpu_math_probe.py: the GPU's exp2 and division against fp64 (~10 s)           -> /tmp/gc/gpu_math_probe.json
+#     gpu_math_probe.py: the GPU's exp2, division and fp32/bf16 tl.dot vs fp64 (~10 s) -> /tmp/gc/gpu_math_probe.json
 #   3 gpu_pipeline.sh on a random model of .gpu/cfg135m (pipeline 180 s, bench_ppo_step 45 s) -> /tmp/pl
 #   OUT gets gpu_check.tgz and gpu_pipeline.tgz (the tool returns at most 8 files). About 450 s in all:
 #   run it with timeout_s=580, which leaves the rest of the 15 minutes for the start and one short rerun.
@@ -31,7 +31,7 @@ export PYTHONPATH=/tmp/site:/tmp/fastrlhf_shim${PYTHONPATH:+:$PYTHONPATH}
 stamp "tune_rows"
 timeout "${FASTRLHF_TUNE_ROWS_TIMEOUT:-120}" "$PY" benchmarks/tune_rows.py --out /tmp/gc/tune_rows.json \
   --budget-s "${FASTRLHF_TUNE_ROWS_BUDGET:-80}" 2>&1 | tee /tmp/gc/tune_rows.log
-stamp "gpu_math_probe"  # ex2.approx / div.full against fp64, to calibrate tests/gpu_math.py (~10 s)
+stamp "gpu_math_probe"  # ex2.approx / div.full / tl.dot against fp64, to calibrate tests/gpu_math.py (~10 s)
 timeout "${FASTRLHF_PROBE_TIMEOUT:-60}" "$PY" benchmarks/gpu_math_probe.py --out /tmp/gc/gpu_math_probe.json \
   2>&1 | tee /tmp/gc/gpu_math_probe.log
 tar czf "$OUT/gpu_check.tgz" -C /tmp gc

@@ -363,8 +363,8 @@ def test_bench_head_memory_smoke(tmp_path, capsys, monkeypatch):
 
 
 def test_gpu_math_probe_measures_the_model_and_the_interpreter(tmp_path):
-    """benchmarks/gpu_math_probe.py (a GPU session measures ex2.approx and div.full with it): on CPU it
-    measures tests/gpu_math.py's model (--model) or the interpreter's own exp2 and division, in a subprocess
+    """benchmarks/gpu_math_probe.py (a GPU session measures ex2.approx, div.full and the fp32 / bf16 tl.dot with
+    it): on CPU it measures tests/gpu_math.py's model (--model) or the interpreter's own functions, in a subprocess
     (the model patches the interpreter for the whole process)."""
     res = {}
     for mode in ("--model", None):
@@ -382,6 +382,9 @@ def test_gpu_math_probe_measures_the_model_and_the_interpreter(tmp_path):
     assert 1.0 < model["div"]["max_ulp"] <= 2.5 and model["div"]["by_powers_of_two_exact"]
     assert interp["device"] == "interpreter" and interp["div"]["correctly_rounded"] == 1.0
     assert interp["rcp"]["correctly_rounded"] == 1.0
+    for name in ("dot_fp32", "dot_bf16"):  # the model's dot is the FMA chain; the interpreter's is not
+        assert model[name]["equal_to_fma_chain"] == 1.0 and interp[name]["equal_to_fma_chain"] < 0.9
+        assert 0 < model[name]["max_err_eps_sum_abs"] < 4 and model[name]["n"] == 4096
 
 
 @pytest.mark.parametrize("cfg", [None, (64, 4, 2, 80)])  # the library's launch, and a sweep row
