@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -206,12 +207,19 @@ def test_ppo_fsdp2_samples_in_lockstep_and_resumes_in_one(setup):
     """The command line with real sampling: replies of different lengths on the two ranks, so generation
     must step in lockstep (each token step gathers the sharded layers); a value head on the policy and a
     full fine-tune (the tied embedding / LM-head matrix trains, sharded); parameters gathered in bf16 (auto's
-    choice on CUDA; the shards and the checkpoint stay fp32); the FSDP2 checkpoint resumes in one process."""
+    choice on CUDA; the shards and the checkpoint stay fp32); the frozen reward model's trunk and reference
+    sharded too, stored in bf16 (a rank holds half); the FSDP2 checkpoint resumes in one process."""
     root = setup[0]
     args = _ppo_args(setup, "ppo-fsdp2-cli", critic="value-head", freeze_layers=0, max_new_tokens=12, steps=3,
                      max_steps=2, fsdp_param_dtype="bf16")  # fmt: skip
     done = _torchrun(args, "fsdp2", command="ppo")
     assert "parameters gathered in torch.bfloat16" in done.stderr
+    held = re.search(r"frozen models sharded too \(in torch.bfloat16\), rank 0 holds: reward model trunk ([\d.]+) of "
+                     r"([\d.]+) MB, reference ([\d.]+) of ([\d.]+) MB", done.stderr)  # fmt: skip
+    assert held, done.stderr[-3000:]
+    mine, full = [float(x) for x in held.groups()[::2]], [float(x) for x in held.groups()[1::2]]
+    assert all(0.4 * f <= m <= 0.6 * f for m, f in zip(mine, full)), held.group(0)  # half of each, 2 ranks
+    assert 2.9 < full[0] < 3.2 and 2.9 < full[1] < 3.2, held.group(0)  # in bf16: 6.07 MB in fp32
     ckpt = torch.load(root / "ppo-fsdp2-cli" / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 2 and ckpt["world_size"] == 2
     assert "model.embed_tokens.weight" in ckpt["policy"] and "lm_head.weight" not in ckpt["policy"]  # tied: once

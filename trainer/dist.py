@@ -10,7 +10,9 @@ one device each (CUDA: NCCL; CPU: gloo); both take DDP or FSDP2 (`--parallel`).
   (tests/test_distributed.py).
 - The engine does every gradient collective: DDP all-reduces gradients; FSDP2 shards parameters,
   gradients and optimizer state per transformer layer (plus one root group) and all-gathers a layer for its
-  forward, in bf16 by default on CUDA (`fsdp_param_dtype`; the shards stay fp32). The helpers here only move
+  forward, in bf16 by default on CUDA (`fsdp_param_dtype`; the shards stay fp32). PPO shards its frozen
+  models the same way (`shard_frozen`: the reward model's trunk and an unquantized reference), their shards
+  stored in the gathers' dtype. The helpers here only move
   statistics and per-row results (all_reduce, all_gather_object).
 - Rank 0 alone writes files and shows progress bars. Checkpoints hold full (unsharded) trainable state
   keyed by parameter name, so a run saved on 2 processes resumes on 1, or on 4.
@@ -104,6 +106,28 @@ def wrap(module: torch.nn.Module, world: World, engine: str, layers=(), param_dt
         fully_shard(layer, mp_policy=mp)
     fully_shard(module, mp_policy=mp)
     return module
+
+
+def shard_frozen(module: torch.nn.Module, world: World, layers, param_dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen module (no gradients, no optimizer) sharded by FSDP2 as `wrap` shards a trained one, its
+    shards stored in `param_dtype`: what each gather would cast them to anyway, so the same numbers in half
+    the memory for bf16. Only parameters are cast (buffers such as rotary frequencies keep their dtype)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = p.data.to(param_dtype)
+    return wrap(module, world, "fsdp2", layers, param_dtype)
+
+
+def param_megabytes(module: torch.nn.Module) -> tuple[float, float]:
+    """(MB of `module`'s parameters held by this rank, MB of all of them): an FSDP2 shard holds ~1/N."""
+    from torch.distributed.tensor import DTensor
+
+    local = full = 0
+    for p in module.parameters():
+        here = p.to_local() if isinstance(p, DTensor) else p
+        local += here.numel() * here.element_size()
+        full += p.numel() * p.element_size()
+    return local / 2**20, full / 2**20
 
 
 @contextlib.contextmanager

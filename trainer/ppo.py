@@ -36,8 +36,8 @@ Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et 
 
 Under torchrun (DDP or FSDP2) each rank samples and evaluates every N-th prompt; the per-row results are
 gathered so the rewards, advantages and logs are the whole batch's, and each minibatch trains on the ranks
-that hold its rows (see `train_ppo`, trainer/dist.py). Every pass of the policy and the critic is a call of
-the model itself (`rollout.forward_reply`: hooks read the head's input and output, and the frozen prefix's
+that hold its rows (see `train_ppo`, trainer/dist.py); FSDP2 also shards the frozen reward-model trunk and an
+unquantized reference. Every pass of the policy and the critic is a call of the model itself (`rollout.forward_reply`: hooks read the head's input and output, and the frozen prefix's
 states), which is what lets FSDP2 gather a sharded model's parameters for it.
 
 Sanity checked every step: the first minibatch of each rollout sees the policy that sampled it, so its
@@ -77,10 +77,11 @@ from .models import (
     resolve_model_path,
     reward_head,
     reward_head_params,
+    reward_trunk,
     save_pretrained_atomic,
 )
 from .dist import deal, full_state, gather_objects, gather_rows, gathered, grad_norm_value, init_world, load_full_state
-from .dist import fsdp_param_dtype, max_across, sum_dict_across, wrap
+from .dist import fsdp_param_dtype, max_across, param_megabytes, shard_frozen, sum_dict_across, wrap
 from .rollout import Rollout, forward_reply, sample, trunk_hidden
 
 log = logging.getLogger("fastrlhf")
@@ -433,14 +434,25 @@ def train_ppo(cfg: PPOConfig) -> dict:
                  ", the reward model" if rm_shares else "", ", the critic" if critic_shares else "")  # fmt: skip
     update_model = UpdateModel(policy, critic, value_head, cfg, n_frozen, n_frozen_critic, one_pass)
     param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, device)
+    frozen_sharded = {}  # FSDP2 roots of the frozen models: resharded after their no-grad passes
     if sharded:  # each trained model its own FSDP2 root (a group per layer); every pass calls the model itself
         wrap(policy, world, "fsdp2", policy.base_model.layers, param_dtype)
         wrap(value_module, world, "fsdp2", critic.base_model.layers if critic is not None else (), param_dtype)
+        # the frozen models too, so a rank holds 1/N of them: the reference's passes call the model itself, the
+        # reward model's its trunk (its scalar head stays whole). bitsandbytes' int8 / nf4 weights do not shard.
+        trunk = reward_trunk(reward_model)
+        frozen_sharded["reward model trunk"] = shard_frozen(trunk, world, trunk.layers, param_dtype)
+        if reference is not None and cfg.ref_quant == "none":
+            frozen_sharded["reference"] = shard_frozen(reference, world, reference.base_model.layers, param_dtype)
     else:
         update_model = wrap(update_model, world, "ddp")
     if world.size > 1:
         log.info("rank %d of %d on %s, %s%s", world.rank, world.size, device, cfg.parallel,
                  f" (parameters gathered in {param_dtype})" if sharded else "")  # fmt: skip
+    if sharded:
+        held = ", ".join("%s %.2f of %.2f MB" % (name, *param_megabytes(m)) for name, m in frozen_sharded.items())
+        whole = f"; the {cfg.ref_quant} reference whole" if reference is not None and cfg.ref_quant != "none" else ""
+        log.info("frozen models sharded too (in %s), rank %d holds: %s%s", param_dtype, world.rank, held, whole)
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
@@ -525,6 +537,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                         reference, ro, T, cfg.kernels, prefix if ref_shares else None, fused_linear=fused)
                 if not need_full_kl:
                     ref_logits = ref_hidden = None
+            for m in frozen_sharded.values():  # FSDP2 leaves a root's own parameters gathered after its forward
+                m.reshard()
             # ---- KL, rewards and advantages
             with phase("rewards"):
                 kl_fn = kl_estimate if cfg.kernels else kl_estimate_ref
