@@ -244,8 +244,44 @@ def test_ppo_checkpoint_from_two_processes_resumes_in_one(setup, tmp_path):
     _assert_same_ppo(_ppo_log(root / "ppo-cut"), _ppo_log(root / "ppo-one"))
 
 
-def test_pipeline_refuses_several_processes(monkeypatch):
-    """Not data-parallel: under torchrun each copy would write the same files, so it stops at once."""
+def _pipeline_torchrun(setup, tmp_path, out: str, **kw) -> subprocess.CompletedProcess:
+    root, model = setup
+    args = dict(out_dir=str(root / out), model=model, limit=32, samples_per_prompt=4, max_new_tokens=32,
+                gen_batch_size=32, rm_epochs=1, rm_batch_pairs=8, rm_freeze_layers=1, max_length=96,
+                split=[0.5, 0.25, 0.25], device="cpu", rubric="shorter", ppo_steps=2, ppo_batch_prompts=4,
+                ppo_minibatch_size=2, ppo_epochs=1, ppo_freeze_layers=1, eval_samples_per_prompt=1, kernels=False,
+                ref_quant="none", parallel="fsdp2")  # fmt: skip
+    args.update(kw)
+    cfg = tmp_path / f"{out}.json"
+    cfg.write_text(json.dumps(args))
+    worker = os.path.join(os.path.dirname(__file__), "pipeline_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker, str(cfg)]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def test_pipeline_under_torchrun(setup, tmp_path):
+    """Step 1, the evaluation and the report on rank 0; the reward model and PPO on both ranks (FSDP2)."""
+    done = _pipeline_torchrun(setup, tmp_path, "pipe")
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    out = setup[0] / "pipe"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["parallel"] == "fsdp2" and metrics["prompts"] == {"train": 16, "val": 8, "test": 8}
+    assert metrics["reward_model"]["finished"] and metrics["ppo"]["steps"] == 2
+    assert metrics["evaluation"]["pairs"] == 8 and (out / "report.md").exists()
+    for ckpt in (out / "step2_reward" / "checkpoint.pt", out / "step3_ppo" / "checkpoint.pt"):
+        assert torch.load(ckpt, weights_only=False)["world_size"] == 2  # trained on both ranks
+    assert {"generate_s", "annotate_s", "reward_model_s", "ppo_s", "evaluate_s"} <= set(metrics["timings"])
+
+
+def test_pipeline_with_people_annotating_refuses_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="runs in one process .WORLD_SIZE is 2.*plain `fastrlhf pipeline`"):
-        run_pipeline(PipelineConfig())
+    with pytest.raises(SystemExit, match="people annotating .* runs in one process"):
+        run_pipeline(PipelineConfig(rubric=""))
+
+
+def test_pipeline_under_torchrun_stops_when_rank_0_fails(setup, tmp_path):
+    """Two prompts give no pairs for every split: rank 0 raises in step 1 while rank 1 waits at the barrier;
+    torchrun ends the job with rank 0's message instead of leaving rank 1 waiting."""
+    done = _pipeline_torchrun(setup, tmp_path, "pipe-fail", limit=2)
+    assert done.returncode != 0 and "no preference pairs" in done.stderr + done.stdout

@@ -109,6 +109,8 @@ def pipeline_cmd(cfg: PipelineConfig) -> None:
     from .pipeline import run_pipeline
 
     metrics = run_pipeline(cfg)
+    if metrics is None:  # under torchrun: not rank 0, which reports
+        return
     rm = metrics["reward_model"]
     print(f"\nreport: {cfg.out_dir}/report.md   ({metrics['timings']['total_s']:.0f} s)")
     if "test" in rm:

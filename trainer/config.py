@@ -370,3 +370,8 @@ class PipelineConfig:
     """Seed for splits, sampling, head initialisation and data order."""
     device: str = "auto"
     """"auto" (CUDA if available), "cuda" or "cpu"."""
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    """Under `torchrun --nproc-per-node N` (N > 1): the engine of steps 2 and 3 (see `train-rm` and `ppo`);
+    step 1, the evaluation and the report run on rank 0. Ignored in a single process."""
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """With `--parallel fsdp2`: the dtype parameters are gathered and computed in (see `train-rm --help`)."""

@@ -66,13 +66,10 @@ def init_world(device: str) -> World:
     return World(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def require_single_process(command: str) -> None:
-    """Stop a command that does not run data-parallel yet when torchrun started several copies of it
-    (each would write the same files)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1:
-        raise SystemExit(f"`fastrlhf {command}` runs in one process (WORLD_SIZE is {size}); under torchrun run its "
-                         f"steps (`train-rm`, `ppo`) as separate commands, or launch it with plain `fastrlhf {command}`.")  # fmt: skip
+def barrier(world: World) -> None:
+    """Wait until every rank gets here (a world of one: return)."""
+    if world.size > 1:
+        dist.barrier(device_ids=[world.device.index] if world.device.type == "cuda" else None)
 
 
 def fsdp_param_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -10,12 +10,17 @@
 
 Each step writes its files under out_dir; a rerun reuses finished candidates (the slowest step) and the
 annotator resumes where it stopped.
+
+Under `torchrun --nproc-per-node N`: steps 2 and 3 run data-parallel (`parallel`: DDP or FSDP2, as `train-rm`
+and `ppo` do); step 1, the evaluation and the report run on rank 0 while the others wait at a barrier (one
+node: every rank reads the files rank 0 wrote). A rank that fails ends the job (torchrun stops the others).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -26,68 +31,33 @@ import torch
 from .annotate import annotate, build_preferences, generate_pairs
 from .config import PipelineConfig, PPOConfig, RewardConfig
 from .data import load_demo_prompts, load_pairs, load_prompts, prompt_key, split_by_prompt, write_jsonl
-from .dist import require_single_process
+from .dist import barrier, init_world
 from .evaluate import evaluate_policy
 from .metrics import plot_ppo_curves, plot_training_curves
-from .models import resolve_device, resolve_model_path
+from .models import resolve_model_path
 from .ppo import train_ppo
 from .reward import train_reward_model
 
 log = logging.getLogger("fastrlhf")
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    require_single_process("pipeline")
+def run_pipeline(cfg: PipelineConfig) -> dict | None:
+    """The whole job; the metrics (also in out_dir/metrics.json), or None on ranks other than 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.rubric:  # before joining torchrun's job
+        raise SystemExit("`fastrlhf pipeline` with people annotating (--rubric '') runs in one process: under "
+                         "torchrun run `generate-pairs` and `annotate` first, then `train-rm` and `ppo`.")  # fmt: skip
+    world = init_world(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    # prompts, split once by prompt: every later split follows it
-    prompts = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
-    if cfg.limit is not None:
-        prompts = prompts[: cfg.limit]
-    splits = dict(zip(("train", "val", "test"), split_by_prompt(prompts, cfg.split, seed=cfg.seed)))
-    for name, part in splits.items():
-        write_jsonl(out / "prompts" / f"{name}.jsonl", part)
-    log.info("prompts: %s", {k: len(v) for k, v in splits.items()})
-
-    t = time.perf_counter()
-    model_path = resolve_model_path(cfg.model)  # converts and caches the embedded model on first use
-    timings["model_setup_s"] = time.perf_counter() - t
-
-    # step 1: sample, annotate, build preferences
+    device = world.device
     step1 = out / "step1"
-    candidates = step1 / "candidates.jsonl"
-    t = time.perf_counter()
-    if candidates.exists():
-        log.info("step 1: reusing %s (delete it to sample again)", candidates)
-    else:
-        generate_pairs(
-            model_path, prompts, candidates, samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed, device=str(device),
-        )  # fmt: skip
-    timings["generate_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    summary = annotate(candidates, step1 / "annotations.jsonl", rubric=cfg.rubric)
-    n_prefs = build_preferences(candidates, step1 / "annotations.jsonl", step1 / "preferences.jsonl")
-    timings["annotate_s"] = time.perf_counter() - t
-
-    if n_prefs == 0:
-        raise RuntimeError(f"step 1 gave no preference pairs: all {summary.total} candidate pairs were ties or skips")
-    pairs = load_pairs(step1 / "preferences.jsonl")
-    part_of = {prompt_key(p.prompt): name for name, part in splits.items() for p in part}
-    pair_files = {}
-    for name in splits:
-        pair_files[name] = step1 / f"preferences_{name}.jsonl"
-        part = [p for p in pairs if part_of[prompt_key(p.prompt)] == name]
-        if not part:
-            raise RuntimeError(
-                f"step 1 gave no preference pairs for the {name} prompts ({n_prefs} pairs in all, "
-                f"{summary.ties} ties dropped): use more prompts (--limit) or samples (--samples-per-prompt)"
-            )
-        write_jsonl(pair_files[name], part)
+    pair_files = {name: step1 / f"preferences_{name}.jsonl" for name in ("train", "val", "test")}
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    if world.main:
+        splits, summary, n_prefs, timings = _step1(cfg, out, step1, pair_files, str(device))
+    barrier(world)  # the others start step 2 once rank 0 has written step 1's files
+    model_path = resolve_model_path(cfg.model)  # rank 0 converted and cached it in _step1
 
     # step 2: reward model
     t = time.perf_counter()
@@ -95,9 +65,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         pairs=str(pair_files["train"]), val_pairs=str(pair_files["val"]), test_pairs=str(pair_files["test"]),
         out_dir=str(out / "step2_reward"), model=model_path, epochs=cfg.rm_epochs, lr=cfg.rm_lr,
         batch_pairs=cfg.rm_batch_pairs, freeze_layers=cfg.rm_freeze_layers, max_length=cfg.max_length,
-        kernels=cfg.kernels, seed=cfg.seed, device=cfg.device,
+        kernels=cfg.kernels, seed=cfg.seed, device=cfg.device, parallel=cfg.parallel,
+        fsdp_param_dtype=cfg.fsdp_param_dtype,
     )  # fmt: skip
     rm = train_reward_model(rm_cfg)
+    barrier(world)  # rank 0 normalises and saves the reward model after the others have returned
     timings["reward_model_s"] = time.perf_counter() - t
     reward_model = str(out / "step2_reward" / "model")
 
@@ -112,14 +84,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             minibatch_size=cfg.ppo_minibatch_size, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
             kernels=cfg.kernels, fused_linear=cfg.fused_linear, seed=cfg.seed, device=cfg.device,
+            parallel=cfg.parallel, fsdp_param_dtype=cfg.fsdp_param_dtype,
         )  # fmt: skip
         ppo = train_ppo(ppo_cfg)
         timings["ppo_s"] = time.perf_counter() - t
+    if not world.main:  # rank 0 alone evaluates and reports
+        return None
+    if ppo is not None:
         t = time.perf_counter()
         evaluation = evaluate_policy(
             ppo["policy"], model_path, reward_model, splits["test"], rubric=cfg.rubric,
             samples_per_prompt=cfg.eval_samples_per_prompt, temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1, device=cfg.device,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1, device=str(device),
             use_kernels=cfg.kernels, out_dir=out / "eval",
         )  # fmt: skip
         timings["evaluate_s"] = time.perf_counter() - t
@@ -152,6 +128,53 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     (out / "report.md").write_text(_report(metrics))
     log.info("pipeline finished in %.0f s: %s", timings["total_s"], out / "report.md")
     return metrics
+
+
+def _step1(cfg: PipelineConfig, out: Path, step1: Path, pair_files: dict[str, Path], device: str) -> tuple:
+    """Split the prompts, sample candidate pairs, annotate them, write each split's preference pairs to
+    `pair_files` -> (splits, annotation summary, preference pairs, timings)."""
+    timings: dict[str, float] = {}
+    # prompts, split once by prompt: every later split follows it
+    prompts = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
+    if cfg.limit is not None:
+        prompts = prompts[: cfg.limit]
+    splits = dict(zip(("train", "val", "test"), split_by_prompt(prompts, cfg.split, seed=cfg.seed)))
+    for name, part in splits.items():
+        write_jsonl(out / "prompts" / f"{name}.jsonl", part)
+    log.info("prompts: %s", {k: len(v) for k, v in splits.items()})
+
+    t = time.perf_counter()
+    model_path = resolve_model_path(cfg.model)  # converts and caches the embedded model on first use
+    timings["model_setup_s"] = time.perf_counter() - t
+
+    candidates = step1 / "candidates.jsonl"
+    t = time.perf_counter()
+    if candidates.exists():
+        log.info("step 1: reusing %s (delete it to sample again)", candidates)
+    else:
+        generate_pairs(
+            model_path, prompts, candidates, samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed, device=device,
+        )  # fmt: skip
+    timings["generate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    summary = annotate(candidates, step1 / "annotations.jsonl", rubric=cfg.rubric)
+    n_prefs = build_preferences(candidates, step1 / "annotations.jsonl", step1 / "preferences.jsonl")
+    timings["annotate_s"] = time.perf_counter() - t
+
+    if n_prefs == 0:
+        raise RuntimeError(f"step 1 gave no preference pairs: all {summary.total} candidate pairs were ties or skips")
+    pairs = load_pairs(step1 / "preferences.jsonl")
+    part_of = {prompt_key(p.prompt): name for name, part in splits.items() for p in part}
+    for name in splits:
+        part = [p for p in pairs if part_of[prompt_key(p.prompt)] == name]
+        if not part:
+            raise RuntimeError(
+                f"step 1 gave no preference pairs for the {name} prompts ({n_prefs} pairs in all, "
+                f"{summary.ties} ties dropped): use more prompts (--limit) or samples (--samples-per-prompt)"
+            )
+        write_jsonl(pair_files[name], part)
+    return splits, summary, n_prefs, timings
 
 
 def _ppo_summary(log_path: Path) -> dict:
