@@ -1,6 +1,8 @@
-"""Tile sweep of the fused linear log-probs FORWARD kernel (`kernels/linear_logprobs.py::_linear_lse_fwd`) on a GPU.
+"""Tile sweep of the fused linear log-probs kernels (`kernels/linear_logprobs.py`) on a GPU: the forward
+(`_linear_lse_fwd`) or, with --backward, the backward's grad_z kernel (`_linear_logprobs_bwd`).
 
     python benchmarks/tune_linear.py [--rows 8192] [--hidden 4096] [--vocab 151936] [--out tune_linear.json]
+    python benchmarks/tune_linear.py --backward [--budget-s 30]   # grad_z of one vocabulary chunk
 
 Why: on an H200 the shipped tiles (BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, 8 warps, 3 stages) reached 146 TFLOP/s,
 21% of a bf16 matmul of the same shape (2MVH FLOPs), 2.9x slower than matmul + token_logprobs. This launches
@@ -9,6 +11,10 @@ num_stages) and prints ms, TFLOP/s and % of the measured torch matmul for each, 
 `_config` is a measured one. Each config's output is checked against the first config's (max |diff| of
 the log-sum-exp): a faster config must compute the same thing. The launch code repeats `_row_stats`
 (on purpose: the library's launchers take no tile arguments).
+--backward: the grad_z kernel recomputes a (BLOCK_M, BLOCK_V) logits tile and writes d logp / dz for one
+chunk of the vocabulary, as `_backward` launches it per chunk (GRAD_Z_CHUNK_BYTES of bf16 grad_z); it ships
+the forward's tiles by analogy, and they spill 184-312 B on sm_90. FLOPs: the recomputed matmul,
+2 x rows x chunk x H; % of a torch matmul of the same shape. Outputs are checked against the first config's.
 """
 
 from __future__ import annotations
@@ -64,6 +70,43 @@ def lse(hidden: torch.Tensor, weight: torch.Tensor, cfg: tuple, targets: torch.T
     return m * ll.LOG2E.value + torch.log2((torch.exp2((m_k - m) * ll.LOG2E.value) * s_k).sum(0))
 
 
+# the backward's grad_z kernel: the first is what `_config(one_head=True)` ships for it (the forward's tiles)
+BWD_CONFIGS = [
+    (128, 256, 64, 8, 3),
+    (64, 128, 32, 8, 3),
+    (128, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 256, 32, 8, 3),
+]
+
+
+def row_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(2, N) fp32 [max z, log2 sum 2^y]: what the library's forward saves for the backward (T = 1)."""
+    active = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    m, log2_s, _, _ = ll._row_stats(hidden, weight, None, active, targets, 1.0, False, torch.float32)
+    return torch.stack([m, log2_s])
+
+
+def grad_z(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+           grad_logp: torch.Tensor, chunk: int, cfg: tuple) -> torch.Tensor:  # fmt: skip
+    """(N, chunk) d logp / dz (times grad_logp) for vocabulary columns [0, chunk) (T = 1, no entropy, no bias)
+    through `_linear_logprobs_bwd` with tiles `cfg`, from the forward's `row_stats`."""
+    bm, bv, bh, warps, stages = cfg
+    N, H = hidden.shape
+    V = weight.shape[0]
+    active = torch.ones(N, dtype=torch.bool, device=hidden.device)
+    x = hidden.view(1, N, H)
+    gz = torch.empty((N, chunk), dtype=hidden.dtype, device=hidden.device)
+    ll._linear_logprobs_bwd[(triton.cdiv(N, bm), triton.cdiv(chunk, bv))](
+        x, weight, weight, active, targets, stats, stats, grad_logp, stats, gz, gz, N, V, N, H, *x.stride(),
+        *weight.stride(), 1.0, 0, chunk, gz.stride(0), HAS_BIAS=False, HAS_GRAD_LOGP=True, HAS_GRAD_ENT=False,
+        NEED_DB=False, ACC=tl.float32, DOT_DTYPE=ll._dot_dtype(hidden), BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=True,
+    )  # fmt: skip
+    return gz
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=8192)
@@ -71,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--out", default="tune_linear.json")
     ap.add_argument("--entropy", action="store_true", help="with targets and the entropy sum (the trainer's launch)")
+    ap.add_argument("--backward", action="store_true", help="the backward's grad_z kernel instead of the forward")
     ap.add_argument("--budget-s", type=float, default=60.0, help="stop starting configs after this many seconds")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -81,23 +125,32 @@ def main(argv: list[str] | None = None) -> int:
     M, H, V = args.rows, args.hidden, args.vocab
     hidden = torch.randn(M, H, device="cuda", generator=g).div_(H**0.5).bfloat16()
     weight = torch.randn(V, H, device="cuda", generator=g).bfloat16()
-    targets = torch.randint(0, V, (M,), device="cuda", generator=g) if args.entropy else None
-    flops = 2 * M * V * H
-    mm_ms = triton.testing.do_bench(lambda: hidden @ weight.T, warmup=50, rep=300, return_mode="median")
-    print(f"{torch.cuda.get_device_name()}: M x H x V = {M} x {H} x {V} bf16, targets + entropy {args.entropy}; "
-          f"torch matmul {mm_ms:.2f} ms = "
+    targets = torch.randint(0, V, (M,), device="cuda", generator=g) if args.entropy or args.backward else None
+    if args.backward:  # one chunk of grad_z, as the library sizes it; the forward's statistics computed once
+        chunk = ll._chunk_cols(M, V, 256, hidden.device, hidden.element_size())
+        grad_logp, stats = torch.randn(M, device="cuda", generator=g), row_stats(hidden, weight, targets)
+        configs, flops = BWD_CONFIGS, 2 * M * chunk * H
+        mm_ms = triton.testing.do_bench(lambda: hidden @ weight[:chunk].T, warmup=50, rep=300, return_mode="median")
+        run = lambda cfg: grad_z(hidden, weight, targets, stats, grad_logp, chunk, cfg)  # noqa: E731
+        what = f"grad_z of {chunk} columns"
+    else:
+        configs, flops = CONFIGS, 2 * M * V * H
+        mm_ms = triton.testing.do_bench(lambda: hidden @ weight.T, warmup=50, rep=300, return_mode="median")
+        run = lambda cfg: lse(hidden, weight, cfg, targets)  # noqa: E731
+        what = f"targets + entropy {args.entropy}"
+    print(f"{torch.cuda.get_device_name()}: M x H x V = {M} x {H} x {V} bf16, {what}; torch matmul {mm_ms:.2f} ms = "
           f"{flops / mm_ms / 1e9:.0f} TFLOP/s", flush=True)  # fmt: skip
-    base = lse(hidden, weight, CONFIGS[0], targets)
+    base = run(configs[0]).float()
     rows = []
     print("| BLOCK_M | BLOCK_V | BLOCK_H | warps | stages | ms | TFLOP/s | % matmul | max abs diff vs the first |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for cfg in CONFIGS:
+    for cfg in configs:
         if time.monotonic() > t_end:
             rows.append({"config": cfg, "status": "skipped: time budget"})
             continue
         try:
-            diff = (lse(hidden, weight, cfg, targets) - base).abs().max().item()
-            ms = triton.testing.do_bench(lambda: lse(hidden, weight, cfg, targets), warmup=25, rep=300, return_mode="median")
+            diff = (run(cfg).float() - base).abs().max().item()
+            ms = triton.testing.do_bench(lambda: run(cfg), warmup=25, rep=300, return_mode="median")
         except Exception as e:  # out of shared memory / registers: record and go on
             rows.append({"config": cfg, "status": f"{type(e).__name__}: {str(e)[:200]}"})
             print(f"| {' | '.join(map(str, cfg))} | - | - | - | {type(e).__name__} |", flush=True)
@@ -107,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                      "status": "ok"})  # fmt: skip
         print(f"| {' | '.join(map(str, cfg))} | {ms:.2f} | {tf:.0f} | {100 * mm_ms / ms:.1f} | {diff:.1e} |", flush=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "shape": {"M": M, "H": H, "V": V}, "entropy": args.entropy, "matmul_ms": mm_ms, "config_fields": "BLOCK_M, BLOCK_V, BLOCK_H, "
+            "shape": {"M": M, "H": H, "V": V}, "entropy": args.entropy, "backward": args.backward, "what": what,
+            "matmul_ms": mm_ms, "config_fields": "BLOCK_M, BLOCK_V, BLOCK_H, "
             "num_warps, num_stages", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)

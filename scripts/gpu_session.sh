@@ -7,8 +7,9 @@
 #   1 gpu_check.sh in a 290 s slot (kernel tests compiled on CUDA, the sweep, the issue-6 benchmarks) -> /tmp/gc
 #   2 tune_rows.py --budget-s 80: token_logprobs' and full_kl's forward tiles (10 each)    -> /tmp/gc/tune_rows.json
 #     gpu_math_probe.py: the GPU's exp2, division and fp32/bf16 tl.dot vs fp64 (~10 s) -> /tmp/gc/gpu_math_probe.json
+#     tune_linear.py --backward --budget-s 30: the fused-linear grad_z kernel's tiles  -> /tmp/gc/tune_linear_bwd.json
 #   3 gpu_pipeline.sh on a random model of .gpu/cfg135m (pipeline 180 s, bench_ppo_step 45 s) -> /tmp/pl
-#   OUT gets gpu_check.tgz and gpu_pipeline.tgz (the tool returns at most 8 files). About 450 s in all:
+#   OUT gets gpu_check.tgz and gpu_pipeline.tgz (the tool returns at most 8 files). About 490 s in all:
 #   run it with timeout_s=580, which leaves the rest of the 15 minutes for the start and one short rerun.
 # Every stage's time limit is the variable of gpu_check.sh / gpu_pipeline.sh of the same name (defaults: the
 # numbers above); PYTHON and FASTRLHF_GPU_CHECK_DRY pass through (a CPU wiring check: see gpu_check.sh).
@@ -34,6 +35,9 @@ timeout "${FASTRLHF_TUNE_ROWS_TIMEOUT:-120}" "$PY" benchmarks/tune_rows.py --out
 stamp "gpu_math_probe"  # ex2.approx / div.full / tl.dot against fp64, to calibrate tests/gpu_math.py (~10 s)
 timeout "${FASTRLHF_PROBE_TIMEOUT:-60}" "$PY" benchmarks/gpu_math_probe.py --out /tmp/gc/gpu_math_probe.json \
   2>&1 | tee /tmp/gc/gpu_math_probe.log
+stamp "tune_linear_bwd"  # the fused-linear backward's grad_z tiles (it ships the forward's, which spill) (~35 s)
+timeout "${FASTRLHF_TUNE_LINEAR_TIMEOUT:-60}" "$PY" benchmarks/tune_linear.py --backward --out /tmp/gc/tune_linear_bwd.json \
+  --budget-s "${FASTRLHF_TUNE_LINEAR_BUDGET:-30}" 2>&1 | tee /tmp/gc/tune_linear_bwd.log
 tar czf "$OUT/gpu_check.tgz" -C /tmp gc
 
 stamp "gpu_pipeline"

@@ -167,3 +167,21 @@ def test_time_budget_and_oom_rows(tmp_path, fake_cuda, monkeypatch):
     assert all(t["verdict"].startswith("n/a (skipped: time budget") for t in doc["targets"])
     md = (out / "linear.md").read_text()
     assert "oom: CUDA out of memory (simulated)" in md and "skipped: time budget" in md
+
+
+def test_tune_linear_backward_launch_matches_the_gradient():
+    """benchmarks/tune_linear.py --backward (GPU only) repeats `_backward`'s launch of the grad_z kernel with
+    its own tiles: on the interpreter, with small tiles, it must give d logp / dz = (onehot - softmax) * g of
+    eager fp64 (two row blocks, two vocabulary tiles, a partial chunk of the vocabulary, a partial H slice)."""
+    import torch
+    import tune_linear
+
+    g = torch.Generator().manual_seed(0)
+    N, H, V, chunk = 40, 40, 300, 200
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) / H**0.5
+    targets, grad_logp = torch.randint(0, V, (N,), generator=g), torch.randn(N, generator=g)
+    stats = tune_linear.row_stats(hidden, weight, targets)
+    gz = tune_linear.grad_z(hidden, weight, targets, stats, grad_logp, chunk, (32, 128, 16, 4, 1))
+    p = torch.softmax(hidden.double() @ weight.double().T, -1)
+    expected = (torch.nn.functional.one_hot(targets, V).double() - p) * grad_logp.double()[:, None]
+    torch.testing.assert_close(gz.double(), expected[:, :chunk], rtol=0, atol=1e-6)
