@@ -31,7 +31,8 @@ def test_top_level_kernels_is_the_installed_package(tmp_path):
 
 def test_top_level_kernels_without_an_installed_one_is_empty():
     # -S: no site-packages, so no installed `kernels` either
-    out = _python("import kernels; print(getattr(kernels, '__file__', None), list(kernels.__path__), dir(kernels))", "-S")
+    code = "import kernels; print(getattr(kernels, '__file__', None), list(kernels.__path__), dir(kernels))"
+    out = _python(code, "-S")
     assert out.startswith("None [] ") and "WHO" not in out and "token_logprobs" not in out
 
 

@@ -12,8 +12,8 @@ one device each (CUDA: NCCL; CPU: gloo); both take DDP or FSDP2 (`--parallel`).
   gradients and optimizer state per transformer layer (plus one root group) and all-gathers a layer for its
   forward, in bf16 by default on CUDA (`fsdp_param_dtype`; the shards stay fp32). PPO shards its frozen
   models the same way (`shard_frozen`: the reward model's trunk and an unquantized reference), their shards
-  stored in the gathers' dtype. The helpers here only move
-  statistics and per-row results (all_reduce, all_gather_object).
+  stored in the gathers' dtype. The helpers here only move statistics and per-row results (all_reduce,
+  all_gather_object) and wait at barriers (the pipeline's rank-0 steps).
 - Rank 0 alone writes files and shows progress bars. Checkpoints hold full (unsharded) trainable state
   keyed by parameter name, so a run saved on 2 processes resumes on 1, or on 4.
 

@@ -37,8 +37,9 @@ Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et 
 Under torchrun (DDP or FSDP2) each rank samples and evaluates every N-th prompt; the per-row results are
 gathered so the rewards, advantages and logs are the whole batch's, and each minibatch trains on the ranks
 that hold its rows (see `train_ppo`, trainer/dist.py); FSDP2 also shards the frozen reward-model trunk and an
-unquantized reference. Every pass of the policy and the critic is a call of the model itself (`rollout.forward_reply`: hooks read the head's input and output, and the frozen prefix's
-states), which is what lets FSDP2 gather a sharded model's parameters for it.
+unquantized reference. Every pass of the policy and the critic is a call of the model itself
+(`rollout.forward_reply`: hooks read the head's input and output, and the frozen prefix's states), which is
+what lets FSDP2 gather a sharded model's parameters for it.
 
 Sanity checked every step: the first minibatch of each rollout sees the policy that sampled it, so its
 ratio is 1 to float error (`logratio_dev_first` = max |log ratio|); a non-finite loss or gradient stops the run
