@@ -22,11 +22,14 @@
 #   6-8 write into a scratch folder, never into OUT_DIR; then a merge step bundles their JSONs, unchanged, into
 #   OUT_DIR/beyond.json ({"linear": linear.json, "gae": gae.json, "head_memory": head_memory.json, "missing":
 #   {name: why}}) and appends their markdown to summary.md under "## Beyond the logits (issue 6)".
-# Time: <= 8.5 min on one H100 (<= 3.5 min with --quick): the stages share a deadline of 490 s (200 s):
-# set-up ~20 s, the tests up to 130 s (55 s), the sweep up to 220 s (65 s) with its own --budget-s 25 s
-# under that, the issue-6 stages 120 s (60 s): linear 45 s (30 s), gae 15 s (12 s), head_memory 60 s (18 s),
-# up to 15 s more when the others finished early. Each stage is also capped on its own, and bench_linear
-# and bench_head_memory get internal time budgets under their caps.
+# Time: <= 8 min on one H100 (<= 3 min with --quick), by a deadline of 440 s (160 s) that every stage after
+# the script's start shares, the merge included, plus at most 20 s of a stage's grace to exit (timeout's
+# KILL 15 s after TERM, the merge's 5 s). Within it: set-up ~15 s; the tests up to 120 s (45 s); the sweep
+# what they leave, up to 210 s (60 s) and at least 170 s (50 s), its own --budget-s 25 s less; the issue-6
+# stages 120 s (35 s): linear 45 s (15 s), gae 15 s (8 s), head_memory 60 s (12 s), up to 15 s more when
+# the others finished early; the merge the last 15 s. Each stage is also capped on its own, and bench_linear
+# and bench_head_memory get internal time budgets under their caps. Run 1 on an H200
+# (benchmarks/results/2026-11-27-h200) took 253 s in a 290 s slot.
 # OUT_DIR gets exactly 8 flat files (the device tool returns at most 8, two folders deep, plain names):
 # gpu_check.log junit.xml sweep.csv sweep.json summary.md bandwidth_vs_vocab.png peak_memory_vs_rows.png
 # beyond.json. Every measured number is in them. The console gets the stage lines, the sweep's markdown, the
@@ -69,22 +72,22 @@ SHIM=${FASTRLHF_SHIM:-/tmp/fastrlhf_shim}
 # SWEEP_MIN_S whatever the tests take; the sweep's own --budget-s is its timeout minus ~25 s (start-up,
 # ceilings, writing files), bench_linear's its timeout minus 10 s.
 if [ "$QUICK" = 1 ]; then
-  TOTAL_S=${FASTRLHF_TOTAL_S:-200}
-  TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-55}
-  SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-70}
+  TOTAL_S=${FASTRLHF_TOTAL_S:-160}
+  TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-45}
+  SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-60}
   SWEEP_MIN_S=${FASTRLHF_SWEEP_MIN_S:-50}
-  LINEAR_S=${FASTRLHF_LINEAR_TIMEOUT:-30}
-  GAE_S=${FASTRLHF_GAE_TIMEOUT:-12}
-  HEAD_MEMORY_S=${FASTRLHF_HEAD_MEMORY_TIMEOUT:-18}
+  LINEAR_S=${FASTRLHF_LINEAR_TIMEOUT:-15}
+  GAE_S=${FASTRLHF_GAE_TIMEOUT:-8}
+  HEAD_MEMORY_S=${FASTRLHF_HEAD_MEMORY_TIMEOUT:-12}
   SWEEP_FLAGS=(--quick)
   LINEAR_FLAGS=(--quick)
   GAE_FLAGS=(--batches 64 --seqs 512 8192 --ref-max-t 512)
   HEAD_MEMORY_BUDGET_S=2  # per mode; --no-search as well where the script has it
 else
-  TOTAL_S=${FASTRLHF_TOTAL_S:-490}
-  TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-130}
-  SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-220}
-  SWEEP_MIN_S=${FASTRLHF_SWEEP_MIN_S:-180}
+  TOTAL_S=${FASTRLHF_TOTAL_S:-440}
+  TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-120}
+  SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-210}
+  SWEEP_MIN_S=${FASTRLHF_SWEEP_MIN_S:-170}
   LINEAR_S=${FASTRLHF_LINEAR_TIMEOUT:-45}
   GAE_S=${FASTRLHF_GAE_TIMEOUT:-15}
   HEAD_MEMORY_S=${FASTRLHF_HEAD_MEMORY_TIMEOUT:-60}
@@ -102,7 +105,8 @@ if [ "$DRY" = 1 ]; then  # CPU wiring only: tests/test_benchmarks_smoke.py and t
   LINEAR_FLAGS=(--smoke)
   GAE_FLAGS=()  # without CUDA it times the Python loop at B=8, T=512 only
 fi
-BEYOND_S=$((LINEAR_S + GAE_S + HEAD_MEMORY_S))
+MERGE_S=15  # the last seconds of the deadline, kept for the merge step
+BEYOND_S=$((LINEAR_S + GAE_S + HEAD_MEMORY_S + MERGE_S))
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg MPLCONFIGDIR=/tmp/fastrlhf_mpl HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONDONTWRITEBYTECODE=1
 
@@ -269,7 +273,7 @@ GAE_ARGS=(benchmarks/bench_gae.py --out "$SCRATCH/gae" ${GAE_FLAGS[@]+"${GAE_FLA
 beyond_stage gae "$GAE_LIMIT" run_gae
 
 HM=benchmarks/bench_head_memory.py
-HEAD_MEMORY_LIMIT=$(min $((HEAD_MEMORY_S + 15)) "$(left_s)")  # the last stage: what the others left, a little more
+HEAD_MEMORY_LIMIT=$(min $((HEAD_MEMORY_S + 15)) $(($(left_s) - MERGE_S)))  # the last stage: what the others left
 if [ ! -f "$HM" ]; then
   log "stage head_memory: skipped: $HM does not exist (yet)"
   STAGES+=("head_memory skipped: $HM does not exist")
@@ -291,7 +295,7 @@ fi
 
 # merge: OUT_DIR/beyond.json (the three JSONs, unchanged) and the markdown appended to summary.md
 t0=$(date +%s)
-timeout -k 5 30 "$PY" - "$SCRATCH" "$OUT" ${BEYOND_NOTES[@]+"${BEYOND_NOTES[@]}"} >>"$LOG" 2>&1 <<'PYEOF'
+timeout -k 5 "$MERGE_S" "$PY" - "$SCRATCH" "$OUT" ${BEYOND_NOTES[@]+"${BEYOND_NOTES[@]}"} >>"$LOG" 2>&1 <<'PYEOF'
 import json, sys
 from pathlib import Path
 

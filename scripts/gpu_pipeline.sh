@@ -18,7 +18,8 @@
 #
 # Environment: PYTHON (default python3), FASTRLHF_PIPELINE_TIMEOUT (s, default 240),
 # FASTRLHF_PPO_STEP_TIMEOUT (s, default 90; 0 skips bench_ppo_step), FASTRLHF_PIPELINE_ARGS (extra
-# `fastrlhf pipeline` flags, default none: the default settings, int8 reference included).
+# `fastrlhf pipeline` flags, default none: the default settings, int8 reference included),
+# FASTRLHF_PPO_STEP_ARGS (extra bench_ppo_step.py flags, default none).
 set -u
 [ $# = 2 ] || { echo "usage: bash scripts/gpu_pipeline.sh CFG_DIR OUT_DIR" >&2; exit 2; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,9 +64,10 @@ grep -E "pipeline finished|Error" "$OUT/pipeline.log" | tail -n 3
 "$PY" -c 'import json, sys; print("timings (s):", json.load(open(sys.argv[1]))["timings"])' "$OUT/pipeline/metrics.json" 2>/dev/null
 
 if [ "${FASTRLHF_PPO_STEP_TIMEOUT:-90}" != 0 ]; then
-  log "bench_ppo_step: kernels vs eager on the same random model (timeout ${FASTRLHF_PPO_STEP_TIMEOUT:-90}s)"
+  log "bench_ppo_step ${FASTRLHF_PPO_STEP_ARGS:-}: kernels vs eager on the same random model (timeout ${FASTRLHF_PPO_STEP_TIMEOUT:-90}s)"
+  # shellcheck disable=SC2086  # FASTRLHF_PPO_STEP_ARGS is a list of flags
   timeout -k 10 "${FASTRLHF_PPO_STEP_TIMEOUT:-90}" "$PY" benchmarks/bench_ppo_step.py --model "$WORK/model" \
-    --out "$OUT/ppo_step" --work-dir "$WORK/ppo_step_work" >"$OUT/ppo_step.log" 2>&1 || RC=$?
+    --out "$OUT/ppo_step" --work-dir "$WORK/ppo_step_work" ${FASTRLHF_PPO_STEP_ARGS:-} >"$OUT/ppo_step.log" 2>&1 || RC=$?
   tail -n 25 "$OUT/ppo_step.log"
 fi
 exit "$RC"

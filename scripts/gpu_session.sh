@@ -12,7 +12,10 @@
 #   OUT gets gpu_check.tgz and gpu_pipeline.tgz (the tool returns at most 8 files). About 490 s in all:
 #   run it with timeout_s=580, which leaves the rest of the 15 minutes for the start and one short rerun.
 # Every stage's time limit is the variable of gpu_check.sh / gpu_pipeline.sh of the same name (defaults: the
-# numbers above); PYTHON and FASTRLHF_GPU_CHECK_DRY pass through (a CPU wiring check: see gpu_check.sh).
+# numbers above); PYTHON and FASTRLHF_GPU_CHECK_DRY pass through. FASTRLHF_GPU_CHECK_DRY=1 is a CPU wiring
+# check (~2.5 min on 2 cores): gpu_check.sh's dry run, the two GPU-only tuners refusing, the probe on the
+# interpreter, and the pipeline and bench_ppo_step end to end on tiny settings (40 prompts x 4 samples, one
+# PPO step; one 4-prompt step) where the GPU runs the defaults.
 set -u
 [ $# = 1 ] || { echo "usage: bash scripts/gpu_session.sh OUT" >&2; exit 2; }
 OUT=$1
@@ -41,6 +44,10 @@ timeout "${FASTRLHF_TUNE_LINEAR_TIMEOUT:-60}" "$PY" benchmarks/tune_linear.py --
 tar czf "$OUT/gpu_check.tgz" -C /tmp gc
 
 stamp "gpu_pipeline"
+if [ "${FASTRLHF_GPU_CHECK_DRY:-0}" = 1 ]; then  # on a CPU the defaults would run past their time limits
+  export FASTRLHF_PIPELINE_ARGS=${FASTRLHF_PIPELINE_ARGS:---limit 40 --samples-per-prompt 4 --ppo-steps 1 --ppo-batch-prompts 4 --ppo-minibatch-size 2 --rm-epochs 1 --eval-samples-per-prompt 1}
+  export FASTRLHF_PPO_STEP_ARGS=${FASTRLHF_PPO_STEP_ARGS:---steps 1 --batch-prompts 4 --minibatch-size 2 --ppo-epochs 1 --max-new-tokens 8}
+fi
 FASTRLHF_PIPELINE_TIMEOUT=${FASTRLHF_PIPELINE_TIMEOUT:-180} FASTRLHF_PPO_STEP_TIMEOUT=${FASTRLHF_PPO_STEP_TIMEOUT:-45} \
   bash scripts/gpu_pipeline.sh .gpu/cfg135m /tmp/pl
 tar czf "$OUT/gpu_pipeline.tgz" -C /tmp pl
