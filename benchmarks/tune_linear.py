@@ -1,5 +1,6 @@
-"""Tile sweep of the fused linear log-probs kernels (`kernels/linear_logprobs.py`) on a GPU: the forward
-(`_linear_lse_fwd`) or, with --backward, the backward's grad_z kernel (`_linear_logprobs_bwd`).
+"""Tile sweep of the fused linear log-probs kernels on a GPU: the forward (`_linear_lse_fwd` in
+`kernels/_linear.py`) or, with --backward, the backward's grad_z kernel (`_linear_logprobs_bwd` in
+`kernels/linear_logprobs.py`).
 
     python benchmarks/tune_linear.py [--rows 8192] [--hidden 4096] [--vocab 151936] [--out tune_linear.json]
     python benchmarks/tune_linear.py --backward [--budget-s 30]   # grad_z of one vocabulary chunk
@@ -8,8 +9,8 @@ Why: on an H200 the shipped tiles (BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, 8 warps,
 21% of a bf16 matmul of the same shape (2MVH FLOPs), 2.9x slower than matmul + token_logprobs. This launches
 the same kernel, with the same vocabulary split rule, under several (BLOCK_M, BLOCK_V, BLOCK_H, num_warps,
 num_stages) and prints ms, TFLOP/s and % of the measured torch matmul for each, so the next change to
-`_config` is a measured one. Each config's output is checked against the first config's (max |diff| of
-the log-sum-exp): a faster config must compute the same thing. The launch code repeats `_row_stats`
+`launch_config` is a measured one. Each config's output is checked against the first config's (max |diff| of
+the log-sum-exp): a faster config must compute the same thing. The launch code repeats `row_stats`
 (on purpose: the library's launchers take no tile arguments).
 --backward: the grad_z kernel recomputes a (BLOCK_M, BLOCK_V) logits tile and writes d logp / dz for one
 chunk of the vocabulary, as `_backward` launches it per chunk (GRAD_Z_CHUNK_BYTES of bf16 grad_z); it ships
@@ -29,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels import _linear as lin
 from fastrlhf.kernels._common import vocab_splits
 
 ll = importlib.import_module("fastrlhf.kernels.linear_logprobs")  # the module: the package exports the function
@@ -59,18 +61,18 @@ def lse(hidden: torch.Tensor, weight: torch.Tensor, cfg: tuple, targets: torch.T
     x = hidden.view(1, N, H)
     active = torch.ones(N, dtype=torch.bool, device=hidden.device)
     part = torch.empty((4, grid[1], N), dtype=torch.float32, device=hidden.device)
-    ll._linear_lse_fwd[grid](
+    lin._linear_lse_fwd[grid](
         x, weight, weight, active, active if targets is None else targets, part, N, V, N, H, *x.stride(),
         *weight.stride(), 1.0, cols_per_split, HAS_BIAS=False, HAS_TARGETS=targets is not None,
-        COMPUTE_ENTROPY=targets is not None, ACC=tl.float32, DOT_DTYPE=ll._dot_dtype(hidden),
+        COMPUTE_ENTROPY=targets is not None, ACC=tl.float32, DOT_DTYPE=lin.dot_dtype(hidden),
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )  # fmt: skip
     m_k, s_k = part[0], part[1]
     m = torch.where(s_k > 0, m_k, -float("inf")).amax(0)
-    return m * ll.LOG2E.value + torch.log2((torch.exp2((m_k - m) * ll.LOG2E.value) * s_k).sum(0))
+    return m * lin.LOG2E.value + torch.log2((torch.exp2((m_k - m) * lin.LOG2E.value) * s_k).sum(0))
 
 
-# the backward's grad_z kernel: the first is what `_config(one_head=True)` ships for it (the forward's tiles)
+# the backward's grad_z kernel: the first is what `launch_config(one_head=True)` ships for it (the forward's tiles)
 BWD_CONFIGS = [
     (128, 256, 64, 8, 3),
     (64, 128, 32, 8, 3),
@@ -84,7 +86,7 @@ BWD_CONFIGS = [
 def row_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(2, N) fp32 [max z, log2 sum 2^y]: what the library's forward saves for the backward (T = 1)."""
     active = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    m, log2_s, _, _ = ll._row_stats(hidden, weight, None, active, targets, 1.0, False, torch.float32)
+    m, log2_s, _, _ = lin.row_stats(hidden, weight, None, active, targets, 1.0, False, torch.float32)
     return torch.stack([m, log2_s])
 
 
@@ -101,7 +103,7 @@ def grad_z(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, st
     ll._linear_logprobs_bwd[(triton.cdiv(N, bm), triton.cdiv(chunk, bv))](
         x, weight, weight, active, targets, stats, stats, grad_logp, stats, gz, gz, N, V, N, H, *x.stride(),
         *weight.stride(), 1.0, 0, chunk, gz.stride(0), HAS_BIAS=False, HAS_GRAD_LOGP=True, HAS_GRAD_ENT=False,
-        NEED_DB=False, ACC=tl.float32, DOT_DTYPE=ll._dot_dtype(hidden), BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh,
+        NEED_DB=False, ACC=tl.float32, DOT_DTYPE=lin.dot_dtype(hidden), BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh,
         num_warps=warps, num_stages=stages, enable_fp_fusion=True,
     )  # fmt: skip
     return gz
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     weight = torch.randn(V, H, device="cuda", generator=g).bfloat16()
     targets = torch.randint(0, V, (M,), device="cuda", generator=g) if args.entropy or args.backward else None
     if args.backward:  # one chunk of grad_z, as the library sizes it; the forward's statistics computed once
-        chunk = ll._chunk_cols(M, V, 256, hidden.device, hidden.element_size())
+        chunk = lin.chunk_cols(M, V, 256, hidden.device, hidden.element_size())
         grad_logp, stats = torch.randn(M, device="cuda", generator=g), row_stats(hidden, weight, targets)
         configs, flops = BWD_CONFIGS, 2 * M * chunk * H
         mm_ms = triton.testing.do_bench(lambda: hidden @ weight[:chunk].T, warmup=50, rep=300, return_mode="median")

@@ -14,7 +14,8 @@ else:
     from .full_kl import full_kl, full_kl_ref
     from .gae import gae, gae_ref
     from .kl_estimate import kl_estimate, kl_estimate_ref
-    from .linear_logprobs import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref
+    from .linear_full_kl import linear_full_kl, linear_full_kl_ref
+    from .linear_logprobs import linear_logprobs, linear_logprobs_ref
     from .pairwise_loss import pairwise_loss, pairwise_loss_ref
     from .ppo_head import PPOHeadOutput, ppo_head, ppo_head_ref
     from .reward_head import (

@@ -13,9 +13,9 @@ How (nothing is hand-written per kernel; the configurations are captured from re
   2. Each public kernel function runs on small CPU tensors inside a TorchFunctionMode that makes every
      tensor report `device == cuda:0` / `is_cuda` (factory calls on cuda are redirected to the CPU, and
      `_common._SM_COUNT` says 132 SMs, an H100 SXM / H200). So the launchers take their CUDA branches:
-     `row_blocks`' 4096-element tiles, `vocab_splits`, gae's and reward_head's CUDA blocks, the
-     linear_logprobs `_config`/`_dot_dtype` for CUDA. Backward passes run too (autograd does not carry
-     the mode into `Function.backward`, so `BackwardCFunction.apply` re-enters it).
+     `row_blocks`' 4096-element tiles, `vocab_splits`, gae's and reward_head's CUDA blocks, the fused-linear
+     `launch_config`/`dot_dtype` (kernels/_linear.py) for CUDA. Backward passes run too (autograd does not
+     carry the mode into `Function.backward`, so `BackwardCFunction.apply` re-enters it).
      Inputs: bf16 and fp32, realistic sizes (SmolLM2: vocab 49,152, hidden 576; a small vocab for the
      multi-row tiles), and every constexpr flag combination the public API can reach (see SCENARIOS).
   3. Every deduplicated launch goes through Triton's front end (AST -> TTIR: where the compiler rejects
@@ -59,7 +59,7 @@ import triton  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 MODULES = ("token_logprobs", "full_kl", "kl_estimate", "pairwise_loss", "reward_head", "gae", "ppo_head",
-           "linear_logprobs")  # fmt: skip
+           "linear_logprobs", "linear_full_kl")  # fmt: skip
 SM_COUNT = 132  # H100 SXM and H200
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -320,30 +320,43 @@ def scenario_ppo_head():
             ppo_head(x, tgt, old, adv)  # forward with grad, no reference
 
 
-def scenario_linear_logprobs():
-    from fastrlhf.kernels.linear_logprobs import linear_full_kl, linear_logprobs
-
+def _linear_heads():
+    """(hidden, weight, bias or None, trainable tensors or None) of an LM head at SmolLM2's shapes, bf16 and
+    fp32, with and without a bias: first frozen (no-grad forwards), then hidden + weight (+ bias) trainable
+    (full fine-tuning), then hidden only (a frozen LM head)."""
     for dt in DTYPES:
         hidden = _e(4, 64, HIDDEN, dtype=dt)
         weight = _e(LM_VOCAB, HIDDEN, dtype=dt)
-        tgt = _ids(4, 64, high=LM_VOCAB)
         for has_bias in (False, True):
             bias = _e(LM_VOCAB, dtype=dt) if has_bias else None
-            with torch.no_grad():
-                for ent in (False, True):
-                    linear_logprobs(hidden, weight, tgt, bias=bias, return_entropy=ent)
-                linear_full_kl(hidden, weight, hidden, weight, bias=bias, ref_bias=bias)
-            # gradients: hidden + weight (+ bias) (full fine-tuning) and hidden only (frozen LM head)
+            yield hidden, weight, bias, None
             for trainable in ("all", "hidden"):
                 h = hidden.detach().requires_grad_()
                 w = weight.detach().requires_grad_(trainable == "all")
                 b = None if bias is None else bias.detach().requires_grad_(trainable == "all")
-                params = [t for t in (h, w, b) if t is not None and t.requires_grad]
-                for ent in (False, True):  # HAS_GRAD_ENT == return_entropy (autograd passes zeros)
-                    out = linear_logprobs(h, w, tgt, bias=b, return_entropy=ent)
-                    torch.autograd.grad((out[0] if ent else out).sum(), params)
-                kl = linear_full_kl(h, w, hidden, weight, bias=b, ref_bias=bias)
-                torch.autograd.grad(kl.sum(), params)
+                yield h, w, b, [t for t in (h, w, b) if t is not None and t.requires_grad]
+
+
+def scenario_linear_logprobs():
+    from fastrlhf.kernels import linear_logprobs
+
+    tgt = _ids(4, 64, high=LM_VOCAB)
+    for h, w, b, params in _linear_heads():
+        for ent in (False, True):  # with grad: HAS_GRAD_ENT == return_entropy (autograd passes zeros)
+            with torch.set_grad_enabled(params is not None):
+                out = linear_logprobs(h, w, tgt, bias=b, return_entropy=ent)
+            if params is not None:
+                torch.autograd.grad((out[0] if ent else out).sum(), params)
+
+
+def scenario_linear_full_kl():
+    from fastrlhf.kernels import linear_full_kl
+
+    for h, w, b, params in _linear_heads():  # the reference: the frozen head itself
+        with torch.set_grad_enabled(params is not None):
+            kl = linear_full_kl(h, w, h.detach(), w.detach(), bias=b, ref_bias=None if b is None else b.detach())
+        if params is not None:
+            torch.autograd.grad(kl.sum(), params)
 
 
 SCENARIOS = {name: globals()[f"scenario_{name}"] for name in MODULES}
@@ -387,7 +400,10 @@ def _launches(rec) -> list[dict]:
         names = r["fn"].arg_names
         consts = {names[p[0]]: v for p, v in r["constexprs"].items()}
         ptrs = {n: t for n, t in r["signature"].items() if isinstance(t, str) and t.startswith("*")}
-        launches.append(dict(r, module=module.rsplit(".", 1)[-1], kernel=kernel, consts=consts, ptrs=ptrs,
+        module = module.rsplit(".", 1)[-1]
+        if module.startswith("_") and r["scenario"]:  # a shared module's kernel (kernels/_linear.py): the op's
+            module = r["scenario"]  # whose scenario launched it
+        launches.append(dict(r, module=module, kernel=kernel, consts=consts, ptrs=ptrs,
                              num_warps=r["options"].num_warps, num_stages=r["options"].num_stages))  # fmt: skip
     return launches
 
@@ -641,7 +657,7 @@ def compile_all(launches, target, jobs=1) -> list[dict]:
     """Check each launch (cubins first, heaviest kernels first); `jobs` > 1 forks that many workers."""
     global _LAUNCHES
     order = sorted(range(len(launches)), key=lambda i: (not launches[i]["cubin"],
-                                                       launches[i]["module"] != "linear_logprobs"))  # fmt: skip
+                                                       launches[i]["module"] not in ("linear_logprobs", "linear_full_kl")))  # fmt: skip
     _LAUNCHES = launches
     import multiprocessing as mp
 

@@ -13,7 +13,7 @@ tl.dot with models of the hardware:
   takes numpy's matmul (whatever order the BLAS picks) and then adds the accumulator. Modelled exactly, up to a
   rare double rounding (each step's exact sum is rounded to fp64, then to fp32). OpenBLAS's small-tile kernels
   chain FMAs over k too (on this project's tiles the two agree), but the model does not depend on a BLAS.
-  Under the interpreter bf16 operands run as fp32 (linear_logprobs._dot_dtype): there the chain stands in for
+  Under the interpreter bf16 operands run as fp32 (_linear.dot_dtype): there the chain stands in for
   the tensor cores' fp32 accumulation.
 Each error is a fixed pseudo-random function of the operands (the hardware's are deterministic too: identical
 inputs still give identical outputs); FASTRLHF_GPU_MATH_SEED picks another function. tl.log / tl.log2 (libdevice

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from contract import assert_contract, max_err
 
 from fastrlhf.kernels import full_kl, token_logprobs, use_triton
-from fastrlhf.kernels.linear_logprobs import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref
+from fastrlhf.kernels import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
 H, V = 72, 1003  # H: two H blocks on CPU, the last partial; V = 1000 + 3: several vocab tiles and ranges
@@ -252,9 +252,8 @@ def test_kernel_path_is_triton_not_reference(monkeypatch, device):
     def boom(*a, **k):
         raise AssertionError("reference path taken")
 
-    module = importlib.import_module("fastrlhf.kernels.linear_logprobs")
-    monkeypatch.setattr(module, "linear_logprobs_ref", boom)
-    monkeypatch.setattr(module, "linear_full_kl_ref", boom)
+    monkeypatch.setattr(importlib.import_module("fastrlhf.kernels.linear_logprobs"), "linear_logprobs_ref", boom)
+    monkeypatch.setattr(importlib.import_module("fastrlhf.kernels.linear_full_kl"), "linear_full_kl_ref", boom)
     x, w = torch.randn(2, 16, device=device), torch.randn(40, 16, device=device)
     linear_logprobs(x, w, torch.tensor([1, 2], device=device))
     linear_full_kl(x, w, x, w)
@@ -262,7 +261,7 @@ def test_kernel_path_is_triton_not_reference(monkeypatch, device):
 
 def test_reference_chunks_agree_with_one_chunk(monkeypatch, gen, device):
     """The *_ref twins' row chunking (and recompute-in-backward) changes no number beyond rounding."""
-    module = importlib.import_module("fastrlhf.kernels.linear_logprobs")
+    module = importlib.import_module("fastrlhf.kernels._linear")  # both twins chunk through its by_chunks
     x = torch.randn(5, 7, 24, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     w, b = (t.detach().double().requires_grad_() for t in head(gen, 50, 24, torch.float32, device))
     t = torch.randint(0, 50, (5, 7), generator=gen).to(device)
