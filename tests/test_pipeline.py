@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
 import pytest
 
+import fastrlhf.kernels._common as kernels_common
 from fastrlhf.trainer import rubric
 from fastrlhf.trainer.cli import main as cli_main
 from fastrlhf.trainer.data import load_pairs, prompt_key
@@ -25,8 +27,31 @@ def _shorter_is_better(record, response: str) -> float:
     return -0.1 * len(response.split())
 
 
+class _NvtxRecorder:
+    """Stands in for the `nvtx` package: records each range's (domain, name)."""
+
+    def __init__(self):
+        self.ranges = []
+
+    def annotate(self, name, domain):
+        self.ranges.append((domain, name))
+        return contextlib.nullcontext()
+
+
+# the trainer phases' NVTX ranges (README, "Profiling") that one pipeline run opens
+PHASE_RANGES = {
+    "pipeline/model_setup", "pipeline/generate", "pipeline/annotate", "pipeline/reward_model", "pipeline/ppo",
+    "pipeline/evaluate", "generate-pairs/sample", "train-rm/prefix_cache", "train-rm/forward", "train-rm/backward",
+    "train-rm/optimizer", "train-rm/validation", "train-rm/normalise", "train-rm/eval_val", "train-rm/eval_test",
+    "ppo/generation", "ppo/scoring", "ppo/policy_eval", "ppo/reference", "ppo/rewards", "ppo/update",
+    "eval-policy/sample", "eval-policy/kl", "eval-policy/rm_scores", "eval-policy/judge",
+}  # fmt: skip
+
+
 def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(rubric.RUBRICS, "shorter", _shorter_is_better)
+    nvtx = _NvtxRecorder()
+    monkeypatch.setattr(kernels_common, "_nvtx", nvtx)
     model = tiny_model_path(tmp_path)
     out = tmp_path / "run"
     cli_main([
@@ -37,6 +62,8 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     ])  # fmt: skip
     printed = capsys.readouterr().out
     assert "report:" in printed
+    assert {domain for domain, _ in nvtx.ranges} == {"fastrlhf"}
+    assert PHASE_RANGES <= {name for _, name in nvtx.ranges}, sorted(PHASE_RANGES - {name for _, name in nvtx.ranges})
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"] == {"train": 20, "val": 10, "test": 10}

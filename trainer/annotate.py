@@ -268,6 +268,7 @@ def generate_pairs(
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
     # imported here, not at the top: transformers takes ~10 s to import and annotate() does not need it
+    from ..kernels._common import nvtx_range
     from . import models
 
     records = list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompts(prompts)
@@ -279,10 +280,11 @@ def generate_pairs(
     t0 = time.perf_counter()
     tokenizer = models.load_tokenizer(path, padding_side="left")
     model = models.load_causal_lm(path, device=device, tokenizer=tokenizer)
-    replies, n_unfinished = _sample_responses(
-        model, tokenizer, records, samples_per_prompt=samples_per_prompt, temperature=temperature,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
-    )  # fmt: skip
+    with nvtx_range("generate-pairs/sample"):
+        replies, n_unfinished = _sample_responses(
+            model, tokenizer, records, samples_per_prompt=samples_per_prompt, temperature=temperature,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
+        )  # fmt: skip
     meta = {"model": path, "temperature": temperature, "seed": seed,
             "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens}  # fmt: skip
     rows, seen, n_empty, n_duplicate, n_without_pair = [], set(), 0, 0, 0

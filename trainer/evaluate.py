@@ -47,6 +47,7 @@ from fastrlhf.kernels import (
     token_logprobs,
     token_logprobs_ref,
 )
+from fastrlhf.kernels._common import nvtx_range
 
 from . import rubric as rubric_lib
 from .data import PromptRecord, encode_prompt
@@ -382,12 +383,14 @@ def evaluate_policy(
     log.info("evaluate: sampling %d x %d replies from policy and reference", len(records), samples_per_prompt)
     policy_lm = load_causal_lm(policy, device=dev, tokenizer=tokenizer)
     reference_lm = load_causal_lm(reference, device=dev, tokenizer=tokenizer)
-    policy_rollouts = _sample_replies(policy_lm, tokenizer, prompt_ids, seed=seed, desc="sample policy", **settings)
-    reference_rollouts = _sample_replies(reference_lm, tokenizer, prompt_ids, seed=ref_seed, desc="sample reference",
-                                         **settings)  # fmt: skip
+    with nvtx_range("eval-policy/sample"):
+        policy_rollouts = _sample_replies(policy_lm, tokenizer, prompt_ids, seed=seed, desc="sample policy", **settings)
+        reference_rollouts = _sample_replies(reference_lm, tokenizer, prompt_ids, seed=ref_seed,
+                                             desc="sample reference", **settings)  # fmt: skip
     log.info("evaluate: KL(policy || reference) on the policy's replies")
-    kl = _kl_per_reply(policy_lm, reference_lm, policy_rollouts, temperature=temperature, use_kernels=use_kernels,
-                       device=dev)  # fmt: skip
+    with nvtx_range("eval-policy/kl"):
+        kl = _kl_per_reply(policy_lm, reference_lm, policy_rollouts, temperature=temperature,
+                           use_kernels=use_kernels, device=dev)  # fmt: skip
     del policy_lm, reference_lm
 
     rm_pol = rm_ref = None
@@ -399,14 +402,16 @@ def evaluate_policy(
         if getattr(rm.config, "reward_gain", None) is None:
             log.warning("evaluate: %s has no reward_gain / reward_bias (not from `fastrlhf train-rm`?): "
                         "RM scores are raw", reward_model)  # fmt: skip
-        rm_pol = _rm_scores(rm, policy_rollouts, use_kernels=use_kernels, device=dev)
-        rm_ref = _rm_scores(rm, reference_rollouts, use_kernels=use_kernels, device=dev)
+        with nvtx_range("eval-policy/rm_scores"):
+            rm_pol = _rm_scores(rm, policy_rollouts, use_kernels=use_kernels, device=dev)
+            rm_ref = _rm_scores(rm, reference_rollouts, use_kernels=use_kernels, device=dev)
         del rm
 
     log.info("evaluate: judging %d pairs with rubric %r", len(kl["tokens"]), rubric)
     pol, ref = _reply_facts(policy_rollouts, tokenizer), _reply_facts(reference_rollouts, tokenizer)
     assert pol["prompt"] == ref["prompt"], "policy and reference replies must pair up prompt by prompt"
-    judged = _judge(records, pol["prompt"], pol["text"], ref["text"], scorer)
+    with nvtx_range("eval-policy/judge"):
+        judged = _judge(records, pol["prompt"], pol["text"], ref["text"], scorer)
     pairs = _pair_rows(records, pol, ref, judged, kl, rm_pol, rm_ref)
 
     verdicts = judged["verdict"]

@@ -18,6 +18,7 @@ node: every rank reads the files rank 0 wrote). A rank that fails ends the job (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels._common import nvtx_range
 from .annotate import annotate, build_preferences, generate_pairs
 from .config import PipelineConfig, PPOConfig, RewardConfig
 from .data import load_demo_prompts, load_pairs, load_prompts, prompt_key, split_by_prompt, write_jsonl
@@ -60,7 +62,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
     model_path = resolve_model_path(cfg.model)  # rank 0 converted and cached it in _step1
 
     # step 2: reward model
-    t = time.perf_counter()
     rm_cfg = RewardConfig(
         pairs=str(pair_files["train"]), val_pairs=str(pair_files["val"]), test_pairs=str(pair_files["test"]),
         out_dir=str(out / "step2_reward"), model=model_path, epochs=cfg.rm_epochs, lr=cfg.rm_lr,
@@ -68,15 +69,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
         kernels=cfg.kernels, seed=cfg.seed, device=cfg.device, parallel=cfg.parallel,
         fsdp_param_dtype=cfg.fsdp_param_dtype,
     )  # fmt: skip
-    rm = train_reward_model(rm_cfg)
-    barrier(world)  # rank 0 normalises and saves the reward model after the others have returned
-    timings["reward_model_s"] = time.perf_counter() - t
+    with _timed(timings, "reward_model"):
+        rm = train_reward_model(rm_cfg)
+        barrier(world)  # rank 0 normalises and saves the reward model after the others have returned
     reward_model = str(out / "step2_reward" / "model")
 
     # step 3: PPO, then the honest evaluation on the held-out test prompts
     ppo, evaluation = None, None
     if cfg.ppo:
-        t = time.perf_counter()
         ppo_cfg = PPOConfig(
             reward_model=reward_model, out_dir=str(out / "step3_ppo"), policy=model_path,
             prompts=str(out / "prompts" / "train.jsonl"), ref_quant=cfg.ref_quant, critic=cfg.critic,
@@ -86,19 +86,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
             kernels=cfg.kernels, fused_linear=cfg.fused_linear, seed=cfg.seed, device=cfg.device,
             parallel=cfg.parallel, fsdp_param_dtype=cfg.fsdp_param_dtype,
         )  # fmt: skip
-        ppo = train_ppo(ppo_cfg)
-        timings["ppo_s"] = time.perf_counter() - t
+        with _timed(timings, "ppo"):
+            ppo = train_ppo(ppo_cfg)
     if not world.main:  # rank 0 alone evaluates and reports
         return None
     if ppo is not None:
-        t = time.perf_counter()
-        evaluation = evaluate_policy(
-            ppo["policy"], model_path, reward_model, splits["test"], rubric=cfg.rubric,
-            samples_per_prompt=cfg.eval_samples_per_prompt, temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1, device=str(device),
-            use_kernels=cfg.kernels, out_dir=out / "eval",
-        )  # fmt: skip
-        timings["evaluate_s"] = time.perf_counter() - t
+        with _timed(timings, "evaluate"):
+            evaluation = evaluate_policy(
+                ppo["policy"], model_path, reward_model, splits["test"], rubric=cfg.rubric,
+                samples_per_prompt=cfg.eval_samples_per_prompt, temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
+                device=str(device), use_kernels=cfg.kernels, out_dir=out / "eval",
+            )  # fmt: skip
     timings["total_s"] = time.perf_counter() - t_all
 
     # report
@@ -130,6 +129,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
     return metrics
 
 
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str):
+    """timings[f"{name}_s"] = the block's wall time; the block runs inside the NVTX range f"pipeline/{name}"."""
+    t = time.perf_counter()
+    with nvtx_range(f"pipeline/{name}"):
+        yield
+    timings[f"{name}_s"] = time.perf_counter() - t
+
+
 def _step1(cfg: PipelineConfig, out: Path, step1: Path, pair_files: dict[str, Path], device: str) -> tuple:
     """Split the prompts, sample candidate pairs, annotate them, write each split's preference pairs to
     `pair_files` -> (splits, annotation summary, preference pairs, timings)."""
@@ -143,24 +151,22 @@ def _step1(cfg: PipelineConfig, out: Path, step1: Path, pair_files: dict[str, Pa
         write_jsonl(out / "prompts" / f"{name}.jsonl", part)
     log.info("prompts: %s", {k: len(v) for k, v in splits.items()})
 
-    t = time.perf_counter()
-    model_path = resolve_model_path(cfg.model)  # converts and caches the embedded model on first use
-    timings["model_setup_s"] = time.perf_counter() - t
+    with _timed(timings, "model_setup"):
+        model_path = resolve_model_path(cfg.model)  # converts and caches the embedded model on first use
 
     candidates = step1 / "candidates.jsonl"
-    t = time.perf_counter()
-    if candidates.exists():
-        log.info("step 1: reusing %s (delete it to sample again)", candidates)
-    else:
-        generate_pairs(
-            model_path, prompts, candidates, samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed, device=device,
-        )  # fmt: skip
-    timings["generate_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    summary = annotate(candidates, step1 / "annotations.jsonl", rubric=cfg.rubric)
-    n_prefs = build_preferences(candidates, step1 / "annotations.jsonl", step1 / "preferences.jsonl")
-    timings["annotate_s"] = time.perf_counter() - t
+    with _timed(timings, "generate"):
+        if candidates.exists():
+            log.info("step 1: reusing %s (delete it to sample again)", candidates)
+        else:
+            generate_pairs(
+                model_path, prompts, candidates, samples_per_prompt=cfg.samples_per_prompt,
+                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                seed=cfg.seed, device=device,
+            )  # fmt: skip
+    with _timed(timings, "annotate"):
+        summary = annotate(candidates, step1 / "annotations.jsonl", rubric=cfg.rubric)
+        n_prefs = build_preferences(candidates, step1 / "annotations.jsonl", step1 / "preferences.jsonl")
 
     if n_prefs == 0:
         raise RuntimeError(f"step 1 gave no preference pairs: all {summary.total} candidate pairs were ties or skips")

@@ -66,6 +66,7 @@ from tqdm.auto import tqdm
 from ..kernels import full_kl, full_kl_ref, gae, kl_estimate, kl_estimate_ref, last_token_rewards, last_token_rewards_ref
 from ..kernels import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref, ppo_head
 from ..kernels import token_logprobs, token_logprobs_ref
+from ..kernels._common import nvtx_range
 from . import rl
 from .config import PPOConfig
 from .data import encode_prompt, load_demo_prompts, load_prompts
@@ -91,12 +92,6 @@ log = logging.getLogger("fastrlhf")
 logging.getLogger("transformers.modeling_layers").addFilter(
     lambda record: "will not detect padding tokens" not in record.getMessage()
 )
-
-try:  # NVTX ranges for Nsight Systems around each phase; optional
-    import nvtx as _nvtx
-except ImportError:  # pragma: no cover
-    _nvtx = None
-
 
 class NonFiniteError(FloatingPointError):
     """A loss, gradient or rollout quantity became NaN/inf; the run stopped before the next optimizer step."""
@@ -143,9 +138,8 @@ class Phase:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        rng = _nvtx.annotate(f"ppo/{name}", domain="fastrlhf") if _nvtx else contextlib.nullcontext()
         t0 = time.perf_counter()
-        with rng:
+        with nvtx_range(f"ppo/{name}"):
             yield
         if self.device.type == "cuda":
             torch.cuda.synchronize()

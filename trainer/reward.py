@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastrlhf.kernels import reward_head_pairwise_loss, reward_head_pairwise_loss_ref
+from fastrlhf.kernels._common import nvtx_range
 
 from .config import EvalRewardConfig, RewardConfig
 from .data import PreferencePair, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
@@ -298,7 +299,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     tokenizer = load_tokenizer(model_path, padding_side="right")
     model = load_reward_model(model_path, device=device, tokenizer=tokenizer, seed=cfg.seed)
     model, n_frozen, peft_model = _freeze_and_adapt(model, cfg)
-    cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)  # every rank: all pairs
+    with nvtx_range("train-rm/prefix_cache"):
+        cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)  # every rank: all pairs
     sharded = world.size > 1 and cfg.parallel == "fsdp2"
     param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, device)
     module = wrap(PairModel(model, cfg.kernels, n_frozen), world, cfg.parallel, getattr(reward_trunk(model), "layers", ()),
@@ -356,12 +358,13 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             margin = None
             if cfg.use_margin:
                 margin = torch.tensor([chunk[i].margin or 0.0 for i in kept.tolist()], device=device)
-            with autocast(device):
+            with autocast(device), nvtx_range("train-rm/forward"):
                 res = module(batch, margin)
             loss = res.loss.sum() * scale
             if cfg.center_coef:
                 loss = loss + cfg.center_coef * (res.chosen_rewards + res.rejected_rewards).pow(2).sum() * scale
-            loss.backward()
+            with nvtx_range("train-rm/backward"):
+                loss.backward()
             if scale == 0.0:
                 continue
             rewards = torch.cat([res.chosen_rewards, res.rejected_rewards]).detach().double()  # (2B,)
@@ -374,10 +377,11 @@ def train_reward_model(cfg: RewardConfig) -> dict:
                 f"step {step}: non-finite reward-model loss ({loss_sum / max(n, 1)}), sum of squared rewards {r_sq}; "
                 "weights were not updated"
             )
-        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        with nvtx_range("train-rm/optimizer"):
+            grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         step += 1
 
         n = max(n, 1)
@@ -395,8 +399,9 @@ def train_reward_model(cfg: RewardConfig) -> dict:
 
         # rank 0 scores the val pairs on its full copy (DDP: the others wait in the next step's all-reduce)
         if val and world.main and not sharded and (step % eval_every == 0 or step == total_steps):
-            scores = score_pairs(model, tokenizer, val, batch_pairs=cfg.batch_pairs * 2, max_length=cfg.max_length,
-                                 device=device, use_kernels=cfg.kernels)  # fmt: skip
+            with nvtx_range("train-rm/validation"):
+                scores = score_pairs(model, tokenizer, val, batch_pairs=cfg.batch_pairs * 2,
+                                     max_length=cfg.max_length, device=device, use_kernels=cfg.kernels)  # fmt: skip
             metrics = pairwise_metrics(scores["chosen"], scores["rejected"], seed=cfg.seed)
             val_record = {"step": step, "split": "val", "loss": float(scores["loss"].mean())}
             val_record.update({k: metrics[k] for k in ("accuracy", "auc_roc", "ece", "brier")})
@@ -423,7 +428,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         return {"step": step, "total_steps": total_steps, "finished": True, "rank": world.rank}
 
     # normalise on the reference policy's responses, save, and evaluate on val and test
-    all_rewards = _training_rewards(model, tokenizer, train, cache, n_frozen, cfg, device)
+    with nvtx_range("train-rm/normalise"):
+        all_rewards = _training_rewards(model, tokenizer, train, cache, n_frozen, cfg, device)
     mean, std = float(all_rewards.mean()), float(all_rewards.std()) or 1.0
     if peft_model is not None:
         model = peft_model.merge_and_unload()  # plain weights: the saved folder needs no peft to load
@@ -436,7 +442,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             eval_cfg = EvalRewardConfig(model=str(out / "model"), pairs=str(out / "splits" / f"{name}.jsonl"),
                                         out_dir=str(out / "eval" / name), batch_pairs=cfg.batch_pairs * 2,
                                         max_length=cfg.max_length, seed=cfg.seed, device=cfg.device)  # fmt: skip
-            summary[name] = evaluate_reward_model(eval_cfg, model=model, tokenizer=tokenizer)
+            with nvtx_range(f"train-rm/eval_{name}"):
+                summary[name] = evaluate_reward_model(eval_cfg, model=model, tokenizer=tokenizer)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
