@@ -75,8 +75,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
 
-from fastrlhf.kernels import linear_full_kl, linear_logprobs, use_triton  # noqa: E402
-from fastrlhf.kernels.linear_logprobs import linear_full_kl_ref, linear_logprobs_ref  # noqa: E402
+from fastrlhf.kernels import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref  # noqa: E402
+from fastrlhf.kernels import use_triton  # noqa: E402
 
 FILES = ("linear.json", "linear.md")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
