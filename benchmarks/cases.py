@@ -21,6 +21,10 @@ during the forward). N rows, V vocabulary, b = bytes per logit, ids are int64 (8
     pairwise_loss       fwd: B*(b_c + b_r) + 4            bwd: B*(b_c + b_r) + 4 + B*(b_c + b_r)
     reward_head         fwd: S*T*8 (mask) + S*H*b (last rows) + H*b (weight) + 4
                         bwd: S*H*b (rows again, for dW) + S*T*H*b (dense hidden gradient) + H*b
+    ppo_head            fwd: N*V*b + N*(8 + 3*4) (ids; old log-probs, advantages, reference log-probs, fp32)
+                             + 6*4N (log-prob, entropy, ratio, surrogate, clip flag, k3 KL)
+                        bwd: N*V*b (re-read logits) + N*V*b (write gradient) + N*(8 + 5*4) (ids, the five
+                             differentiable outputs' upstream gradients)
 Liger's cross-entropy computes the gradient during the forward and stores it in the logits' buffer, so
 for it the fwd+bwd formula over-counts and "% of copy bandwidth" can exceed what its passes move.
 """
@@ -40,9 +44,12 @@ from fastrlhf import kernels as K
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROVIDERS = ("fastrlhf", "torch_ref", "eager", "selective", "compile", "liger")
-LOGITS_OPS = ("token_logprobs", "token_logprobs_entropy", "full_kl")
+LOGITS_OPS = ("token_logprobs", "token_logprobs_entropy", "full_kl")  # swept over vocabularies and rows
+HEAD_OPS = ("ppo_head",)  # on (B, T, V) logits too, measured at the headline shape only
+ROW_OPS = LOGITS_OPS + HEAD_OPS  # every op that streams a (B, T, V) logits tensor
 SMALL_OPS = ("kl_estimate", "pairwise_loss", "reward_head")
-OPS = LOGITS_OPS + SMALL_OPS
+OPS = ROW_OPS + SMALL_OPS
+CLIP_RANGE = 0.2  # ppo_head's clipped surrogate
 MODES = ("fwd", "fwd_bwd")
 TEMPERATURE = 0.7  # PPO divides every log-prob by the sampling temperature; 0.7 is the usual choice
 IGNORE_INDEX = -100
@@ -62,7 +69,7 @@ class Skip(Exception):
 
 @dataclass(frozen=True)
 class Case:
-    """One op x mode x dtype x shape. Logits ops: logits (rows // seq, seq, vocab). kl_estimate and
+    """One op x mode x dtype x shape. Logits ops (ROW_OPS): logits (rows // seq, seq, vocab). kl_estimate and
     pairwise_loss: (rows,) vectors (vocab = seq = 0). reward_head: hidden (rows, seq, vocab = H)."""
 
     op: str
@@ -83,7 +90,7 @@ class Case:
 
     @property
     def shape(self) -> str:
-        if self.op in LOGITS_OPS:
+        if self.op in ROW_OPS:
             return f"{self.rows // self.seq}x{self.seq}x{self.vocab}"
         if self.op == "reward_head":
             return f"{self.rows}x{self.seq}x{self.vocab}"
@@ -116,6 +123,9 @@ def min_bytes(case: Case) -> int:
         S, T, H = case.rows, case.seq, case.vocab
         fwd = S * T * ID_BYTES + S * H * b + H * b + OUT_BYTES
         return fwd + (S * H * b + S * T * H * b + H * b if bwd else 0)
+    if case.op == "ppo_head":
+        fwd = N * V * b + N * (ID_BYTES + 3 * OUT_BYTES) + 6 * N * OUT_BYTES
+        return fwd + (2 * N * V * b + N * (ID_BYTES + 5 * OUT_BYTES) if bwd else 0)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -125,6 +135,8 @@ def essential_bytes(case: Case) -> int:
     N, V, b = case.rows, case.vocab, case.elem
     if case.op in ("token_logprobs", "token_logprobs_entropy"):
         inputs, grads = N * V * b + N * ID_BYTES, N * V * b
+    elif case.op == "ppo_head":
+        inputs, grads = N * V * b + N * (ID_BYTES + 3 * OUT_BYTES), N * V * b
     elif case.op == "full_kl":
         inputs, grads = 2 * N * V * b, N * V * b
     elif case.op in ("kl_estimate", "pairwise_loss"):
@@ -176,13 +188,24 @@ def _make_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
             t.mul_(scale)
         return t.requires_grad_(grad)
 
-    if case.op in LOGITS_OPS:
+    if case.op in ROW_OPS:
         B, T, V = case.rows // case.seq, case.seq, case.vocab
         logits = randn(B, T, V, scale=2.0, grad=True)  # (B, T, V)
         if case.op == "full_kl":
             ref = randn(B, T, V, scale=0.1).add_(logits.detach())  # near-equal reference, frozen
             return Inputs({"logits": logits, "ref_logits": ref}, ("logits",))
         targets = torch.randint(0, V, (B, T), generator=g, device=device)  # (B, T) int64
+        if case.op == "ppo_head":  # the rollout's per-token constants, fp32 as the trainer keeps them
+            with torch.no_grad():  # the policy's own log-probs, one batch row at a time: (B, T)
+                logp = torch.stack([torch.log_softmax(row.float() / case.temperature, -1).gather(-1, t[:, None])[:, 0]
+                                    for row, t in zip(logits, targets)])  # fmt: skip
+
+            def noise(scale: float) -> torch.Tensor:  # (B, T) fp32
+                return torch.randn((B, T), generator=g, device=device).mul_(scale)
+
+            # old and reference log-probs 0.1 nats off: ratios near 1, a few outside the clip range
+            extra = {"old_logprobs": logp + noise(0.1), "advantages": noise(1.0), "ref_logprobs": logp + noise(0.1)}
+            return Inputs({"logits": logits, "targets": targets, **extra}, ("logits",))
         return Inputs({"logits": logits, "targets": targets}, ("logits",))
     if case.op == "kl_estimate":
         logp = randn(case.rows).abs_().neg_().requires_grad_(True)  # (N,) log-probs <= 0
@@ -237,6 +260,19 @@ def eager_full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: f
     return ((lp.exp() * (lp - lq)).sum(-1),)
 
 
+def eager_ppo_head(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   ref_logprobs: torch.Tensor, temperature: float) -> Outputs:  # fmt: skip
+    """The unfused PPO head: the log-softmax idiom (input dtype), then the clipped surrogate and k3 KL in
+    fp32 (the expressions of `trainer.rl.policy_loss`). -> log-prob, entropy, ratio, surrogate, k3 KL."""
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)  # (B, T, V) input dtype
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (B, T)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).float()
+    ratio = torch.exp(logp - old_logprobs)
+    pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - CLIP_RANGE, 1 + CLIP_RANGE))
+    d = logp - ref_logprobs
+    return logp, entropy, ratio, pg, torch.exp(-d) - 1 + d
+
+
 def eager_kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor) -> Outputs:
     """Textbook k3 = exp(-d) - 1 + d, d = logp - ref_logp."""
     d = logp - ref_logp
@@ -263,6 +299,8 @@ def _eager_fn(case: Case) -> Callable[..., Outputs]:
         return lambda logits, targets: eager_token_logprobs(logits, targets, T, ent)
     if case.op == "full_kl":
         return lambda logits, ref_logits: eager_full_kl(logits, ref_logits, T)
+    if case.op == "ppo_head":
+        return lambda logits, targets, old, adv, ref: eager_ppo_head(logits, targets, old, adv, ref, T)
     return {"kl_estimate": eager_kl_estimate, "pairwise_loss": eager_pairwise_loss, "reward_head": eager_reward_head}[
         case.op
     ]
@@ -275,12 +313,20 @@ def _fastrlhf_fn(case: Case, twin: str = "") -> Callable[..., Outputs]:
     logprobs, full_kl = getattr(K, "token_logprobs" + twin), getattr(K, "full_kl" + twin)
     kl_estimate, pairwise = getattr(K, "kl_estimate" + twin), getattr(K, "pairwise_loss" + twin)
     reward_head = getattr(K, "reward_head_pairwise_loss" + twin)
+    ppo_head = getattr(K, "ppo_head" + twin)
     if case.op == "token_logprobs":
         return lambda logits, targets: (logprobs(logits, targets, temperature=T),)
     if case.op == "token_logprobs_entropy":
         return lambda logits, targets: tuple(logprobs(logits, targets, temperature=T, return_entropy=True))
     if case.op == "full_kl":
         return lambda logits, ref_logits: (full_kl(logits, ref_logits, temperature=T),)
+    if case.op == "ppo_head":  # its five differentiable outputs (the clip flag is a by-product)
+
+        def head(logits, targets, old, adv, ref):
+            o = ppo_head(logits, targets, old, adv, ref_logprobs=ref, clip_range=CLIP_RANGE, temperature=T)
+            return o.logprobs, o.entropy, o.ratio, o.pg_loss, o.kl
+
+        return head
     if case.op == "kl_estimate":
         return lambda logp, ref_logp: (kl_estimate(logp, ref_logp, estimator="k3"),)
     if case.op == "pairwise_loss":
@@ -469,7 +515,7 @@ def reference_outputs(case: Case, inputs: Inputs) -> list[torch.Tensor]:
         _REF_CACHE.clear()
         ref, t = _ref_fn(case), inputs.detached()
         with torch.no_grad():
-            if case.op in LOGITS_OPS:  # (B, T, V): one (1, T, V) slice at a time
+            if case.op in ROW_OPS:  # (B, T, V) and (B, T): one batch row at a time
                 chunks = [ref(*(v[b : b + 1] for v in t.values())) for b in range(case.rows // case.seq)]
                 _REF_CACHE[key] = [torch.cat([c[k] for c in chunks]).float() for k in range(len(chunks[0]))]
             else:

@@ -75,7 +75,7 @@ def _logits_cases(op: str, dtype: str, shapes: Iterable[tuple[int, int]], seq: i
 COMPILE_AT = {
     "full": {("token_logprobs", "fwd"), ("token_logprobs", "fwd_bwd"), ("token_logprobs_entropy", "fwd_bwd"),
              ("full_kl", "fwd"), ("full_kl", "fwd_bwd"), ("kl_estimate", "fwd_bwd"), ("pairwise_loss", "fwd_bwd"),
-             ("reward_head", "fwd_bwd")},
+             ("reward_head", "fwd_bwd"), ("ppo_head", "fwd_bwd")},
     "quick": {("token_logprobs", "fwd"), ("token_logprobs", "fwd_bwd"), ("full_kl", "fwd_bwd")},
     "smoke": {(op, mode) for op in cases.OPS for mode in cases.MODES},  # (CUDA only; skipped on CPU)
 }  # fmt: skip
@@ -83,11 +83,12 @@ QUICK_SLOW_WHY = "quick grid: slow baselines run at the headline shape only"
 
 
 def _grid_cases(name: str, T: float) -> list[tuple[Case, int]]:
-    """(case, priority) for a grid. Priority 0 is the headline shape (the targets), then the small
-    ops, the vocabulary sweep, the rows sweep, fp32."""
+    """(case, priority) for a grid. Priority 0 is the headline shape (the targets), then the PPO head at
+    that shape and the small ops, the vocabulary sweep, the rows sweep, fp32."""
     head = SMOKE_HEADLINE if name == "smoke" else HEADLINE
     hshape = [(head["rows"], head["vocab"])]
     out = [(c, 0) for op in cases.LOGITS_OPS for c in _logits_cases(op, head["dtype"], hshape, head["seq"], T)]
+    out += [(c, 1) for op in cases.HEAD_OPS for c in _logits_cases(op, head["dtype"], hshape, head["seq"], T)]
     if name == "smoke":
         out += [
             (c, 4) for op in ("token_logprobs", "full_kl") for c in _logits_cases(op, "fp32", hshape, head["seq"], T)
@@ -133,7 +134,8 @@ def build_grid(name: str, temperature: float) -> list[Cell]:
             why = None
             if p == "compile":
                 at = (case.op, case.mode) in COMPILE_AT[name]
-                at = at and (priority == 0 or (case.op in cases.SMALL_OPS and case.shape == first_shape[case.op]))
+                at = at and (priority == 0 or (case.op in cases.SMALL_OPS + cases.HEAD_OPS
+                                               and case.shape == first_shape[case.op]))  # fmt: skip
                 why = (
                     None
                     if at
@@ -142,7 +144,8 @@ def build_grid(name: str, temperature: float) -> list[Cell]:
                 priority_p = priority + 10  # after every other cell: compilations must not crowd them out
             else:
                 priority_p = priority
-                if name == "quick" and priority > 0 and p in ("torch_ref", "selective"):
+                slow = p in ("torch_ref", "selective")
+                if name == "quick" and priority > 0 and case.op not in cases.HEAD_OPS and slow:
                     why = QUICK_SLOW_WHY
             cells.append(Cell(case, p, priority_p, why))
     return cells
@@ -174,7 +177,7 @@ def base_row(case: Case, provider: str) -> dict:
 
 
 def input_key(case: Case) -> tuple:
-    kind = "kl" if case.op == "full_kl" else "tok" if case.op in cases.LOGITS_OPS else case.op
+    kind = "kl" if case.op == "full_kl" else "tok" if case.op in cases.LOGITS_OPS else case.op  # ppo_head: its own
     return (kind, case.dtype, case.rows, case.vocab, case.seq)
 
 

@@ -93,6 +93,7 @@ logging.getLogger("transformers.modeling_layers").addFilter(
     lambda record: "will not detect padding tokens" not in record.getMessage()
 )
 
+
 class NonFiniteError(FloatingPointError):
     """A loss, gradient or rollout quantity became NaN/inf; the run stopped before the next optimizer step."""
 
