@@ -29,7 +29,8 @@
 # stages 120 s (35 s): linear 45 s (15 s), gae 15 s (8 s), head_memory 60 s (12 s), up to 15 s more when
 # the others finished early; the merge the last 15 s. Each stage is also capped on its own, and bench_linear
 # and bench_head_memory get internal time budgets under their caps. Run 1 on an H200
-# (benchmarks/results/2026-11-27-h200) took 253 s in a 290 s slot.
+# (benchmarks/results/2026-11-27-h200) took 253 s in a 290 s slot. The worst case, checked on CPU with a
+# stand-in python that hangs at every stage and ignores INT and TERM: 445 s (165 s with --quick).
 # OUT_DIR gets exactly 8 flat files (the device tool returns at most 8, two folders deep, plain names):
 # gpu_check.log junit.xml sweep.csv sweep.json summary.md bandwidth_vs_vocab.png peak_memory_vs_rows.png
 # beyond.json. Every measured number is in them. The console gets the stage lines, the sweep's markdown, the
