@@ -177,7 +177,7 @@ def base_row(case: Case, provider: str) -> dict:
 
 
 def input_key(case: Case) -> tuple:
-    kind = "kl" if case.op == "full_kl" else "tok" if case.op in cases.LOGITS_OPS else case.op  # ppo_head: its own
+    kind = "kl" if case.op == "full_kl" else "tok" if case.op in cases.LOGITS_OPS else case.op  # ppo_head: own inputs
     return (kind, case.dtype, case.rows, case.vocab, case.seq)
 
 
