@@ -115,7 +115,9 @@ def test_column_mapping(tmp_path, fmt):
 def test_column_mapping_rejects_unknown_field(tmp_path):
     path = write_rows(tmp_path, PAIR_ROWS, "jsonl")
     with pytest.raises(
-        ValueError, match=r"unknown field 'answer'.*\['prompt', 'chosen', 'rejected', 'margin'\]"
+        ValueError,
+        match=r"unknown field 'answer'.*"
+        r"\['prompt', 'chosen', 'rejected', 'margin', 'score_chosen', 'score_rejected'\]",
     ):
         load_pairs(path, columns={"answer": "x"})
 
@@ -196,6 +198,247 @@ def test_multi_turn_prompt_and_multi_message_response(tmp_path):
     assert [m["role"] for m in pair.prompt] == ["system", "user", "assistant", "user"]
     assert pair.prompt[0] == {"role": "system", "content": "Be brief."}  # only role and content are kept
     assert pair.chosen == "Lima.\n\nIt is on the coast."
+
+
+# ------------------------------------------------------- implicit prompts, Anthropic-HH, scores, messages
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def lines_of(message: str, path: Path) -> list[str]:
+    """The per-row lines of a DataError, without the '<path>: ' each starts with."""
+    return [line.removeprefix(f"  {path}: ") for line in message.splitlines()[1:]]
+
+
+IMPLICIT_ROWS = [
+    {  # a system turn belongs to the prompt
+        "chosen": [msg("system", "Be brief."), msg("user", "Capital of Peru?"), msg("assistant", "Lima.")],
+        "rejected": [msg("system", "Be brief."), msg("user", "Capital of Peru?"), msg("assistant", "Cusco.")],
+        "id": 1,
+    },
+    {  # earlier turns stay in the prompt; the replies after the last shared user turn may be several
+        "chosen": [
+            msg("user", "Hi"),
+            msg("assistant", "Hello!"),
+            msg("user", "What is 2 + 2?"),
+            msg("assistant", "4"),
+            msg("assistant", "Anything else?"),
+        ],
+        "rejected": [
+            msg("user", "Hi"),
+            msg("assistant", "Hello!"),
+            msg("user", "What is 2 + 2?"),
+            msg("assistant", "5"),
+        ],
+        "id": 2,
+    },
+]
+EXPECTED_IMPLICIT = [
+    PreferencePair(
+        [msg("system", "Be brief."), msg("user", "Capital of Peru?")], "Lima.", "Cusco.", None, {"id": 1}
+    ),
+    PreferencePair(
+        [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "What is 2 + 2?")],
+        "4\n\nAnything else?",
+        "5",
+        None,
+        {"id": 2},
+    ),
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_implicit_prompt_conversations(tmp_path, fmt):
+    assert load_pairs(write_rows(tmp_path, IMPLICIT_ROWS, fmt)) == EXPECTED_IMPLICIT
+
+
+def test_implicit_prompt_column_mapping(tmp_path):
+    rows = [{"good": r["chosen"], "bad": r["rejected"], "id": r["id"]} for r in IMPLICIT_ROWS]
+    path = write_rows(tmp_path, rows, "parquet")
+    assert load_pairs(path, columns={"chosen": "good", "rejected": "bad"}) == EXPECTED_IMPLICIT
+    # a prompt column mapped explicitly is required, not inferred
+    assert "missing column(s) ['question']" in error_of(
+        lambda: load_pairs(path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    )
+
+
+def test_implicit_prompt_errors_name_row_and_field(tmp_path):
+    u, a = "user", "assistant"
+    rows = [
+        {"chosen": [msg(u, "a"), msg(a, "x")], "rejected": [msg(u, "b"), msg(a, "y")]},
+        {
+            "chosen": [msg(u, "q"), msg(a, "x"), msg(u, "more"), msg(a, "y")],
+            "rejected": [msg(u, "q"), msg(a, "x"), msg(u, "other"), msg(a, "z")],
+        },
+        {"chosen": [msg(u, "q"), msg(a, "x"), msg(u, "again")], "rejected": [msg(u, "q"), msg(a, "y")]},
+        {"chosen": [msg(u, "q"), msg(a, "x")], "rejected": [msg(u, "q"), msg(a, "x")]},
+        {"chosen": [msg(u, "q")], "rejected": [msg(u, "q"), msg(a, "y")]},
+        {"chosen": [msg("system", "s"), msg(a, "x")], "rejected": [msg("system", "s"), msg(a, "y")]},
+        {"chosen": "The sky is blue.", "rejected": "The sky is green.", "id": 7},
+        {"chosen": [msg(u, "q"), msg(a, "x")], "rejected": "y"},
+        {"chosen": [msg(u, "q"), msg(a, "")], "rejected": [msg(u, "q"), msg(a, "y")]},
+    ]
+    path = write_rows(tmp_path, rows, "jsonl")
+    assert lines_of(error_of(lambda: load_pairs(path)), path) == [
+        "line 1: field 'rejected': no opening turns in common with 'chosen'; without a prompt column, "
+        "the prompt is the messages both conversations start with",
+        "line 2: field 'rejected': the turns shared with 'chosen' end with message 2, role 'assistant'; "
+        "an implicit prompt must end with a user turn",
+        "line 3: field 'chosen[2].role': after the shared prompt only 'assistant' turns may follow, "
+        "got 'user'",
+        "line 4: field 'rejected': the same conversation as 'chosen': no prompt and replies to tell apart",
+        "line 5: field 'chosen': no reply after the prompt the two conversations share",
+        "line 6: field 'rejected': the turns shared with 'chosen' end with message 1, role 'system'; "
+        "an implicit prompt must end with a user turn",
+        "line 7: field 'prompt': missing (fields present: chosen, rejected, id); without it, 'chosen' and "
+        "'rejected' must be whole conversations (lists of messages) that share their opening turns, "
+        "or Anthropic-HH text starting '\\n\\nHuman:'",
+        "line 8: field 'rejected': expected a list of messages (a whole conversation, like the other side), "
+        "got str",
+        "line 9: field 'chosen[1].content': empty string",
+    ]
+
+
+def hh(*turns: str) -> str:
+    """Anthropic-HH text from alternating turns, Human first, as the dataset writes it."""
+    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
+
+
+HH_ROWS = [
+    {
+        "chosen": hh("Hi there", "Hello! How can I help?", "Name two primes.", "2 and 3.\n\nBoth are prime."),
+        "rejected": hh("Hi there", "Hello! How can I help?", "Name two primes.", "4 and 6."),
+    },
+    {  # the text around a turn is stripped; one turn
+        "chosen": "\n\nHuman:  What is 2 + 2? \n\nAssistant:4 ",
+        "rejected": "\n\nHuman:  What is 2 + 2? \n\nAssistant: 5\n",
+    },
+]
+EXPECTED_HH = [
+    PreferencePair(
+        [
+            msg("user", "Hi there"),
+            msg("assistant", "Hello! How can I help?"),
+            msg("user", "Name two primes."),
+        ],
+        "2 and 3.\n\nBoth are prime.",  # a blank line inside a reply is not a turn boundary
+        "4 and 6.",
+    ),
+    PreferencePair([msg("user", "What is 2 + 2?")], "4", "5"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_anthropic_hh_text(tmp_path, fmt):
+    assert load_pairs(write_rows(tmp_path, HH_ROWS, fmt)) == EXPECTED_HH
+
+
+def test_anthropic_hh_errors_name_row_and_field(tmp_path):
+    rows = [
+        {"chosen": hh("q", ""), "rejected": hh("q", "b")},
+        {"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": hh("q", "b")},
+        {"chosen": hh("q", "a", "again"), "rejected": hh("q", "b")},
+        {"chosen": hh("hi", "hello", "q", "a"), "rejected": hh("hi", "hey", "q", "b")},
+        {"chosen": hh("q", "a"), "rejected": hh("other q", "b")},
+        {"chosen": hh("q", "a"), "rejected": "Human: q\n\nAssistant: b"},
+        {"chosen": [msg("user", "q"), msg("assistant", "a")], "rejected": hh("q", "b")},
+        {"chosen": hh("", "a"), "rejected": hh("q", "b")},
+        {"chosen": hh("q", "a"), "rejected": hh("q", "a", "more") + "\n\nAssistant: b"},
+    ]
+    path = write_rows(tmp_path, rows, "jsonl")
+    assert lines_of(error_of(lambda: load_pairs(path)), path) == [
+        "line 1: field 'chosen': empty final Assistant reply (turn 2)",
+        "line 2: field 'chosen': empty final Assistant reply (turn 2)",
+        "line 3: field 'chosen': Anthropic-HH text must end with an Assistant turn; turn 3 is Human",
+        "line 4: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' "
+        "(at turn 2)",
+        "line 5: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' "
+        "(at turn 1)",
+        "line 6: field 'rejected': 'chosen' is Anthropic-HH text, so this must be too (starting "
+        "'\\n\\nHuman:'); got str starting 'Human: q\\n\\nAssistant:'",
+        "line 7: field 'chosen': 'rejected' is Anthropic-HH text, so this must be too (starting "
+        "'\\n\\nHuman:'); got list",
+        "line 8: field 'chosen': Anthropic-HH turn 1 (Human) is empty",
+        "line 9: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' "
+        "(at turn 2)",
+    ]
+
+
+def test_anthropic_hh_with_equal_replies_is_skipped_like_any_equal_pair(tmp_path, caplog):
+    rows = [HH_ROWS[0], {"chosen": hh("q", "same"), "rejected": hh("q", " same ")}]
+    path = write_rows(tmp_path, rows, "jsonl")
+    with caplog.at_level(logging.WARNING, logger="fastrlhf.trainer.data"):
+        assert load_pairs(path) == EXPECTED_HH[:1]
+    assert "skipped 1 of 2 pairs whose chosen == rejected (rows 2)" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_scores_give_the_margin_unless_a_margin_is_given(tmp_path, fmt):
+    rows = [
+        dict(PAIR_ROWS[0], score_chosen=9.0, score_rejected=2.5),
+        dict(PAIR_ROWS[1], score_chosen=7, score_rejected=None),  # one score missing: no margin
+        dict(PAIR_ROWS[2], score_chosen=1.0, score_rejected=4.0),  # a worse "chosen": the margin says so
+    ]
+    pairs = load_pairs(write_rows(tmp_path, rows, fmt))
+    assert [p.margin for p in pairs] == [6.5, None, -3.0]
+    assert [p.meta for p in pairs] == [
+        {"source": "a", "score_chosen": 9.0, "score_rejected": 2.5},
+        {"source": "b", "score_chosen": 7, "score_rejected": None},
+        {"source": "c", "score_chosen": 1.0, "score_rejected": 4.0},
+    ]
+    with_margin = [dict(r, margin=m) for r, m in zip(rows, [1.0, 2.0, None])]
+    pairs = load_pairs(write_rows(tmp_path, with_margin, fmt, "with_margin"))
+    assert [p.margin for p in pairs] == [1.0, 2.0, None]  # the margin column wins, null included
+
+
+def test_ultrafeedback_binarized_row(tmp_path):
+    """prompt string + whole conversations in chosen / rejected + scores + a messages column."""
+    question = "Name a prime."
+    row = {
+        "prompt": question,
+        "prompt_id": "abc",
+        "chosen": [msg("user", question), msg("assistant", "7")],
+        "rejected": [msg("user", question), msg("assistant", "8")],
+        "messages": [msg("user", question), msg("assistant", "7")],
+        "score_chosen": 8.5,
+        "score_rejected": 3.0,
+    }
+    (pair,) = load_pairs(write_rows(tmp_path, [row], "parquet"))
+    assert pair == PreferencePair(
+        [msg("user", question)],
+        "7",
+        "8",
+        5.5,
+        {"prompt_id": "abc", "messages": row["messages"], "score_chosen": 8.5, "score_rejected": 3.0},
+    )
+
+
+def test_score_errors_and_mapped_score_columns(tmp_path):
+    rows = [
+        dict(PAIR_ROWS[0], score_chosen="high", score_rejected=1.0),
+        dict(PAIR_ROWS[1], score_chosen=1.0, score_rejected=True),
+        dict(PAIR_ROWS[2], score_chosen=float("inf"), score_rejected=1.0),
+        dict(PAIR_ROWS[2], margin=1.0, score_chosen=[1], score_rejected=1.0),  # checked even when margin wins
+    ]
+    path = write_rows(tmp_path, rows, "jsonl")
+    assert lines_of(error_of(lambda: load_pairs(path)), path) == [
+        "line 1: field 'score_chosen': expected a number or null, got str",
+        "line 2: field 'score_rejected': expected a number or null, got bool",
+        "line 3: field 'score_chosen': expected a finite number, got inf",
+        "line 4: field 'score_chosen': expected a number or null, got list",
+    ]
+    mapped = [dict(PAIR_ROWS[0], rating_good=3, rating_bad=1), dict(PAIR_ROWS[1], rating_good=2)]
+    path = write_rows(tmp_path, mapped, "jsonl", "mapped")
+    columns = {"score_chosen": "rating_good", "score_rejected": "rating_bad"}
+    assert lines_of(error_of(lambda: load_pairs(path, columns=columns)), path) == [
+        "line 2: field 'rating_bad': missing (fields present: prompt, chosen, rejected, source, rating_good)"
+    ]
+    assert load_pairs(path, columns={"score_chosen": "rating_good"})[0].margin is None  # no rejected score
+    assert load_pairs(write_rows(tmp_path, mapped[:1], "jsonl", "ok"), columns=columns)[0].margin == 2.0
+
+
 
 
 # ---------------------------------------------------------------------------------------------- bad input

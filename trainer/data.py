@@ -3,21 +3,54 @@
 Formats (chosen by the path): ``*.jsonl`` / ``*.ndjson`` (one JSON object a line), ``*.parquet``, and a
 folder written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
 
-Two row forms are accepted and normalized into one record type, so nothing downstream cares:
+Every row form below is normalized into one record type, so nothing downstream cares. A "message" is
+``{"role": "system" | "user" | "assistant", "content": "<text>"}`` (other keys are dropped); a prompt
+given as messages must end with a user turn; a response given as messages must be assistant turns, whose
+contents are joined with a blank line. Forms may mix within a file, row by row.
 
-- plain: ``{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}``
-- conversational: ``{"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+Preference rows (:func:`load_pairs` -> :class:`PreferencePair`):
+
+- explicit prompt, plain: ``{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}`` (a prompt
+  string becomes one user turn)
+- explicit prompt, conversational: ``{"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
   "chosen": [{"role": "assistant", "content": "4"}], "rejected": "5"}``
+- explicit prompt, whole conversations (UltraFeedback-binarized): ``{"prompt": "What is 2 + 2?",
+  "chosen": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+  ...}``: a response list that starts with the row's whole prompt has those messages removed
+- implicit prompt, conversational (no ``prompt`` column): ``{"chosen": [{"role": "user", "content":
+  "What is 2 + 2?"}, {"role": "assistant", "content": "4"}], "rejected": [{"role": "user", "content":
+  "What is 2 + 2?"}, {"role": "assistant", "content": "5"}]}``: the prompt is the longest run of
+  messages both conversations open with (it must end with a user turn), each response the assistant
+  turn(s) after it. Errors: no shared opening, a shared opening that ends in a system or assistant
+  turn, a non-assistant turn after it, a side with no reply, or identical conversations.
+- Anthropic-HH text (``Anthropic/hh-rlhf``; no ``prompt`` column):
+  ``{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!\\n\\nHuman: 2 + 2?\\n\\nAssistant: 4",
+  "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!\\n\\nHuman: 2 + 2?\\n\\nAssistant: 5"}``,
+  recognized by its ``"\\n\\nHuman:"`` opening. The text is cut at each ``"\\n\\nHuman:"`` /
+  ``"\\n\\nAssistant:"`` into user / assistant turns, each stripped of the whitespace around it. The
+  prompt is every turn up to the last Human one (it must be the same in chosen and rejected, or the row
+  is an error), the response the final Assistant turn's text (consecutive Assistant turns at the end are
+  joined by a blank line). Every turn must have text; an empty final reply is an error. Plain-text
+  chosen / rejected without a prompt that are not HH text are an error: TRL's "standard implicit
+  prompt" form (a shared text prefix) is not guessed at.
+- any of these with ``score_chosen`` / ``score_rejected`` (TRL, UltraFeedback-binarized):
+  ``{"prompt": "...", "chosen": "4", "rejected": "5", "score_chosen": 9.0, "score_rejected": 2.5}``
+  gives ``margin = score_chosen - score_rejected`` (6.5) when both are numbers; the scores stay in
+  ``meta``. An explicit ``margin`` field (``{..., "margin": 1.0}``, a number or null) wins over the
+  scores whenever the row has it, null included. Scores and margins must be finite numbers or null.
 
-A plain prompt string becomes one user message; a response given as messages must be assistant turns,
-whose contents are joined with a blank line. Prompt datasets have a ``prompt`` column and any extra
-columns (``answer``, ``aliases``, ``category``, ``id``...), kept as ``meta``.
+Prompt rows (:func:`load_prompts` -> :class:`PromptRecord`):
+
+- ``{"prompt": "What is 2 + 2?"}`` or ``{"prompt": [{"role": "system", ...}, {"role": "user", ...}]}``
+
+Any other columns (``answer``, ``aliases``, ``category``, ``id``...) are kept as ``meta``. ``columns=``
+maps the field names above (``PAIR_FIELDS`` / ``PROMPT_FIELDS``) to a file's own column names.
 
 Handling of bad data (documented choices, each tested):
 
 - Broken rows are errors, never skipped: empty file, malformed JSON line, missing column, wrong type,
-  empty or whitespace-only string, non-finite margin. One :class:`DataError` lists every bad row found
-  (the first ten in full, then a count), each as ``<file>: line <n>: field '<name>': <problem>``
+  empty or whitespace-only string, non-finite margin or score. One :class:`DataError` lists every bad row
+  found (the first ten in full, then a count), each as ``<file>: line <n>: field '<name>': <problem>``
   (``line`` is the 1-based physical line of a JSONL file; ``row`` the 1-based row of other formats).
 - A pair whose ``chosen`` equals ``rejected`` (after stripping whitespace) carries no preference. It is
   skipped, and one warning logs how many were skipped and their row numbers. If nothing is left, that is
@@ -35,6 +68,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,9 +83,13 @@ DEMO_PROMPTS = Path(__file__).resolve().parent / "assets" / "prompts.jsonl"
 """The shipped demo prompt set (short questions with checkable answers; see :func:`load_prompts`)."""
 
 PROMPT_FIELDS = ("prompt",)
-PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin")
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin", "score_chosen", "score_rejected")
 ROLES = ("system", "user", "assistant")
 MAX_LISTED_ERRORS = 10
+HH_OPENING = "\n\nHuman:"
+"""How an Anthropic-HH (``Anthropic/hh-rlhf``) conversation string starts."""
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 Message = dict[str, str]
 
@@ -223,22 +261,34 @@ def _to_prompt(value: Any, label: str) -> list[Message]:
     raise _RowError(label, f"expected a string or a list of messages, got {_type_name(value)}")
 
 
-def _to_response(value: Any, label: str) -> str:
-    """A response as text: a string, or assistant messages whose contents are joined by a blank line."""
+def _join_replies(messages: list[Message]) -> str:
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def _to_response(value: Any, label: str, prompt: list[Message] | None = None) -> str:
+    """A response as text: a string, or assistant messages whose contents are joined by a blank line.
+
+    A list that starts with the row's whole ``prompt`` (a full conversation, as UltraFeedback-binarized
+    writes it) has those messages removed first.
+    """
     if isinstance(value, str):
         return _check_text(value, label)
     if isinstance(value, list):
         messages = _check_messages(value, label)
-        for i, message in enumerate(messages):
+        start = 0
+        if prompt and len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+            start = len(prompt)
+        for i, message in enumerate(messages[start:], start=start):
             if message["role"] != "assistant":
                 raise _RowError(
                     f"{label}[{i}].role", f"response messages must be 'assistant', got '{message['role']}'"
                 )
-        return "\n\n".join(m["content"] for m in messages)
+        return _join_replies(messages[start:])
     raise _RowError(label, f"expected a string or a list of assistant messages, got {_type_name(value)}")
 
 
-def _to_margin(value: Any, label: str) -> float | None:
+def _to_number(value: Any, label: str) -> float | None:
+    """A margin or a score: a finite number, or None for null."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -261,14 +311,139 @@ def _parse_prompt_row(row: Mapping[str, Any], cols: dict[str, str]) -> PromptRec
     return PromptRecord(prompt=prompt, meta=meta)
 
 
-def _parse_pair_row(row: Mapping[str, Any], cols: dict[str, str], margin_required: bool) -> PreferencePair:
-    prompt = _to_prompt(_field(row, cols["prompt"]), cols["prompt"])
-    chosen = _to_response(_field(row, cols["chosen"]), cols["chosen"])
-    rejected = _to_response(_field(row, cols["rejected"]), cols["rejected"])
-    margin_col = cols["margin"]
-    raw_margin = _field(row, margin_col) if margin_required else row.get(margin_col)
-    margin = _to_margin(raw_margin, margin_col)
-    used = {cols["prompt"], cols["chosen"], cols["rejected"], margin_col}
+# Implicit prompts: the prompt is read out of whole conversations in 'chosen' and 'rejected'.
+
+
+def _hh_turns(text: str, label: str) -> list[tuple[str, str]]:
+    """Anthropic-HH text -> [(speaker, text)], each turn's text stripped; every turn must have text."""
+    parts = _HH_TURN.split(text)  # ['', 'Human', ' q', 'Assistant', ' a', ...]: text starts with a marker
+    turns = [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+    for number, (speaker, content) in enumerate(turns, start=1):
+        if not content:
+            if number == len(turns) and speaker == "Assistant":
+                raise _RowError(label, f"empty final Assistant reply (turn {number})")
+            raise _RowError(label, f"Anthropic-HH turn {number} ({speaker}) is empty")
+    if turns[-1][0] != "Assistant":
+        raise _RowError(
+            label, f"Anthropic-HH text must end with an Assistant turn; turn {len(turns)} is Human"
+        )
+    return turns
+
+
+def _hh_split(text: str, label: str) -> tuple[list[Message], str]:
+    """Anthropic-HH text -> (the turns up to the last Human one as messages, the Assistant reply after).
+
+    Consecutive Assistant turns at the end (rare in HH) are one reply, joined by a blank line.
+    """
+    turns = _hh_turns(text, label)
+    last_human = max(i for i, (speaker, _) in enumerate(turns) if speaker == "Human")
+    prompt = [{"role": _HH_ROLES[who], "content": content} for who, content in turns[: last_human + 1]]
+    return prompt, "\n\n".join(content for _, content in turns[last_human + 1 :])
+
+
+def _hh_pair(chosen: Any, rejected: Any, c_col: str, r_col: str) -> tuple[list[Message], str, str]:
+    for value, label, other in ((chosen, c_col, r_col), (rejected, r_col, c_col)):
+        if not (isinstance(value, str) and value.startswith(HH_OPENING)):
+            shown = f"str starting {value[:20]!r}" if isinstance(value, str) else _type_name(value)
+            raise _RowError(
+                label,
+                f"'{other}' is Anthropic-HH text, so this must be too (starting {HH_OPENING!r}); got {shown}",
+            )
+    prompt, chosen_reply = _hh_split(chosen, c_col)
+    rejected_prompt, rejected_reply = _hh_split(rejected, r_col)
+    if rejected_prompt != prompt:
+        turn = next(
+            (i for i, (a, b) in enumerate(zip(prompt, rejected_prompt), start=1) if a != b),
+            min(len(prompt), len(rejected_prompt)) + 1,
+        )
+        raise _RowError(
+            r_col,
+            f"the conversation before the final Assistant reply differs from '{c_col}' (at turn {turn})",
+        )
+    return prompt, chosen_reply, rejected_reply
+
+
+def _conversation_pair(chosen: Any, rejected: Any, c_col: str, r_col: str) -> tuple[list[Message], str, str]:
+    """Two whole conversations -> (their shared opening turns, the assistant reply after them in each)."""
+    for value, label in ((chosen, c_col), (rejected, r_col)):
+        if not isinstance(value, list):
+            raise _RowError(
+                label,
+                "expected a list of messages (a whole conversation, like the other side), "
+                f"got {_type_name(value)}",
+            )
+    chosen, rejected = _check_messages(chosen, c_col), _check_messages(rejected, r_col)
+    if chosen == rejected:
+        raise _RowError(r_col, f"the same conversation as '{c_col}': no prompt and replies to tell apart")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise _RowError(
+            r_col,
+            f"no opening turns in common with '{c_col}'; without a prompt column, the prompt is the messages "
+            "both conversations start with",
+        )
+    if chosen[shared - 1]["role"] != "user":
+        raise _RowError(
+            r_col,
+            f"the turns shared with '{c_col}' end with message {shared}, "
+            f"role '{chosen[shared - 1]['role']}'; "
+            "an implicit prompt must end with a user turn",
+        )
+    replies = []
+    for messages, label in ((chosen, c_col), (rejected, r_col)):
+        if len(messages) == shared:
+            raise _RowError(label, "no reply after the prompt the two conversations share")
+        for i, message in enumerate(messages[shared:], start=shared):
+            if message["role"] != "assistant":
+                raise _RowError(
+                    f"{label}[{i}].role",
+                    f"after the shared prompt only 'assistant' turns may follow, got '{message['role']}'",
+                )
+        replies.append(_join_replies(messages[shared:]))
+    return chosen[:shared], replies[0], replies[1]
+
+
+def _implicit_pair(row: Mapping[str, Any], cols: dict[str, str]) -> tuple[list[Message], str, str]:
+    """-> (prompt, chosen, rejected) of a row without a prompt column."""
+    c_col, r_col = cols["chosen"], cols["rejected"]
+    chosen, rejected = _field(row, c_col), _field(row, r_col)
+    if any(isinstance(v, str) and v.startswith(HH_OPENING) for v in (chosen, rejected)):
+        return _hh_pair(chosen, rejected, c_col, r_col)
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return _conversation_pair(chosen, rejected, c_col, r_col)
+    present = ", ".join(map(str, row)) or "none"
+    raise _RowError(
+        cols["prompt"],
+        f"missing (fields present: {present}); without it, '{c_col}' and '{r_col}' must be whole "
+        f"conversations (lists of messages) that share their opening turns, or Anthropic-HH text "
+        f"starting {HH_OPENING!r}",
+    )
+
+
+def _pair_margin(row: Mapping[str, Any], cols: dict[str, str]) -> float | None:
+    """An explicit margin column wins (null included); else score_chosen - score_rejected if both are set."""
+    scores = [_to_number(row.get(cols[name]), cols[name]) for name in ("score_chosen", "score_rejected")]
+    if cols["margin"] in row:
+        return _to_number(row[cols["margin"]], cols["margin"])
+    if scores[0] is None or scores[1] is None:
+        return None
+    return scores[0] - scores[1]
+
+
+def _parse_pair_row(row: Mapping[str, Any], cols: dict[str, str], mapped: set[str]) -> PreferencePair:
+    for name in PAIR_FIELDS:  # a field mapped explicitly must be there
+        if name in mapped:
+            _field(row, cols[name])
+    if cols["prompt"] in row:
+        prompt = _to_prompt(row[cols["prompt"]], cols["prompt"])
+        chosen = _to_response(_field(row, cols["chosen"]), cols["chosen"], prompt)
+        rejected = _to_response(_field(row, cols["rejected"]), cols["rejected"], prompt)
+    else:
+        prompt, chosen, rejected = _implicit_pair(row, cols)
+    margin = _pair_margin(row, cols)
+    used = {cols["prompt"], cols["chosen"], cols["rejected"], cols["margin"]}  # the scores stay in meta
     meta = {k: v for k, v in row.items() if k not in used}
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=margin, meta=meta)
 
@@ -324,16 +499,20 @@ def load_pairs(
 ) -> list[PreferencePair]:
     """Load a preference dataset (JSONL, Parquet or a save_to_disk folder) into PreferencePairs.
 
-    ``columns`` maps ``prompt`` / ``chosen`` / ``rejected`` / ``margin`` to the file's columns. The
-    margin column is optional unless mapped explicitly. Pairs with chosen == rejected are skipped and
-    counted in one warning (see the module docstring); every other problem is a :class:`DataError`.
+    Rows may take any form of the module docstring: an explicit ``prompt`` with plain or conversational
+    responses, or no prompt and whole conversations (an implicit prompt, or Anthropic-HH text) in
+    ``chosen`` / ``rejected``. ``columns`` maps ``prompt`` / ``chosen`` / ``rejected`` / ``margin`` /
+    ``score_chosen`` / ``score_rejected`` to the file's columns; a mapped field must be in every row,
+    the others (but ``chosen`` and ``rejected``) are optional. ``margin`` is the margin column's value
+    where the row has one, else ``score_chosen - score_rejected`` where both are numbers, else None; the
+    scores stay in ``meta``. Pairs with chosen == rejected are skipped and counted in one warning (see the
+    module docstring); every other problem is a :class:`DataError`.
     """
     cols = _resolve_columns(columns, PAIR_FIELDS)
-    margin_required = "margin" in (columns or {})
-    required = [cols["prompt"], cols["chosen"], cols["rejected"]]
-    if margin_required:
-        required.append(cols["margin"])
-    parsed = _load(path, split, required, lambda row: _parse_pair_row(row, cols, margin_required))
+    mapped = set(columns or {})
+    required = [cols["chosen"], cols["rejected"]] + [cols[f] for f in PAIR_FIELDS if f in mapped]
+    required = list(dict.fromkeys(required))
+    parsed = _load(path, split, required, lambda row: _parse_pair_row(row, cols, mapped))
     return _skip_identical(path, parsed)
 
 
