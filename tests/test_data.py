@@ -439,6 +439,77 @@ def test_score_errors_and_mapped_score_columns(tmp_path):
     assert load_pairs(write_rows(tmp_path, mapped[:1], "jsonl", "ok"), columns=columns)[0].margin == 2.0
 
 
+MESSAGES_ROWS = [
+    {"messages": [msg("user", "What is 2 + 2?")], "id": 1},
+    {
+        "messages": [msg("system", "Be brief."), msg("user", "Capital of Peru?"), msg("assistant", "Lima.")],
+        "id": 2,
+    },
+    {
+        "messages": [
+            msg("user", "Hi"),
+            msg("assistant", "Hello!"),
+            msg("user", "Name a prime."),
+            msg("assistant", "7"),
+            msg("assistant", "Or 11."),
+        ],
+        "id": 3,
+    },
+]
+EXPECTED_MESSAGES = [
+    PromptRecord([msg("user", "What is 2 + 2?")], {"id": 1}),
+    PromptRecord(
+        [msg("system", "Be brief."), msg("user", "Capital of Peru?")], {"id": 2, "reference_reply": "Lima."}
+    ),
+    PromptRecord(
+        [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Name a prime.")],
+        {"id": 3, "reference_reply": "7\n\nOr 11."},
+    ),
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
+def test_prompts_from_messages(tmp_path, fmt):
+    assert load_prompts(write_rows(tmp_path, MESSAGES_ROWS, fmt)) == EXPECTED_MESSAGES
+
+
+def test_prompts_from_messages_round_trip_mapping_and_precedence(tmp_path):
+    records = load_prompts(write_rows(tmp_path, MESSAGES_ROWS, "jsonl"))
+    assert load_prompts(write_jsonl(tmp_path / "again.jsonl", records)) == records
+    renamed = [{"conversation": r["messages"], "id": r["id"]} for r in MESSAGES_ROWS]
+    path = write_rows(tmp_path, renamed, "parquet", "renamed")
+    assert load_prompts(path, columns={"messages": "conversation"}) == EXPECTED_MESSAGES
+    both = {"prompt": "Explicit?", "messages": [msg("user", "From messages?")]}
+    assert load_prompts(write_rows(tmp_path, [both], "jsonl", "both")) == [
+        PromptRecord([msg("user", "Explicit?")], {"messages": [msg("user", "From messages?")]})
+    ]
+
+
+def test_prompts_from_messages_errors(tmp_path):
+    rows = [
+        {"messages": [msg("system", "s"), msg("assistant", "a")]},
+        {"messages": [msg("user", "q"), msg("system", "late")]},
+        {"messages": "What is 2 + 2?"},
+        {"id": 4},
+        {"messages": [msg("user", "q"), msg("assistant", "a")], "reference_reply": "x"},
+        {"messages": []},
+    ]
+    path = write_rows(tmp_path, rows, "jsonl")
+    assert lines_of(error_of(lambda: load_prompts(path)), path) == [
+        "line 1: field 'messages': no user turn (the prompt is the messages up to and including the last "
+        "user turn)",
+        "line 2: field 'messages[1].role': after the last user turn only 'assistant' turns may follow, "
+        "got 'system'",
+        "line 3: field 'messages': expected a list of messages, got str",
+        "line 4: field 'prompt': missing (a prompt row needs 'prompt' or 'messages'; fields present: id)",
+        "line 5: field 'reference_reply': the row has its own 'reference_reply' column, where the reply that "
+        "ends 'messages' would be kept; rename one",
+        "line 6: field 'messages': empty list of messages",
+    ]
+    neither = write_rows(tmp_path, [{"text": "x"}], "parquet")
+    assert error_of(lambda: load_prompts(neither)) == (
+        f"{neither}: missing column 'prompt' or 'messages'; columns present: ['text']"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad input

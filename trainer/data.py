@@ -42,6 +42,11 @@ Preference rows (:func:`load_pairs` -> :class:`PreferencePair`):
 Prompt rows (:func:`load_prompts` -> :class:`PromptRecord`):
 
 - ``{"prompt": "What is 2 + 2?"}`` or ``{"prompt": [{"role": "system", ...}, {"role": "user", ...}]}``
+- ``{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content":
+  "4"}]}`` (a row without ``prompt``): the prompt is the messages up to and including the last user
+  turn; the assistant turn(s) after it (only assistant turns may follow) are kept, joined by a blank
+  line, in ``meta["reference_reply"]`` (here ``"4"``) rather than dropped, so a reference answer is at
+  hand for evaluation. A row with both fields uses ``prompt`` and keeps ``messages`` in meta.
 
 Any other columns (``answer``, ``aliases``, ``category``, ``id``...) are kept as ``meta``. ``columns=``
 maps the field names above (``PAIR_FIELDS`` / ``PROMPT_FIELDS``) to a file's own column names.
@@ -82,10 +87,13 @@ log = logging.getLogger(__name__)
 DEMO_PROMPTS = Path(__file__).resolve().parent / "assets" / "prompts.jsonl"
 """The shipped demo prompt set (short questions with checkable answers; see :func:`load_prompts`)."""
 
-PROMPT_FIELDS = ("prompt",)
+PROMPT_FIELDS = ("prompt", "messages")
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin", "score_chosen", "score_rejected")
 ROLES = ("system", "user", "assistant")
 MAX_LISTED_ERRORS = 10
+REFERENCE_REPLY = "reference_reply"
+"""Meta key of a prompt record read from ``messages``: the assistant reply after the last user turn."""
+
 HH_OPENING = "\n\nHuman:"
 """How an Anthropic-HH (``Anthropic/hh-rlhf``) conversation string starts."""
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -305,9 +313,51 @@ def _field(row: Mapping[str, Any], column: str) -> Any:
     return row[column]
 
 
-def _parse_prompt_row(row: Mapping[str, Any], cols: dict[str, str]) -> PromptRecord:
-    prompt = _to_prompt(_field(row, cols["prompt"]), cols["prompt"])
-    meta = {k: v for k, v in row.items() if k != cols["prompt"]}
+def _prompt_from_messages(value: Any, label: str) -> tuple[list[Message], str | None]:
+    """A ``messages`` conversation -> (its turns up to and including the last user turn, the reply after).
+
+    The reply is the trailing assistant turns joined by a blank line, or None if the conversation ends
+    with the user turn.
+    """
+    if not isinstance(value, list):
+        raise _RowError(label, f"expected a list of messages, got {_type_name(value)}")
+    messages = _check_messages(value, label)
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise _RowError(
+            label, "no user turn (the prompt is the messages up to and including the last user turn)"
+        )
+    rest = messages[users[-1] + 1 :]
+    for i, message in enumerate(rest, start=users[-1] + 1):
+        if message["role"] != "assistant":
+            raise _RowError(
+                f"{label}[{i}].role",
+                f"after the last user turn only 'assistant' turns may follow, got '{message['role']}'",
+            )
+    return messages[: users[-1] + 1], (_join_replies(rest) if rest else None)
+
+
+def _parse_prompt_row(row: Mapping[str, Any], cols: dict[str, str], mapped: set[str]) -> PromptRecord:
+    p_col, m_col = cols["prompt"], cols["messages"]
+    if "prompt" in mapped or ("messages" not in mapped and p_col in row):
+        prompt = _to_prompt(_field(row, p_col), p_col)
+        return PromptRecord(prompt=prompt, meta={k: v for k, v in row.items() if k != p_col})
+    if m_col not in row:
+        present = ", ".join(map(str, row)) or "none"
+        raise _RowError(
+            p_col if "messages" not in mapped else m_col,
+            f"missing (a prompt row needs '{p_col}' or '{m_col}'; fields present: {present})",
+        )
+    prompt, reply = _prompt_from_messages(row[m_col], m_col)
+    meta = {k: v for k, v in row.items() if k != m_col}
+    if reply is not None:
+        if REFERENCE_REPLY in meta:
+            raise _RowError(
+                REFERENCE_REPLY,
+                f"the row has its own '{REFERENCE_REPLY}' column, where the reply that ends "
+                f"'{m_col}' would be kept; rename one",
+            )
+        meta[REFERENCE_REPLY] = reply
     return PromptRecord(prompt=prompt, meta=meta)
 
 
@@ -448,14 +498,22 @@ def _parse_pair_row(row: Mapping[str, Any], cols: dict[str, str], mapped: set[st
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, margin=margin, meta=meta)
 
 
-def _load(path: str | os.PathLike, split: str, required: Sequence[str], parse) -> list[tuple[int, Any]]:
-    """Read, validate and parse every row; -> [(row number, record)], or one DataError listing bad rows."""
+def _load(
+    path: str | os.PathLike, split: str, required: Sequence[str], parse, one_of: Sequence[str] = ()
+) -> list[tuple[int, Any]]:
+    """Read, validate and parse every row; -> [(row number, record)], or one DataError listing bad rows.
+
+    ``required`` columns must all be there; of ``one_of`` (if given), at least one.
+    """
     path = Path(path)
     unit, rows, column_names = _read_rows(path, split)
     if column_names is not None:  # tabular formats: a missing column is one error, not one per row
         missing = [c for c in required if c not in column_names]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; columns present: {column_names}")
+        if one_of and not any(c in column_names for c in one_of):
+            wanted = " or ".join(f"'{c}'" for c in one_of)
+            raise DataError(f"{path}: missing column {wanted}; columns present: {column_names}")
     parsed, errors, n_rows = [], [], 0
     for number, row in rows:
         n_rows += 1
@@ -485,13 +543,21 @@ def load_prompts(
 ) -> list[PromptRecord]:
     """Load a prompt dataset (JSONL, Parquet or a save_to_disk folder) into PromptRecords.
 
-    ``columns`` maps the field name ``prompt`` to the file's column (e.g. ``{"prompt": "question"}``);
-    every other column is kept in ``meta``. ``split`` picks the split of a saved DatasetDict.
+    A row's prompt is its ``prompt`` field (a string or messages ending in a user turn) or, in a row
+    without one, its ``messages`` conversation cut after the last user turn; the assistant reply that
+    followed, if any, is kept in ``meta["reference_reply"]``. ``columns`` maps the field names ``prompt``
+    / ``messages`` to the file's columns (e.g. ``{"prompt": "question"}``); a mapped field is the one
+    used and must be in every row. Every other column is kept in ``meta``. ``split`` picks the split of
+    a saved DatasetDict.
     """
     cols = _resolve_columns(columns, PROMPT_FIELDS)
-    return [
-        record for _, record in _load(path, split, [cols["prompt"]], lambda row: _parse_prompt_row(row, cols))
-    ]
+    mapped = set(columns or {})
+    if "prompt" in mapped or "messages" in mapped:
+        required, one_of = [cols["prompt" if "prompt" in mapped else "messages"]], []
+    else:
+        required, one_of = [], [cols["prompt"], cols["messages"]]
+    parsed = _load(path, split, required, lambda row: _parse_prompt_row(row, cols, mapped), one_of)
+    return [record for _, record in parsed]
 
 
 def load_pairs(
