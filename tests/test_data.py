@@ -765,6 +765,33 @@ def test_render_prompt_uses_chat_template_or_plain_fallback(tokenizer):
     assert render_prompt(plain, messages) == "system: a\nuser: what is two plus two\nassistant:"
 
 
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    """The default model's real (BPE) tokenizer with its chat template removed, as a base model's is."""
+    from fastrlhf.trainer.models import default_model_path, load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_path())
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+def test_no_chat_template_renders_plain_lines_and_the_reply_follows_without_a_space(base_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    text = "system: Be brief.\nuser: What is 2 + 2?\nassistant:"
+    assert render_prompt(base_tokenizer, messages) == text
+    batch = tokenize_pairs(base_tokenizer, [PreferencePair(messages, "4", " 5")], max_length=64)
+
+    def encode(s: str) -> list[int]:
+        return base_tokenizer.encode(s, add_special_tokens=False)
+
+    eos = base_tokenizer.eos_token_id
+    rows = [ids_[mask.bool()].tolist() for ids_, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert rows == [encode(text) + encode("4") + [eos], encode(text) + encode(" 5") + [eos]]
+    # no space is added: the model reads "assistant:4" unless the response starts with one
+    assert [base_tokenizer.decode(row[:-1]) for row in rows] == [text + "4", text + " 5"]
+    assert encode(text) + encode("4") != encode(text + " 4")
+
+
 def test_tokenize_pairs_shapes_right_padding_and_eos(tokenizer):
     pairs = [
         PreferencePair(user("what is two plus two"), "four", "a b c d"),

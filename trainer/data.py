@@ -51,6 +51,14 @@ Prompt rows (:func:`load_prompts` -> :class:`PromptRecord`):
 Any other columns (``answer``, ``aliases``, ``category``, ``id``...) are kept as ``meta``. ``columns=``
 maps the field names above (``PAIR_FIELDS`` / ``PROMPT_FIELDS``) to a file's own column names.
 
+Models without a chat template (base models): :func:`render_prompt` writes one ``"<role>: <content>"``
+line per message, then ``"assistant:"`` with no trailing space or newline, e.g.
+``"system: Be brief.\\nuser: What is 2 + 2?\\nassistant:"``. The response's tokens follow directly: prompt
+and response are tokenized separately and concatenated, and no space is inserted, so the model reads
+``"assistant:4"``. To have ``"assistant: 4"``, start each response with a space (``" 4"``), as TRL's
+standard-format examples do; the loaders keep a response's leading whitespace as given (HH turns
+excepted: they are stripped).
+
 Handling of bad data (documented choices, each tested):
 
 - Broken rows are errors, never skipped: empty file, malformed JSON line, missing column, wrong type,
@@ -699,7 +707,8 @@ def render_prompt(tokenizer: Any, messages: list[Message]) -> str:
     """The prompt text the model sees, ending where the assistant's reply begins.
 
     With a chat template: ``apply_chat_template(..., add_generation_prompt=True)``. Without one, a plain
-    fallback: one ``"<role>: <content>"`` line per message, then ``"assistant:"``.
+    fallback: one ``"<role>: <content>"`` line per message, then ``"assistant:"`` with nothing after it
+    (the response's tokens follow directly; see the module docstring).
     """
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
