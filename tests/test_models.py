@@ -255,16 +255,26 @@ def test_dropout_is_off(tiny_causal, tmp_path):
 
 
 def test_attn_implementation(monkeypatch):
+    """flash-attention 2 only on CUDA in half precision, installed and supported by the class; else SDPA
+    where the class has it, else eager (Gemma-2, whose attention soft-caps its scores, has no SDPA)."""
     import sys
     import types
 
-    assert models.attn_implementation("cpu", torch.bfloat16) == "sdpa"
+    from transformers import Gemma2ForCausalLM, GPT2LMHeadModel
+
+    from fastrlhf.trainer.family import attn_implementation
+
+    llama = LlamaForCausalLM
+    assert attn_implementation(llama, "cpu", torch.bfloat16) == "sdpa"
+    assert attn_implementation(Gemma2ForCausalLM, "cpu", torch.float32) == "eager"
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
-    assert models.attn_implementation("cuda", torch.bfloat16) == "flash_attention_2"
-    assert models.attn_implementation(torch.device("cuda:0"), torch.float16) == "flash_attention_2"
-    assert models.attn_implementation("cuda", torch.float32) == "sdpa"  # flash-attn has no fp32 kernels
+    assert attn_implementation(llama, "cuda", torch.bfloat16) == "flash_attention_2"
+    assert attn_implementation(GPT2LMHeadModel, torch.device("cuda:0"), torch.float16) == "flash_attention_2"
+    assert attn_implementation(llama, "cuda", torch.float32) == "sdpa"  # flash-attn has no fp32 kernels
+    monkeypatch.setattr(llama, "_supports_flash_attn", False)
+    assert attn_implementation(llama, "cuda", torch.bfloat16) == "sdpa"
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not importable
-    assert models.attn_implementation("cuda", torch.bfloat16) == "sdpa"
+    assert attn_implementation(Gemma2ForCausalLM, "cuda", torch.bfloat16) == "eager"
 
 
 def test_reward_head_init_from_the_default_model(default, lm):

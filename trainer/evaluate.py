@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from fastrlhf.kernels import (
 from fastrlhf.kernels._common import nvtx_range
 
 from . import rubric as rubric_lib
+from .errors import UserError
 from .data import PromptRecord, encode_prompt
 from .models import (
     autocast,
@@ -57,10 +59,14 @@ from .models import (
     load_reward_model,
     load_tokenizer,
     resolve_device,
+    resolve_model_path,
+    resolve_reward_model_path,
     reward_head_params,
+    same_tokenization,
     reward_trunk,
 )
-from .rollout import Rollout, response_hidden, sample
+from .reward import score_texts
+from .rollout import Rollout, forward_reply, sample
 
 log = logging.getLogger("fastrlhf")
 
@@ -144,7 +150,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 def _check_same_vocab(tokenizer, other, what: str) -> None:
     """Policy, reference and reward model must read the same token ids (KL and RM scores use the policy's)."""
     if tokenizer.pad_token_id != other.pad_token_id or tokenizer.get_vocab() != other.get_vocab():
-        raise ValueError(f"the {what} has a different tokenizer (vocabulary or pad id) than the policy")
+        raise UserError(f"the {what} has a different tokenizer (vocabulary or pad id) than the policy")
 
 
 def _sample_replies(
@@ -165,8 +171,9 @@ def _sample_replies(
 
 
 def _reply_logits(model, rollout: Rollout) -> torch.Tensor:
-    """(B, R, V) logits (model dtype, or bf16 under autocast) of the distributions that produced each reply token."""
-    return model.get_output_embeddings()(response_hidden(model, rollout))
+    """(B, R, V) logits (model dtype, or bf16 under autocast) of the distributions that produced each reply
+    token: the model's own, after whatever its forward applies to the head's output."""
+    return forward_reply(model, model.get_output_embeddings(), rollout)[1]
 
 
 @torch.no_grad()
@@ -209,6 +216,18 @@ def _rm_scores(model, rollouts: list[Rollout], *, use_kernels: bool, device: tor
         raw = head_fn(hidden, weight, bias, attention_mask=rollout.attention_mask)  # (B,) fp32
         scores.append(raw.double().cpu() * gain + offset)
     return torch.cat(scores).numpy()
+
+
+def _rm_scores_text(model, rm_tokenizer, records, rollouts: list[Rollout], tokenizer, use_kernels: bool) -> np.ndarray:
+    """As `_rm_scores`, for a reward model with its own tokenizer: each reply decoded and re-rendered with
+    the reward model's chat template (`reward.score_texts`). -> (N,) float64."""
+    out = []
+    for rollout in rollouts:
+        prompts = [records[i].prompt for i in rollout.prompt_index.tolist()]
+        scores = score_texts(model, rm_tokenizer, prompts, rollout.texts(tokenizer), rollout.has_eos.tolist(),
+                             use_kernels=use_kernels)  # fmt: skip
+        out.append(scores.double().cpu())
+    return torch.cat(out).numpy()
 
 
 def _reply_facts(rollouts: list[Rollout], tokenizer) -> dict[str, list]:
@@ -372,6 +391,9 @@ def evaluate_policy(
     records = list(prompts)
     scorer = rubric_lib.get_rubric(rubric)
     dev = resolve_device(device)
+    policy, reference = resolve_model_path(policy), resolve_model_path(reference)
+    if reward_model is not None:
+        reward_model = resolve_reward_model_path(reward_model)
     tokenizer = load_tokenizer(policy)  # left padding, pad != EOS
     if Path(reference).resolve() != Path(policy).resolve():
         _check_same_vocab(tokenizer, load_tokenizer(reference), "reference")
@@ -396,15 +418,23 @@ def evaluate_policy(
     rm_pol = rm_ref = None
     if reward_model is not None:
         log.info("evaluate: reward-model scores")
-        rm_tokenizer = load_tokenizer(reward_model)
-        _check_same_vocab(tokenizer, rm_tokenizer, "reward model")
+        rm_tokenizer = load_tokenizer(reward_model, padding_side="right")
+        retokenize = not same_tokenization(tokenizer, rm_tokenizer)
         rm = load_reward_model(reward_model, device=dev, tokenizer=rm_tokenizer)
         if getattr(rm.config, "reward_gain", None) is None:
             log.warning("evaluate: %s has no reward_gain / reward_bias (not from `fastrlhf train-rm`?): "
                         "RM scores are raw", reward_model)  # fmt: skip
         with nvtx_range("eval-policy/rm_scores"):
-            rm_pol = _rm_scores(rm, policy_rollouts, use_kernels=use_kernels, device=dev)
-            rm_ref = _rm_scores(rm, reference_rollouts, use_kernels=use_kernels, device=dev)
+            if retokenize:  # its own tokenizer and chat template: it reads the replies' text
+                t0 = time.perf_counter()
+                rm_pol, rm_ref = (
+                    _rm_scores_text(rm, rm_tokenizer, records, rollouts, tokenizer, use_kernels)
+                    for rollouts in (policy_rollouts, reference_rollouts)
+                )
+                log.info("evaluate: reward model scored re-tokenized replies in %.1f s", time.perf_counter() - t0)
+            else:
+                rm_pol = _rm_scores(rm, policy_rollouts, use_kernels=use_kernels, device=dev)
+                rm_ref = _rm_scores(rm, reference_rollouts, use_kernels=use_kernels, device=dev)
         del rm
 
     log.info("evaluate: judging %d pairs with rubric %r", len(kl["tokens"]), rubric)

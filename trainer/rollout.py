@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .family import StopForward, replay_bottom, sliding_window, states_hook
+
 
 @dataclass
 class Rollout:
@@ -146,8 +148,9 @@ def sample(
 
 def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 0/1 padding mask -> the (B, 1, T, T) causal mask the model's attention takes as is, in which
-    every query row sees at least itself: bool (True = attend) for SDPA, additive fp32 for eager attention;
-    any other implementation (flash-attention unpads the batch itself) gets the 2D mask back.
+    every query row sees at least itself: bool (True = attend) for SDPA, additive fp32 for eager attention.
+    The 2D mask comes back unchanged for any other implementation (flash-attention unpads the batch itself)
+    and for a model with sliding-window layers shorter than T (a 4D mask would replace their window).
 
     Why: a left-padding row would otherwise attend to nothing, a known NaN trigger in attention backwards
     (0 x NaN then spreads into the weights' gradients). The pipeline's PPO got a NaN policy gradient at step
@@ -157,9 +160,10 @@ def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
     (tests/test_rollout.py); only a batch-dependent layer sees a difference (LLM.int8's outlier columns
     are chosen over all rows, pad rows included)."""
     impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if impl not in ("sdpa", "eager"):
-        return attention_mask
     T = attention_mask.shape[-1]
+    window = sliding_window(model.config)
+    if impl not in ("sdpa", "eager") or (window is not None and window < T):
+        return attention_mask
     keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     allowed = (causal & keys) | torch.eye(T, dtype=torch.bool, device=attention_mask.device)  # (B, 1, T, T)
@@ -171,18 +175,19 @@ def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
 def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: torch.Tensor | None = None,
                   n_frozen: int = 0, capture: int = 0, head_output: bool = True):
     """One call of `model` itself on prompt + reply, so that whatever wraps it (FSDP2 gathers its
-    parameters in the call, DDP hooks it) sees the pass; hooks on `head` read what is needed.
+    parameters in the call, DDP hooks it) sees the pass.
 
-    `head` is the module on top of the trunk: the LM head of a causal LM (given only the R reply-predicting
-    positions, `logits_to_keep`, so the logits and their gradient are (B, R, V) and contiguous) or the
-    scalar `score` of a critic (every position; the pooled reward the model returns is not used). `prefix`, `n_frozen`: as `trunk_hidden`. `capture` > 0 also returns the
-    states entering layer `capture` (the frozen prefix, from the same pass). `head_output=False` stops the
-    pass at the head's input (no logits: the fused-linear kernels take the hidden states and the weight).
+    `head` is the module on top of the trunk: the LM head of a causal LM, or the scalar `score` of a
+    critic. For a causal LM the logits are the model's own returned logits for the R reply-predicting
+    positions (`logits_to_keep`: (B, R, V), contiguous), after whatever its forward applies to the head's
+    output (Gemma's soft-cap, Granite's scaling); a hook reads the head's input. For a critic a hook reads
+    the head's output at every position (the pooled reward the model returns is not used). `prefix`
+    (B, P + R, H) replaces the bottom `n_frozen` layers (`family.replay_bottom`). `capture` > 0 also returns
+    the states entering layer `capture` (the frozen prefix, from the same pass). `head_output=False` stops
+    the pass at the head's input (no logits: the fused-linear kernels take the hidden states and the weight).
 
     -> hidden (B, R, H): the head's input at the positions that predict each reply token; out (B, R, V)
-    or (B, R, 1): the head's output there, or None; states (B, P + R, H) or None."""
-    from .prefix_cache import _Stop, top_layers_only
-
+    or (B, R, 1): the logits or values there, or None; states (B, P + R, H) or None."""
     P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     lm = head is model.get_output_embeddings()
     reply = slice(None) if lm else slice(P - 1, P + R - 1)  # the critic's head sees all P + R positions
@@ -191,30 +196,30 @@ def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: tor
     def take_input(module, args):
         seen["hidden"] = args[0][:, reply]
         if not head_output:
-            raise _Stop
+            raise StopForward
 
     def take_output(module, args, out):
         seen["out"] = out[:, reply]
 
-    def take_states(module, args, kwargs):
-        seen["states"] = args[0] if args else kwargs["hidden_states"]
-
-    trunk = model.base_model
-    hooks = [head.register_forward_pre_hook(take_input), head.register_forward_hook(take_output)]
+    hooks = [head.register_forward_pre_hook(take_input)]
+    if not lm:
+        hooks.append(head.register_forward_hook(take_output))
     if capture:
-        hooks.append(trunk.layers[capture].register_forward_pre_hook(take_states, with_kwargs=True))
+        hooks.append(states_hook(model, capture, seen))
     kwargs = {"attention_mask": attention_mask_4d(model, rollout.attention_mask), "position_ids": rollout.position_ids,
               "use_cache": False}  # fmt: skip
     if lm:  # positions P - 1 .. P + R - 2 predict reply tokens 0 .. R - 1
         kwargs["logits_to_keep"] = torch.arange(P - 1, P + R - 1, device=rollout.response_ids.device)
     if prefix is None:
         kwargs["input_ids"] = rollout.sequences
-    else:
+    else:  # the trunk's own embedding of these is discarded at layer n_frozen
         kwargs["inputs_embeds"] = prefix
     try:
-        with top_layers_only(trunk, n_frozen) if prefix is not None else contextlib.nullcontext():
-            model(**kwargs)
-    except _Stop:
+        with replay_bottom(model, n_frozen, prefix) if prefix is not None else contextlib.nullcontext():
+            out = model(**kwargs)
+        if lm:
+            seen["out"] = out.logits
+    except StopForward:
         pass
     finally:
         for h in hooks:
@@ -224,15 +229,12 @@ def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: tor
 
 def trunk_hidden(model, rollout: Rollout, *, prefix: torch.Tensor | None = None, n_frozen: int = 0) -> torch.Tensor:
     """Last hidden states of prompt + reply: (B, P + R, H) in the model dtype, positions from the mask.
-    `prefix` ((B, P + R, H), from `prefix_cache.prefix_states`) replaces the frozen bottom `n_frozen`
-    layers."""
-    from .prefix_cache import top_layers_only
-
+    `prefix` ((B, P + R, H), the states entering layer `n_frozen`) replaces the frozen bottom layers."""
     trunk = model.base_model
     kwargs = {"attention_mask": attention_mask_4d(model, rollout.attention_mask), "position_ids": rollout.position_ids}
     if prefix is None:
         return trunk(input_ids=rollout.sequences, **kwargs).last_hidden_state
-    with top_layers_only(trunk, n_frozen):
+    with replay_bottom(model, n_frozen, prefix):
         return trunk(inputs_embeds=prefix, **kwargs).last_hidden_state
 
 
