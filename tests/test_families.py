@@ -332,3 +332,80 @@ def test_train_rm_and_one_ppo_step(family, folders, data, tmp_path, caplog):
     assert result["steps"] == 1
     assert record["logratio_dev_first"] < 1e-4, "the update's first pass replays the frozen prefix exactly"
     assert all(v == v for v in record.values() if isinstance(v, float)), "no NaN in the step's log"
+
+
+# ------------------------------------------------------------------- a reward model with its own tokenizer
+def test_reward_model_with_its_own_tokenizer_reads_retokenized_text(folders, tokenizer, data, tmp_path):
+    """A reward model whose tokenizer renders chats differently (here: no chat template, so the plain
+    "user: ...\\nassistant:" text) scores the policy's replies as its own forward scores that text; PPO runs
+    with it and a value head, and refuses a critic copied from it."""
+    from fastrlhf.trainer.config import PPOConfig
+    from fastrlhf.trainer.data import encode_prompt
+    from fastrlhf.trainer.ppo import train_ppo
+    from fastrlhf.trainer.reward import score_texts
+
+    causal, reward = folders("llama")
+    foreign = tmp_path / "rm-plain"
+    rm = models.load_reward_model(reward, tokenizer=tokenizer)
+    rm.save_pretrained(foreign)
+    plain = models.load_tokenizer(reward, padding_side="right")
+    plain.chat_template = None
+    plain.save_pretrained(foreign)
+    rm_tok = models.load_tokenizer(foreign, padding_side="right")
+    assert not models.same_tokenization(tokenizer, rm_tok)
+    prompts = [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "Say hi."}]]
+    replies, ended = ["Blue.", "Hi there, how"], [True, False]
+    got = score_texts(rm, rm_tok, prompts, replies, ended)
+    for i in range(2):
+        text = "user: " + prompts[i][0]["content"] + "\nassistant:"
+        assert encode_prompt(rm_tok, prompts[i]) == rm_tok.encode(text, add_special_tokens=False)
+        ids = rm_tok.encode(text, add_special_tokens=False) + rm_tok.encode(replies[i], add_special_tokens=False)
+        ids += [rm_tok.eos_token_id] if ended[i] else []
+        own = rm(input_ids=torch.tensor([ids])).logits[0, 0] * 2.0 - 0.5
+        assert abs(float(got[i]) - float(own)) < 1e-5
+    prompts_file, _ = data
+    base = dict(reward_model=str(foreign), policy=causal, prompts=str(prompts_file), ref_quant="none", steps=1,
+                batch_prompts=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=3, device="cpu")  # fmt: skip
+    with pytest.raises(UserError, match="--critic separate copies the reward model.*--critic value-head"):
+        train_ppo(PPOConfig(**base, out_dir=str(tmp_path / "a")))
+    result = train_ppo(PPOConfig(**base, critic="value-head", out_dir=str(tmp_path / "b")))
+    record = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert result["steps"] == 1 and record["time/rm_retokenized_s"] > 0
+
+
+# --------------------------------------------------------------------------------------- the CLI's errors
+def run_cli(argv, capsys) -> str:
+    """`fastrlhf ARGV` in this process -> what it printed to stderr; it must exit 2."""
+    from fastrlhf.trainer import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_user_errors_are_one_line(folders, data, tmp_path, capsys):
+    causal, reward = folders("gemma2")
+    prompts, pairs = data
+    err = run_cli(["ppo", "--reward-model", "/no/such/dir", "--prompts", str(prompts), "--device", "cpu"], capsys)
+    assert err.strip().splitlines()[-1].startswith("fastrlhf ppo: error: --reward-model /no/such/dir: does not exist")
+    err = run_cli(["eval-rm", "--model", causal, "--pairs", str(pairs), "--device", "cpu"], capsys)
+    assert "fastrlhf eval-rm: error: --model" in err and "not a reward model" in err and "never trained" in err
+    err = run_cli(["train-rm", "--pairs", str(tmp_path / "none.jsonl"), "--device", "cpu"], capsys)
+    assert "fastrlhf train-rm: error:" in err and "no such file or folder" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a"}\n')
+    err = run_cli(["train-rm", "--pairs", str(bad), "--device", "cpu"], capsys)
+    assert "fastrlhf train-rm: error:" in err and "line 1" in err and "rejected" in err
+    err = run_cli(["ppo", "--policy", causal, "--reward-model", reward, "--prompts", str(prompts), "--fused-linear",
+                   "--ref-quant", "none", "--device", "cpu", "--out-dir", str(tmp_path / "p")], capsys)  # fmt: skip
+    assert "fastrlhf ppo: error: --fused-linear: gemma2 soft-caps its logits" in err
+
+
+def test_cli_debug_shows_the_traceback(data, tmp_path):
+    from fastrlhf.trainer import cli
+
+    with pytest.raises(UserError, match="no such file"):
+        cli.main(["train-rm", "--pairs", str(tmp_path / "none.jsonl"), "--device", "cpu", "--debug"])

@@ -82,6 +82,7 @@ from .data import (
     render_prompt,
     write_jsonl,
 )
+from .errors import MissingFileError, UserError
 from .rubric import Scorer, get_rubric, prefer
 
 log = logging.getLogger(__name__)
@@ -262,18 +263,18 @@ def generate_pairs(
     sequences (prompts x samples) per `generate` call. Deterministic given the seed, prompts and batch
     size. The pairing scheme and the line format are in the module docstring. Returns `out_path`."""
     if samples_per_prompt < 2:
-        raise ValueError(f"samples_per_prompt must be >= 2 to make a pair, got {samples_per_prompt}")
+        raise UserError(f"samples_per_prompt must be >= 2 to make a pair, got {samples_per_prompt}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
+        raise UserError(f"temperature must be > 0 (sampling), got {temperature}")
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+        raise UserError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
     # imported here, not at the top: transformers takes ~10 s to import and annotate() does not need it
     from ..kernels._common import nvtx_range
     from . import models
 
     records = list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompts(prompts)
     if not records:
-        raise ValueError("no prompts to sample from")
+        raise UserError("no prompts to sample from")
     for record in records:  # before the slow part
         _check_fields(record)
     path = models.resolve_model_path(None if model_path is None else str(model_path))
@@ -419,7 +420,7 @@ def _open_for_append(path: Path) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(f"{path} is open in another annotate session; stop that one first") from None
+                raise UserError(f"{path} is open in another annotate session; stop that one first") from None
         size = os.fstat(fd).st_size
         if size:
             with path.open("rb") as f:
@@ -650,7 +651,7 @@ def build_preferences(
     annotation lines (e.g. cut short by a crash) are skipped with a warning. All counted and logged."""
     candidates = read_candidates(candidates_path)
     if not Path(annotations_path).is_file():
-        raise FileNotFoundError(f"{annotations_path}: no annotations file (run annotate first)")
+        raise MissingFileError(f"{annotations_path}: no annotations file (run annotate first)")
     answers = read_annotations(annotations_path)
     pairs: list[PreferencePair] = []
     counts: Counter[str] = Counter()

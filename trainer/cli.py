@@ -30,6 +30,7 @@ from .config import (
     PPOConfig,
     RewardConfig,
 )
+from .errors import UserError
 
 
 def _setup() -> None:
@@ -129,16 +130,25 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one subcommand. A user's mistake (a missing path, an unsupported combination, bad data: a
+    `UserError`) prints `fastrlhf <command>: error: <what and what works>` and exits 2; `--debug` (anywhere
+    on the line) or FASTRLHF_DEBUG=1 shows its traceback. Anything else is a bug and keeps its traceback."""
     _setup()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTRLHF_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     cfg = tyro.extras.subcommand_cli_from_dict(
         {name: cls for name, (_, cls) in COMMANDS.items()}, args=argv, prog="fastrlhf",
         description="fastrlhf: kernel-accelerated RLHF (reward model + PPO) on Hugging Face models",
     )  # fmt: skip
-    for fn, cls in COMMANDS.values():
-        if type(cfg) is cls:
-            fn(cfg)
-            return
-    sys.exit(f"unknown config {type(cfg).__name__}")  # pragma: no cover
+    name, fn = next((name, fn) for name, (fn, cls) in COMMANDS.items() if type(cfg) is cls)
+    try:
+        fn(cfg)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"fastrlhf {name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

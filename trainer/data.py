@@ -90,6 +90,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from .errors import MissingFileError, UserError
+
 log = logging.getLogger(__name__)
 
 DEMO_PROMPTS = Path(__file__).resolve().parent / "assets" / "prompts.jsonl"
@@ -110,7 +112,7 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 Message = dict[str, str]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset file cannot be used as given; the message names the file, the row and the field."""
 
 
@@ -162,7 +164,7 @@ def _read_rows(path: Path, split: str) -> tuple[str, Iterator[tuple[int, Any]], 
     if path.is_dir():
         return "row", *_read_saved_dataset(path, split)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise MissingFileError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return "line", _read_jsonl(path), None
@@ -228,7 +230,7 @@ def _resolve_columns(columns: Mapping[str, str] | None, known: Sequence[str]) ->
     mapping = {name: name for name in known}
     for name, column in (columns or {}).items():
         if name not in known:
-            raise ValueError(f"columns: unknown field '{name}'; fields that can be mapped: {list(known)}")
+            raise UserError(f"columns: unknown field '{name}'; fields that can be mapped: {list(known)}")
         if not isinstance(column, str) or not column:
             raise ValueError(f"columns['{name}'] must be a non-empty column name, got {column!r}")
         mapping[name] = column

@@ -385,9 +385,9 @@ def evaluate_policy(
     evaluation.json (this dict), samples.jsonl (every pair), examples.md and eval_scores.png.
     """
     if not prompts:
-        raise ValueError("evaluate_policy: no prompts to evaluate on")
+        raise UserError("evaluate_policy: no prompts to evaluate on")
     if samples_per_prompt < 1 or batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("evaluate_policy: samples_per_prompt, batch_size and max_new_tokens must be >= 1")
+        raise UserError("evaluate_policy: samples_per_prompt, batch_size and max_new_tokens must be >= 1")
     records = list(prompts)
     scorer = rubric_lib.get_rubric(rubric)
     dev = resolve_device(device)

@@ -34,6 +34,7 @@ from .annotate import annotate, build_preferences, generate_pairs
 from .config import PipelineConfig, PPOConfig, RewardConfig
 from .data import load_demo_prompts, load_pairs, load_prompts, prompt_key, split_by_prompt, write_jsonl
 from .dist import barrier, init_world
+from .errors import UserError
 from .evaluate import evaluate_policy
 from .metrics import plot_ppo_curves, plot_training_curves
 from .models import resolve_model_path
@@ -169,7 +170,7 @@ def _step1(cfg: PipelineConfig, out: Path, step1: Path, pair_files: dict[str, Pa
         n_prefs = build_preferences(candidates, step1 / "annotations.jsonl", step1 / "preferences.jsonl")
 
     if n_prefs == 0:
-        raise RuntimeError(f"step 1 gave no preference pairs: all {summary.total} candidate pairs were ties or skips")
+        raise UserError(f"step 1 gave no preference pairs: all {summary.total} candidate pairs were ties or skips")
     pairs = load_pairs(step1 / "preferences.jsonl")
     part_of = {prompt_key(p.prompt): name for name, part in splits.items() for p in part}
     for name in splits:

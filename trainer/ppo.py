@@ -402,6 +402,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     records = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
     _check_policy_source(cfg.policy, cfg)
     policy_path = resolve_model_path(cfg.policy)
+    rm_path = resolve_reward_model_path(cfg.reward_model)  # every path checked before the slow loads
     tokenizer = load_tokenizer(policy_path)  # left padding for generation
     prompts = [encode_prompt(tokenizer, r.prompt) for r in records]
     policy, peft_model, n_frozen = _load_policy(policy_path, cfg, device, dtype, tokenizer)
@@ -410,7 +411,6 @@ def train_ppo(cfg: PPOConfig) -> dict:
     reference = None
     if not cfg.ref_from_adapter:
         reference = load_reference_model(policy_path, quant=cfg.ref_quant, device=device, tokenizer=tokenizer)
-    rm_path = resolve_reward_model_path(cfg.reward_model)
     rm_tokenizer = load_tokenizer(rm_path, padding_side="right")
     rm_retokenize = not same_tokenization(tokenizer, rm_tokenizer)  # it reads the replies' text, its own way
     if rm_retokenize:

@@ -37,6 +37,8 @@ from fastrlhf.kernels._common import nvtx_range
 from .config import EvalRewardConfig, RewardConfig
 from .data import PreferencePair, encode_prompt, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
 from .dist import World, fsdp_param_dtype, full_state, grad_norm_value, init_world, load_full_state, sum_across, wrap
+from .errors import MissingFileError, UserError
+from .family import bottom_parameters, decoder_layers, lora_targets, n_bottom_layers, replay_bottom
 from .metrics import pairwise_metrics, plot_reward_report, reward_distribution
 from .models import (
     autocast,
@@ -49,7 +51,6 @@ from .models import (
     reward_trunk,
     save_pretrained_atomic,
 )
-from .family import bottom_parameters, decoder_layers, lora_targets, n_bottom_layers, replay_bottom
 from .prefix_cache import build_prefix_cache, cache_bytes, cached_batch
 
 log = logging.getLogger("fastrlhf")
@@ -61,12 +62,12 @@ def load_splits(cfg: RewardConfig) -> tuple[list[PreferencePair], list[Preferenc
     split of --pairs by prompt (no prompt in two splits)."""
     pairs = load_pairs(cfg.pairs)
     if (cfg.val_pairs is None) != (cfg.test_pairs is None):
-        raise ValueError("give both --val-pairs and --test-pairs, or neither (then --pairs is split by prompt)")
+        raise UserError("give both --val-pairs and --test-pairs, or neither (then --pairs is split by prompt)")
     if cfg.val_pairs is not None:
         return pairs, load_pairs(cfg.val_pairs), load_pairs(cfg.test_pairs)
     train, val, test = split_by_prompt(pairs, cfg.split, seed=cfg.seed)
     if not train:
-        raise ValueError(f"{cfg.pairs}: no training pairs after the {cfg.split} split")
+        raise UserError(f"{cfg.pairs}: no training pairs after the {cfg.split} split")
     return train, val, test
 
 
@@ -350,7 +351,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     step = 0
     if cfg.resume:
         if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+            raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
         step = _load_checkpoint(ckpt_path, module, optimizer, scheduler)
         if world.main:
             _truncate_log(log_path, step)

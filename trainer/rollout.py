@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .family import StopForward, replay_bottom, sliding_window, states_hook
 
 
@@ -82,7 +83,7 @@ def stop_token_ids(model) -> list[int]:
     eos = model.generation_config.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     if not ids:
-        raise ValueError("the model's generation config has no eos_token_id: replies could never stop")
+        raise UserError("the model's generation config has no eos_token_id: replies could never stop")
     return ids
 
 
@@ -124,7 +125,7 @@ def sample(
     `synced_gpus`: every process keeps stepping until all are done (FSDP2: each token step gathers the
     parameters on every rank, so no rank may stop early)."""
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (PPO samples the full distribution), got {temperature}")
+        raise UserError(f"temperature must be > 0 (PPO samples the full distribution), got {temperature}")
     stop_ids = stop_token_ids(model)
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)

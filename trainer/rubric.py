@@ -45,6 +45,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from .data import PromptRecord, load_demo_prompts
+from .errors import UserError
 
 Scorer = Callable[[Any, str], float]
 
@@ -320,4 +321,4 @@ def get_rubric(name: str) -> Scorer:
     try:
         return RUBRICS[name]
     except KeyError:
-        raise ValueError(f"unknown rubric {name!r}; known rubrics: {sorted(RUBRICS)}") from None
+        raise UserError(f"unknown rubric {name!r}; known rubrics: {sorted(RUBRICS)}") from None
