@@ -97,10 +97,14 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
         for pair in load_pairs(path):
             assert split_of.setdefault(prompt_key(pair.prompt), name) == name
 
-    # too few pairs for a split: a clear message, not a stack trace from deep inside
-    with pytest.raises(RuntimeError, match="no preference pairs"):
+    # too few pairs for a split: one line and exit 2, not a stack trace from deep inside
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
         cli_main(["pipeline", "--out-dir", str(tmp_path / "small"), "--model", model, "--limit", "2",
                   "--max-new-tokens", "4", "--device", "cpu", "--no-ppo"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "fastrlhf pipeline: error: step 1 gave no preference pairs" in err, err
+    assert "Traceback" not in err
 
     # a rerun reuses the sampled candidates and the finished annotations
     before = (out / "step1" / "candidates.jsonl").stat().st_mtime_ns
