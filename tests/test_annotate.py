@@ -30,6 +30,7 @@ from fastrlhf.trainer.data import (
     load_pairs,
     write_jsonl,
 )
+from fastrlhf.trainer.errors import UserError
 
 FRANCE = PromptRecord([{"role": "user", "content": "What is the capital of France?"}],
                       {"id": "capital-001", "answer": "Paris", "aliases": [], "category": "capital"})  # fmt: skip
@@ -235,7 +236,7 @@ def test_a_second_session_on_the_same_file_is_refused(candidates, tmp_path):
     out_path = tmp_path / "ann.jsonl"
     held = ann._open_for_append(out_path)  # as a running session holds it
     try:
-        with pytest.raises(RuntimeError, match="another annotate session"):
+        with pytest.raises(UserError, match="another annotate session"):
             annotate(candidates, out_path, input_fn=Keys("a"), out=Screen())
     finally:
         os.close(held)
