@@ -112,16 +112,21 @@ def test_kl_and_rm_scores_match_direct_forwards(models, prompts, use_kernels):
                          max_new_tokens=4, temperature=0.7, samples_per_prompt=2)  # fmt: skip
     rollout.response_mask[0, 2:] = 0  # a short reply: what follows it must not count
     rollout.response_ids[0, 2:] = tokenizer.pad_token_id
+    rollout.has_eos[0] = False
     T, P = 0.7, rollout.prompt_ids.shape[1]
     cpu = torch.device("cpu")
     kl = _kl_per_reply(policy, reference, [rollout], temperature=T, use_kernels=use_kernels, device=cpu)
-    rewards = _rm_scores(rm, [rollout], use_kernels=use_kernels, device=cpu)
+    rewards = _rm_scores(rm, [rollout], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                         use_kernels=use_kernels, device=cpu)  # fmt: skip
 
     inputs = dict(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
+    scored = rollout.with_eos(tokenizer.eos_token_id, tokenizer.pad_token_id)  # as train-rm: EOS after each reply
+    assert not rollout.has_eos[0] and scored.response_ids[0, 2] == tokenizer.eos_token_id
     with torch.no_grad():
         logp = torch.log_softmax(policy(**inputs).logits[:, P - 1 : -1].double() / T, -1)  # (B, R, V)
         logq = torch.log_softmax(reference(**inputs).logits[:, P - 1 : -1].double() / T, -1)
-        raw = rm(**inputs).logits[:, 0].double()  # (B,)
+        raw = rm(input_ids=scored.sequences, attention_mask=scored.attention_mask,
+                 position_ids=scored.position_ids).logits[:, 0].double()  # (B,)
     mask = rollout.response_mask.bool()
     exact = (logp.exp() * (logp - logq)).sum(-1).where(mask, 0).sum(-1)
     tok = rollout.response_ids.unsqueeze(-1)

@@ -267,21 +267,25 @@ def test_rewards_and_values_equal_the_models_own_head(family, folders, tokenizer
     rm = models.load_reward_model(reward, tokenizer=tokenizer)
     policy = load_policy(causal, tokenizer)
     ro = make_rollout(tokenizer, gen)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    scored = ro.with_eos(eos, pad)  # what PPO scores: EOS appended to the two rows that have none
+    P, R = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
     with torch.no_grad():
         own, want_values = torch.zeros(3), torch.zeros(ro.response_ids.shape)
-        for i, (prompt, reply) in enumerate(rows(ro)):  # each row alone, unpadded
+        for i, (prompt, reply) in enumerate(rows(ro)):  # each row alone, unpadded, EOS-terminated as in train-rm
             seq = torch.cat([prompt, reply])[None]
-            own[i] = rm(input_ids=seq).logits[0, 0]
+            ended = torch.cat([prompt, reply, torch.tensor([eos] * int(not ro.has_eos[i]), dtype=torch.long)])[None]
+            own[i] = rm(input_ids=ended).logits[0, 0]
             values = models.reward_head(rm)(rm.base_model(input_ids=seq).last_hidden_state)[0, :, 0]  # (n,)
             want_values[i, : len(reply)] = values[len(prompt) - 1 : -1]
         want = own * 2.0 - 0.5  # the saved gain / bias
-        assert torch.allclose(reward_scores(rm, ro, kernels=True), want, atol=1e-5), family
+        assert torch.allclose(reward_scores(rm, scored, kernels=True), want, atol=1e-5), family
         assert shares_bottom(policy, rm, N_FROZEN), "the reward model was built from the policy's weights"
-        states = policy_forward(policy, ro, T, True, capture=N_FROZEN).states
-        assert torch.allclose(reward_scores(rm, ro, True, prefix=states, n_frozen=N_FROZEN), want, atol=1e-5), family
+        states = policy_forward(policy, scored, T, True, capture=N_FROZEN).states  # as PPO's pass with a shared RM
+        assert torch.allclose(reward_scores(rm, scored, True, prefix=states, n_frozen=N_FROZEN), want, atol=1e-5), family
         values, _ = critic_values(rm, None, ro, None)
         assert_matches(values, want_values, ro, f"{family} critic values", 1e-5)
-        values, _ = critic_values(rm, None, ro, None, prefix=states, n_frozen=N_FROZEN)
+        values, _ = critic_values(rm, None, ro, None, prefix=states[:, : P + R], n_frozen=N_FROZEN)
         assert_matches(values, want_values, ro, f"{family} critic values on the shared bottom", 1e-5)
 
 
@@ -354,13 +358,13 @@ def test_reward_model_with_its_own_tokenizer_reads_retokenized_text(folders, tok
     rm_tok = models.load_tokenizer(foreign, padding_side="right")
     assert not models.same_tokenization(tokenizer, rm_tok)
     prompts = [[{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "Say hi."}]]
-    replies, ended = ["Blue.", "Hi there, how"], [True, False]
-    got = score_texts(rm, rm_tok, prompts, replies, ended)
+    replies = ["Blue.", "Hi there, how"]
+    got = score_texts(rm, rm_tok, prompts, replies)
     for i in range(2):
         text = "user: " + prompts[i][0]["content"] + "\nassistant:"
         assert encode_prompt(rm_tok, prompts[i]) == rm_tok.encode(text, add_special_tokens=False)
         ids = rm_tok.encode(text, add_special_tokens=False) + rm_tok.encode(replies[i], add_special_tokens=False)
-        ids += [rm_tok.eos_token_id] if ended[i] else []
+        ids += [rm_tok.eos_token_id]  # as train-rm: every reply ends in EOS, a cut-off one too
         own = rm(input_ids=torch.tensor([ids])).logits[0, 0] * 2.0 - 0.5
         assert abs(float(got[i]) - float(own)) < 1e-5
     prompts_file, _ = data

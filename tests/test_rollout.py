@@ -95,3 +95,25 @@ def test_forward_reply_is_trunk_then_head(policy_path, gen):
         want_v = response_hidden(critic, ro) @ reward_head(critic).weight.t()
     assert values.shape == (3, 4, 1)
     torch.testing.assert_close(values, want_v, rtol=1e-6, atol=1e-6)
+
+
+def test_with_eos_appends_eos_after_cut_off_replies_only():
+    """The form train-rm trains the reward model on: every reply ends in EOS. A cut-off reply gets it right
+    after its last token (one more column); a reply that ended keeps its own and gets padding there."""
+    from fastrlhf.trainer.rollout import Rollout
+
+    pad, eos = 0, 9
+    ro = Rollout(
+        prompt_ids=torch.tensor([[5, 6], [0, 7]]), prompt_mask=torch.tensor([[1, 1], [0, 1]]),
+        response_ids=torch.tensor([[1, 2, 3], [4, eos, pad]]), response_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        has_eos=torch.tensor([False, True]), prompt_index=torch.tensor([0, 1]),
+    )  # fmt: skip
+    scored = ro.with_eos(eos, pad)
+    assert scored.response_ids.tolist() == [[1, 2, 3, eos], [4, eos, pad, pad]]
+    assert scored.response_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert scored.has_eos.tolist() == [True, True] and scored.prompt_ids is ro.prompt_ids
+    short = ro.select(torch.tensor([0]))
+    short.response_mask[0, 1:], short.response_ids[0, 1:] = 0, pad  # a cut reply shorter than R (hand-made)
+    assert short.with_eos(eos, pad).response_ids.tolist() == [[1, eos, pad, pad]]
+    done = ro.select(torch.tensor([1]))
+    assert done.with_eos(eos, pad) is done

@@ -200,15 +200,18 @@ def _kl_per_reply(policy, reference, rollouts: list[Rollout], *, temperature: fl
 
 
 @torch.no_grad()
-def _rm_scores(model, rollouts: list[Rollout], *, use_kernels: bool, device: torch.device) -> np.ndarray:
-    """Normalised reward (raw * config.reward_gain + config.reward_bias) of each prompt + reply, read at
-    the last real token with the same positions sampling used. -> (N,) float64."""
+def _rm_scores(model, rollouts: list[Rollout], *, eos_id: int, pad_id: int, use_kernels: bool,
+               device: torch.device) -> np.ndarray:  # fmt: skip
+    """Normalised reward (raw * config.reward_gain + config.reward_bias) of each prompt + reply ending in EOS
+    (appended where the reply was cut off: the form train-rm trains on), read there, with the positions
+    sampling used. -> (N,) float64."""
     head_fn = last_token_rewards if use_kernels else last_token_rewards_ref
     weight, bias = reward_head_params(model)  # (1, H), (1,) or None
     gain = float(getattr(model.config, "reward_gain", 1.0))
     offset = float(getattr(model.config, "reward_bias", 0.0))
     scores = []
     for rollout in tqdm(rollouts, desc="reward model", leave=False):
+        rollout = rollout.with_eos(eos_id, pad_id)
         with autocast(device):
             hidden = reward_trunk(model)(
                 input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids
@@ -224,8 +227,7 @@ def _rm_scores_text(model, rm_tokenizer, records, rollouts: list[Rollout], token
     out = []
     for rollout in rollouts:
         prompts = [records[i].prompt for i in rollout.prompt_index.tolist()]
-        scores = score_texts(model, rm_tokenizer, prompts, rollout.texts(tokenizer), rollout.has_eos.tolist(),
-                             use_kernels=use_kernels)  # fmt: skip
+        scores = score_texts(model, rm_tokenizer, prompts, rollout.texts(tokenizer), use_kernels=use_kernels)
         out.append(scores.double().cpu())
     return torch.cat(out).numpy()
 
@@ -433,8 +435,9 @@ def evaluate_policy(
                 )
                 log.info("evaluate: reward model scored re-tokenized replies in %.1f s", time.perf_counter() - t0)
             else:
-                rm_pol = _rm_scores(rm, policy_rollouts, use_kernels=use_kernels, device=dev)
-                rm_ref = _rm_scores(rm, reference_rollouts, use_kernels=use_kernels, device=dev)
+                ids = dict(eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                rm_pol = _rm_scores(rm, policy_rollouts, **ids, use_kernels=use_kernels, device=dev)
+                rm_ref = _rm_scores(rm, reference_rollouts, **ids, use_kernels=use_kernels, device=dev)
         del rm
 
     log.info("evaluate: judging %d pairs with rubric %r", len(kl["tokens"]), rubric)

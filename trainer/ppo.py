@@ -2,8 +2,8 @@
 
 Each step:
     rollout    sample replies to `batch_prompts` prompts at temperature T (top_k=0, top_p=1), stop at EOS
-    score      reward model at the last real token, normalised by its saved gain/bias; missing-EOS penalty;
-               clipped
+    score      reward model at the reply's EOS (appended where the reply was cut off: the form it was trained
+               on), normalised by its saved gain/bias; missing-EOS penalty; clipped
     reference  log-probs of the sampled tokens under the frozen reference (bitsandbytes int8 / nf4 above
                the policy's frozen bottom, or the LoRA policy's base with its adapter disabled), once per rollout
     old policy log-probs (+ entropy) and values of the rollout, no grad
@@ -293,8 +293,9 @@ def critic_values(critic, value_head, rollout: Rollout, policy_hidden, prefix=No
 
 @torch.no_grad()
 def reward_scores(reward_model, rollout: Rollout, kernels: bool, prefix=None, n_frozen: int = 0) -> torch.Tensor:
-    """Normalised reward-model score of each prompt + reply, read at the last real token: (B,) fp32.
-    `prefix` ((B, P + R, H)) replaces the bottom `n_frozen` layers when the reward model shares them."""
+    """Normalised reward-model score of each prompt + reply, read at the last real token: (B,) fp32. PPO
+    gives it `rollout.with_eos(eos)`, the form train-rm trains on. `prefix` ((B, P + R, H)) replaces the
+    bottom `n_frozen` layers when the reward model shares them."""
     hidden = trunk_hidden(reward_model, rollout, prefix=prefix, n_frozen=n_frozen)
     weight, bias = reward_head_params(reward_model)
     fn = last_token_rewards if kernels else last_token_rewards_ref
@@ -519,12 +520,23 @@ def train_ppo(cfg: PPOConfig) -> dict:
         mask = ro.response_mask.float()  # (b, R) this rank's rows
         policy.eval()
 
+        # the reward model reads each reply as train-rm trained it: ending in EOS, appended (one more column)
+        # where the policy was cut off at the token limit; the missing-EOS penalty judges the cut
+        scored = ro.with_eos(tokenizer.eos_token_id, tokenizer.pad_token_id)
         with torch.no_grad(), autocast(device):
             with phase("policy_eval"):
                 # one pass; with the cache it also keeps the states entering layer n_frozen (B, P + R, H),
-                # from which every epoch below runs the top layers only
-                old_logp, entropy, hidden, logits, prefix = policy_forward(
-                    policy, ro, T, cfg.kernels, fused_linear=fused, capture=n_frozen if cache else 0)
+                # from which every epoch below runs the top layers only. When the reward model shares that
+                # bottom, the pass reads `scored` (causal: the reply's columns are the same) so that the
+                # appended EOS has its states too; its own column is then dropped.
+                R = ro.response_ids.shape[1]
+                old_logp, entropy, hidden, logits, prefix_scored = policy_forward(
+                    policy, scored if rm_shares else ro, T, cfg.kernels, fused_linear=fused,
+                    capture=n_frozen if cache else 0)  # fmt: skip
+                old_logp, entropy, hidden = old_logp[:, :R], entropy[:, :R], hidden[:, :R]
+                logits = logits[:, :R] if logits is not None else None
+                P = ro.prompt_ids.shape[1]
+                prefix = prefix_scored[:, : P + R] if prefix_scored is not None else None
                 need_full_kl = cfg.kl_estimator == "full" or step == 0  # step 0: the exact KL floor
                 if not need_full_kl:
                     logits = None  # (B, R, V): free it before the reference's own logits exist
@@ -538,10 +550,12 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     t_rm = time.perf_counter()
                     score = score_texts(reward_model, rm_tokenizer, [records[idx[j]].prompt for j in mine
                                         for _ in range(cfg.samples_per_prompt)], ro.texts(tokenizer),
-                                        ro.has_eos.tolist(), use_kernels=cfg.kernels)  # fmt: skip
+                                        use_kernels=cfg.kernels)  # fmt: skip
                     phase.stats["time/rm_retokenized_s"] = time.perf_counter() - t_rm
                 else:
-                    score = reward_scores(reward_model, ro, cfg.kernels, prefix if rm_shares else None, n_frozen)
+                    score = reward_scores(reward_model, scored, cfg.kernels, prefix_scored if rm_shares else None,
+                                          n_frozen)  # fmt: skip
+                del prefix_scored
                 score = score.float()
             with phase("reference"):
                 if cfg.ref_from_adapter:

@@ -133,16 +133,16 @@ def score_pairs(model, tokenizer, pairs, *, batch_pairs: int, max_length: int, d
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts, replies: list[str], ended: list[bool], *, use_kernels: bool = True,
+def score_texts(model, tokenizer, prompts, replies: list[str], *, use_kernels: bool = True,
                 batch_size: int = 32) -> torch.Tensor:  # fmt: skip
     """Normalised reward of each (prompt messages, reply text) as the reward model's own tokenizer and chat
-    template render it: `encode_prompt(prompt) + encode(reply)`, then EOS where the reply ended (as a
-    policy's rollout holds it), right-padded, read at the last real token. For a reward model whose
-    tokenizer differs from the policy's. -> (N,) fp32 on the model's device."""
+    template render it: `encode_prompt(prompt) + encode(reply) + [EOS]`, as `tokenize_pairs` trains it (a
+    reply cut off at the token limit gets its EOS too), right-padded, read at the EOS. For a reward model
+    whose tokenizer differs from the policy's. -> (N,) fp32 on the model's device."""
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
-    rows = [encode_prompt(tokenizer, p) + list(tokenizer.encode(r, add_special_tokens=False)) + ([eos] if e else [])
-            for p, r, e in zip(prompts, replies, ended)]  # fmt: skip
+    rows = [encode_prompt(tokenizer, p) + list(tokenizer.encode(r, add_special_tokens=False)) + [eos]
+            for p, r in zip(prompts, replies)]  # fmt: skip
     weight, bias = reward_head_params(model)
     head = last_token_rewards if use_kernels else last_token_rewards_ref
     out = []

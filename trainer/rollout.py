@@ -63,6 +63,21 @@ class Rollout:
         """(B,) int64: real reply tokens per row, the stop token included."""
         return self.response_mask.sum(-1)
 
+    def with_eos(self, eos_id: int, pad_id: int) -> Rollout:
+        """The same replies, each ending in EOS, as a reward model is trained on them (train-rm appends EOS to
+        every response): a reply without one (cut off at the token limit) gets `eos_id` right after its last
+        token, in one more column; the other rows get `pad_id` there. Self when every reply ended.
+        -> Rollout with R + 1 columns (has_eos all True), or self."""
+        if bool(self.has_eos.all()):
+            return self
+        B = self.response_ids.shape[0]
+        ids = torch.cat([self.response_ids, self.response_ids.new_full((B, 1), pad_id)], 1)  # (B, R + 1)
+        mask = torch.cat([self.response_mask, self.response_mask.new_zeros(B, 1)], 1)
+        rows = (~self.has_eos).nonzero().squeeze(-1)
+        ends = self.response_mask.sum(-1)[rows]  # the column after each cut reply's last token
+        ids[rows, ends], mask[rows, ends] = eos_id, 1
+        return Rollout(self.prompt_ids, self.prompt_mask, ids, mask, torch.ones_like(self.has_eos), self.prompt_index)
+
     def to(self, device: torch.device | str) -> Rollout:
         return Rollout(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
 
