@@ -226,7 +226,7 @@ def resolve_reward_model_path(path: str, flag: str = "--reward-model") -> str:
     archs = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise UserError(f"{flag} {path}: not a reward model (architectures {archs}): its score head was never "
-                        "trained; train one with `fastrlhf train-rm --model {path}`")  # fmt: skip
+                        f"trained; train one with `fastrlhf train-rm --model {path}`")  # fmt: skip
     labels = config.get("num_labels", len(config.get("id2label") or {}) or 2)
     if labels != 1:
         raise UserError(f"{flag} {path}: a classifier with {labels} labels, not a scalar reward model (num_labels 1)")
