@@ -44,7 +44,8 @@ def test_exp2_error_bounded_deterministic_and_real():
     # the argument's quantisation (2^-24 ln 2, only where |x| < 1), the table, the result's rounding
     assert rel.max() <= 2.0**-24 * np.log(2) + gpu_math.TABLE_ERR + 2.0**-24 + 1e-12
     assert np.array_equal(gpu_math.exp2(x), gpu_math.exp2(x.copy()))  # a function of the input
-    assert (gpu_math.exp2(x) != np.exp2(x)).mean() > 0.5  # and not exact rounding
+    correctly_rounded = np.exp2(x.astype(np.float64)).astype(F32)  # not numpy's fp32 exp2: its accuracy is the CPU's
+    assert (gpu_math.exp2(x) != correctly_rounded).mean() > 0.4  # and not exact rounding (it moves ~half)
     assert not np.array_equal(gpu_math.exp2(x, seed=1), gpu_math.exp2(x, seed=0))
     e = np.random.default_rng(1).uniform(-80, 80, 1000).astype(F32)
     assert np.array_equal(gpu_math.exp(e), gpu_math.exp2((e * F32(1.4426950408889634)).astype(F32)))

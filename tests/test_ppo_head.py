@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from contract import assert_contract, mask_vocab, max_err
+from contract import assert_contract, epsilon, mask_vocab, max_err
 
 from fastrlhf.kernels import kl_estimate, token_logprobs
 from fastrlhf.kernels.ppo_head import PPOHeadOutput, ppo_head, ppo_head_ref
@@ -118,14 +118,20 @@ def test_contract_forward_backward(case, dtype, gen, device, tiles):
     out_e = out_e._replace(kl=out_e.kl if ref is not None else None)
     (grad_e,) = torch.autograd.grad(weighted_loss(out_e, {n: w.to(dtype) for n, w in weights.items()}), leaf_e)
 
+    errors = {}
     for name in DIFFERENTIABLE:
         k, e, r = getattr(out, name), getattr(out_e, name), getattr(out64, name)
         if r is None:
             continue
         assert k.dtype == torch.float32 and k.shape == t.shape, name
-        assert_contract(f"{case} {dtype} {name}", k, e, r)
+        errors[name] = assert_contract(f"{case} {dtype} {name}", k, e, r)
     assert grad.dtype == dtype
-    assert_contract(f"{case} {dtype} grad", grad, grad_e, grad64)
+    # the gradient scales with the ratio exp(logp - old), so it carries the log-prob's allowed error
+    # (2 x eager's + epsilon) relative to its size: the fp32 kernel's own ~2-ulp log-prob error shows up there
+    # as ~20 ulps of the largest gradient, eager's (whose accuracy varies with the CPU's vector math) as less
+    logp_bound = 2 * errors["logprobs"][1] + epsilon(out64.logprobs)
+    inherited = grad64.detach().abs().max().item() * logp_bound
+    assert_contract(f"{case} {dtype} grad", grad, grad_e, grad64, inherited=inherited)
 
     # the clip flag: exact (no ratio lies within float error of 1 +- c), and the matrix covers both branches
     assert out.clipped.dtype == torch.float32 and not out.clipped.requires_grad
