@@ -53,10 +53,6 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return min(found, key=lambda f: f[:2])[2]
 
 
-class _ReachedLayers(Exception):
-    """Raised at the first decoder layer by a probe: nothing above it is needed."""
-
-
 def _probe_inputs(model) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
     return {"input_ids": torch.tensor([[1, 2, 3]], device=device), "attention_mask": torch.ones(1, 3, dtype=torch.long, device=device)}
@@ -71,10 +67,10 @@ def bottom_modules(model) -> list[torch.nn.Module]:
     done: list[torch.nn.Module] = []
     hooks = [m.register_forward_hook(lambda mod, a, o: done.append(mod)) for m in model.base_model.modules()
              if id(m) not in inside]  # fmt: skip
-    hooks.append(layers[0].register_forward_pre_hook(_raise_reached))
+    hooks.append(layers[0].register_forward_pre_hook(_stop))
     try:
         model.base_model(**_probe_inputs(model))
-    except _ReachedLayers:
+    except StopForward:
         pass
     finally:
         for h in hooks:
@@ -82,8 +78,8 @@ def bottom_modules(model) -> list[torch.nn.Module]:
     return list({id(m): m for m in done}.values())
 
 
-def _raise_reached(module, args):
-    raise _ReachedLayers
+def _stop(module, args):
+    raise StopForward
 
 
 def bottom_parameters(model, n: int) -> list[torch.nn.Parameter]:
