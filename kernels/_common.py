@@ -19,6 +19,7 @@ in the interpreter, and the fp32 contract tests pass under that model too (tests
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 
@@ -48,10 +49,24 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def nvtx_range(name: str):
-    """An NVTX range in the `fastrlhf` domain (see README, "Profiling")."""
-    if _nvtx is None:
+    """An NVTX range in the `fastrlhf` domain (see README, "Profiling"); none while torch.compile traces
+    (Dynamo cannot trace the nvtx package) or when nvtx is not installed."""
+    if _nvtx is None or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return _nvtx.annotate(name, domain="fastrlhf")
+
+
+# Triton kernel launches by name ("fastrlhf.full_kl.fwd", ...) since import. Tests read it to assert that the
+# Triton body ran and not the `*_ref` twin; one dict increment a launch, always on.
+LAUNCHES: collections.Counter[str] = collections.Counter()
+
+
+def kernel_range(name: str):
+    """Wraps one Triton launch: counts it in LAUNCHES (not while torch.compile traces: the count then
+    belongs to the compiled graph's runs, which do not pass here) and opens its NVTX range."""
+    if not torch.compiler.is_compiling():
+        LAUNCHES[name] += 1
+    return nvtx_range(name)
 
 
 # ----------------------------------------------------------------------------------------------- checks

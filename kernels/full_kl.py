@@ -65,7 +65,7 @@ from ._common import (
     grad_rows,
     load_whole,
     num_warps_for,
-    nvtx_range,
+    kernel_range,
     row_blocks,
     row_layout,
     temperature_scale,
@@ -389,7 +389,7 @@ def _full_kl_bwd(
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(logits, ref_logits, mask, temperature):
     """-> kl (N,), stats (4, N), in the accumulation dtype."""
-    with nvtx_range("fastrlhf.full_kl.fwd"):
+    with kernel_range("fastrlhf.full_kl.fwd"):
         x, y = as_rows(logits), as_rows(ref_logits)
         A, B, V = x.shape
         N = A * B
@@ -434,7 +434,7 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature, like_logits=True):
     """-> grad of the policy logits, laid out as they are where that is cheap (`_common.grad_rows`;
     like_logits=False: contiguous)."""
-    with nvtx_range("fastrlhf.full_kl.bwd"):
+    with kernel_range("fastrlhf.full_kl.bwd"):
         x, y = as_rows(logits), as_rows(ref_logits)
         A, B, V = x.shape
         N = A * B

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_float, check_same_device, check_shape, nvtx_range, sm_count, use_triton
+from ._common import FLOAT_DTYPES, INT_DTYPES, check_float, check_same_device, check_shape, kernel_range, sm_count, use_triton
 
 MAX_BLOCK_T = 2048  # compiled: positions per chunk
 INTERPRET_BLOCK_T = 64  # the interpreter scans element by element in Python: short chunks waste less padding
@@ -140,7 +140,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     block_b, block_t = _blocks(B, T, rewards.device)
-    with nvtx_range("fastrlhf.gae.fwd"):
+    with kernel_range("fastrlhf.gae.fwd"):
         r, v = rewards.detach(), values.detach()
         _gae_fwd[(triton.cdiv(B, block_b),)](
             r, v, mask, adv, ret, B, T, *r.stride(), *v.stride(), *mask.stride(), gamma, gamma * lam,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_float, check_same_device, check_shape, nvtx_range, tl_dtype, use_triton
+from ._common import acc_dtype, check_float, check_same_device, check_shape, kernel_range, tl_dtype, use_triton
 from ._series import expm1_neg, k3
 
 ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
@@ -76,7 +76,7 @@ def _kl_estimate_bwd(
 class _KLEstimate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, ref_logp, estimator):
-        with nvtx_range("fastrlhf.kl_estimate.fwd"):
+        with kernel_range("fastrlhf.kl_estimate.fwd"):
             a, b = logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous()
             out = torch.empty(a.shape, dtype=acc_dtype(a, b), device=a.device)
             _kl_estimate_fwd[(triton.cdiv(a.numel(), BLOCK),)](
@@ -90,7 +90,7 @@ class _KLEstimate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         a, b = ctx.saved_tensors
-        with nvtx_range("fastrlhf.kl_estimate.bwd"):
+        with kernel_range("fastrlhf.kl_estimate.bwd"):
             ga, gb = torch.empty_like(a), torch.empty_like(b)
             _kl_estimate_bwd[(triton.cdiv(a.numel(), BLOCK),)](
                 a, b, grad_out.reshape(-1).contiguous(), ga, gb, a.numel(),

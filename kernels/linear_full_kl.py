@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _desc, acc_dtype, check_same_device, check_shape, check_temperature, nvtx_range
+from ._common import LOG2E, _desc, acc_dtype, check_same_device, check_shape, check_temperature, kernel_range
 from ._common import temperature_scale, tl_dtype, use_triton
 from ._linear import (
     LN2,
@@ -142,7 +142,7 @@ def _linear_kl_bwd(
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active, temperature):
     """-> kl (N,), stats (4, N): [max x, log2 sum_p, max y, E_p[d~]] for the backward."""
-    with nvtx_range("fastrlhf.linear_full_kl.fwd"):
+    with kernel_range("fastrlhf.linear_full_kl.fwd"):
         acc = acc_dtype(hidden, ref_hidden)
         mp, lsp, _, _ = row_stats(hidden, weight, bias, active, None, temperature, False, acc)  # pass 1
         mq, lsq, _, _ = row_stats(ref_hidden, ref_weight, ref_bias, active, None, temperature, False, acc)
@@ -163,7 +163,7 @@ def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active, tem
 
 
 def _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active, stats, grad_kl, temperature, needs):
-    with nvtx_range("fastrlhf.linear_full_kl.bwd"):
+    with kernel_range("fastrlhf.linear_full_kl.bwd"):
         cfg = launch_config(torch.promote_types(hidden.dtype, ref_hidden.dtype), hidden.device)
         sizes, _, _ = launch_grid(hidden, weight, cfg, ranges=False)
         ptrs, head = head_args(hidden, weight, bias)

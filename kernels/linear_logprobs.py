@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_int, check_same_device, check_shape, check_temperature, nvtx_range
+from ._common import acc_dtype, check_int, check_same_device, check_shape, check_temperature, kernel_range
 from ._common import temperature_scale, tl_dtype, use_triton
 from ._linear import (
     LN2,
@@ -92,7 +92,7 @@ def _linear_logprobs_bwd(
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
     """-> logp (N,), entropy (N,) or None, stats (2, N) [max z, log2 sum 2^y], active (N,) bool."""
-    with nvtx_range("fastrlhf.linear_logprobs.fwd"):
+    with kernel_range("fastrlhf.linear_logprobs.fwd"):
         tgt = targets.reshape(-1)
         active = tgt != ignore_index
         acc = acc_dtype(hidden)
@@ -104,7 +104,7 @@ def _forward(hidden, weight, bias, targets, temperature, ignore_index, return_en
 
 
 def _backward(hidden, weight, bias, tgt, active, stats, ent, grad_logp, grad_ent, temperature, needs):
-    with nvtx_range("fastrlhf.linear_logprobs.bwd"):
+    with kernel_range("fastrlhf.linear_logprobs.bwd"):
         cfg = launch_config(hidden.dtype, hidden.device, one_head=True)
         sizes, _, _ = launch_grid(hidden, weight, cfg, ranges=False)
         ptrs, head = head_args(hidden, weight, bias)

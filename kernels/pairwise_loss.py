@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_float, check_same_device, check_shape, div_rn, nvtx_range, tl_dtype, use_triton
+from ._common import acc_dtype, check_float, check_same_device, check_shape, div_rn, kernel_range, tl_dtype, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 BLOCK = 1024
@@ -82,7 +82,7 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 class _PairwiseLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chosen, rejected, margin):
-        with nvtx_range("fastrlhf.pairwise_loss.fwd"):
+        with kernel_range("fastrlhf.pairwise_loss.fwd"):
             acc = acc_dtype(chosen, rejected, margin)
             loss = torch.empty(chosen.shape, dtype=acc, device=chosen.device)
             n = chosen.numel()
@@ -97,7 +97,7 @@ class _PairwiseLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         chosen, rejected, margin = ctx.saved_tensors
-        with nvtx_range("fastrlhf.pairwise_loss.bwd"):
+        with kernel_range("fastrlhf.pairwise_loss.bwd"):
             grad_z = torch.empty(chosen.shape, dtype=acc_dtype(chosen, rejected, margin), device=chosen.device)
             n = chosen.numel()
             _pairwise_bwd[(triton.cdiv(n, BLOCK),)](

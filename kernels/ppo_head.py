@@ -56,7 +56,7 @@ from ._common import (
     div_rn,
     grad_rows,
     num_warps_for,
-    nvtx_range,
+    kernel_range,
     row_blocks,
     temperature_scale,
     tl_dtype,
@@ -219,7 +219,7 @@ def _ppo_head_bwd(
 def _forward(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range, temperature, ignore_index, save):
     """-> outputs [logp, entropy, ratio, pg, clipped, kl or None] (targets' shape, acc dtype), and the
     (6, N) row statistics when `save` (else None)."""
-    with nvtx_range("fastrlhf.ppo_head.fwd"):
+    with kernel_range("fastrlhf.ppo_head.fwd"):
         N, acc = targets.numel(), acc_dtype(logits)
         n_out = 6 if ref_logprobs is not None else 5
         outs = [torch.empty(logits.shape[:-1], dtype=acc, device=logits.device) for _ in range(n_out)]
@@ -242,7 +242,7 @@ def _forward(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range
 def _backward(logits, targets, stats, grads, temperature, ignore_index):
     """grads: upstream (logp, entropy, ratio, pg, kl), each a tensor or None -> grad_logits (logits' shape,
     laid out as the logits are where that is cheap: `_common.grad_rows`)."""
-    with nvtx_range("fastrlhf.ppo_head.bwd"):
+    with kernel_range("fastrlhf.ppo_head.bwd"):
         if logits.numel() == 0:
             return torch.zeros_like(logits)
         x = as_rows(logits)

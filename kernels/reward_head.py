@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_float, check_int, check_same_device, check_shape, nvtx_range, tl_dtype, use_triton
+from ._common import acc_dtype, check_float, check_int, check_same_device, check_shape, kernel_range, tl_dtype, use_triton
 from .pairwise_loss import REDUCTIONS, _reduce, sigmoid_neg, softplus_neg
 
 
@@ -176,7 +176,7 @@ def _mask_args(attention_mask, lengths):
 
 def _head_backward(hidden, weight, bias, index, coef):
     """coef (S,) = dLoss/dr_s -> (grad_hidden, grad_weight, grad_bias)."""
-    with nvtx_range("fastrlhf.reward_head.bwd"):
+    with kernel_range("fastrlhf.reward_head.bwd"):
         S, T, H = hidden.shape
         acc = acc_dtype(hidden)
         grad_hidden = torch.zeros((S, T, H), dtype=hidden.dtype, device=hidden.device)
@@ -197,7 +197,7 @@ def _head_backward(hidden, weight, bias, index, coef):
 class _PairwiseHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, attention_mask, lengths, margin):
-        with nvtx_range("fastrlhf.reward_head.fwd"):
+        with kernel_range("fastrlhf.reward_head.fwd"):
             S, T, H = hidden.shape
             B = S // 2
             acc = acc_dtype(hidden)
@@ -229,7 +229,7 @@ class _PairwiseHead(torch.autograd.Function):
 class _HeadScore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, attention_mask, lengths):
-        with nvtx_range("fastrlhf.reward_head.score"):
+        with kernel_range("fastrlhf.reward_head.score"):
             S, T, H = hidden.shape
             acc = acc_dtype(hidden)
             rewards = torch.empty(S, dtype=acc, device=hidden.device)

@@ -38,7 +38,7 @@ from ._common import (
     div_rn,
     grad_rows,
     num_warps_for,
-    nvtx_range,
+    kernel_range,
     row_blocks,
     row_layout,
     temperature_scale,
@@ -296,7 +296,7 @@ def _token_logprobs_bwd(
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(logits, targets, temperature, ignore_index, return_entropy):
     """logits (..., V), targets (...) -> logp (N,), entropy (N,) or None, stats (2, N) (acc dtype)."""
-    with nvtx_range("fastrlhf.token_logprobs.fwd"):
+    with kernel_range("fastrlhf.token_logprobs.fwd"):
         x = as_rows(logits)  # (A, B, V)
         A, B, V = x.shape
         N = A * B
@@ -329,7 +329,7 @@ def fwd_tiles(x: torch.Tensor) -> dict:
 def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index, like_logits=True):
     """-> grad_logits with logits' shape and dtype, laid out as the logits are where that is cheap
     (`_common.grad_rows`; like_logits=False: contiguous)."""
-    with nvtx_range("fastrlhf.token_logprobs.bwd"):
+    with kernel_range("fastrlhf.token_logprobs.bwd"):
         x = as_rows(logits)
         A, B, V = x.shape
         N = A * B
