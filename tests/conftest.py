@@ -1,21 +1,25 @@
-"""Test set-up: on a machine without CUDA, run the Triton kernels through Triton's interpreter.
+"""Test set-up: on a machine without CUDA, the Triton kernels run through Triton's interpreter.
 
-TRITON_INTERPRET must be set before triton is first imported, so this happens at the top of conftest,
-before torch or fastrlhf are imported. Without it, CPU tensors would take the `*_ref` path and the
-kernel tests would compare the reference with itself.
+TRITON_INTERPRET=1 must be set before triton is first imported, so this happens at the top of conftest,
+before fastrlhf is imported; it is forced (an exported TRITON_INTERPRET=0 would send CPU tensors down the
+`*_ref` path, and the kernel tests would compare the reference with itself). A session where triton was
+imported before this point without the interpreter stops at once.
+
+Every test that asserts the precision contract names the Triton launches it judges with
+`@pytest.mark.kernels("token_logprobs.fwd", ...)`; after the test, each named launch must have run
+(`fastrlhf.kernels._common.LAUNCHES`), and a contract test without the marker fails.
 """
 
 import os
+import sys
 import zlib
 
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # FASTRLHF_GPU_MATH=1: the interpreter's exp2, exp and fp32 division as a GPU's approximate ones (gpu_math.py);
 # tests/test_gpu_math.py runs the fp32 contract tests that way in a subprocess.
@@ -23,6 +27,34 @@ if os.environ.get("FASTRLHF_GPU_MATH") == "1" and os.environ.get("TRITON_INTERPR
     import gpu_math  # noqa: E402
 
     gpu_math.install()
+
+import contract  # noqa: E402
+import pytest  # noqa: E402
+
+from fastrlhf.kernels import _common  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if not _common.use_triton(torch.empty(0, device=DEVICE)):
+    raise SystemExit(f"the Triton kernels would not run on {DEVICE} (TRITON_INTERPRET read as 0 at import)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernels(*launches): the Triton launches a contract test judges, "
+                            "e.g. 'full_kl.fwd'; each must run during the test")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _kernel_path(request):
+    """A contract test must have declared, and run, the Triton launches it judges."""
+    contract.CHECKS.clear()
+    before = _common.LAUNCHES.copy()
+    yield
+    marker = request.node.get_closest_marker("kernels")
+    if marker is None:
+        assert not contract.CHECKS, "a test asserting the precision contract must name its launches (@pytest.mark.kernels)"
+        return
+    missing = [n for n in marker.args if _common.LAUNCHES[f"fastrlhf.{n}"] <= before[f"fastrlhf.{n}"]]
+    assert not missing, f"Triton launches {missing} did not run: the test judged another path (a *_ref twin?)"
 
 
 @pytest.fixture

@@ -405,8 +405,3 @@ def test_last_annotation_of_a_pair_wins(candidates, tmp_path):
     ann_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert build_preferences(candidates, ann_path, tmp_path / "p.jsonl") == 1
     assert load_pairs(tmp_path / "p.jsonl")[0].chosen == cands[0]["response_b"]
-
-
-def test_module_docstring_documents_the_choices():
-    doc = ann.__doc__
-    assert "(0, 1), (2, 3)" in doc and "exits 0" in doc and "swapped" in doc

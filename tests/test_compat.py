@@ -3,7 +3,7 @@ under torch.compile(fullgraph=True) and opcheck, and the TRL drop-in example.
 
 TRL's functions run on CPU copies: that is TRL's pure-PyTorch path (on CUDA, TRL 1.16 would use its own
 Triton kernel, which is not the oracle we want). Precision: the contract (tests/contract.py) against an
-fp64 run of the same TRL code, with TRL in the input dtype as the eager baseline.
+fp64 run of the same TRL code, with TRL in fp32 on the upcast inputs as the eager baseline.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def _run_with_grad(fn, x, cotangents, *args, **kwargs):
 
 
 def _check_against_trl(ours_fn, trl_fn, x, cotangents, device, *args, **kwargs):
-    """Contract for every output and the gradient: ours (fp32 out) vs TRL in x's dtype vs TRL in fp64."""
+    """Contract for every output and the gradient: ours (fp32 out) vs TRL in fp32 (on x upcast) vs TRL in fp64."""
     ours, g_ours = _run_with_grad(ours_fn, x.to(device), cotangents, *args, out_dtype=torch.float32, **kwargs)
-    eager, g_eager = _run_with_grad(trl_fn, x, cotangents, *args, **kwargs)
+    eager, g_eager = _run_with_grad(trl_fn, x.float(), cotangents, *args, **kwargs)
     ref, g_ref = _run_with_grad(trl_fn, x.double(), cotangents, *args, **kwargs)
     for i, (o, e, r) in enumerate(zip(ours, eager, ref)):
         assert o.dtype == torch.float32
@@ -59,6 +59,7 @@ def _close_in_dtype(out, ref, dtype):
     torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.kernels("token_logprobs.fwd", "token_logprobs.bwd")
 # ------------------------------------------------------------------------------------------ TRL adapters
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -76,6 +77,7 @@ def test_selective_log_softmax_matches_trl(trl_utils, shape, dtype, gen, device)
     _close_in_dtype(ours, ref, ours.dtype)
 
 
+@pytest.mark.kernels("token_logprobs.fwd", "token_logprobs.bwd")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_entropy_from_logits_matches_trl(trl_utils, shape, dtype, gen, device):
@@ -88,6 +90,7 @@ def test_entropy_from_logits_matches_trl(trl_utils, shape, dtype, gen, device):
     _close_in_dtype(ours, ref, ours.dtype)
 
 
+@pytest.mark.kernels("token_logprobs.fwd", "token_logprobs.bwd")
 def test_top_k_index_and_row_mask_match_trl(trl_utils, gen, device):
     x = torch.randn(2, 5, V, generator=gen) * 3
     idx = torch.randint(0, V, (2, 5, 3), generator=gen)  # (..., K): K log-probs per position
@@ -99,6 +102,7 @@ def test_top_k_index_and_row_mask_match_trl(trl_utils, gen, device):
     assert out.shape == idx.shape and bool((out.cpu()[~row_mask] == 0).all())
 
 
+@pytest.mark.kernels("token_logprobs.fwd", "token_logprobs.bwd")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_selective_log_softmax_and_entropy_matches_trl(trl_utils, dtype, gen, device):
     x = (torch.randn(3, 4, V, generator=gen) * 3).to(dtype)
@@ -123,6 +127,7 @@ def _handwritten(x, labels, temperature):
     return torch.where(active, lp.squeeze(-1), 0.0)
 
 
+@pytest.mark.kernels("token_logprobs.fwd", "token_logprobs.bwd")
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("flavour", ["openrlhf", "verl"])
@@ -142,7 +147,7 @@ def test_logprobs_from_logits_matches_handwritten(flavour, dtype, temperature, g
     xd, lab = x.to(device), labels.to(device)
     version = xd._version
     (ours,), g_ours = _run_with_grad(fn, xd, [cot], lab, out_dtype=torch.float32)
-    (eager,), g_eager = _run_with_grad(_handwritten, x, [cot], labels, temperature)
+    (eager,), g_eager = _run_with_grad(_handwritten, x.float(), [cot], labels, temperature)
     (ref,), g_ref = _run_with_grad(_handwritten, x.double(), [cot], labels, temperature)
     assert_contract("logp", ours, eager, ref)
     assert_contract("grad", g_ours, g_eager, g_ref)

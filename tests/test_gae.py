@@ -39,7 +39,7 @@ def make_inputs(gen, B, T, mask_kind, dtype=torch.float32, device="cpu"):
 def check_contract(what, rewards, values, mask, gamma, lam):
     adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
     assert adv.dtype == ret.dtype == torch.float32 and adv.shape == rewards.shape
-    adv32, ret32 = gae_ref(rewards, values, mask, gamma=gamma, lam=lam)  # the fp32 loop
+    adv32, ret32 = gae_ref(rewards.float(), values.float(), mask, gamma=gamma, lam=lam)  # the fp32 loop
     adv64, ret64 = gae_ref(rewards.double(), values.double(), mask, gamma=gamma, lam=lam)
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
     assert_contract(f"{what} advantages", adv, adv32, adv64)
@@ -47,6 +47,7 @@ def check_contract(what, rewards, values, mask, gamma, lam):
     return adv, ret
 
 
+@pytest.mark.kernels("gae.fwd")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask_kind", ["right_pad", "arbitrary"])
 def test_contract_dtypes_and_masks(mask_kind, dtype, gen, device):
@@ -54,12 +55,14 @@ def test_contract_dtypes_and_masks(mask_kind, dtype, gen, device):
     check_contract(f"{mask_kind} {dtype}", rewards, values, mask, 1.0, 0.95)
 
 
+@pytest.mark.kernels("gae.fwd")
 @pytest.mark.parametrize("gamma, lam", [(1.0, 1.0), (1.0, 0.0), (0.99, 0.95), (0.9, 0.5), (0.0, 0.7), (0.5, 1.0)])
 def test_contract_gamma_lam(gamma, lam, gen, device):
     rewards, values, mask = make_inputs(gen, 4, 70, "arbitrary", device=device)
     check_contract(f"gamma={gamma} lam={lam}", rewards, values, mask, gamma, lam)
 
 
+@pytest.mark.kernels("gae.fwd")
 @pytest.mark.parametrize("block", [None, 16])
 @pytest.mark.parametrize("mask_kind", ["right_pad", "arbitrary"])
 def test_contract_long_sequence_carry(mask_kind, block, gen, device, monkeypatch):

@@ -9,9 +9,9 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from contract import assert_contract, max_err
+from contract import assert_contract, intermediate_rounding, max_err
 
-from fastrlhf.kernels import full_kl, token_logprobs, use_triton
+from fastrlhf.kernels import full_kl, full_kl_ref, token_logprobs, token_logprobs_ref, use_triton
 from fastrlhf.kernels import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -49,13 +49,33 @@ def detached(ts, dtype=None):
 
 
 def eager(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=True):
-    """The common idiom, in the input dtype: logits = F.linear(...), log_softmax(z / T).gather(...); returns
+    """The common idiom: logits = F.linear(...), log_softmax(z / T).gather(...); returns
     (logp, entropy) whatever return_entropy says (it is there to share linear_logprobs' signature)."""
     log_p = torch.log_softmax(F.linear(hidden, weight, bias) / temperature, dim=-1)
     active = targets != ignore_index
     lp = log_p.gather(-1, torch.where(active, targets, 0).unsqueeze(-1)).squeeze(-1)
     ent = -(log_p.exp() * log_p).sum(-1)
     return torch.where(active, lp, 0), torch.where(active, ent, 0)
+
+
+def inherited_from_grad_z(view, hidden64, weight64, grad_z64, dtype):
+    """What the hidden / weight / bias gradients inherit from the kernels' one intermediate rounding: grad_z
+    (d loss / d logits, (..., V)) is stored in the input dtype for the cuBLAS products grad_hidden = grad_z @ W
+    and grad_W = grad_z^T @ hidden (bias: summed in fp32 from the unrounded values, nothing inherited)."""
+    dz = intermediate_rounding(grad_z64, dtype)  # (..., V)
+    H = hidden64.shape[-1]
+    on_hidden = torch.zeros_like(hidden64)
+    view(on_hidden).copy_(dz @ weight64.abs())
+    on_weight = dz.reshape(-1, dz.shape[-1]).t() @ view(hidden64).reshape(-1, H).abs()
+    return on_hidden, on_weight, 0.0
+
+
+def logits_grad64(view, hidden64, weight64, bias64, loss_of_logits):
+    """d loss / d logits in fp64, the logits materialised from the fp64 head: (..., V)."""
+    z = F.linear(view(hidden64.detach()), weight64.detach(), None if bias64 is None else bias64.detach())
+    z = z.requires_grad_()
+    (grad,) = torch.autograd.grad(loss_of_logits(z), z)
+    return grad
 
 
 def make_case(case, gen, dtype, device):
@@ -95,6 +115,7 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.kernels("linear_logprobs.fwd", "linear_logprobs.bwd")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_contract_forward_backward(case, dtype, gen, device):
@@ -109,14 +130,20 @@ def test_contract_forward_backward(case, dtype, gen, device):
     lp, ent, grads = run(linear_logprobs, hidden, w, b, g_lp, g_ent)
     ins64 = detached([hidden, w, b], torch.float64)  # the fp64 oracle, on the same rounded inputs
     lp64, ent64, grads64 = run(linear_logprobs_ref, *ins64, g_lp.double(), g_ent.double())
-    lp_e, ent_e, grads_e = run(eager, *detached([hidden, w, b]), g_lp.to(dtype), g_ent.to(dtype))  # input dtype
+    lp_e, ent_e, grads_e = run(eager, *detached([hidden, w, b], torch.float32), g_lp, g_ent)  # eager fp32
 
+    def loss64(z):
+        lp, ent = token_logprobs_ref(z, t, temperature=temp, return_entropy=True)
+        return (lp * g_lp.double()).sum() + (ent * g_ent.double()).sum()
+
+    grad_z64 = logits_grad64(view, *ins64, loss64)
+    inherited = inherited_from_grad_z(view, ins64[0].detach(), ins64[1].detach(), grad_z64, dtype)
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == t.shape
     assert_contract(f"{case} {dtype} logp", lp, lp_e, lp64)
     assert_contract(f"{case} {dtype} entropy", ent, ent_e, ent64)
-    for name, g, g_e, g64 in zip(["hidden", "weight", "bias"], grads, grads_e, grads64):
+    for name, g, g_e, g64, inh in zip(["hidden", "weight", "bias"], grads, grads_e, grads64, inherited):
         assert g.dtype == dtype and g.shape == g64.shape
-        assert_contract(f"{case} {dtype} grad {name}", g, g_e, g64)
+        assert_contract(f"{case} {dtype} grad {name}", g, g_e, g64, inherited=inh)
     if case == "masked_rows":
         ignored = t == -100
         assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all() and (view(grads[0])[ignored] == 0).all()
@@ -407,7 +434,7 @@ def test_kl_agrees_with_full_kl_on_materialised_logits(dtype, gen, device):
 
 # -------------------------------------------------------------------------------------- linear_full_kl
 def eager_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, temperature=1.0, mask=None):
-    """The textbook formula in the input dtype: sum p (log p - log q) from two materialised log-softmaxes."""
+    """The textbook formula: sum p (log p - log q) from two materialised log-softmaxes."""
     log_p = torch.log_softmax(F.linear(hidden, weight, bias) / temperature, dim=-1)
     log_q = torch.log_softmax(F.linear(ref_hidden, ref_weight, ref_bias) / temperature, dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -417,6 +444,7 @@ def eager_kl(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None
 KL_CASES = ["random", "near_equal", "identical", "masked", "temperature", "offset_plus20", "strided", "confident"]
 
 
+@pytest.mark.kernels("linear_full_kl.fwd", "linear_full_kl.bwd")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", KL_CASES)
 def test_kl_contract_forward_backward(case, dtype, gen, device):
@@ -447,13 +475,18 @@ def test_kl_contract_forward_backward(case, dtype, gen, device):
     kl, grads = run(linear_full_kl, x, w, b, rx, rw, rb, g_kl)
     ins64 = detached([x, w, b], torch.float64) + [t.double() for t in (rx, rw, rb)]
     kl64, grads64 = run(linear_full_kl_ref, *ins64, g_kl.double())
-    kl_e, grads_e = run(eager_kl, *detached([x, w, b]), rx, rw, rb, g_kl.to(dtype))
+    kl_e, grads_e = run(eager_kl, *detached([x, w, b], torch.float32), rx.float(), rw.float(), rb.float(), g_kl)
 
+    ref_logits64 = F.linear(view(ins64[3]), ins64[4], ins64[5])
+    grad_z64 = logits_grad64(
+        view, *ins64[:3], lambda z: (full_kl_ref(z, ref_logits64, temperature=temp, mask=mask) * g_kl.double()).sum()
+    )
+    inherited = inherited_from_grad_z(view, ins64[0].detach(), ins64[1].detach(), grad_z64, dtype)
     assert kl.dtype == torch.float32 and kl.shape == (B, T)
     assert_contract(f"{case} {dtype} kl", kl, kl_e, kl64)
-    for name, g, g_e, g64 in zip(["hidden", "weight", "bias"], grads, grads_e, grads64):
+    for name, g, g_e, g64, inh in zip(["hidden", "weight", "bias"], grads, grads_e, grads64, inherited):
         assert g.dtype == dtype
-        assert_contract(f"{case} {dtype} grad {name}", g, g_e, g64)
+        assert_contract(f"{case} {dtype} grad {name}", g, g_e, g64, inherited=inh)
     if case == "identical":
         assert (kl == 0).all() and all((g == 0).all() for g in grads)
     if case == "near_equal":  # relative accuracy where the textbook formula cancels

@@ -70,7 +70,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     assert metrics["annotation"]["annotator"] == "rubric:shorter"
     assert metrics["reward_model"]["finished"]
     for key in ("accuracy", "precision", "recall", "f1", "auc_roc", "ece", "brier"):
-        assert 0.0 <= metrics["reward_model"]["test"][key] <= 1.0 or key == "auc_roc"
+        assert 0.0 <= metrics["reward_model"]["test"][key] <= 1.0, key  # NaN fails too
     assert set(metrics["timings"]) >= {"generate_s", "annotate_s", "reward_model_s", "ppo_s", "evaluate_s", "total_s"}
     assert metrics["ppo"]["steps"] == 2 and metrics["config"]["ref_quant"] == "int8"
     # measured and >= 0 up to rounding: only the tiny model's top layer is int8 (the reference reads the

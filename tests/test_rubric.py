@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastrlhf.trainer import rubric
 from fastrlhf.trainer.data import PromptRecord, load_demo_prompts
 from fastrlhf.trainer.rubric import (
     GARBAGE_SCORE,
@@ -43,10 +42,6 @@ RAMBLING_CORRECT = (
 )
 RAMBLING_WRONG = RAMBLING_CORRECT.replace("Paris", "Lyon")
 TRAILING_CORRECT = RAMBLING_CORRECT.removesuffix(" year.")  # what a reply cut off at the token limit looks like
-
-
-def test_docstring_says_it_stands_in_for_annotators():
-    assert "STANDS IN FOR HUMAN ANNOTATORS" in rubric.__doc__
 
 
 @pytest.mark.parametrize(
