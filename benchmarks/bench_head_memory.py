@@ -313,7 +313,7 @@ def _ratio(a, b):
 
 
 def compare(modes: dict, outputs: dict, tol: float) -> tuple[dict, bool, dict, dict]:
-    """-> (agreement of each mode with eager, gate passed, ratios to eager, the issue's targets)."""
+    """-> (agreement of each mode with eager, gate passed, ratios to eager, the targets)."""
     ref, e = outputs.get("eager"), modes.get("eager")
     agreement, ratios, targets = {}, {}, {}
     for mode, o in outputs.items():

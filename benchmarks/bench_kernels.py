@@ -9,7 +9,7 @@ Grid: on CUDA the sweep's 'quick' grid (FASTRLHF_BENCH_GRID=full|quick|smoke to 
 'smoke' grid (tiny shapes through Triton's interpreter). pytest-benchmark times each call end to end
 with the host clock (the call synchronises the device); the device-side numbers go into
 `benchmark.extra_info` (on CUDA, and not with --benchmark-disable): do_bench median ms, achieved GB/s
-and % of the copy bandwidth measured in this session, peak memory and its ratio to the essential bytes,
+and % of the copy bandwidth measured in this run, peak memory and its ratio to the essential bytes,
 speedup vs the eager idiom, the correctness check's error and the first call's (compile) time.
 Providers that have nothing to run (no counterpart op, CUDA-only, not installed, too slow at this size)
 are skipped with the reason.
@@ -49,7 +49,7 @@ _SETS: dict[str, object] = {"key": None, "sets": None}  # one shape's input sets
 
 @pytest.fixture(scope="session")
 def copy_bw_gbs() -> float | None:
-    """The device-to-device copy bandwidth, measured once per session (None on CPU)."""
+    """The device-to-device copy bandwidth, measured once per pytest run (None on CPU)."""
     return measure.copy_bandwidth_gbs(DEVICE)
 
 

@@ -50,7 +50,7 @@ The reward model is --reward-model, or, when omitted, built from the policy fold
 `load_reward_model(path, seed=seed + 1)` (the trunk of the policy, a new random scalar head) and saved
 into the work folder. The critic is initialised from it (PPOConfig's default `--critic separate`).
 
-Output, flat in --out (the device tool returns at most 8 files, so nothing big goes there):
+Output, flat in --out (an offline GPU host returns at most 8 files, so nothing big goes there):
     ppo_step.json   environment (benchmarks/measure.py), config, per-mode phase summary, per-step
                     timings, speed ratios, the curve comparison and its verdict
     ppo_step.md     the markdown table, also printed last
@@ -86,7 +86,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """argparse rather than tyro: an offline GPU host may lack tyro (see scripts/gpu_check.sh)."""
+    """argparse rather than tyro: an offline GPU host may lack tyro (see scripts/gpu/gpu_check.sh)."""
     p = argparse.ArgumentParser(
         prog="benchmarks/bench_ppo_step.py",
         description="Time PPO steps with the fused kernels and with their eager *_ref twins; compare the curves.",

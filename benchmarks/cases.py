@@ -366,7 +366,7 @@ def _compile_fn(case: Case, device: torch.device) -> Callable[..., Outputs]:
 def liger_status() -> str | None:
     """None when Liger-Kernel can be imported, else why not."""
     if importlib.util.find_spec("liger_kernel") is None:
-        return "liger_kernel not installed (optional; scripts/fetch_wheels.sh fetches a wheel)"
+        return "liger_kernel not installed (optional; scripts/gpu/fetch_wheels.sh fetches a wheel)"
     try:
         import liger_kernel.transformers.functional  # noqa: F401
     except Exception as e:  # an import-time failure of an optional peer is a skip, not a crash

@@ -1,6 +1,6 @@
 """The measurement core shared by `bench_kernels.py` (pytest-benchmark) and `sweep.py` (the grid).
 
-What it measures and why (DESIGN section 6):
+What it measures and why (docs/benchmarks.md):
 - time: on CUDA `triton.testing.do_bench` (CUDA events, warm-up, median; it flushes the L2 before every
   call) over a closure that rotates among several pre-allocated input sets, so a result that fits in
   the cache cannot flatter; on CPU plain wall-clock medians of a few calls (the smoke mode exercises the

@@ -1,6 +1,6 @@
 """Kernel benchmark sweep: op x mode x shape x dtype x provider, with the hardware ceilings measured in
 the same run, written as long-format CSV + JSON (with provenance), PNG plots and a markdown summary
-whose short form is printed LAST (the device tool returns the end of the output).
+whose short form is printed LAST (a GPU host may return only the end of the output).
 
     python benchmarks/sweep.py --out out/sweep            # full grid, <= ~5 min on one H100
     python benchmarks/sweep.py --out out/sweep --quick    # headline shapes, ~2 min
@@ -12,7 +12,7 @@ op, CUDA-only provider, a slow baseline left out at the largest sizes, the time 
 first), and the ones that would start too late are recorded as skipped. On SIGTERM (e.g. `timeout`)
 the sweep stops, records the rest as interrupted and still writes everything.
 
-Output files (five, flat: the device tool returns at most 8 files from its output folder):
+Output files (five, flat: an offline GPU host returns at most 8 files):
     sweep.csv  sweep.json  summary.md  bandwidth_vs_vocab.png  peak_memory_vs_rows.png
 The CSV starts with '# key: value' provenance lines (pandas: `read_csv(path, comment="#")`).
 """

@@ -1,4 +1,4 @@
-"""benchmarks/bench_linear.py works end to end on a CPU (issue 6), so a GPU session spends its minutes
+"""benchmarks/bench_linear.py works end to end on a CPU, so time on a GPU host goes to
 measuring: the --smoke run (the kernel through Triton's interpreter, tests/conftest.py sets
 TRITON_INTERPRET=1) writes every case and provider with finite numbers and agreeing outputs; and the
 CUDA-only arithmetic (TFLOP/s, % of the matmul, speedups, peak memory vs the logits, target verdicts, the
@@ -17,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks" / "tools"))
 import bench_linear as bl  # noqa: E402
 import measure  # noqa: E402
 
@@ -170,7 +171,7 @@ def test_time_budget_and_oom_rows(tmp_path, fake_cuda, monkeypatch):
 
 
 def test_tune_linear_backward_launch_matches_the_gradient():
-    """benchmarks/tune_linear.py --backward (GPU only) repeats `_backward`'s launch of the grad_z kernel with
+    """benchmarks/tools/tune_linear.py --backward (GPU only) repeats `_backward`'s launch of the grad_z kernel with
     its own tiles: on the interpreter, with small tiles, it must give d logp / dz = (onehot - softmax) * g of
     eager fp64 (two row blocks, two vocabulary tiles, a partial chunk of the vocabulary, a partial H slice)."""
     import torch

@@ -1,6 +1,6 @@
-"""The benchmark tooling works end to end on a CPU (issue 5), so a session that gets a GPU spends its
-minutes measuring, not debugging: the sweep in --smoke mode (kernels through Triton's interpreter), the
-pytest-benchmark suite with --benchmark-disable, the shell scripts' syntax, and scripts/gpu_check.sh in
+"""The benchmark tooling works end to end on a CPU, so time on a GPU host goes to
+measuring, not debugging: the sweep in --smoke mode (kernels through Triton's interpreter), the
+pytest-benchmark suite with --benchmark-disable, the shell scripts' syntax, and scripts/gpu/gpu_check.sh in
 its dry mode. No GPU number is produced or checked here: on CPU every GPU-only column must be empty.
 """
 
@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks" / "tools"))
 import cases  # noqa: E402
 import sweep  # noqa: E402
 
@@ -142,7 +143,7 @@ def test_sweep_plots_and_markdown(smoke_sweep):
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     md = (out / "summary.md").read_text()
     assert "### Targets" in md and "### All cells" in md and "not applicable" in md
-    # the short markdown is printed LAST (the device tool returns the end of the output)
+    # the short markdown is printed LAST (a GPU host may return only the end of the output)
     tail = printed[printed.rindex("[sweep] wrote") :]
     assert "### Headline" in tail and "### Targets" in tail and "### All cells" not in tail
     assert printed.rstrip().splitlines()[-1].startswith("cells:")
@@ -205,16 +206,16 @@ def test_pytest_benchmark_suite_runs_disabled():
 
 
 def test_shell_scripts_parse():
-    for script in ("scripts/gpu_check.sh", "scripts/fetch_wheels.sh", "scripts/gpu_prepare.sh", "scripts/gpu_session.sh",
-                   "scripts/gpu_pipeline.sh"):
+    for name in ("gpu_check", "fetch_wheels", "gpu_prepare", "gpu_session", "gpu_pipeline"):
+        script = f"scripts/gpu/{name}.sh"
         proc = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 
 
 def test_gpu_check_dry_run(tmp_path):
-    """scripts/gpu_check.sh with FASTRLHF_GPU_CHECK_DRY=1: every stage wired (tests collected, sweep in
-    --smoke mode, the issue-6 benchmarks in their CPU smoke modes, merged into beyond.json and summary.md),
-    at most 8 flat files with plain names (the device tool's limits), exit 0. The editable install is hidden
+    """scripts/gpu/gpu_check.sh with FASTRLHF_GPU_CHECK_DRY=1: every stage wired (tests collected, sweep in
+    --smoke mode, the beyond-the-logits benchmarks in their CPU smoke modes, merged into beyond.json and summary.md),
+    at most 8 flat files with plain names (what an offline GPU host returns), exit 0. The editable install is hidden
     from the child Python, so the symlink-shim fallback is what makes fastrlhf importable."""
     hide = tmp_path / "hide"
     hide.mkdir()
@@ -233,7 +234,7 @@ def test_gpu_check_dry_run(tmp_path):
         "PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     proc = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", str(out), "--quick"],
+        ["bash", "scripts/gpu/gpu_check.sh", str(out), "--quick"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -257,7 +258,7 @@ def test_gpu_check_dry_run(tmp_path):
         assert f"fastrlhf.kernels from {tmp_path / 'shim'}" in log
     assert re.search(r"----- pytest output .*\d+ tests collected.*----- end of pytest output", log, re.S)
     assert "## gpu_check stages" in proc.stdout and "### Targets" in proc.stdout
-    # the issue-6 benchmarks: each script's JSON, unchanged, in beyond.json; their tables appended to summary.md
+    # the beyond-the-logits benchmarks: each script's JSON, unchanged, in beyond.json; their tables appended to summary.md
     beyond = json.loads((out / "beyond.json").read_text())
     assert beyond["linear"]["meta"]["grid"] == "smoke" and len(beyond["linear"]["rows"]) > 0
     assert beyond["gae"]["rows"] and beyond["gae"]["rows"][0]["loop_ms"] > 0
@@ -266,9 +267,9 @@ def test_gpu_check_dry_run(tmp_path):
     else:
         assert beyond["head_memory"] is None and "does not exist" in beyond["missing"]["head_memory"]
     summary = (out / "summary.md").read_text()
-    assert summary.index("### All cells") < summary.index("## Beyond the logits (issue 6)")
+    assert summary.index("### All cells") < summary.index("## Beyond the logits")
     assert "### Fused linear log-probs" in summary and "### GAE scan" in summary
-    assert "## Beyond the logits (issue 6)" in proc.stdout
+    assert "## Beyond the logits" in proc.stdout
 
 
 def test_bench_ppo_step_smoke(tmp_path, capsys):
@@ -363,13 +364,12 @@ def test_bench_head_memory_smoke(tmp_path, capsys, monkeypatch):
 
 
 def test_gpu_math_probe_measures_the_model_and_the_interpreter(tmp_path):
-    """benchmarks/gpu_math_probe.py (a GPU session measures ex2.approx, div.full and the fp32 / bf16 tl.dot with
-    it): on CPU it measures tests/gpu_math.py's model (--model) or the interpreter's own functions, in a subprocess
+    """benchmarks/tools/gpu_math_probe.py (on a GPU it measures ex2.approx, div.full and the fp32 / bf16 tl.dot): on CPU it measures tests/gpu_math.py's model (--model) or the interpreter's own functions, in a subprocess
     (the model patches the interpreter for the whole process)."""
     res = {}
     for mode in ("--model", None):
         out = tmp_path / f"probe{mode or ''}.json"
-        cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_math_probe.py"), "--out", str(out)] + ([mode] if mode else [])
+        cmd = [sys.executable, str(REPO / "benchmarks" / "tools" / "gpu_math_probe.py"), "--out", str(out)] + ([mode] if mode else [])
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
         assert "| exp2 |" in done.stdout
@@ -389,8 +389,8 @@ def test_gpu_math_probe_measures_the_model_and_the_interpreter(tmp_path):
 
 @pytest.mark.parametrize("cfg", [None, (64, 4, 2, 80)])  # the library's launch, and a sweep row
 def test_tune_rows_launches_match_the_library(gen, cfg):
-    """benchmarks/tune_rows.py repeats the launchers' argument lists (the library takes no tile arguments):
-    on the interpreter its launches must give what token_logprobs and full_kl give, so a GPU session's sweep
+    """benchmarks/tools/tune_rows.py repeats the launchers' argument lists (the library takes no tile arguments):
+    on the interpreter its launches must give what token_logprobs and full_kl give, so the GPU sweep
     measures the shipped kernels and not a drifted copy (the GPU-only sweep itself needs CUDA)."""
     import torch
     import tune_rows

@@ -149,7 +149,7 @@ class EvalRewardConfig:
 class PPOConfig:
     """`fastrlhf ppo`: step 3 of RLHF. Fine-tune the policy with PPO against a frozen reward model, with a
     per-token KL penalty against a frozen (bitsandbytes-quantized) reference. Defaults from the literature
-    (DESIGN.md section 4); the few CPU-driven departures are marked and listed in `trainer/ppo.py`."""
+    (docs/trainer.md); the few CPU-driven departures are marked and listed in `trainer/ppo.py`."""
 
     reward_model: str = "runs/demo/reward/model"
     """Reward model folder written by `fastrlhf train-rm` (its saved gain/bias normalise the score)."""
@@ -260,9 +260,9 @@ class PPOConfig:
     """Log-probs of policy, old policy and reference straight from the last hidden state and the LM-head
     weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. Off by default: on an
     H200 its kernel ran 2.9x slower than matmul + `token_logprobs` (8192 x 4096 x 151936 bf16) and one PPO
-    step of Llama-3.2-1B shapes peaked at the same memory as the logits path (benchmarks/results/
-    2026-11-27-h200/; the forward's tiles and the backward have changed since, not yet measured); turn it
-    on when the logits do not fit."""
+    step of Llama-3.2-1B shapes peaked at the same memory as the logits path (results/2026-11-27-h200/;
+    the forward's tiles and the backward have changed since and are not measured on a GPU); turn it on
+    when the logits do not fit."""
     seed: int = 0
     """Seed for prompt order, sampling and head initialisation."""
     device: str = "auto"

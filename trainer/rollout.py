@@ -1,6 +1,6 @@
 """Rollouts: sample replies from a policy and turn them into a `Rollout` record with documented shapes.
 
-Layout of every batch (PPO-for-LM conventions, DESIGN.md section 4):
+Layout of every batch (PPO-for-LM conventions, docs/trainer.md):
 
     sequences = [ pad pad p p p p | r r r EOS pad pad ]      (B, P + R) int64
                   <- prompt P: left-padded -> <- response R: right-padded ->
@@ -171,7 +171,7 @@ def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
     Why: a left-padding row would otherwise attend to nothing, a known NaN trigger in attention backwards
     (0 x NaN then spreads into the weights' gradients). The pipeline's PPO got a NaN policy gradient at step
     2 on an H200 (torch 2.11, bf16 autocast) without this mask and none in 2 x 20 steps with it, though
-    benchmarks/sdpa_masked_rows.py did not reproduce a NaN in isolation. A pad row's output is never read
+    benchmarks/tools/sdpa_masked_rows.py did not reproduce a NaN in isolation. A pad row's output is never read
     and no real row attends to a pad key, so the real rows' hidden states are the same as with the 2D mask
     (tests/test_rollout.py); only a batch-dependent layer sees a difference (LLM.int8's outlier columns
     are chosen over all rows, pad rows included)."""
