@@ -432,11 +432,11 @@ def choose_cubins(launches, policy="group") -> None:
     """Sets launch["cubin"]: all, none, or per group (same kernel, pointer types, non-boolean constexprs,
     num_warps, num_stages) the launch with the most boolean flags set (ties: the first captured)."""
     best = {}
-    for i, l in enumerate(launches):
-        l["cubin"] = policy == "all"
-        key = (l["module"], l["kernel"], tuple(l["ptrs"].values()), l["num_warps"], l["num_stages"],
-               tuple((n, str(v)) for n, v in l["consts"].items() if not isinstance(v, bool)))  # fmt: skip
-        flags = sum(v is True for v in l["consts"].values())
+    for i, rec in enumerate(launches):
+        rec["cubin"] = policy == "all"
+        key = (rec["module"], rec["kernel"], tuple(rec["ptrs"].values()), rec["num_warps"], rec["num_stages"],
+               tuple((n, str(v)) for n, v in rec["consts"].items() if not isinstance(v, bool)))  # fmt: skip
+        flags = sum(v is True for v in rec["consts"].values())
         if key not in best or flags > best[key][0]:
             best[key] = (flags, i)
     if policy == "group":
@@ -554,16 +554,16 @@ def streaming_loop(sass: str) -> dict | None:
         t = target(op, line)
         if t is None or t >= addr:
             continue
-        body = [(a, o, l) for a, o, l in ins if t <= a <= addr]
-        key = (sum(_load_bytes(l) for _, o, l in body if o in LOADS), -len(body))
+        body = [(a, o, text) for a, o, text in ins if t <= a <= addr]
+        key = (sum(_load_bytes(text) for _, o, text in body if o in LOADS), -len(body))
         if best is None or key > best[0]:
             best = (key, body)
     if best is None:
         return None
     body = best[1]
     skipped = set()
-    for a, o, l in body:
-        t = target(o, l)
+    for a, o, text in body:
+        t = target(o, text)
         if t is not None and a < t <= body[-1][0]:
             skipped.update(b for b, _, _ in body if a < b < t)
     path = [o for a, o, _ in body if a not in skipped]
