@@ -3,11 +3,10 @@
 Nothing here computes; every op's math lives in its own file.
 
 Every launch passes `enable_fp_fusion=True`: the kernels' polynomials (Horner's rule, one FMA a term) and
-their products-then-sums were written, tested against the contract and counted (`benchmarks/tune_rows.py
---sass`) with FMA contraction, Triton's default up to 3.9. Triton 3.10 turns that default off
-(TRITON_DEFAULT_FP_FUSION), which would change every kernel's rounding and cost full_kl's forward 16% more
-instructions (44.2 -> 51.3 SASS per element on sm_90). (From 3.9, TRITON_FORCE_DISABLE_FP_FUSION=1 still
-turns it off.)
+their products-then-sums were written, tested against the contract and counted (`benchmarks/tools/tune_rows.py
+--sass`) with FMA contraction. A Triton whose default is no contraction (TRITON_DEFAULT_FP_FUSION)
+would otherwise change every kernel's rounding and cost full_kl's forward ~16% more instructions.
+TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off.
 
 Divisions in the kernels are correctly rounded (`div_rn` below): a plain fp32 `/` in Triton is div.full.f32
 on NVIDIA GPUs, a * rcp(b) (MUFU.RCP) and a rounded product, ~2 ulp off, while the interpreter divides
@@ -170,12 +169,11 @@ def bwd_layout(block_r: int, block_v: int, *rows: torch.Tensor) -> dict:
     """{"ALIGN"[, "maxnreg"]} of the backward streaming loops (token_logprobs, ppo_head, full_kl) over the
     (A, B, V) row views `rows` (the logits, the reference's, the gradient). The 16-byte-grid path
     (`aligned_share`) where blocks from column 0 would load scalars: an odd vocabulary (GPT-2's 50,257) or
-    a view off 16 bytes (sm_90, bf16, vocabulary 50,257: token_logprobs 30.9 -> 10.6 instructions per
-    element, full_kl 33.8 -> 15.1: compute-bound to memory-bound). Rows Triton can prove aligned keep the
+    a view off 16 bytes (sm_90, bf16, vocabulary 50,257: token_logprobs 10.6 instructions per element
+    instead of 30.9 from column 0, full_kl 15.1 instead of 33.8: memory-bound, not compute-bound). Rows Triton can prove aligned keep the
     column-0 path: its loads are vectors already and it ran at 90-97% of copy bandwidth on the H200. On
-    NVIDIA GPUs the grid path is capped at 64 registers for 16-bit logits (4 blocks of 8 warps per SM;
-    uncapped triton 3.6 takes 72-94, 3.9 about 64) and 80 for fp32 (3 blocks; 64 spilled up to 56 bytes
-    under 3.9): no spill at these under either version."""
+    NVIDIA GPUs the grid path is capped at 64 registers for 16-bit logits (4 blocks of 8 warps per SM)
+    and 80 for fp32 (3 blocks): no spill at these (results/2026-12-03-sm90-sass)."""
     if provably_aligned(*rows):
         return {"ALIGN": 0}
     align = row_layout(block_r, block_v, *rows)["ALIGN"]
@@ -306,9 +304,8 @@ def load_whole(p, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexp
     unmasked. bf16 -> fp32 by hand: each 32-bit word holds two bf16, and a bf16 is the top half of the fp32
     it rounds, so the pair is (w << 16, w & 0xffff0000), one instruction each. The compiler's conversion
     moves the high half down first and shifts it back (PRMT + SHF: 1.5 instructions per value). Used where
-    instructions are the bound: full_kl's forward (sm_90: 34.4 -> 33.4 per element under triton 3.9, 35.0 ->
-    34.0 under 3.6). token_logprobs' forward, under its memory floor by count, keeps the compiler's: there it
-    saved 8.1 -> 7.6 but cost triton 3.6 registers (32 -> 40: 6 blocks of 8 warps per SM instead of 8)."""
+    instructions are the bound: full_kl's forward (one instruction per element fewer on sm_90).
+    token_logprobs' forward, under its memory floor by count, keeps the compiler's (fewer registers)."""
     if p.dtype.element_ty == tl.bfloat16 and ACC == tl.float32:
         w = tl.load(p.to(tl.pointer_type(tl.int32))[:, None] + tl.arange(0, BLOCK_V // 2)[None, :])
         lo = (w << 16).to(tl.float32, bitcast=True)  # the even columns

@@ -36,8 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from ._common import LOG2E, _desc, acc_dtype, as_rows, check_float, check_shape, temperature_scale, tl_dtype
 from ._common import vocab_splits
 
-# Instantiated constexprs: compiled Triton rejects globals merely annotated `x: tl.constexpr = ...` (triton
-# PR #5961; seen compiling for sm_90 with 3.9). The interpreter does not check, so CPU tests cannot tell.
+# Instantiated constexprs: compiled Triton rejects globals merely annotated `x: tl.constexpr = ...` (seen
+# compiling for sm_90). The interpreter does not check, so CPU tests cannot tell.
 LN2 = tl.constexpr(0.6931471805599453)
 REF_CHUNK_ROWS = 1024  # rows per chunk in the *_ref twins: their memory is O(REF_CHUNK_ROWS x V) fp32
 GRAD_Z_CHUNK_BYTES = 256 << 20  # the backward's (N, chunk) grad_z buffer on CUDA (see chunk_cols)
@@ -49,7 +49,7 @@ def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr):
     The accumulator goes into tl.dot, as the compiler would put it anyway (`acc + tl.dot(a, b)` is rewritten to
     `tl.dot(a, b, acc)`), so the interpreter sums in the compiled order. fp64 (gradcheck only) is a broadcast
     multiply and sum, not tl.dot: Triton 3.6's fp64 MMA asserts "fp64 don't support largeK MMA" for these tiles
-    on sm_90 (seen on an H200)."""
+    on sm_90."""
     if DOT_DTYPE == tl.float64:
         return acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
     elif DOT_DTYPE == tl.float32:
@@ -190,15 +190,15 @@ def launch_config(dtype: torch.dtype, device: torch.device, one_head: bool = Fal
     if dtype == torch.float32:  # full-fp32 products run on FMA units, not tensor cores: smaller tiles
         return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_H=16, num_warps=8, num_stages=2)
     if one_head:  # one logits tile a program, then an epilogue: the LSE pass (H200, 8192 x 4096 x 151936,
-        # benchmarks/tune_linear.py: 74.5% of matmul, was 36.6%, 192 B spilled with targets + entropy) and, by
-        # analogy, not measured yet, the log-probs backward's grad_z kernel (184-312 B spilled on sm_90)
+        # benchmarks/tools/tune_linear.py: 74.5% of matmul, 192 B spilled with targets + entropy) and, by
+        # analogy, unmeasured, the log-probs backward's grad_z kernel (184-312 B spilled on sm_90)
         return dict(BLOCK_M=128, BLOCK_V=256, BLOCK_H=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_H=32, num_warps=8, num_stages=3)
 
 
 def dot_dtype(t: torch.Tensor):
     """tl.dot's operand dtype: the input's. Under the interpreter bf16 runs as fp32 (exact: a bf16 product fits
-    in fp32), because Triton 3.9's interpreter multiplies bf16 bit patterns as integers."""
+    in fp32), because Triton's interpreter multiplies bf16 bit patterns as integers."""
     if t.dtype == torch.bfloat16 and t.device.type != "cuda":
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}.get(t.dtype, tl.float64)

@@ -22,8 +22,8 @@ C2, C3, C4, C5, C6, C7, C8, C9, C10, C11 = (tl.constexpr(c) for c in _C[2:])
 # fp32: the degree-5 minimax polynomial of f(d) = k3(d) / d^2 on [-0.5, 0.5] in relative error (Remez
 # exchange in fp64 against the Taylor series to d^31): max |p/f - 1| = 2.4e-8, under fp32's unit roundoff
 # (6e-8). Evaluated in fp32 (Horner without FMA, 400,001 points) k3's relative error is at most 2.0e-7,
-# mean 4.3e-8; the degree-6 polynomial used before (6.7e-10) gave 1.7e-7 and 3.6e-8 for one more FMA per
-# element in full_kl's issue-bound forward. Taylor would need degree 8 for 4.8e-8.
+# mean 4.3e-8; degree 6 (6.7e-10) gives 1.7e-7 and 3.6e-8 for one more FMA per element in full_kl's
+# issue-bound forward. Taylor would need degree 8 for 4.8e-8.
 _P = [0.5000000120139756, -0.1666666545583808, 0.04166579594169331, -0.00833345217228753, 0.001398199736512758,
       -0.00019875629296399496]  # fmt: skip
 P0, P1, P2, P3, P4, P5 = (tl.constexpr(c) for c in _P)

@@ -1,48 +1,18 @@
 """Per-token KL(pi || pi_ref) over the whole vocabulary, from two logits tensors in one streaming pass.
 
-Math, per row with policy logits x, reference logits y, temperature T, p = softmax(x/T), q = softmax(y/T):
+Per row, with policy logits x, reference logits y, temperature T, p = softmax(x/T), q = softmax(y/T):
     KL = sum_j p_j (log p_j - log q_j)
-Written naively as E_p[x - y]/T - lse(x/T) + lse(y/T), two O(1) numbers cancel to an O(delta^2) result, so
-for near-equal policy and reference (the usual case in PPO) fp32 loses every digit. We instead keep, with
-lam = log2(e)/T (logits -> exp2 arguments), the running maxima m_p, m_q of the raw logits and a per-row
-centre E (below):
-    p~_j = 2^((x_j - m_p) lam)                         exactly 1 at the maximum
-    t_j  = (x_j - y_j) lam - E                         log2(p_j/q_j) up to a per-row constant; d_j = t_j ln 2
-    q^_j = p~_j 2^-t_j = 2^((y_j - m_q) lam + (m_q - m_p) lam + E)       (q up to a per-row factor)
-    s = sum_j p~_j,   Q = sum_j q^_j,   M = sum_j p~_j t_j
-    K = sum_j p~_j k3(d_j),  k3(d) = d - 1 + e^-d       (>= 0, second order in d)
-k3 by a series for |d_j| < 0.5 (`_series.k3_series_base2`), beyond as p~ d + q^ - p~, which no longer
-cancels there. D = Q - s = sum p~ expm1(-d) is K - M ln 2: the two sums' terms differ by exactly D's, and
-neither cancels, so D needs no sum of its own (before 2026-12-03 it had one; Q stays for the case below).
-Then, with eps = D/s and h(e) = e - log(1 + e), two exact formulas (`_full_kl_fwd` picks per row):
-    KL = K/s - h(eps)              second order: both terms O(d^2), relative accuracy when pi ~ pi_ref
-    KL = M ln2/s + log(1 + eps)    first order, for eps > 1, where the second's two terms would cancel
-(log(1 + eps) as log Q - log s where eps < -0.5, where 1 + eps would cancel.) The centre E is the difference
-of the first block's base-2 log-normalisers, log2(sum 2^(x lam) / sum 2^(y lam)) over it (one more pass over
-that block), so the sums only scale by 2^((old m_p - new m_p) lam) when m_p grows (`_rescale`). It moves (an
-exact shift of the sums, K's in a form without first-order terms) to (m_p - m_q) lam when the policy's
-maximum grows so far that everything summed so far weighs < 2^-6 of the new maximum's term (a confident
-token after the first block: its log-ratio is then the row's), and when q^'s largest value would leave
-2^(+-RECENTRE) (maxima drifting > 11 T nats apart, rows far from the reference).
-Measured on the CPU interpreter (fp32 arithmetic, 2026-12-03), relative error of KL: near the reference
-1.6e-7 (`scripts/kernel_demo.sh`'s inputs: bf16, reference + 0.05 noise, T = 0.7; in 2,048-column blocks as
-on a GPU, 2.1e-7) against 1150% for the textbook formula; at delta = 1e-5 in 1,024-column blocks 1e-6;
-confident rows whose top token comes after the first block (p_top 0.96-0.9999) 1e-6; far from the
-reference eager's accuracy (a confident policy against a near-uniform reference, fp32: 2e-7 at vocabulary
-151,936, where the second-order formula alone gave 1e-3). The limit where a row spans several blocks is the
-first block's centre: a row whose probability mass lies elsewhere can be left with |eps| ~ |d|, and the
-terms beyond the series carry q^'s rounding (delta = 0.1 in 1,024-column blocks: up to 2e-5).
+The textbook E_p[x - y]/T - lse(x/T) + lse(y/T) cancels two O(1) numbers to an O(delta^2) result, so fp32
+loses every digit when pi ~ pi_ref (the usual case in PPO). The kernel instead accumulates second-order sums
+about a per-row centre E, with lam = log2(e)/T, p~_j = 2^((x_j - m_p) lam), t_j = (x_j - y_j) lam - E:
+    s = sum p~,  Q = sum q^,  M = sum p~ t,  K = sum p~ k3(t ln 2),  k3(d) = d - 1 + e^-d
+and finishes per row with KL = K/s - h(D/s) (second order) or M ln2/s + log(1 + D/s) (first order, where the
+second would cancel), D = K - M ln 2, h(e) = e - log(1 + e). The derivation, the centre's rules and the
+measured accuracy are in docs/precision.md ("full_kl").
 
 Forward: ONE read of both logits tensors (N*V*(bytes_x + bytes_y)); writes KL and four fp32 row stats.
-Backward (to the policy logits only; the reference is frozen): one more read of both, one write of
-dx (N*V*(bytes_x + bytes_y + bytes_x)):
-    dKL/dx_j = p_j (log p_j - log q_j - KL) / T = p_j (t_j - E_p[t]) ln 2 / T
-(the per-row constants cancel; E is the forward's final centre). E_p[t] = M/s is summed in the forward from
-the same t_j the backward recomputes, bit for bit, and p~ is exactly 1 at the maximum, so for a confident row
-(p_j -> 1) their rounding cancels as it does in eager autograd; using the forward's KL instead would leave an
-O(eps |log p/q|) error, and a centre that moved with the maxima an O(eps |shift|) one (the rare re-centring
-above costs that). Differences are taken on the raw logits (x_j - m_p, x_j - y_j: exact or nearly so) and
-only then scaled, so neither a large common offset nor near-equal logits lose precision.
+Backward (to the policy logits only; the reference is frozen): one more read of both, one write of dx:
+    dKL/dx_j = p_j (t_j - E_p[t]) ln 2 / T,   E_p[t] = M/s from the forward, recomputed bit for bit
 Masked rows (mask == 0) read nothing and give 0 and 0 gradient.
 """
 
@@ -410,14 +380,11 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
     (reference): BLOCK_R and BLOCK_V (`_common.row_blocks`, at most 2,048 columns on CUDA), G and ALIGN
     (`_common.row_layout`), num_warps, STAGES = 1 (plain loads) and a register cap on NVIDIA GPUs.
 
-    The loop is issue-bound on an H100/H200 (33 SASS instructions per element, `benchmarks/tune_rows.py
-    --sass`; the measured kernel of 2026-11-27, at 45, issued at 70% of the peak rate with 2 blocks of 8 warps
-    per SM): more resident warps to hide the loads' latency behind is the bet. A block of 2,048 columns and 4
-    warps runs 16 elements a thread, as 4,096 x 8 warps does, for the same count, and 80 registers fit 6 such
-    blocks (24 warps) per SM. At 80 (sm_90, bf16) the loop spills nothing under triton 3.9 nor 3.6 (the GPU
-    host's) at vocabularies 151,936 and 50,257 (3.9 spills 4 and 124 bytes outside it); uncapped, both take
-    96 registers (5 blocks); at 64 (8 blocks) 3.9 spills in the loop (tune_rows,
-    results/2026-12-03-sm90-sass). fp32 logits: 96 registers (5 blocks). Only the 16-byte-grid path (ALIGN)
+    The loop is issue-bound on an H100/H200 (33 SASS instructions per element, `benchmarks/tools/tune_rows.py
+    --sass`): more resident warps to hide the loads' latency behind is the bet. A block of 2,048 columns and
+    4 warps runs 16 elements a thread, as 4,096 x 8 warps does, for the same count, and 80 registers fit 6
+    such blocks (24 warps) per SM with no spill in the loop (sm_90, bf16; results/2026-12-03-sm90-sass).
+    fp32 logits: 96 registers (5 blocks). Only the 16-byte-grid path (ALIGN)
     is capped, the one counted: the column-0 path (several rows a program, views off 16 bytes) would spill
     more. No cap for fp64 (gradcheck) nor on ROCm, whose Triton has no such option. Not timed on a GPU:
     tune_rows times this beside 64 and 88 registers, 4,096 x 8 warps capped at 80 and uncapped, pipelined

@@ -319,7 +319,7 @@ def fwd_tiles(x: torch.Tensor) -> dict:
     module's and ppo_head's) but the flags: BLOCK_R and BLOCK_V (`_common.row_blocks`), G and ALIGN
     (`_common.row_layout`), num_warps, and STAGES = 1, plain loads. On sm_90 pipelining costs an instruction
     per element (8.1 -> 9.1, with a barrier pair per block) and only the GPU can say what it buys:
-    `benchmarks/tune_rows.py` times both."""
+    `benchmarks/tools/tune_rows.py` times both."""
     A, B, V = x.shape
     block_r, block_v = row_blocks(A * B, V, x.device)
     return {"BLOCK_R": block_r, "BLOCK_V": block_v, **row_layout(block_r, block_v, x),

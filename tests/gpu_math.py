@@ -21,12 +21,12 @@ on a GPU, accurate), `tl.div_rn` and everything else keep the interpreter's exac
 a separate multiply and add, which the GPU build also applies (`enable_fp_fusion=True`), is not modelled.
 
 It is a model, not the hardware's tables: the bounds are the documented ones, the error within them a guess
-(benchmarks/gpu_math_probe.py measures the real functions on a GPU, and this model's on CPU). The one check
-against a GPU so far is the H200 run of 2026-11-27 (kernels of 7310124): under this model those kernels pass
+(benchmarks/tools/gpu_math_probe.py measures the real functions on a GPU, and this model's on CPU). The one check
+against a GPU is the H200 run in results/2026-11-27-h200: under this model those kernels pass
 every test of tests/test_gpu_math.py's selection, as they did there. Cruder models failed tests the H200
 passed: a full 2^-22 on every exp2 (2^0 included: confident rows' gradients), and rcp within 2 ulp (two
 ppo_head tests at T = 0.7). The fp32 dot explains the two fp32 contract failures of linear_logprobs on the H200
-(runs 1-3, 2026-11-27): the logits as compiled then (one chain over H = 40 from 0, the bias last) give, under
+(that run): the logits as compiled then (one chain over H = 40 from 0, the bias last) give, under
 the model, errors of 2.06e-5 (KL "confident", grad hidden) and 3.31e-6 (logp "offset_plus20", grad bias) where
 the H200 measured 2.01e-5 and 3.42e-6. The test failed there because cuBLAS's eager logits were 3-5x better
 than a chain (6.85e-6, 6.55e-7; the CPU's BLAS: 2.08e-5, 3.31e-6); the kernel now sums H in compensated slices.

@@ -159,7 +159,7 @@ def batched_logprobs(model, ro: Rollout):
 
 class Truth:
     """The model's own forward in fp64 (the oracle) and the bound for the trainer's fp32 pass: 4x the error
-    of the model's own fp32 forward against fp64, + 8 fp32 ulps of the value. Twice the design's 2x, because
+    of the model's own fp32 forward against fp64, + 8 fp32 ulps of the value. Twice the contract's 2x, because
     the trainer's batched pass (padding, a 4D mask) rounds differently from the oracle's unpadded rows
     through the whole trunk, not only in the kernel. The bounds come out at ~1e-5 to 1e-4, so a soft-cap,
     scale or mask mistake (>= 1e-2 here) cannot pass."""

@@ -179,7 +179,7 @@ def stable_full_kl_fp64(x, y, temperature):
 def test_full_kl_relative_accuracy_near_equal(delta, gen, device, tiles):
     """Our claim beyond the contract: relative fp32 accuracy even when pi ~ pi_ref. In one block 1e-6 (centred
     on the two maxima, delta = 0.1 gave 2.7e-6); where the row takes several blocks, 2e-5 (8e-6 at delta =
-    1e-5, KL ~ 5e-11; before 2026-12-03 the centre moved with the maxima, shifted at first order: 9e-3)."""
+    1e-5, KL ~ 5e-11; a centre that moves with the maxima, shifted at first order, gives 9e-3)."""
     x = torch.randn(16, 4099, generator=gen).to(device) * 4
     y = x + delta * torch.randn(16, 4099, generator=gen).to(device)
     kl = full_kl(x, y, temperature=0.7).double()

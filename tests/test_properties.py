@@ -37,7 +37,7 @@ def test_logprobs_shift_invariant(case, offset, temperature):
     b = token_logprobs(x + offset, t, temperature=temperature)
     tol = 4e-6 * (1 + abs(offset) + x.abs().max().item()) / temperature
     assert (a - b).abs().max().item() <= tol
-    assert (a <= 0).all()  # a log-probability is never positive (verl #2656 trained on positive ones)
+    assert (a <= 0).all()  # a log-probability is never positive
 
 
 @FAST

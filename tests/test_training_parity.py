@@ -1,5 +1,5 @@
 """Kernel-on vs kernel-off: a small model trained with every kernel gives the same loss curve as the
-same model trained with the `*_ref` twins (DESIGN section 3; TRL #7009 / Liger #1082 shipped kernels that
+same model trained with the `*_ref` twins (docs/precision.md: fused kernels elsewhere have
 silently changed the objective)."""
 
 from __future__ import annotations

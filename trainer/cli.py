@@ -1,6 +1,6 @@
 """`fastrlhf` command line: one subcommand per step, flags generated from the dataclasses in config.py.
 
-    fastrlhf pipeline                  # the main job: steps 1-2 on the embedded model, report in runs/pipeline
+    fastrlhf pipeline                  # the main job: steps 1-3 on the embedded model, report in runs/pipeline
     fastrlhf generate-pairs --help
     fastrlhf annotate --rubric demo
     fastrlhf train-rm --pairs runs/demo/preferences.jsonl

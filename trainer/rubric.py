@@ -1,7 +1,7 @@
 """The demo's scripted "human" preference: a rubric that STANDS IN FOR HUMAN ANNOTATORS.
 
 No person labels the demo's pairs; this rubric does, so the demo runs unattended and reproducibly. It is
-also the independent judge of whether PPO helped (DESIGN.md section 5): the policy is never judged only
+also the independent judge of whether PPO helped: the policy is never judged only
 by the reward model it optimized. It scores a response to a prompt-set question (``answer``, ``aliases``
 and ``category`` in the record) the way a hurried human would:
 
