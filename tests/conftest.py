@@ -7,7 +7,8 @@ imported before this point without the interpreter stops at once.
 
 Every test that asserts the precision contract names the Triton launches it judges with
 `@pytest.mark.kernels("token_logprobs.fwd", ...)`; after the test, each named launch must have run
-(`fastrlhf.kernels._common.LAUNCHES`), and a contract test without the marker fails.
+(`fastrlhf.kernels._common.LAUNCHES`), and a contract test without the marker fails (`kernels()`: a test
+of the rule itself, no kernel).
 """
 
 import os

@@ -14,7 +14,7 @@ from contract import assert_contract, intermediate_rounding, max_err
 from fastrlhf.kernels import full_kl, full_kl_ref, token_logprobs, token_logprobs_ref, use_triton
 from fastrlhf.kernels import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 H, V = 72, 1003  # H: two H blocks on CPU, the last partial; V = 1000 + 3: several vocab tiles and ranges
 H_SMALL, V_SMALL = 40, 515  # one partial H block; 512 + 3: a last tile of 3 columns. A third of the interpreter's time
 LARGE_CASES = ("random", "row_blocks", "last_partial_tile")  # the cases on (H, V); the others on the small sizes

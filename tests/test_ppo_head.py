@@ -13,7 +13,7 @@ from fastrlhf.kernels import kl_estimate, token_logprobs
 from fastrlhf.kernels.ppo_head import PPOHeadOutput, ppo_head, ppo_head_ref
 from fastrlhf.trainer import rl
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CLIP = 0.2
 DIFFERENTIABLE = ["logprobs", "entropy", "ratio", "pg_loss", "kl"]
 
