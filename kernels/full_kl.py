@@ -358,13 +358,14 @@ def _full_kl_bwd(
 
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(logits, ref_logits, mask, temperature):
-    """-> kl (N,), stats (4, N), in the accumulation dtype."""
+    """-> kl (...) (a fresh tensor, not a view: the caller may modify it in place), stats (4, N), in the
+    accumulation dtype."""
     with kernel_range("fastrlhf.full_kl.fwd"):
         x, y = as_rows(logits), as_rows(ref_logits)
         A, B, V = x.shape
         N = A * B
         acc = acc_dtype(logits, ref_logits)
-        kl = torch.empty(N, dtype=acc, device=logits.device)
+        kl = torch.empty(logits.shape[:-1], dtype=acc, device=logits.device)  # contiguous: row i at offset i
         stats = torch.empty((4, N), dtype=acc, device=logits.device)
         tiles = fwd_tiles(x, y)
         _full_kl_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
@@ -430,7 +431,7 @@ class _FullKL(torch.autograd.Function):
         kl, stats = _forward(logits, ref_logits, mask, temperature)
         ctx.save_for_backward(logits, ref_logits, mask, stats)
         ctx.temperature = temperature
-        return kl.view(logits.shape[:-1])
+        return kl
 
     @staticmethod
     def backward(ctx, grad_kl):
@@ -468,16 +469,20 @@ def full_kl(
         temperature: > 0, applied to both inside the kernel.
         mask: optional (...) bool/int; positions where it is 0 give 0 and 0 gradient and read nothing.
     Returns:
-        (...) fp32 KL, >= 0 up to rounding, accurate relative to its own size even when pi ~ pi_ref.
+        (...) fp32 KL, >= 0 up to rounding, accurate relative to its own size even when pi ~ pi_ref. A fresh
+        tensor (not a view), safe to modify in place. Under torch.compile this runs `ops.full_kl`.
     """
+    if torch.compiler.is_compiling():  # the traceable op: Dynamo cannot trace a Triton launcher
+        from . import ops
+
+        return ops.full_kl(logits, ref_logits, temperature=temperature, mask=mask)
     temperature = _check_inputs(logits, ref_logits, temperature, mask)
     if not use_triton(logits):
         return full_kl_ref(logits, ref_logits, temperature=temperature, mask=mask)
     mask_rows = None if mask is None else mask.reshape(-1).to(torch.bool)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _FullKL.apply(logits, ref_logits.detach(), mask_rows, temperature)
-    kl, _ = _forward(logits, ref_logits, mask_rows, temperature)
-    return kl.view(logits.shape[:-1])
+    return _forward(logits, ref_logits, mask_rows, temperature)[0]
 
 
 def full_kl_ref(

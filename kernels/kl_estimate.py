@@ -78,14 +78,14 @@ class _KLEstimate(torch.autograd.Function):
     def forward(ctx, logp, ref_logp, estimator):
         with kernel_range("fastrlhf.kl_estimate.fwd"):
             a, b = logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous()
-            out = torch.empty(a.shape, dtype=acc_dtype(a, b), device=a.device)
+            out = torch.empty(logp.shape, dtype=acc_dtype(a, b), device=a.device)  # not a view: see the docstring
             _kl_estimate_fwd[(triton.cdiv(a.numel(), BLOCK),)](
                 a, b, out, a.numel(), ESTIMATOR=estimator, ACC=tl_dtype(out.dtype), BLOCK=BLOCK,
                 enable_fp_fusion=True,
             )
         ctx.save_for_backward(a, b)
         ctx.estimator, ctx.shape = estimator, logp.shape
-        return out.view(logp.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -118,8 +118,13 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = 
         ref_logp: (...) log pi_ref(a), same shape.
         estimator: "k1" (log-ratio), "k2" (half squared log-ratio) or "k3" (exp(-d) - 1 + d).
     Returns:
-        (...) fp32 (fp64 for fp64 inputs); differentiable w.r.t. both inputs.
+        (...) fp32 (fp64 for fp64 inputs); differentiable w.r.t. both inputs. A fresh tensor (not a view),
+        safe to modify in place. Under torch.compile this runs `ops.kl_estimate`.
     """
+    if torch.compiler.is_compiling():  # the traceable op: Dynamo cannot trace a Triton launcher
+        from . import ops
+
+        return ops.kl_estimate(logp, ref_logp, estimator=estimator)
     code = _check_inputs(logp, ref_logp, estimator)
     if not use_triton(logp):
         return kl_estimate_ref(logp, ref_logp, estimator=estimator)

@@ -91,16 +91,22 @@ def _linear_logprobs_bwd(
 
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
-    """-> logp (N,), entropy (N,) or None, stats (2, N) [max z, log2 sum 2^y], active (N,) bool."""
+    """-> logp (...), entropy (...) or None, stats (2, N) [max z, log2 sum 2^y] (with the entropy: (3, N), the
+    entropy as row 2, where the backward reads it), active (N,) bool. logp and entropy are fresh tensors of
+    hidden's leading shape, not views: autograd lets a caller modify a Function's outputs in place only then."""
     with kernel_range("fastrlhf.linear_logprobs.fwd"):
         tgt = targets.reshape(-1)
         active = tgt != ignore_index
         acc = acc_dtype(hidden)
         m, log2_s, z_t, mean_y = row_stats(hidden, weight, bias, active, tgt, temperature, return_entropy, acc)
+        lead = hidden.shape[:-1]
+        on = active.view(lead)  # the last where of each output writes a new (...) tensor: no view
         logp = ((z_t - m) * exp2_scale(temperature, acc) - log2_s) * LN2.value
-        logp = torch.where(active, torch.where((tgt >= 0) & (tgt < weight.shape[0]), logp, float("nan")), 0.0)
-        ent = torch.where(active, (log2_s - mean_y) * LN2.value, 0.0) if return_entropy else None
-        return logp, ent, torch.where(active, torch.stack([m, log2_s]), 0.0), active
+        in_range = (tgt >= 0) & (tgt < weight.shape[0])
+        logp = torch.where(on, torch.where(in_range, logp, float("nan")).view(lead), 0.0)
+        ent = torch.where(on, ((log2_s - mean_y) * LN2.value).view(lead), 0.0) if return_entropy else None
+        rows = [m, log2_s] + ([ent.view(-1)] if return_entropy else [])  # stack copies: row 2 is not ent itself
+        return logp, ent, torch.where(active, torch.stack(rows), 0.0), active
 
 
 def _backward(hidden, weight, bias, tgt, active, stats, ent, grad_logp, grad_ent, temperature, needs):
@@ -128,14 +134,15 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
         logp, ent, stats, active = _forward(hidden, weight, bias, targets, temperature, ignore_index, return_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets.reshape(-1), active, stats, ent)  # row stats only
+        # row stats only (the entropy among them): no output is saved, so a caller may modify them in place
+        ctx.save_for_backward(hidden, weight, bias, targets.reshape(-1), active, stats)
         ctx.temperature = temperature
-        lead = hidden.shape[:-1]
-        return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
+        return (logp, ent) if return_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent=None):
-        hidden, weight, bias, tgt, active, stats, ent = ctx.saved_tensors
+        hidden, weight, bias, tgt, active, stats = ctx.saved_tensors
+        ent = stats[2] if stats.shape[0] == 3 else None
         grad_ent = grad_ent if ent is not None else None
         needs = ctx.needs_input_grad[:3]
         grads = _backward(hidden, weight, bias, tgt, active, stats, ent, grad_logp, grad_ent, ctx.temperature, needs)
@@ -172,6 +179,7 @@ def linear_logprobs(
         temperature: > 0, applied in fp32 inside the kernel.
     Returns:
         logp (...) fp32, or (logp, entropy). Ignored positions are 0; a target id outside [0, V) gives NaN.
+        Fresh tensors (no views, nothing the backward reads): a caller may modify them in place.
         Gradients flow to hidden, weight and bias.
     """
     temperature = _check_inputs(hidden, weight, targets, bias, temperature)
@@ -182,8 +190,7 @@ def linear_logprobs(
     if wants_grad(hidden, weight, bias):
         return _LinearLogprobs.apply(*args)
     logp, ent, _, _ = _forward(*args)
-    lead = hidden.shape[:-1]
-    return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
+    return (logp, ent) if return_entropy else logp
 
 
 # ---------------------------------------------------------------------------------------- reference twin

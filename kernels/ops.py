@@ -51,24 +51,26 @@ def _rows(mask: Optional[Tensor]) -> Optional[Tensor]:
 def _tlp_op(
     logits: Tensor, targets: Tensor, temperature: float, ignore_index: int, return_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> logp (...), entropy (...) or an empty (0,) tensor, row stats (2, N); all in the accumulation dtype."""
+    """-> logp (...), entropy (...) or an empty (0,) tensor, row stats (2, N) or, with the entropy, (3, N) (row
+    2: the entropy, which the backward reads there); all in the accumulation dtype, all fresh (no views)."""
     lead, acc = logits.shape[:-1], acc_dtype(logits)
     if use_triton(logits):
         logp, ent, stats = _tlp_forward(logits, targets, temperature, ignore_index, return_entropy)
-        ent = ent.view(lead) if return_entropy else logits.new_empty(0, dtype=acc)
-        return logp.view(lead), ent, stats
+        return logp, ent if return_entropy else logits.new_empty(0, dtype=acc), stats
     out = token_logprobs_ref(
         logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
     )
     logp, ent = out if return_entropy else (out, logits.new_empty(0, dtype=acc))
-    return logp.contiguous(), ent.contiguous(), logits.new_zeros((2, math.prod(lead)), dtype=acc)
+    stats = logits.new_zeros((3 if return_entropy else 2, math.prod(lead)), dtype=acc)
+    return logp.contiguous(), ent.contiguous(), stats
 
 
 @_tlp_op.register_fake
 def _tlp_fake(logits, targets, temperature, ignore_index, return_entropy):
     lead, acc = logits.shape[:-1], acc_dtype(logits)
     ent = logits.new_empty(lead if return_entropy else (0,), dtype=acc)
-    return logits.new_empty(lead, dtype=acc), ent, logits.new_empty((2, math.prod(lead)), dtype=acc)
+    stats = logits.new_empty((3 if return_entropy else 2, math.prod(lead)), dtype=acc)
+    return logits.new_empty(lead, dtype=acc), ent, stats
 
 
 @torch.library.custom_op("fastrlhf::token_logprobs_backward", mutates_args=())
@@ -111,14 +113,14 @@ def _tlp_bwd_fake(logits, targets, stats, ent, grad_logp, grad_ent, temperature,
 
 def _tlp_setup(ctx, inputs, output):
     logits, targets, temperature, ignore_index, return_entropy = inputs
-    _, ent, stats = output
-    ctx.save_for_backward(logits, targets, stats, ent)
+    ctx.save_for_backward(logits, targets, output[2])  # no output: the caller may modify them in place
     ctx.args = (temperature, ignore_index, return_entropy)
 
 
 def _tlp_grad(ctx, grad_logp, grad_ent, _grad_stats):
-    logits, targets, stats, ent = ctx.saved_tensors
+    logits, targets, stats = ctx.saved_tensors
     temperature, ignore_index, return_entropy = ctx.args
+    ent = stats[2] if return_entropy else stats.new_empty(0)  # the entropy, as the forward wrote it in the stats
     grad_ent = grad_ent if return_entropy else None
     grad = _tlp_bwd_op(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index)
     return grad, None, None, None, None
@@ -147,8 +149,7 @@ def _fkl_op(logits: Tensor, ref_logits: Tensor, mask: Optional[Tensor], temperat
     """-> kl (...), row stats (4, N); accumulation dtype."""
     lead, acc = logits.shape[:-1], acc_dtype(logits, ref_logits)
     if use_triton(logits):
-        kl, stats = _fkl_forward(logits, ref_logits, _rows(mask), temperature)
-        return kl.view(lead), stats
+        return _fkl_forward(logits, ref_logits, _rows(mask), temperature)  # kl is (...), not a view
     kl = full_kl_ref(logits, ref_logits, temperature=temperature, mask=mask)
     return kl.contiguous(), logits.new_zeros((4, math.prod(lead)), dtype=acc)
 

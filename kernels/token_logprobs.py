@@ -7,7 +7,8 @@ raw logits, so x_j - x_max is exact and only that (small) difference is scaled a
 -60 on every logit costs no precision (scaling x first would round each logit to eps * 60 * log2(e)).
 
 Forward: ONE streaming read of the logits (N*V*bytes), online max / sum-exp / entropy sums in fp32,
-writes logp, optionally H, and two row statistics (max, log2 sum) (N*4 bytes each). Nothing [N, V].
+writes logp, optionally H, and two row statistics (max, log2 sum) (N*4 bytes each; with H, H once more
+as a third, which the backward reads, so the returned H is the caller's). Nothing [N, V].
 Backward: recomputes p from the saved fp32 row statistics; reads the logits once and writes their
 gradient once (2*N*V*bytes):
     d logp / dx_j = (1[j=t] - p_j) / T          d H / dx_j = -p_j (log p_j + H) / T
@@ -133,7 +134,9 @@ def _token_logprobs_fwd(
     targets_ptr,  # (N,) int, N = A*B
     logp_ptr,  # (N,) fp32 out
     ent_ptr,  # (N,) fp32 out, written when COMPUTE_ENTROPY
-    stats_ptr,  # (2, N) fp32 out: [max_j x_j, log2 sum_j 2^((x_j - max) log2(e)/T)], for the backward
+    stats_ptr,  # (2, N) fp32 out: [max_j x_j, log2 sum_j 2^((x_j - max) log2(e)/T)], for the backward;
+    # (3, N) when COMPUTE_ENTROPY, row 2 the entropy again: the backward reads it there, so the returned
+    # entropy is the caller's to modify in place
     N,
     V,
     B,
@@ -168,7 +171,9 @@ def _token_logprobs_fwd(
     tl.store(stats_ptr + N + rows, tl.where(active, log2_s, 0.0), mask=row_in)
     if COMPUTE_ENTROPY:
         ent = (log2_s - div_rn(w, s)) * LN2
-        tl.store(ent_ptr + rows, tl.where(active, ent, 0.0), mask=row_in)
+        ent = tl.where(active, ent, 0.0)
+        tl.store(ent_ptr + rows, ent, mask=row_in)
+        tl.store(stats_ptr + 2 * N + rows, ent, mask=row_in)
 
 
 @triton.jit
@@ -245,7 +250,7 @@ def _token_logprobs_bwd(
     logits_ptr,  # (A, B, V) any float, as in forward
     targets_ptr,  # (N,) int
     stats_ptr,  # (2, N) fp32 row statistics from forward: max, log2 sum
-    ent_ptr,  # (N,) fp32 entropy from forward (read when HAS_GRAD_ENT)
+    ent_ptr,  # (N,) fp32 entropy from forward (read when HAS_GRAD_ENT): row 2 of its (3, N) statistics
     grad_logp_ptr,  # (N,) upstream gradient of logp (read when HAS_GRAD_LOGP)
     grad_ent_ptr,  # (N,) upstream gradient of entropy (read when HAS_GRAD_ENT)
     grad_logits_ptr,  # (A, B, V) out, logits dtype; strides gstride_a, gstride_b, 1
@@ -295,16 +300,19 @@ def _token_logprobs_bwd(
 
 # --------------------------------------------------------------------------------------------- launchers
 def _forward(logits, targets, temperature, ignore_index, return_entropy):
-    """logits (..., V), targets (...) -> logp (N,), entropy (N,) or None, stats (2, N) (acc dtype)."""
+    """logits (..., V), targets (...) -> logp (...), entropy (...) or None, stats (2, N), or (3, N) with the
+    entropy as row 2 (acc dtype). logp and entropy are fresh tensors, not views: autograd lets a caller
+    modify a custom Function's outputs in place only when they are not views."""
     with kernel_range("fastrlhf.token_logprobs.fwd"):
         x = as_rows(logits)  # (A, B, V)
         A, B, V = x.shape
         N = A * B
         acc = acc_dtype(logits)
         tgt = targets.reshape(N)
-        logp = torch.empty(N, dtype=acc, device=logits.device)
-        ent = torch.empty(N, dtype=acc, device=logits.device) if return_entropy else None
-        stats = torch.empty((2, N), dtype=acc, device=logits.device)
+        lead = logits.shape[:-1]
+        logp = torch.empty(lead, dtype=acc, device=logits.device)  # contiguous: row i at offset i
+        ent = torch.empty(lead, dtype=acc, device=logits.device) if return_entropy else None
+        stats = torch.empty((3 if return_entropy else 2, N), dtype=acc, device=logits.device)
         tiles = fwd_tiles(x)
         _token_logprobs_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
             x, tgt, logp, ent if ent is not None else logp, stats,
@@ -361,16 +369,16 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, return_entropy):
         logp, ent, stats = _forward(logits, targets, temperature, ignore_index, return_entropy)
-        ctx.save_for_backward(logits, targets, stats, ent)  # per-row stats only; logits are the input
+        # per-row stats only (the entropy among them); logits are the input. No output is saved, so a caller
+        # may modify both in place before calling backward.
+        ctx.save_for_backward(logits, targets, stats)
         ctx.temperature, ctx.ignore_index = temperature, ignore_index
-        lead = logits.shape[:-1]
-        if return_entropy:
-            return logp.view(lead), ent.view(lead)
-        return logp.view(lead)
+        return (logp, ent) if return_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent=None):
-        logits, targets, stats, ent = ctx.saved_tensors
+        logits, targets, stats = ctx.saved_tensors
+        ent = stats[2] if stats.shape[0] == 3 else None
         grad = _backward(
             logits, targets, stats, ent, grad_logp, grad_ent if ent is not None else None, ctx.temperature, ctx.ignore_index
         )
@@ -405,8 +413,16 @@ def token_logprobs(
         return_entropy: also return the entropy of softmax(logits / temperature).
     Returns:
         logp (...) fp32, or (logp, entropy), both (...) fp32. Ignored positions are 0; a target id
-        outside [0, V) or NaN logits give NaN at that position.
+        outside [0, V) or NaN logits give NaN at that position. Fresh contiguous tensors (no views, nothing
+        the backward reads): a caller may modify them in place, with or without grad. Under torch.compile
+        this runs `fastrlhf.kernels.ops.token_logprobs`, the same kernels as one traceable op.
     """
+    if torch.compiler.is_compiling():  # the traceable op: Dynamo cannot trace a Triton launcher
+        from . import ops
+
+        return ops.token_logprobs(
+            logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
     temperature = _check_inputs(logits, targets, temperature)
     if not use_triton(logits):
         return token_logprobs_ref(
@@ -415,8 +431,7 @@ def token_logprobs(
     if torch.is_grad_enabled() and logits.requires_grad:
         return _TokenLogprobs.apply(logits, targets, temperature, int(ignore_index), bool(return_entropy))
     logp, ent, _ = _forward(logits, targets, temperature, int(ignore_index), bool(return_entropy))
-    lead = logits.shape[:-1]
-    return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
+    return (logp, ent) if return_entropy else logp
 
 
 def token_logprobs_ref(
