@@ -1,27 +1,27 @@
-"""fastrlhf's kernel switched into TRL's log-prob call sites: a few steps of a GRPO-style loss, twice.
+"""fastrlhf's kernels inside TRL's own GRPOTrainer: a few steps, with and without the one-call switch.
 
-    python examples/trl_drop_in.py        # offline, CPU is fine (~10-20 s, mostly imports)
+    python examples/trl_drop_in.py        # offline, CPU is fine (~30 s on 2 cores, a third of it imports)
 
-A tiny random Llama computes per-token log-probs and entropies the way TRL's trainers do, by calling
-`selective_log_softmax` and `entropy_from_logits` from `trl.trainer.utils`. The first run uses TRL's own
-functions; the second switches fastrlhf in with the assignments a user writes in their own code
-(fastrlhf never patches anything on import):
+A tiny random Llama (built from a config) and a word-level tokenizer built in memory (no download) train
+for STEPS GRPO steps twice from the same weights, data and seed: once as TRL ships, once after
 
-    import trl.trainer.utils as U
-    U.selective_log_softmax = compat.selective_log_softmax
-    U.entropy_from_logits = compat.entropy_from_logits
+    switch = compat.use_in_trl()          # patches the names where TRL's trainers hold them
+    ...                                   # build and train the trainer as usual
+    switch.restore()                      # or: with compat.use_in_trl(): ...
 
-(A trainer module that did `from trl.trainer.utils import selective_log_softmax` keeps its own reference:
-assign in that module, or before it is first imported.) Both runs start from the same weights and data;
-the script prints the loss per step and exits 1 if the two curves disagree.
+TRL 1.16's GRPOTrainer computes every per-token log-prob and entropy (policy and reference model) through its
+fused LM head (`trl.trainer.utils._ChunkedLogProbFunction`); the switch routes that to
+`fastrlhf.kernels.linear_logprobs`. The script prints both loss curves and the count of fastrlhf kernel
+launches in each run, and exits 1 if the curves disagree or if fastrlhf did not run only in the second.
 
 Without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1 is set below, before triton
 is imported), so this is the same Triton code a GPU runs, not the PyTorch reference.
 """
 
-import contextlib
+import collections
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -30,107 +30,122 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 # The interpreter also evaluates masked-off lanes (log2(0) there is discarded by tl.where): not a bug.
 warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
 
-try:  # only the submodule that holds the functions: trl is often installed without its optional deps
-    import trl.trainer.utils as U
+try:  # GRPOTrainer needs trl's optional dependencies (datasets, accelerate, ...): no trainer, nothing to show
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
 except Exception as exc:  # noqa: BLE001 - any failure to import means there is nothing to demonstrate
-    print(f"SKIP: cannot import trl.trainer.utils ({type(exc).__name__}: {exc}); install trl to run this example")
+    print(f"SKIP: cannot import TRL's GRPOTrainer ({type(exc).__name__}: {exc}); install trl[...] to run this")
     sys.exit(0)
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from fastrlhf.kernels import _common, compat  # noqa: E402
 
-from fastrlhf.kernels import compat  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VOCAB, PROMPT, COMPLETION, BATCH, STEPS = 1031, 6, 12, 4, 5
-TEMPERATURE, CLIP, ENTROPY_COEF, LR = 0.7, 0.2, 0.01, 0.05
+WORDS, PROMPTS, STEPS, LR = 250, 8, 3, 1.0
+RTOL = 1e-5  # the curves must agree to this (see `agree`)
 
 
-def tiny_model() -> LlamaForCausalLM:
-    """A random 2-layer Llama, built from a config (no download, no tokenizer); same weights every call."""
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over "w0" ... "w{WORDS-1}" and three special tokens, built in memory."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(tokenizer) -> LlamaForCausalLM:
+    """A random 2-layer Llama; the same weights every call."""
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return LlamaForCausalLM(config).to(DEVICE)
+        return LlamaForCausalLM(config)
 
 
-def batch():
-    """Prompt + sampled completion ids, a completion mask (ragged lengths) and one advantage per sequence."""
+def dataset() -> Dataset:
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (BATCH, PROMPT + COMPLETION), generator=g)
-    lengths = torch.randint(COMPLETION // 2, COMPLETION + 1, (BATCH,), generator=g)
-    mask = (torch.arange(COMPLETION)[None, :] < lengths[:, None]).float()
-    advantages = torch.randn(BATCH, generator=g)
-    return ids.to(DEVICE), mask.to(DEVICE), advantages.to(DEVICE)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, WORDS, (5,), generator=g)) for _ in range(PROMPTS)]
+    return Dataset.from_dict({"prompt": prompts})
 
 
-def per_token_logps_and_entropies(model, ids):
-    """The call sites, written as TRL's trainers write them (names looked up in trl.trainer.utils)."""
-    logits = model(input_ids=ids).logits[:, PROMPT - 1 : -1]  # (B, C, V): position t predicts token t+1
-    logps = U.selective_log_softmax(logits, ids[:, PROMPT:], temperature=TEMPERATURE)
-    entropies = U.entropy_from_logits(logits / TEMPERATURE)
-    return logps, entropies
+def reward_even_words(completions, **kwargs) -> list[float]:
+    """A reward with a gradient to follow: the share of even-numbered words in the completion."""
+    out = []
+    for text in completions:
+        words = [w for w in text.split() if w.startswith("w")]
+        out.append(sum(int(w[1:]) % 2 == 0 for w in words) / max(len(words), 1))
+    return out
 
 
-def grpo_loss(logps, old_logps, entropies, advantages, mask):
-    """Clipped policy-gradient loss with an entropy bonus, averaged over completion tokens."""
-    ratio = torch.exp(logps - old_logps)
-    a = advantages[:, None]
-    per_token = -torch.min(ratio * a, ratio.clamp(1 - CLIP, 1 + CLIP) * a) - ENTROPY_COEF * entropies
-    return (per_token * mask).sum() / mask.sum()
+def save_tiny_model(path: str) -> None:
+    """The model and tokenizer on disk: with beta > 0 GRPOTrainer loads its reference model from the path."""
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
-def train() -> list[float]:
-    model = tiny_model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)  # linear in the gradient: equal grads, equal steps
-    ids, mask, advantages = batch()
-    with torch.no_grad():
-        old_logps, _ = per_token_logps_and_entropies(model, ids)
-        old_logps = old_logps + 0.05 * torch.randn(old_logps.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    losses = []
-    for _ in range(STEPS):
-        logps, entropies = per_token_logps_and_entropies(model, ids)
-        loss = grpo_loss(logps, old_logps, entropies, advantages, mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+def train(model_dir: str, output_dir: str) -> tuple[list[dict], collections.Counter]:
+    """STEPS GRPO steps (beta > 0: a reference model too, so the loss holds a KL term computed from both models'
+    log-probs); -> TRL's per-step logs and the fastrlhf kernel launches during the run, by kernel."""
+    args = GRPOConfig(
+        output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=8, temperature=0.7, beta=0.1, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
+        bf16=False, use_cpu=True, seed=0, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model_dir, reward_funcs=reward_even_words, args=args, train_dataset=dataset(),
+        processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
+    )  # fmt: skip
+    before = collections.Counter(_common.LAUNCHES)
+    trainer.train()
+    return [log for log in trainer.state.log_history if "loss" in log], _common.LAUNCHES - before
 
 
-@contextlib.contextmanager
-def fastrlhf_switched_in():
-    """The user's one-line switches, undone afterwards so the first run stays TRL's own."""
-    saved = U.selective_log_softmax, U.entropy_from_logits
-    U.selective_log_softmax = compat.selective_log_softmax
-    U.entropy_from_logits = compat.entropy_from_logits
-    try:
-        yield
-    finally:
-        U.selective_log_softmax, U.entropy_from_logits = saved
+def run_both() -> dict:
+    """The same training twice, as TRL ships and switched over; -> {"trl": (logs, launches), "fastrlhf": ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, output_dir = os.path.join(tmp, "model"), os.path.join(tmp, "out")
+        save_tiny_model(model_dir)
+        runs = {"trl": train(model_dir, output_dir)}
+        with compat.use_in_trl():
+            runs["fastrlhf"] = train(model_dir, output_dir)
+    return runs
+
+
+def agree(a: list[float], b: list[float], rtol: float = RTOL) -> bool:
+    """|a - b| <= rtol * max(1, |a|) at every step. Both runs compute fp32 log-probs and entropies within
+    a few fp32 ulps of the exact values (the contract: <= 2 x eager error + 8 ulps, ~4e-6 at |log p| ~ 6,
+    typically ~1 ulp); the loss, KL and entropy are means of terms with O(1) slope in them, and SGD moves
+    the weights by lr x a gradient that differs as little, so a few steps stay near 1e-6. 1e-5 leaves
+    headroom and still rejects a real error: a log-prob or entropy rounded to bf16 (~1e-2), a temperature
+    ignored or applied twice (the entropy moves by ~1e-2 here), a wrong gradient (the KL's growth)."""
+    return len(a) == len(b) > 0 and all(abs(x - y) <= rtol * max(1.0, abs(x)) for x, y in zip(a, b))
+
+
+COLUMNS = ("loss", "kl", "entropy")  # TRL's logged metrics that fastrlhf's outputs feed
 
 
 def main() -> int:
-    backend = "CUDA Triton" if DEVICE == "cuda" else "Triton interpreter (CPU)"
-    print(f"tiny Llama, vocab {VOCAB}, {BATCH}x{COMPLETION} completion tokens, T={TEMPERATURE}; fastrlhf on {backend}")
+    backend = "CUDA Triton" if torch.cuda.is_available() else "Triton interpreter (CPU)"
+    print(f"TRL GRPOTrainer, tiny Llama (vocab {WORDS + 3}), {STEPS} steps; fastrlhf on {backend}")
     t0 = time.perf_counter()
-    trl_losses = train()
-    with fastrlhf_switched_in():
-        fast_losses = train()
-    print(f"{'':8}{'TRL':>14}{'fastrlhf':>14}{'|diff|':>11}")
-    for step, (a, b) in enumerate(zip(trl_losses, fast_losses)):
-        print(f"step {step:<3}{a:14.8f}{b:14.8f}{abs(a - b):11.2e}")
-    worst = max(abs(a - b) for a, b in zip(trl_losses, fast_losses))
-    tol = 1e-5 * max(1.0, max(abs(x) for x in trl_losses))
-    verdict = "agree" if worst <= tol else "DISAGREE"
-    print(f"max |TRL - fastrlhf| = {worst:.2e} (tolerance {tol:.0e}): the loss curves {verdict}; "
-          f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
-    return 0 if verdict == "agree" else 1
+    runs = run_both()
+    (trl_logs, trl_launches), (fast_logs, fast_launches) = runs["trl"], runs["fastrlhf"]
+    print(f"{'':8}" + "".join(f"{'TRL ' + c:>14}{'fastrlhf ' + c:>18}" for c in COLUMNS))
+    for step, (a, b) in enumerate(zip(trl_logs, fast_logs)):
+        print(f"step {step:<3}" + "".join(f"{a[c]:14.8f}{b[c]:18.8f}" for c in COLUMNS))
+    print(f"fastrlhf kernel launches: {sum(trl_launches.values())} without the switch, {dict(fast_launches)} with it")
+    ok = all(agree([x[c] for x in trl_logs], [x[c] for x in fast_logs]) for c in COLUMNS)
+    ran = not trl_launches and fast_launches["fastrlhf.linear_logprobs.fwd"] > 0
+    print(f"the {', '.join(COLUMNS)} curves {'agree' if ok else 'DISAGREE'} (rtol {RTOL:.0e}); fastrlhf "
+          f"{'ran only with the switch' if ran else 'DID NOT run only with the switch'}; {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    return 0 if ok and ran else 1
 
 
 if __name__ == "__main__":

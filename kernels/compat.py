@@ -41,11 +41,17 @@ Other deliberate differences from the originals:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import importlib.util
+import inspect
+import sys
+from types import ModuleType
 
 import torch
 
+from .linear_logprobs import linear_logprobs
 from .token_logprobs import token_logprobs
 
 _IGNORE = -100  # the label value that gives 0 and no gradient (flash-attn's and HF's convention)
@@ -74,9 +80,14 @@ def _trl_uses_its_kernel(logits, index=None, row_mask=None) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def _find_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile: not traced into (nor its cache)
 def _flash_attn_installed() -> bool:
     """verl uses flash-attn's cross entropy (fp32 output) when it can import it; we look, without importing."""
-    return importlib.util.find_spec("flash_attn") is not None
+    return _find_flash_attn()
 
 
 def _masked(index: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
@@ -199,7 +210,142 @@ def log_probs_from_logits(
     return _cast(logp, out_dtype, logits.dtype)
 
 
+# ------------------------------------------------------------------------------- TRL's fused LM head
+class ChunkedLogProb:
+    """TRL 1.16's `trl.kernels.ChunkedLogProbFunction` on `fastrlhf.kernels.linear_logprobs`: per-token
+    log-probs (and entropy) of `hidden @ weight.T (+ bias)` without the (N, V) logits. TRL's `add_fused_lm_head`
+    (the LM head of its GRPO, RLOO, DPO, KTO and SFT trainers) calls `_ChunkedLogProbFunction.apply(...)` in
+    `trl.trainer.utils`; `use_in_trl()` puts an instance of this class there.
+
+    `apply` takes TRL's arguments and returns TRL's 5-tuple (log_probs, entropy, log_sum_sq_probs, mean_logits,
+    is_top1), fp32, the fields not asked for in `outputs` None. `chunk_size` is ignored (the kernel tiles
+    itself); `logit_scale` s > 0 is folded into the temperature (z s / T = z / (T / s)). What the kernel does
+    not compute -- a final logit soft-cap, the outputs "log_sum_sq_probs", "mean_logits", "is_top1", a
+    logit_scale <= 0 -- runs TRL's own function (`original`), so the switch never changes what a trainer gets.
+    Under autocast, hidden and weight are cast to the autocast dtype first, as TRL's function does.
+    """
+
+    OURS = ("log_probs", "entropy")
+
+    def __init__(self, original):
+        self.original = original  # TRL's autograd Function
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):  # fmt: skip
+        if final_logit_softcapping is not None or set(outputs) - set(self.OURS) or not logit_scale > 0:
+            return self.original.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                       final_logit_softcapping, logit_scale, outputs)  # fmt: skip
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        with_entropy = "entropy" in outputs
+        with torch.autocast(kind, enabled=False):
+            out = linear_logprobs(hidden.to(dtype), weight.to(dtype), targets, bias=bias,
+                                  temperature=temperature / logit_scale, return_entropy=with_entropy)  # fmt: skip
+        logp, ent = out if with_entropy else (out, None)
+        return logp, ent, None, None, None
+
+
+# ---------------------------------------------------------------------------------------- the switch
+@dataclasses.dataclass
+class Switch:
+    """What a `use_in_*` call replaced: (module, name, original) for every name it patched. `restore()` puts
+    the originals back (once; later calls do nothing). Also a context manager: `with compat.use_in_trl(): ...`
+    restores on exit."""
+
+    patched: list[tuple[ModuleType, str, object]]
+
+    def restore(self) -> None:
+        for module, name, original in reversed(self.patched):
+            setattr(module, name, original)
+        self.patched = []
+
+    def __enter__(self) -> "Switch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def _import(name: str, peer: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ImportError(f"fastrlhf: cannot switch {peer} over: importing {name} failed ({exc})") from exc
+
+
+def _switch(package: str, home: ModuleType, replacements: dict[str, object]) -> Switch:
+    """Replace each name in `home` and in every loaded module of `package` that holds the same object under
+    that name (`from home import name` copies the reference); modules imported later see `home`'s new one."""
+    originals = {name: getattr(home, name) for name in replacements}
+    patched = []
+    for mod_name, module in list(sys.modules.items()):
+        if module is None or not (mod_name == package or mod_name.startswith(package + ".")):
+            continue
+        for name, new in replacements.items():
+            if getattr(module, name, None) is originals[name] and (module is home or name in vars(module)):
+                patched.append((module, name, originals[name]))
+                setattr(module, name, new)
+    return Switch(patched)
+
+
+# The layout use_in_trl() knows (TRL 1.16): these names in trl.trainer.utils, with these parameters first.
+_TRL_LAYOUT = {
+    "selective_log_softmax": ("logits", "index", "temperature", "row_mask"),
+    "entropy_from_logits": ("logits", "chunk_size"),
+    "selective_log_softmax_and_entropy": ("logits", "index", "entropy_requires_grad", "temperature", "row_mask"),
+    "_ChunkedLogProbFunction": ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size",
+                                "final_logit_softcapping", "logit_scale", "outputs"),
+}  # fmt: skip
+
+
+def _params(obj) -> tuple[str, ...]:
+    fn = obj.forward if inspect.isclass(obj) else obj
+    return tuple(inspect.signature(fn).parameters)
+
+
+def use_in_trl(*, fused_lm_head: bool = True) -> Switch:
+    """Switch TRL's trainers over to fastrlhf's kernels; returns a `Switch` that undoes it.
+
+        switch = compat.use_in_trl()      # or: with compat.use_in_trl(): trainer.train()
+        trainer = GRPOTrainer(...); trainer.train()
+        switch.restore()
+
+    Replaces, in `trl.trainer.utils` and in every loaded `trl.*` module that imported them by name (TRL's
+    experimental trainers do): `selective_log_softmax`, `entropy_from_logits`,
+    `selective_log_softmax_and_entropy` (this module's adapters) and, with `fused_lm_head`,
+    `_ChunkedLogProbFunction`, the fused LM head through which TRL 1.16's GRPO, RLOO, DPO, KTO and SFT trainers
+    compute every per-token log-prob and entropy (`ChunkedLogProb`). Call it before or after creating a
+    trainer; nothing is patched on import. Refuses (RuntimeError) a TRL whose `trl.trainer.utils` does not hold
+    these names with the parameters above: patching an unknown layout could silently reach nothing.
+    """
+    utils = _import("trl.trainer.utils", "TRL")
+    version = getattr(sys.modules.get("trl"), "__version__", "?")
+    names = [n for n in _TRL_LAYOUT if fused_lm_head or n != "_ChunkedLogProbFunction"]
+    for name in names:
+        want = _TRL_LAYOUT[name]
+        try:
+            have = _params(getattr(utils, name))
+        except (AttributeError, TypeError, ValueError):
+            have = None
+        if have is None or have[: len(want)] != want:
+            raise RuntimeError(
+                f"fastrlhf.kernels.compat.use_in_trl: unknown TRL layout (trl {version}): trl.trainer.utils."
+                f"{name} {'is missing' if have is None else f'takes {have}'}, expected parameters {want} (TRL 1.16)"
+            )
+    replacements = {
+        "selective_log_softmax": selective_log_softmax,
+        "entropy_from_logits": entropy_from_logits,
+        "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+    }
+    if fused_lm_head:
+        replacements["_ChunkedLogProbFunction"] = ChunkedLogProb(utils._ChunkedLogProbFunction)
+    return _switch("trl", utils, replacements)
+
+
 __all__ = [
+    "use_in_trl",
+    "Switch",
+    "ChunkedLogProb",
     "selective_log_softmax",
     "entropy_from_logits",
     "selective_log_softmax_and_entropy",
