@@ -1,18 +1,33 @@
 """Drop-in replacements for the log-prob / entropy helpers that other RLHF trainers call.
 
-Each function has the signature of the helper it replaces, so switching is one assignment in the
-*user's* code (fastrlhf itself never patches anything):
+Each function has the signature of the helper it replaces:
 
     TRL 1.16, `trl.trainer.utils`:         selective_log_softmax, entropy_from_logits,
-                                           selective_log_softmax_and_entropy
+                                           selective_log_softmax_and_entropy, and the fused LM head
+                                           `_ChunkedLogProbFunction` (`ChunkedLogProb`, on linear_logprobs)
     verl, `verl.utils.torch_functional`:   logprobs_from_logits(logits, labels, inplace_backward=True)
     OpenRLHF, `openrlhf.models.utils`:     log_probs_from_logits(logits, labels, temperature=1.0)
 
-Assign in the module whose code makes the call. A trainer that did `from trl.trainer.utils import
-selective_log_softmax` holds its own reference: patch that module's name (or patch `trl.trainer.utils`
-before the trainer module is first imported).
+Switching TRL over is one call, never done on import: `switch = compat.use_in_trl()` patches the names
+where TRL's trainers hold them (TRL 1.16's GRPO, RLOO, DPO, KTO and SFT trainers compute their log-probs
+through the fused LM head; its experimental trainers import `selective_log_softmax` by name) and
+`switch.restore()` undoes it (or `with compat.use_in_trl(): ...`). There is no such call for verl or
+OpenRLHF (neither is installed here to test one against): assign the adapter in the module that makes the
+call (`from x import name` copies the reference, so patch the importing module's name).
 
-All of them run `fastrlhf.kernels.token_logprobs`: one streaming read of the logits, temperature applied
+What "drop-in" guarantees (docs/drop-in.md has the details):
+  - values: fp32 results within the precision contract of the exact value (error <= 2 x the eager
+    function's own error in the input dtype + 8 fp32 ulps), gradients in the logits' dtype, likewise;
+  - dtype and shape: those the original returns for the same input on the same device (below);
+  - outputs are fresh tensors, never views, and the backward reads none of them: a caller may modify them
+    in place, detach, slice and write into them, with or without grad, as with the originals;
+  - torch.compile(fullgraph=True) traces every adapter, forward and backward, with or without nvtx
+    installed (the kernels run as `fastrlhf.kernels.ops` torch.library ops under compile).
+What it does not guarantee: bit equality with an eager function that computes in fp16/bf16. Our value is
+the fp32 result rounded once to the output dtype; the eager function rounds on the way (e.g. logits / T in
+the 16-bit dtype), so the two differ by one unit in the last place in some positions.
+
+The logits adapters run `fastrlhf.kernels.token_logprobs`: one streaming read of the logits, temperature applied
 inside the kernel as z / T in fp32, fp32 math, no (..., V) log-softmax materialised, gradients in the
 logits' dtype (as the originals').
 
@@ -105,8 +120,7 @@ def selective_log_softmax(
 ) -> torch.Tensor:
     """TRL's `selective_log_softmax`: log_softmax(logits / temperature) gathered at `index`.
 
-    Switch over (one line, in your code):
-        import trl.trainer.utils as U; U.selective_log_softmax = compat.selective_log_softmax
+    Switched in by `use_in_trl()`.
 
     Args:
         logits: (..., V) fp16/bf16/fp32/fp64.
@@ -130,8 +144,7 @@ def entropy_from_logits(
 ) -> torch.Tensor:
     """TRL's `entropy_from_logits`: Shannon entropy (nats) of softmax(logits) per row, shape logits.shape[:-1].
 
-    Switch over (one line, in your code):
-        import trl.trainer.utils as U; U.entropy_from_logits = compat.entropy_from_logits
+    Switched in by `use_in_trl()`.
 
     `chunk_size` is accepted for compatibility and ignored (the kernel streams; nothing (chunk, V) is held).
     `out_dtype` as in `selective_log_softmax`. The same function fits verl's `entropy_from_logits(logits)`
@@ -154,8 +167,7 @@ def selective_log_softmax_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL's `selective_log_softmax_and_entropy`: both from ONE read of the logits (index shape (...)).
 
-    Switch over (one line, in your code):
-        import trl.trainer.utils as U; U.selective_log_softmax_and_entropy = compat.selective_log_softmax_and_entropy
+    Switched in by `use_in_trl()`.
 
     Entropy is that of softmax(logits / temperature); rows where `row_mask` is 0 give 0 for both.
     """
@@ -179,7 +191,7 @@ def logprobs_from_logits(
 ) -> torch.Tensor:
     """verl's `logprobs_from_logits(logits, labels, inplace_backward=True)`: per-token log-probs (...).
 
-    Switch over (one line, in your code; patch the module that calls it, e.g. the actor):
+    Switch over (one line, in your code; patch the module that makes the call, e.g. the actor):
         import verl.utils.torch_functional as VF; VF.logprobs_from_logits = compat.logprobs_from_logits
 
     `inplace_backward` is accepted and ignored. `temperature` (keyword-only, default 1.0: verl divides the
