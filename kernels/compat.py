@@ -8,12 +8,12 @@ Each function has the signature of the helper it replaces:
     verl, `verl.utils.torch_functional`:   logprobs_from_logits(logits, labels, inplace_backward=True)
     OpenRLHF, `openrlhf.models.utils`:     log_probs_from_logits(logits, labels, temperature=1.0)
 
-Switching TRL over is one call, never done on import: `switch = compat.use_in_trl()` patches the names
-where TRL's trainers hold them (TRL 1.16's GRPO, RLOO, DPO, KTO and SFT trainers compute their log-probs
-through the fused LM head; its experimental trainers import `selective_log_softmax` by name) and
-`switch.restore()` undoes it (or `with compat.use_in_trl(): ...`). There is no such call for verl or
-OpenRLHF (neither is installed here to test one against): assign the adapter in the module that makes the
-call (`from x import name` copies the reference, so patch the importing module's name).
+Switching over is one call per trainer, never done on import: `switch = compat.use_in_trl()` patches the
+names where TRL's trainers hold them (TRL 1.16's GRPO, RLOO, DPO, KTO and SFT trainers compute their
+log-probs through the fused LM head; its experimental trainers import `selective_log_softmax` by name) and
+`switch.restore()` undoes it (or `with compat.use_in_trl(): ...`); `use_in_verl()` and `use_in_openrlhf()`
+likewise (the module that defines the function and every loaded module of the package that imported it by
+name). Each refuses a layout it does not know.
 
 What "drop-in" guarantees (docs/drop-in.md has the details):
   - values: fp32 results within the precision contract of the exact value (error <= 2 x the eager
@@ -191,8 +191,7 @@ def logprobs_from_logits(
 ) -> torch.Tensor:
     """verl's `logprobs_from_logits(logits, labels, inplace_backward=True)`: per-token log-probs (...).
 
-    Switch over (one line, in your code; patch the module that makes the call, e.g. the actor):
-        import verl.utils.torch_functional as VF; VF.logprobs_from_logits = compat.logprobs_from_logits
+    Switched in by `use_in_verl()`.
 
     `inplace_backward` is accepted and ignored. `temperature` (keyword-only, default 1.0: verl divides the
     logits itself before calling) is applied inside the kernel. Labels equal to -100 give 0, as with
@@ -207,15 +206,16 @@ def log_probs_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
+    inplace_backward: bool | None = None,
     *,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """OpenRLHF's `log_probs_from_logits(logits, labels, temperature=1.0)`: per-token log-probs (...).
 
-    Switch over (one line, in your code; OpenRLHF's actor imports the name):
-        import openrlhf.models.actor as A; A.log_probs_from_logits = compat.log_probs_from_logits
+    Switched in by `use_in_openrlhf()`.
 
-    Unlike OpenRLHF, the caller's logits are NOT divided in place. Default output dtype: the logits'
+    Unlike OpenRLHF, the caller's logits are NOT divided in place. `inplace_backward` (newer OpenRLHF
+    versions take it) is accepted and ignored. Default output dtype: the logits'
     dtype, as OpenRLHF returns.
     """
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=_IGNORE)
@@ -315,6 +315,23 @@ def _params(obj) -> tuple[str, ...]:
     return tuple(inspect.signature(fn).parameters)
 
 
+def _check_layout(caller: str, home: ModuleType, layout: dict[str, tuple[str, ...]], known: str) -> None:
+    """RuntimeError unless `home` holds every name of `layout` with (at least) those leading parameters."""
+    package = home.__name__.split(".")[0]
+    version = getattr(sys.modules.get(package), "__version__", "?")
+    for name, want in layout.items():
+        try:
+            have = _params(getattr(home, name))
+        except (AttributeError, TypeError, ValueError):
+            have = None
+        if have is None or have[: len(want)] != want:
+            raise RuntimeError(
+                f"fastrlhf.kernels.compat.{caller}: unknown {package} layout ({package} {version}): "
+                f"{home.__name__}.{name} {'is missing' if have is None else f'takes {have}'}, expected "
+                f"parameters {want} ({known})"
+            )
+
+
 def use_in_trl(*, fused_lm_head: bool = True) -> Switch:
     """Switch TRL's trainers over to fastrlhf's kernels; returns a `Switch` that undoes it.
 
@@ -331,19 +348,8 @@ def use_in_trl(*, fused_lm_head: bool = True) -> Switch:
     these names with the parameters above: patching an unknown layout could silently reach nothing.
     """
     utils = _import("trl.trainer.utils", "TRL")
-    version = getattr(sys.modules.get("trl"), "__version__", "?")
-    names = [n for n in _TRL_LAYOUT if fused_lm_head or n != "_ChunkedLogProbFunction"]
-    for name in names:
-        want = _TRL_LAYOUT[name]
-        try:
-            have = _params(getattr(utils, name))
-        except (AttributeError, TypeError, ValueError):
-            have = None
-        if have is None or have[: len(want)] != want:
-            raise RuntimeError(
-                f"fastrlhf.kernels.compat.use_in_trl: unknown TRL layout (trl {version}): trl.trainer.utils."
-                f"{name} {'is missing' if have is None else f'takes {have}'}, expected parameters {want} (TRL 1.16)"
-            )
+    layout = {n: p for n, p in _TRL_LAYOUT.items() if fused_lm_head or n != "_ChunkedLogProbFunction"}
+    _check_layout("use_in_trl", utils, layout, "TRL 1.16")
     replacements = {
         "selective_log_softmax": selective_log_softmax,
         "entropy_from_logits": entropy_from_logits,
@@ -354,8 +360,30 @@ def use_in_trl(*, fused_lm_head: bool = True) -> Switch:
     return _switch("trl", utils, replacements)
 
 
+def use_in_verl() -> Switch:
+    """Switch verl over: `logprobs_from_logits` in `verl.utils.torch_functional` (which verl's actors call as
+    `verl_F.logprobs_from_logits`) and in every loaded `verl.*` module that imported it by name (verl's
+    `dp_actor` does); returns a `Switch` that undoes it. Refuses (RuntimeError) a verl whose
+    `verl.utils.torch_functional.logprobs_from_logits` does not take (logits, labels, inplace_backward).
+    verl's `entropy_from_logits` is left alone (it returns the logits' dtype, the adapter TRL's)."""
+    home = _import("verl.utils.torch_functional", "verl")
+    _check_layout("use_in_verl", home, {"logprobs_from_logits": ("logits", "labels", "inplace_backward")}, "verl")
+    return _switch("verl", home, {"logprobs_from_logits": logprobs_from_logits})
+
+
+def use_in_openrlhf() -> Switch:
+    """Switch OpenRLHF over: `log_probs_from_logits` in `openrlhf.models.utils` and in every loaded
+    `openrlhf.*` module that imported it by name (its actor does); returns a `Switch` that undoes it. Refuses
+    (RuntimeError) an OpenRLHF whose function does not take (logits, labels, temperature)."""
+    home = _import("openrlhf.models.utils", "OpenRLHF")
+    _check_layout("use_in_openrlhf", home, {"log_probs_from_logits": ("logits", "labels", "temperature")}, "OpenRLHF")
+    return _switch("openrlhf", home, {"log_probs_from_logits": log_probs_from_logits})
+
+
 __all__ = [
     "use_in_trl",
+    "use_in_verl",
+    "use_in_openrlhf",
     "Switch",
     "ChunkedLogProb",
     "selective_log_softmax",

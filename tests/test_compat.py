@@ -415,7 +415,7 @@ def test_use_in_trl_refuses_an_unknown_layout(change, trl_utils, monkeypatch):
     else:
         monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
     before = trl_utils.selective_log_softmax
-    with pytest.raises(RuntimeError, match="unknown TRL layout"):
+    with pytest.raises(RuntimeError, match="unknown trl layout"):
         compat.use_in_trl()
     assert trl_utils.selective_log_softmax is before  # nothing half-switched
 
@@ -463,6 +463,72 @@ def test_chunked_logprob_hands_what_it_does_not_compute_to_trl(trl_utils, gen):
         assert sum(_common.LAUNCHES.values()) == before
         for g, e in zip(got, want):
             assert (g is None and e is None) or torch.equal(g, e)
+
+
+def _fake_tree(monkeypatch, home_name, function, importers):
+    """A package tree in sys.modules: `home_name` defines `function`; each module in `importers` did
+    `from home import <name>`. -> (home module, importer modules)."""
+    parts = home_name.split(".")
+    for k in range(1, len(parts)):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:k]), types.ModuleType(".".join(parts[:k])))
+    home = types.ModuleType(home_name)
+    setattr(home, function.__name__, function)
+    monkeypatch.setitem(sys.modules, home_name, home)
+    mods = []
+    for name in importers:
+        mod = types.ModuleType(name)
+        setattr(mod, function.__name__, function)
+        monkeypatch.setitem(sys.modules, name, mod)
+        mods.append(mod)
+    return home, mods
+
+
+def _verl_logprobs_from_logits(logits, labels, inplace_backward=True):  # verl's signature
+    return torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _openrlhf_log_probs_from_logits(logits, labels, temperature=1.0):  # OpenRLHF's signature
+    return torch.log_softmax(logits / temperature, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+_verl_logprobs_from_logits.__name__ = "logprobs_from_logits"
+_openrlhf_log_probs_from_logits.__name__ = "log_probs_from_logits"
+PEERS = {  # switch, the module that defines the function, a module that imports it by name, the function, ours
+    "verl": ("use_in_verl", "verl.utils.torch_functional", "verl.workers.actor.dp_actor",
+             _verl_logprobs_from_logits, "logprobs_from_logits"),
+    "openrlhf": ("use_in_openrlhf", "openrlhf.models.utils", "openrlhf.models.actor",
+                 _openrlhf_log_probs_from_logits, "log_probs_from_logits"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_use_in_verl_and_openrlhf_on_their_layout(peer, monkeypatch, gen):
+    """Against a module tree laid out as the peer's source is (neither is installed here): the defining module
+    and the actor that imported the name are switched, and restored; the switched call computes the peer's
+    values; a renamed parameter is refused with nothing patched."""
+    switch_name, home_name, actor_name, original, ours_name = PEERS[peer]
+    home, (actor,) = _fake_tree(monkeypatch, home_name, original, [actor_name])
+    ours = getattr(compat, ours_name)
+    with getattr(compat, switch_name)() as switch:
+        assert getattr(home, ours_name) is ours and getattr(actor, ours_name) is ours
+        assert len(switch.patched) == 2
+        x, lab = torch.randn(2, 3, 50, generator=gen), torch.randint(0, 50, (2, 3), generator=gen)
+        torch.testing.assert_close(getattr(actor, ours_name)(x, lab), original(x, lab), rtol=1e-5, atol=1e-6)
+    assert getattr(home, ours_name) is original and getattr(actor, ours_name) is original
+
+    def renamed(logits, target, flag=True):
+        return None
+
+    monkeypatch.setattr(home, ours_name, renamed)
+    with pytest.raises(RuntimeError, match=f"unknown {peer} layout"):
+        getattr(compat, switch_name)()
+    assert getattr(home, ours_name) is renamed
+
+
+def test_use_in_verl_names_the_missing_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "verl", None)  # an import of verl raises ImportError
+    with pytest.raises(ImportError, match="cannot switch verl over"):
+        compat.use_in_verl()
 
 
 # -------------------------------------------------------------------------------------------- example
