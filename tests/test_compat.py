@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo.testing
-from contract import assert_contract
+from contract import INTERPRETER_BF16_ULP, assert_contract
 
 import fastrlhf.kernels as K
 from fastrlhf.kernels import compat, ops
@@ -331,6 +331,103 @@ def test_outputs_take_in_place_writes(name, dtype, out_dtype, requires_grad, gen
         torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weights", [(2, None, True), (None, 0.5, True), (2, 0.5, True), (2, 0.5, False)])
+def test_sliced_logits_and_a_written_output_as_trl_tests_its_kernel(weights, dtype, gen, device):
+    """TRL's own test of its fused log-prob + entropy kernel, with ours in its place: logits sliced along the
+    sequence (not contiguous) with blocks of very different maxima and a target in the last partial block,
+    sliced index and bool row mask, T = 0.7, one output element overwritten before the backward; the values
+    and the gradient of every loss weighting against the same steps in fp32 PyTorch (TRL's tolerances)."""
+    lp_weight, ent_weight, use_mask = weights
+    base = torch.randn(2, 5, V, generator=gen).to(dtype)
+    base[..., :1024] += 20
+    base[..., 1024:2048] -= 20
+    index = torch.randint(V, (2, 5), generator=gen)[:, 1:4].to(device)
+    index[0, 0] = V - 1
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool)[:, 1:4].to(device) if use_mask else None
+
+    def run(fn):
+        leaf = base.clone().to(device).requires_grad_()  # a fresh leaf per run: no gradient accumulates
+        lp, ent = fn(leaf[:, 1:4])
+        lp[0, 2] = 0.0  # must not reach what the backward reads
+        loss = sum(w * o.sum() for w, o in ((lp_weight, lp), (ent_weight, ent)) if w is not None)
+        loss.backward()
+        return lp.detach().float(), ent.detach().float(), leaf.grad.float()
+
+    def reference(x):
+        logp = (x.float() / 0.7).log_softmax(-1)
+        lp, ent = logp.gather(-1, index.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+        return (lp, ent) if mask is None else (lp.masked_fill(~mask, 0.0), ent.masked_fill(~mask, 0.0))
+
+    got = run(lambda x: compat.selective_log_softmax_and_entropy(x, index, temperature=0.7, row_mask=mask,
+                                                                 out_dtype=torch.float32))  # fmt: skip
+    want = run(reference)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    # Triton's interpreter truncates fp32 -> bf16 (contract.py): a bf16 gradient there may be one whole ulp off
+    tol = 2.0**-7 if dtype == torch.bfloat16 and INTERPRETER_BF16_ULP else 1e-3
+    torch.testing.assert_close(got[2], want[2], rtol=tol, atol=1e-3)
+
+
+@pytest.mark.parametrize("trainable", ["hidden", "weight", "bias", "all"])
+def test_chunked_logprob_frozen_inputs_and_mixed_dtypes(trl_utils, trainable, gen, device):
+    """TRL's tests of its fused LM head: any of hidden / weight / bias frozen (the others' gradients still
+    right, the frozen ones None), log-probs + entropy backward together; against fp64 PyTorch."""
+    ours = compat.ChunkedLogProb(trl_utils._ChunkedLogProbFunction)
+    h, w, b = torch.randn(23, 16, generator=gen), torch.randn(70, 16, generator=gen), torch.randn(70, generator=gen)
+    t = torch.randint(0, 70, (23,), generator=gen)
+
+    def run(fn, dtype):
+        leaves = [a.clone().to(device, dtype).requires_grad_(trainable in (name, "all"))
+                  for name, a in zip(("hidden", "weight", "bias"), (h, w, b))]  # fmt: skip
+        lp, ent = fn(*leaves)[:2]
+        (2.0 * lp + 0.5 * ent).sum().backward()
+        return [lp.detach().double().cpu(), ent.detach().double().cpu()] + [
+            None if a.grad is None else a.grad.double().cpu() for a in leaves
+        ]
+
+    got = run(lambda *a: ours.apply(*a, t.to(device), 0.7, 64, None, 1.0, ("log_probs", "entropy")), torch.float32)
+
+    def reference(hh, ww, bb):
+        logp = ((hh @ ww.t() + bb) / 0.7).log_softmax(-1)
+        return logp.gather(-1, t.to(device).unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    want = run(reference, torch.float64)
+    for g, e in zip(got, want):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_logprob_under_autocast_and_with_a_bf16_hidden(trl_utils, gen, device):
+    """Under autocast the head runs in the autocast dtype: two fp32 hidden states equal once rounded to bf16
+    give equal log-probs and weight gradients (TRL's test); a bf16 hidden with an fp32 weight runs in bf16."""
+    ours = compat.ChunkedLogProb(trl_utils._ChunkedLogProbFunction)
+    hidden = torch.linspace(1.0, 2.0, 17 * 16).reshape(17, 16).to(torch.bfloat16).float().to(device)
+    nudged = hidden + 1e-4
+    assert torch.equal(hidden.to(torch.bfloat16), nudged.to(torch.bfloat16))
+    w = torch.randn(60, 16, generator=gen).to(device)
+    t = torch.randint(0, 60, (17,), generator=gen).to(device)
+    results = []
+    for hh in (hidden, nudged):
+        wi = w.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            lp = ours.apply(hh.clone().requires_grad_(), wi, None, t, 1.0, 64)[0]
+        lp.sum().backward()
+        results.append((lp.detach(), wi.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert results[0][1].dtype == torch.float32
+
+    hb = hidden.to(torch.bfloat16).requires_grad_()  # a leaf: hidden itself never required grad
+    wf = w.clone().requires_grad_()
+    lp = ours.apply(hb, wf, None, t, 1.0, 64)[0]
+    lp.sum().backward()
+    ref = (hb.detach().double() @ wf.detach().to(torch.bfloat16).double().t()).log_softmax(-1)
+    ref = ref.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    assert lp.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and wf.grad.dtype == torch.float32
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- torch.compile, nvtx or not
 def _compiled_cases():
     """name -> fn(x, idx) -> a scalar, through one adapter or public function."""
@@ -434,7 +531,7 @@ def test_chunked_logprob_matches_trl(trl_utils, logit_scale, gen, device):
     cot = torch.randn(2, 11, generator=gen)
 
     def run(fn, dtype, dev):
-        leaves = [a.to(dev, dtype).requires_grad_() for a in (h, w, b)]
+        leaves = [a.clone().to(dev, dtype).requires_grad_() for a in (h, w, b)]
         lp, ent, *rest = fn.apply(*leaves, t.to(dev), 0.7, 64, None, logit_scale, ("log_probs", "entropy"))
         assert rest == [None, None, None]
         loss = (lp * cot[0].to(dev, lp.dtype)).sum() + (ent * cot[1].to(dev, ent.dtype)).sum()
