@@ -159,6 +159,27 @@ def test_logprobs_from_logits_matches_handwritten(flavour, dtype, temperature, g
     _close_in_dtype(out, ref, default)
 
 
+@pytest.mark.parametrize("shape", [(8, 17), (3, 5, 32), (1, 1024), (5000, 16)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_verl_shapes_and_dtypes(shape, dtype, gen, device):
+    """The shapes and dtypes verl's own tests feed its torch_functional helpers (tiny and large vocabularies,
+    many rows, fp64): the shape of the input without its last dimension, the default dtype, and values within
+    fp32 rounding of an fp64 log-softmax (bf16: the fp32 result rounded once, so half a bf16 ulp; the
+    interpreter truncates, so one)."""
+    x = (torch.randn(shape, generator=gen) * 5).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    xd = x.to(device)
+    logp = compat.logprobs_from_logits(xd, labels.to(device))
+    ent = compat.entropy_from_logits(xd)
+    default = torch.float32 if compat._flash_attn_installed() else dtype
+    assert logp.shape == ent.shape == x.shape[:-1] and logp.dtype == default
+    log_p = torch.log_softmax(x.double(), -1)
+    want_lp, want_ent = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+    tol = 2.0**-7 if logp.dtype == torch.bfloat16 else 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(logp.cpu().double(), want_lp, rtol=tol, atol=tol)
+    torch.testing.assert_close(ent.cpu().double(), want_ent, rtol=tol, atol=tol)
+
+
 # ------------------------------------------------------------------------------------ torch.library ops
 def _loss(lib, h, w, targets, old_logp, ref_logits, mask):
     """A tiny linear 'LM head' -> logits -> log-probs, entropy, full KL, k3 estimate -> masked mean."""
@@ -292,21 +313,23 @@ def _kernels_on(x, idx):
     }
 
 
-KERNEL_NAMES = list(_kernels_on(torch.zeros(1, 9), torch.zeros(1, dtype=torch.long)))
+# (name, out_dtype): the adapters with their default output dtype and with fp32; the kernels' own fp32
+OUTPUTS = [
+    pytest.param(name, out, id=f"{name}-{'fp32_out' if out else 'default_dtype'}")
+    for name in _kernels_on(torch.zeros(1, 9), torch.zeros(1, dtype=torch.long))
+    for out in ((None, torch.float32) if "from_logits" in name or "selective" in name else (torch.float32,))
+]
 
 
 @pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no_grad"])
-@pytest.mark.parametrize("out_dtype", [None, torch.float32], ids=["default_dtype", "fp32_out"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", KERNEL_NAMES)
-def test_outputs_take_in_place_writes(name, dtype, out_dtype, requires_grad, gen, device):
+@pytest.mark.parametrize(("name", "out_dtype"), OUTPUTS)
+def test_outputs_take_in_place_writes(name, out_dtype, dtype, requires_grad, gen, device):
     """Each output written into as the peers' tests do, then back-propagated: no "view being modified in place"
     error, no "variable needed for gradient computation has been modified" error (no output is saved for the
     backward), and the same values and gradient as the same writes on a copy of the output. On CPU the default
     dtype of a 16-bit input is 16-bit, a cast and so a new tensor anyway: fp32_out is the CUDA case (TRL's
     rule: fp32 there) -- it failed before the outputs became fresh tensors."""
-    if out_dtype is None and name.split(".")[0] in ("token_logprobs", "ops", "full_kl", "kl_estimate", "linear_logprobs"):
-        pytest.skip("fp32 output only")
     x = (torch.randn(3, 5, 97, generator=gen) * 2).to(dtype).to(device)
     idx = torch.randint(0, 97, (3, 5), generator=gen).to(device)
     mask = (torch.rand(3, 5, generator=gen) > 0.6).to(device)
