@@ -193,11 +193,13 @@ def _sample_responses(
     """Sample replies -> (per record, its `samples_per_prompt` decoded replies; how many hit max_new_tokens).
 
     Prompts are batched by token length (less padding), `batch_size // samples_per_prompt` prompts per
-    `generate` call, each repeated with `num_return_sequences`. Sampling is pure softmax(z / T): top_k=0,
-    top_p=1 and no repetition penalty, whatever the model's generation config says. The global RNG is
-    seeded inside a fork, so the caller's RNG state is untouched and the result depends only on the
+    call of the sampler (`generate.generate`: each prompt prefilled once for its samples). Sampling is
+    pure softmax(z / T): no top-k, top-p or repetition penalty, whatever the model's generation config
+    says. The global RNG is seeded inside a fork, so the caller's RNG state is untouched and the result depends only on the
     seed, the prompts and the batch size."""
     import torch
+
+    from .generate import generate
 
     stop_ids = _stop_ids(model)
     encoded = [tokenizer.encode(render_prompt(tokenizer, r.prompt), add_special_tokens=False) for r in records]
@@ -215,24 +217,18 @@ def _sample_responses(
         for start in range(0, len(order), per_batch):
             batch = order[start : start + per_batch]
             padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")  # left-padded
-            input_ids = padded["input_ids"].to(device)  # (P, T) int64
-            attention_mask = padded["attention_mask"].to(device)  # (P, T) int64
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                typical_p=1.0,
-                repetition_penalty=1.0,
-                no_repeat_ngram_size=0,
+            out = generate(
+                model,
+                padded["input_ids"].to(device),  # (P, T) int64
+                padded["attention_mask"].to(device),  # (P, T) int64
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=samples_per_prompt,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # (P * k, T + new) int64; row j belongs to prompt j // k
-            new_tokens = out[:, input_ids.shape[1] :].tolist()
+                temperature=temperature,
+                stop_ids=stop_ids,
+                pad_id=tokenizer.pad_token_id,
+                samples_per_prompt=samples_per_prompt,
+                logprobs=False,
+            )  # tokens (P * k, new) int64; row j belongs to prompt j // k
+            new_tokens = out.tokens.tolist()
             for j, ids in enumerate(new_tokens):
                 end = next((t for t, tok in enumerate(ids) if tok in stop_ids), None)
                 n_unfinished += end is None
@@ -260,7 +256,7 @@ def generate_pairs(
     local folder); `prompts` is a list of PromptRecords or a prompt-dataset path. Each prompt gets
     `samples_per_prompt` replies at `temperature` (top_k=0, top_p=1, stop at EOS, at most
     `max_new_tokens`), rendered with the chat template and left-padded; `batch_size` is the number of
-    sequences (prompts x samples) per `generate` call. Deterministic given the seed, prompts and batch
+    sequences (prompts x samples) per sampler call. Deterministic given the seed, prompts and batch
     size. The pairing scheme and the line format are in the module docstring. Returns `out_path`."""
     if samples_per_prompt < 2:
         raise UserError(f"samples_per_prompt must be >= 2 to make a pair, got {samples_per_prompt}")

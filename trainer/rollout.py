@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
+from .generate import generate
 from .family import StopForward, replay_bottom, sliding_window, states_hook
 
 
@@ -42,6 +43,9 @@ class Rollout:
     """(B,) bool: the reply ended with a stop token within R tokens."""
     prompt_index: torch.Tensor
     """(B,) int64: which prompt (position in the list given to `sample`) each row answers."""
+    behaviour_logprobs: torch.Tensor | None = None
+    """(B, R) fp32 or None: log softmax(z / T) of each reply token under the logits the sampler drew it from
+    (0 at padding); `sample` fills it, a Rollout built from stored tokens has none."""
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -76,14 +80,20 @@ class Rollout:
         rows = (~self.has_eos).nonzero().squeeze(-1)
         ends = self.response_mask.sum(-1)[rows]  # the column after each cut reply's last token
         ids[rows, ends], mask[rows, ends] = eos_id, 1
-        return Rollout(self.prompt_ids, self.prompt_mask, ids, mask, torch.ones_like(self.has_eos), self.prompt_index)
+        lp = self.behaviour_logprobs
+        if lp is not None:  # the appended EOS was not sampled: no behaviour log-prob (0)
+            lp = torch.cat([lp, lp.new_zeros(B, 1)], 1)
+        return Rollout(self.prompt_ids, self.prompt_mask, ids, mask, torch.ones_like(self.has_eos), self.prompt_index, lp)
+
+    def _map(self, fn) -> Rollout:
+        return Rollout(**{k: None if (v := getattr(self, k)) is None else fn(v) for k in self.__dataclass_fields__})
 
     def to(self, device: torch.device | str) -> Rollout:
-        return Rollout(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+        return self._map(lambda t: t.to(device))
 
     def select(self, rows: torch.Tensor) -> Rollout:
         """Rows `rows` ((b,) int64 indices) as a new Rollout (a minibatch)."""
-        return Rollout(**{k: getattr(self, k)[rows] for k in self.__dataclass_fields__})
+        return self._map(lambda t: t[rows])
 
     def texts(self, tokenizer) -> list[str]:
         """Decoded replies without the stop token, stripped."""
@@ -134,11 +144,14 @@ def sample(
     samples_per_prompt: int = 1,
     device: torch.device | str = "cpu",
     synced_gpus: bool = False,
+    compile: bool = False,
 ) -> Rollout:
     """Sample `samples_per_prompt` replies to each tokenized prompt (list of B0 token-id lists; rows of one
     prompt are adjacent) with the global torch RNG -> Rollout of B = B0 * samples_per_prompt rows.
     `synced_gpus`: every process keeps stepping until all are done (FSDP2: each token step gathers the
-    parameters on every rank, so no rank may stop early)."""
+    parameters on every rank, so no rank may stop early). Decoding is `generate.generate` (a static KV cache,
+    each prompt prefilled once, no host sync per token); `compile` runs its decode step as a CUDA graph (CUDA
+    only). The rollout carries the behaviour log-probs of its reply tokens."""
     if temperature <= 0:
         raise UserError(f"temperature must be > 0 (PPO samples the full distribution), got {temperature}")
     stop_ids = stop_token_ids(model)
@@ -146,19 +159,17 @@ def sample(
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_k=0,
-        top_p=1.0, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        max_new_tokens=max_new_tokens, num_return_sequences=samples_per_prompt, eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
-    )  # (B, P + R') int64, R' <= max_new_tokens
+    out = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                   stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, samples_per_prompt=samples_per_prompt,
+                   synced_gpus=synced_gpus, compile=compile)  # fmt: skip
     model.train(was_training)
-    response, response_mask, has_eos = mask_after_stop(out[:, prompt_ids.shape[1] :], stop_ids, tokenizer.pad_token_id)
+    response, response_mask, has_eos = mask_after_stop(out.tokens, stop_ids, tokenizer.pad_token_id)
     k = samples_per_prompt
     return Rollout(
         prompt_ids=prompt_ids.repeat_interleave(k, 0), prompt_mask=prompt_mask.repeat_interleave(k, 0),
         response_ids=response, response_mask=response_mask, has_eos=has_eos,
-        prompt_index=torch.arange(len(prompts), device=out.device).repeat_interleave(k),
+        prompt_index=torch.arange(len(prompts), device=out.tokens.device).repeat_interleave(k),
+        behaviour_logprobs=out.logprobs * response_mask,
     )  # fmt: skip
 
 
