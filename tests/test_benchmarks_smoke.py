@@ -251,7 +251,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert {"gpu_check.log", "junit.xml", "beyond.json", *sweep.FILES} == set(files)
     log = (out / "gpu_check.log").read_text()
     has_hm = (REPO / "benchmarks" / "bench_head_memory.py").is_file()
-    for stage in ("import", "env", "tests", "sweep", "linear", "gae", "merge", *(("head_memory",) if has_hm else ())):
+    for stage in ("import", "env", "tests", "sweep", "linear", "gae", "generate", "merge",
+                  *(("head_memory",) if has_hm else ())):
         assert f"stage {stage}: rc=0" in log, log[-3000:]
     assert re.search(r"fastrlhf\.kernels from .*/kernels/__init__\.py", log)
     if "a shim of symlinks" in log:  # the editable finder was hidden: the shim must have served the import
@@ -266,7 +267,9 @@ def test_gpu_check_dry_run(tmp_path):
         assert beyond["head_memory"]["agreement_passed"] and not beyond["missing"]
     else:
         assert beyond["head_memory"] is None and "does not exist" in beyond["missing"]["head_memory"]
+    assert set(beyond["generate"]["smoke"]["summary"]) == {"hf-dynamic", "hf-static", "ours"}
     summary = (out / "summary.md").read_text()
+    assert "### Sampling (smoke, bench_generate)" in summary
     assert summary.index("### All cells") < summary.index("## Beyond the logits")
     assert "### Fused linear log-probs" in summary and "### GAE scan" in summary
     assert "## Beyond the logits" in proc.stdout

@@ -83,7 +83,8 @@ class Rollout:
         lp = self.behaviour_logprobs
         if lp is not None:  # the appended EOS was not sampled: no behaviour log-prob (0)
             lp = torch.cat([lp, lp.new_zeros(B, 1)], 1)
-        return Rollout(self.prompt_ids, self.prompt_mask, ids, mask, torch.ones_like(self.has_eos), self.prompt_index, lp)
+        return Rollout(self.prompt_ids, self.prompt_mask, ids, mask, torch.ones_like(self.has_eos), self.prompt_index,
+                       lp)  # fmt: skip
 
     def _map(self, fn) -> Rollout:
         return Rollout(**{k: None if (v := getattr(self, k)) is None else fn(v) for k in self.__dataclass_fields__})

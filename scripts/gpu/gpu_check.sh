@@ -19,18 +19,24 @@
 #   7 gae          benchmarks/bench_gae.py on a reduced grid: the GAE scan vs the Python loop
 #   8 head_memory  benchmarks/bench_head_memory.py --arch llama-3.2-1b: one PPO step's memory per head mode
 #                  (skipped, with the reason logged, while the script does not exist)
-#   6-8 write into a scratch folder, never into OUT_DIR; then a merge step bundles their JSONs, unchanged, into
-#   OUT_DIR/beyond.json ({"linear": linear.json, "gae": gae.json, "head_memory": head_memory.json, "missing":
-#   {name: why}}) and appends their markdown to summary.md under "## Beyond the logits".
-# Time: <= 8 min on one H100 (<= 3 min with --quick), by a deadline of 440 s (160 s) that every stage after
+#   9 generate     benchmarks/bench_generate.py: sampling tokens/s, time to first token and peak memory of HF
+#                  generate (dynamic cache; static cache + compile) and fastrlhf's sampler, at the demo shape
+#                  (SmolLM2-135M config, 64 prompts x 2 samples, 24 new tokens) and, without --quick, at 1B
+#                  shapes (random-init Llama-3.2-1B, then Qwen2.5-1.5B configs: 32 prompts x 2, 256 new
+#                  tokens, one repetition); each run's JSON goes under "generate" in beyond.json
+#   6-9 write into a scratch folder, never into OUT_DIR; then a merge step bundles their JSONs, unchanged, into
+#   OUT_DIR/beyond.json ({"linear": linear.json, "gae": gae.json, "head_memory": head_memory.json, "generate":
+#   {run: generate.json}, "missing": {name: why}}) and appends their markdown to summary.md under "## Beyond the logits".
+# Time: <= 10 min on one H100 (<= 3.5 min with --quick), by a deadline of 590 s (205 s) that every stage after
 # the script's start shares, the merge included, plus at most 20 s of a stage's grace to exit (timeout's
 # KILL 15 s after TERM, the merge's 5 s). Within it: set-up ~15 s; the tests up to 120 s (45 s); the sweep
 # what they leave, up to 210 s (60 s) and at least 170 s (50 s), its own --budget-s 25 s less; the beyond-the-logits
 # stages 120 s (35 s): linear 45 s (15 s), gae 15 s (8 s), head_memory 60 s (12 s), up to 15 s more when
-# the others finished early; the merge the last 15 s. Each stage is also capped on its own, and bench_linear
+# the others finished early; generate 150 s (45 s); the merge the last 15 s. Each stage is also capped on its own, and bench_linear
 # and bench_head_memory get internal time budgets under their caps. Run 1 on an H200
 # (results/2026-11-27-h200) took 253 s in a 290 s slot. The worst case, checked on CPU with a
-# stand-in python that hangs at every stage and ignores INT and TERM: 445 s (165 s with --quick).
+# stand-in python that hangs at every stage and ignores INT and TERM: 445 s (165 s with --quick), before the
+# generate stage and its 150 s (45 s) were added.
 # OUT_DIR gets exactly 8 flat files (an offline GPU host returns at most 8 files, plain names):
 # gpu_check.log junit.xml sweep.csv sweep.json summary.md bandwidth_vs_vocab.png peak_memory_vs_rows.png
 # beyond.json. Every measured number is in them. The console gets the stage lines, the sweep's markdown, the
@@ -73,7 +79,7 @@ SHIM=${FASTRLHF_SHIM:-/tmp/fastrlhf_shim}
 # SWEEP_MIN_S whatever the tests take; the sweep's own --budget-s is its timeout minus ~25 s (start-up,
 # ceilings, writing files), bench_linear's its timeout minus 10 s.
 if [ "$QUICK" = 1 ]; then
-  TOTAL_S=${FASTRLHF_TOTAL_S:-160}
+  TOTAL_S=${FASTRLHF_TOTAL_S:-205}
   TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-45}
   SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-60}
   SWEEP_MIN_S=${FASTRLHF_SWEEP_MIN_S:-50}
@@ -84,8 +90,10 @@ if [ "$QUICK" = 1 ]; then
   LINEAR_FLAGS=(--quick)
   GAE_FLAGS=(--batches 64 --seqs 512 8192 --ref-max-t 512)
   HEAD_MEMORY_BUDGET_S=2  # per mode; --no-search as well where the script has it
+  GENERATE_S=${FASTRLHF_GENERATE_TIMEOUT:-45}
+  GENERATE_RUNS=("demo --arch smollm2-135m")
 else
-  TOTAL_S=${FASTRLHF_TOTAL_S:-440}
+  TOTAL_S=${FASTRLHF_TOTAL_S:-590}
   TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-120}
   SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-210}
   SWEEP_MIN_S=${FASTRLHF_SWEEP_MIN_S:-170}
@@ -96,18 +104,24 @@ else
   LINEAR_FLAGS=()
   GAE_FLAGS=(--batches 8 64 --seqs 512 2048 8192 --ref-max-t 2048)
   HEAD_MEMORY_BUDGET_S=6
+  GENERATE_S=${FASTRLHF_GENERATE_TIMEOUT:-150}
+  GENERATE_RUNS=("demo --arch smollm2-135m"
+                 "llama-3.2-1b --arch llama-3.2-1b --prompts 32 --max-new-tokens 256 --repeats 1"
+                 "qwen2.5-1.5b --arch qwen2.5-1.5b --prompts 32 --max-new-tokens 256 --repeats 1")
 fi
 if [ "$DRY" = 1 ]; then  # CPU wiring only: tests/test_benchmarks_smoke.py and test_bench_linear_smoke.py cover the rest
-  TOTAL_S=${FASTRLHF_TOTAL_S:-320}  # the interpreter is slow: room for the smoke modes
+  TOTAL_S=${FASTRLHF_TOTAL_S:-380}  # the interpreter is slow: room for the smoke modes
   LINEAR_S=${FASTRLHF_LINEAR_TIMEOUT:-60}
   GAE_S=${FASTRLHF_GAE_TIMEOUT:-30}
   HEAD_MEMORY_S=${FASTRLHF_HEAD_MEMORY_TIMEOUT:-75}
   SWEEP_FLAGS=(--smoke --ops token_logprobs pairwise_loss)
   LINEAR_FLAGS=(--smoke)
   GAE_FLAGS=()  # without CUDA it times the Python loop at B=8, T=512 only
+  GENERATE_S=${FASTRLHF_GENERATE_TIMEOUT:-60}
+  GENERATE_RUNS=("smoke --smoke --device cpu")
 fi
 MERGE_S=15  # the last seconds of the deadline, kept for the merge step
-BEYOND_S=$((LINEAR_S + GAE_S + HEAD_MEMORY_S + MERGE_S))
+BEYOND_S=$((LINEAR_S + GAE_S + HEAD_MEMORY_S + GENERATE_S + MERGE_S))
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg MPLCONFIGDIR=/tmp/fastrlhf_mpl HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONDONTWRITEBYTECODE=1
 
@@ -136,7 +150,7 @@ run_stage() {
   case "$rc" in 124|137) log "stage $name TIMED OUT after ${limit}s" ;; esac
   record "$name" "$rc" "$(($(date +%s) - t0))"
 }
-STATE_VARS=(PY REPO OUT WHEELS SITE SHIM SCRATCH KERNEL_TESTS PYTEST_ARGS SWEEP_ARGS LINEAR_ARGS GAE_ARGS HEAD_MEMORY_ARGS)
+STATE_VARS=(PY REPO OUT WHEELS SITE SHIM SCRATCH KERNEL_TESTS PYTEST_ARGS SWEEP_ARGS LINEAR_ARGS GAE_ARGS HEAD_MEMORY_ARGS GENERATE_RUNS)
 
 log "fastrlhf gpu_check: repo $REPO, out $OUT, quick=$QUICK, dry=$DRY, python $PY"
 
@@ -253,6 +267,16 @@ BEYOND_NOTES=()  # "name: why" for a benchmark that did not run
 run_linear() { "$PY" "${LINEAR_ARGS[@]}"; }
 run_gae() { "$PY" "${GAE_ARGS[@]}"; }
 run_head_memory() { "$PY" "${HEAD_MEMORY_ARGS[@]}"; }
+# each run "NAME ARGS...": bench_generate.py ARGS --out $SCRATCH/generate/NAME, in order; a run cut by the
+# stage's timeout leaves the earlier runs' files
+run_generate() {
+  local spec rc=0
+  for spec in "${GENERATE_RUNS[@]}"; do
+    # shellcheck disable=SC2086  # the run's arguments, split on purpose
+    "$PY" benchmarks/bench_generate.py ${spec#* } --out "$SCRATCH/generate/${spec%% *}" || rc=1
+  done
+  return $rc
+}
 # beyond_stage NAME LIMIT_S FUNCTION: run it if at least 10 s are left for it, else record why not
 beyond_stage() {
   if [ "$2" -ge 10 ]; then
@@ -274,7 +298,7 @@ GAE_ARGS=(benchmarks/bench_gae.py --out "$SCRATCH/gae" ${GAE_FLAGS[@]+"${GAE_FLA
 beyond_stage gae "$GAE_LIMIT" run_gae
 
 HM=benchmarks/bench_head_memory.py
-HEAD_MEMORY_LIMIT=$(min $((HEAD_MEMORY_S + 15)) $(($(left_s) - MERGE_S)))  # the last stage: what the others left
+HEAD_MEMORY_LIMIT=$(min $((HEAD_MEMORY_S + 15)) $(($(left_s) - GENERATE_S - MERGE_S)))
 if [ ! -f "$HM" ]; then
   log "stage head_memory: skipped: $HM does not exist (yet)"
   STAGES+=("head_memory skipped: $HM does not exist")
@@ -294,7 +318,10 @@ else
   beyond_stage head_memory "$HEAD_MEMORY_LIMIT" run_head_memory
 fi
 
-# merge: OUT_DIR/beyond.json (the three JSONs, unchanged) and the markdown appended to summary.md
+GENERATE_LIMIT=$(min $((GENERATE_S + 15)) $(($(left_s) - MERGE_S)))  # the last stage: what the others left
+beyond_stage generate "$GENERATE_LIMIT" run_generate
+
+# merge: OUT_DIR/beyond.json (the JSONs, unchanged) and the markdown appended to summary.md
 t0=$(date +%s)
 timeout -k 5 "$MERGE_S" "$PY" - "$SCRATCH" "$OUT" ${BEYOND_NOTES[@]+"${BEYOND_NOTES[@]}"} >>"$LOG" 2>&1 <<'PYEOF'
 import json, sys
@@ -305,9 +332,10 @@ sys.path.insert(0, "benchmarks")
 parts = {"linear": ("linear.json", "linear.md"), "gae": ("gae.json", None),
          "head_memory": ("head_memory.json", "head_memory.md")}
 doc = {"about": "the beyond-the-logits benchmarks run by scripts/gpu/gpu_check.sh; each entry is that script's own JSON, unchanged "
-                "(benchmarks/bench_linear.py, bench_gae.py, bench_head_memory.py); 'missing' says why one is absent",
+                "(benchmarks/bench_linear.py, bench_gae.py, bench_head_memory.py; bench_generate.py per run under "
+                "'generate'); 'missing' says why one is absent",
        "missing": {}}
-md = ["## Beyond the logits: bench_linear, bench_gae, bench_head_memory", ""]
+md = ["## Beyond the logits: bench_linear, bench_gae, bench_head_memory, bench_generate", ""]
 why = dict(n.split(": ", 1) for n in notes)
 for name, (js, mdf) in parts.items():
     path = scratch / name / js
@@ -328,6 +356,18 @@ for name, (js, mdf) in parts.items():
             md += ["### GAE scan vs the Python loop (bench_gae)", "", table, ""]
         except Exception as e:
             md += [f"### {name}: table not rendered ({type(e).__name__}: {e}); the numbers are in beyond.json", ""]
+runs = sorted((scratch / "generate").glob("*/generate.json"))
+doc["generate"] = {}
+for path in runs:
+    try:
+        doc["generate"][path.parent.name] = json.loads(path.read_text())
+        md += [f"### Sampling ({path.parent.name}, bench_generate)", "", (path.parent / "generate.md").read_text().strip(), ""]
+    except (OSError, ValueError) as e:
+        md += [f"### generate {path.parent.name}: not read ({type(e).__name__}: {e})", ""]
+if not doc["generate"]:
+    doc["generate"] = None
+    doc["missing"]["generate"] = why.get("generate", "no generate.json: the stage failed or timed out; see gpu_check.log")
+    md += [f"### generate: not measured ({doc['missing']['generate']})", ""]
 (out / "beyond.json").write_text(json.dumps(doc, indent=2, default=str))
 summary = out / "summary.md"
 head = summary.read_text().rstrip() + "\n\n" if summary.is_file() else "(no sweep summary: see gpu_check.log)\n\n"
