@@ -81,7 +81,8 @@ def _cache_kwargs(model, cache) -> dict:
     """The cache arguments of `model`'s forward: transformers >= 5.25 name the cache `cache` (and compute
     write positions themselves), earlier 5.x name it `past_key_values` and take `cache_position` (set per
     call by the caller)."""
-    params = inspect.signature(model.forward).parameters
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes them on
+    params = inspect.signature(inner.forward).parameters
     kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
     if "cache_position" in params:
         kwargs["cache_position"] = None

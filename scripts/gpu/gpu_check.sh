@@ -46,7 +46,7 @@
 # host's copy has no .git), FASTRLHF_TEST_WORKERS (pytest-xdist workers, default 8 when xdist is there),
 # FASTRLHF_TOTAL_S / FASTRLHF_TESTS_TIMEOUT / FASTRLHF_SWEEP_TIMEOUT / FASTRLHF_SWEEP_MIN_S (what the tests leave
 # the sweep at least) / FASTRLHF_LINEAR_TIMEOUT /
-# FASTRLHF_GAE_TIMEOUT / FASTRLHF_HEAD_MEMORY_TIMEOUT (seconds), FASTRLHF_SITE / FASTRLHF_SHIM (folders),
+# FASTRLHF_GAE_TIMEOUT / FASTRLHF_HEAD_MEMORY_TIMEOUT / FASTRLHF_GENERATE_TIMEOUT (seconds), FASTRLHF_SITE / FASTRLHF_SHIM (folders),
 # FASTRLHF_GPU_CHECK_DRY=1 (a CPU wiring check: no wheel install, no pip install, tests collected but
 # not run, `sweep.py --smoke` on two ops instead of the GPU grid, the beyond-the-logits benchmarks in their CPU smoke
 # modes; tests/test_benchmarks_smoke.py runs it).
