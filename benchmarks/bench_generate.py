@@ -142,6 +142,7 @@ def run(args) -> dict:
                           ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    env = measure.environment(device)  # before the runs: the commit whose code is measured
     modes = [m for m in args.modes.split(",") if m]
     assert set(modes) <= set(MODES), f"unknown mode in {modes}"
     model = build_model(args.arch, dtype, device, args.seed)
@@ -174,7 +175,7 @@ def run(args) -> dict:
         per_rep = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(raw["ours"], raw["hf-static"])]
         ratios["ours_vs_hf-static"] = {"per_repeat": per_rep, "median": statistics.median(per_rep)}
     return {
-        "environment": measure.environment(device),
+        "environment": env,
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "dtype": str(dtype).replace("torch.", ""),
         "compiled": {"hf-static": device.type == "cuda", "ours": device.type == "cuda"},
