@@ -145,9 +145,11 @@ def test_checkpoint_from_two_processes_resumes_in_one(setup):
 
 
 # ------------------------------------------------------------------------------------------------- PPO
-PPO_COMPARED = ("score", "score_penalized", "kl", "kl_k3", "kl_seq", "rlhf_reward", "entropy", "response_length",
-                "eos_rate", "explained_variance", "kl_coef", "lr", "logratio_dev_first", "clipfrac", "approx_kl",
-                "ratio_mean", "vf_clipfrac", "pg_loss", "vf_loss", "grad_norm", "value_grad_norm")  # fmt: skip
+PPO_COMPARED = ("objective/score", "objective/score_penalized", "objective/kl", "objective/kl_k3", "objective/kl_seq",
+                "objective/rlhf_reward", "objective/kl_coef", "policy/entropy", "policy/response_length",
+                "policy/eos_rate", "policy/lr", "policy/logratio_dev_first", "policy/clipfrac", "policy/approx_kl",
+                "policy/ratio_mean", "policy/loss", "policy/grad_norm", "value/explained_variance", "value/clipfrac",
+                "value/loss", "value/grad_norm")  # fmt: skip
 
 
 def _ppo_args(setup, out: str, **kw) -> dict:
@@ -225,7 +227,7 @@ def test_ppo_fsdp2_samples_in_lockstep_and_resumes_in_one(setup):
     assert "model.embed_tokens.weight" in ckpt["policy"] and "lm_head.weight" not in ckpt["policy"]  # tied: once
     assert all(v.dtype == torch.float32 for v in ckpt["policy"].values())
     assert set(ckpt["value"]) == {"weight", "bias"}
-    lengths = [r["response_length"] for r in _ppo_log(root / "ppo-fsdp2-cli")]
+    lengths = [r["policy/response_length"] for r in _ppo_log(root / "ppo-fsdp2-cli")]
     assert len(lengths) == 2
     summary = train_ppo(PPOConfig(**{**args, "max_steps": None, "resume": True}))
     assert summary["steps"] == 3 and (root / "ppo-fsdp2-cli" / "policy" / "config.json").exists()
