@@ -128,7 +128,8 @@ def test_kernels_match_eager_twins(models, tmp_path, fused_linear):
         runs[kernels] = [_stable(r) for r in _records(out)]
     assert len(runs[True]) == len(runs[False]) == 2
     for fast, eager in zip(runs[True], runs[False]):
-        for key in ("objective/score", "objective/kl", "objective/kl_full", "policy/entropy", "policy/loss", "value/loss", "policy/approx_kl", "policy/clipfrac", "policy/ratio_mean"):
+        for key in ("objective/score", "objective/kl", "objective/kl_full", "policy/entropy", "policy/loss", "value/loss",
+                    "policy/approx_kl", "policy/clipfrac", "policy/ratio_mean"):
             assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
 
 

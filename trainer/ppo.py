@@ -456,25 +456,25 @@ def distribute(models: Models, cfg: PPOConfig, world: World) -> None:
     wraps the update's forward. In a world of one nothing changes."""
     param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, world.device)
     sharded = world.size > 1 and cfg.parallel == "fsdp2"
+    reward_model, reference, frozen = models.reward_model, models.reference, models.frozen_sharded
     if sharded:
         wrap(models.policy, world, "fsdp2", decoder_layers(models.policy), param_dtype)
         critic_layers = decoder_layers(models.critic) if models.critic is not None else ()
         wrap(models.value_module, world, "fsdp2", critic_layers, param_dtype)
         # the frozen models too, so a rank holds 1/N of them: the reference's passes call the model itself, the
         # reward model's its trunk (its scalar head stays whole). bitsandbytes' int8 / nf4 weights do not shard.
-        reward_model, reference = models.reward_model, models.reference
-        models.frozen_sharded["reward model trunk"] = shard_frozen(reward_trunk(reward_model), world,
-                                                                   decoder_layers(reward_model), param_dtype)  # fmt: skip
+        trunk = reward_trunk(reward_model)
+        frozen["reward model trunk"] = shard_frozen(trunk, world, decoder_layers(reward_model), param_dtype)
         if reference is not None and cfg.ref_quant == "none":
-            models.frozen_sharded["reference"] = shard_frozen(reference, world, decoder_layers(reference), param_dtype)
+            frozen["reference"] = shard_frozen(reference, world, decoder_layers(reference), param_dtype)
     else:
         models.update = wrap(models.update, world, "ddp")
     if world.size > 1:
         log.info("rank %d of %d on %s, %s%s", world.rank, world.size, world.device, cfg.parallel,
                  f" (parameters gathered in {param_dtype})" if sharded else "")  # fmt: skip
     if sharded:
-        held = ", ".join("%s %.2f of %.2f MB" % (name, *param_megabytes(m)) for name, m in models.frozen_sharded.items())
-        whole = f"; the {cfg.ref_quant} reference whole" if models.reference is not None and cfg.ref_quant != "none" else ""
+        held = ", ".join("%s %.2f of %.2f MB" % (name, *param_megabytes(mod)) for name, mod in frozen.items())
+        whole = f"; the {cfg.ref_quant} reference whole" if reference is not None and cfg.ref_quant != "none" else ""
         log.info("frozen models sharded too (in %s), rank %d holds: %s%s", param_dtype, world.rank, held, whole)
 
 
@@ -629,6 +629,18 @@ def batch_stats(g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq:
     return stats
 
 
+def optimizer_step(optim: Optimizers, policy, value_module, max_norm: float, step: int) -> dict[str, float]:
+    """Clip each model's gradients (their norm checked finite first), step both optimizers and clear the
+    gradients -> the gradient norms before clipping."""
+    norms = {"policy/grad_norm": clip_gradients("policy gradient norm", policy, optim.policy_params, max_norm, step)}
+    norms["value/grad_norm"] = clip_gradients("value gradient norm", value_module, optim.value_params, max_norm, step)
+    for opt in (optim.opt, optim.vopt):
+        opt.step()
+    for opt in (optim.opt, optim.vopt):
+        opt.zero_grad(set_to_none=True)
+    return norms
+
+
 def _rows(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     return x[rows] if x is not None else None
 
@@ -720,10 +732,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 kl_fn = kl_estimate if cfg.kernels else kl_estimate_ref
                 kl_k1 = kl_fn(old.logp, ref_logp, estimator="k1") * mask  # (b, R)
                 kl_k3 = kl_fn(old.logp, ref_logp, estimator="k3") * mask
-                kl_full = None
-                if need_full_kl:
-                    kl_full = exact_kl(policy, models.reference if models.reference is not None else policy,
-                                       (old.hidden, logits), ref_out, T, ro.response_mask, cfg.kernels)  # fmt: skip
+                ref_model = models.reference if models.reference is not None else policy
+                kl_full = exact_kl(policy, ref_model, (old.hidden, logits), ref_out, T, ro.response_mask,
+                                   cfg.kernels) if need_full_kl else None  # fmt: skip
                 del logits, ref_out
                 for name, x in (("reward-model score", score), ("old-policy log-probs", old.logp),
                                 ("reference log-probs", ref_logp)):  # fmt: skip
@@ -768,9 +779,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                         sub, m = ro.select(micro), mask[micro]
                         w = m.sum() / mb_tokens * (0.0 if idle else 1.0)  # micro-batch share of the minibatch's tokens
                         with autocast(device):
-                            logp, ent, values, head = models.update(sub, _rows(old.prefix, micro),
-                                                                    _rows(old.cprefix, micro), old.logp[micro],
-                                                                    adv_l[micro])  # fmt: skip
+                            logp, ent, values, head = models.update(
+                                sub, _rows(old.prefix, micro), _rows(old.cprefix, micro), old.logp[micro], adv_l[micro])
                         if one_pass:
                             pg_loss, pg = rl.reduce_policy_loss(head.pg_loss, head.clipped, logp - old.logp[micro],
                                                                 head.ratio, m)  # fmt: skip
@@ -792,14 +802,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     acc = sum_dict_across(acc, world)
                     if not mb_stats:
                         first_dev = max_across(first_dev, world)
-                    acc["policy/grad_norm"] = clip_gradients("policy gradient norm", policy, optim.policy_params,
-                                                             cfg.max_grad_norm, step)  # fmt: skip
-                    acc["value/grad_norm"] = clip_gradients("value gradient norm", value_module, optim.value_params,
-                                                            cfg.max_grad_norm, step)  # fmt: skip
-                    for opt in (optim.opt, optim.vopt):
-                        opt.step()
-                    for opt in (optim.opt, optim.vopt):
-                        opt.zero_grad(set_to_none=True)
+                    acc.update(optimizer_step(optim, policy, value_module, cfg.max_grad_norm, step))
                     mb_stats.append(acc)
         optim.sched.step()
         optim.vsched.step()
@@ -823,8 +826,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
             "perf/elapsed_s": time.perf_counter() - t_start,
         }
         if step == 0:  # the policy still equals the starting model: this is the reference's own error
-            record["objective/kl_floor_k1"], record["objective/kl_floor_k3"] = record["objective/kl"], record["objective/kl_k3"]
-            record["objective/kl_floor_full"] = record["objective/kl_full"]
+            for est, key in (("k1", "objective/kl"), ("k3", "objective/kl_k3"), ("full", "objective/kl_full")):
+                record[f"objective/kl_floor_{est}"] = record[key]
             log.info("step-0 KL floor of the %s reference: %.2e per token (exact), %.2e (k3)",
                      "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant, record["objective/kl_full"],
                      record["objective/kl_k3"])  # fmt: skip
