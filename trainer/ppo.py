@@ -421,7 +421,7 @@ def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, devic
     if rm_retokenize:
         log.info("reward model %s tokenizes differently from the policy: it scores re-tokenized text", rm_path)
         if cfg.critic == "separate":
-            raise UserError(f"--critic separate copies the reward model, whose tokenizer differs from the policy's "
+            raise UserError("--critic separate copies the reward model, whose tokenizer differs from the policy's "
                             "(it could not value the policy's tokens); use --critic value-head")  # fmt: skip
     reward_model = load_reward_model(rm_path, device=device, tokenizer=tokenizer if not rm_retokenize else rm_tokenizer)
     reward_model.requires_grad_(False)
