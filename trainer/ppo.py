@@ -78,6 +78,7 @@ from .config import PPOConfig
 from .data import encode_prompt, load_demo_prompts, load_prompts
 from .models import (
     autocast,
+    fold_reward_normalisation,
     load_causal_lm,
     load_reference_model,
     load_reward_model,
@@ -428,6 +429,7 @@ def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, devic
     critic, value_head, n_frozen_critic = None, None, 0
     if cfg.critic == "separate":
         critic = load_reward_model(rm_path, device=device, tokenizer=tokenizer)
+        fold_reward_normalisation(critic)  # values in the units of the normalised scores (the returns')
         n_frozen_critic = freeze_bottom(critic, cfg.freeze_layers)
     else:
         H = policy.config.hidden_size
