@@ -233,7 +233,23 @@ class PPOConfig:
     ent_coef: float = 0.0
     """Entropy bonus weight."""
     whiten_advantages: bool = True
-    """Whiten advantages over the rollout's real tokens."""
+    """Whiten advantages over the rollout's real tokens (`--advantage gae` only)."""
+    advantage: Literal["gae", "grpo", "rloo"] = "gae"
+    """Advantage estimator. "gae": PPO with a critic (GAE over the per-token rewards). Critic-free, one
+    advantage per reply from its prompt's group of `samples_per_prompt` (>= 2) replies, whose reward is its
+    score minus beta times its summed KL (or the score alone with `--kl-in loss`): "grpo" normalises it within
+    the group (Shao et al. 2024), "rloo" subtracts the mean of the group's other replies (Ahmadian et al.
+    2024). grpo and rloo load no critic: no value loss, no value optimizer, no `value/` log keys."""
+    grpo_scale_std: bool = True
+    """--advantage grpo: divide by the group's std (False: mean-centred only, as "Dr. GRPO")."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference goes: "reward" (-beta * the `kl_estimator` per token, as PPO) or "loss"
+    (+ beta * the k3 estimate per token of the policy being updated, aggregated as the surrogate is, as GRPO;
+    from the same `ppo_head` pass with the kernels)."""
+    loss_agg: Literal["token", "sequence"] = "token"
+    """How the policy loss (and a KL in the loss) averages a minibatch: "token", the mean over all its real
+    tokens (a long reply weighs more; PPO, DAPO) or "sequence", the mean of each reply's token mean (every
+    reply weighs the same; GRPO's paper). The value loss stays per token."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip for policy and critic."""
     grad_checkpointing: bool = False

@@ -8,9 +8,11 @@ Each step (`train_ppo`, one labelled block per phase):
     reference  log-probs of the sampled tokens under the frozen reference (bitsandbytes int8 / nf4 above
                the policy's frozen bottom, or the LoRA policy's base with its adapter disabled), once per rollout
     rewards    per-token -beta * KL (k1 by default) plus the score at the last real token; GAE(gamma, lambda);
-               whitened advantages
+               whitened advantages. Critic-free (`--advantage grpo|rloo`): each reply's summed reward against
+               its prompt's group of `samples_per_prompt` replies, one advantage for all its tokens
     update     `ppo_epochs` passes of shuffled minibatches: clipped surrogate + vf_coef * clipped value
-               loss - ent_coef * entropy; grad-norm clip; AdamW; linear LR decay
+               loss - ent_coef * entropy (+ beta * k3 KL with `--kl-in loss`; aggregated per token or per
+               sequence, `--loss-agg`); grad-norm clip; AdamW; linear LR decay
     log        one JSON line per step in metrics.jsonl (and TensorBoard when installed), keys namespaced:
                `objective/` (score, KL estimates, KL coefficient, shaped rewards), `policy/` (its replies'
                entropy, length and EOS rate; the update's loss, approx KL, clip fraction, ratio, gradient
@@ -323,19 +325,23 @@ class UpdateModel(torch.nn.Module):
         self.policy, self.critic, self.value_head, self.cfg = policy, critic, value_head, cfg
         self.n_frozen, self.n_frozen_critic, self.one_pass = n_frozen, n_frozen_critic, one_pass
 
-    def forward(self, sub: Rollout, prefix, cprefix, old_logp: torch.Tensor, advantages: torch.Tensor):
-        """-> logp (b, R), entropy (b, R), values (b, R), the PPOHeadOutput (one-pass) or None."""
+    def forward(self, sub: Rollout, prefix, cprefix, old_logp: torch.Tensor, advantages: torch.Tensor,
+                ref_logp: torch.Tensor | None = None):  # fmt: skip
+        """-> logp (b, R), entropy (b, R), values (b, R) or None (no critic), the PPOHeadOutput (one-pass; its
+        k3 KL per token when given the reference's `ref_logp` (b, R)) or None."""
         cfg, head = self.cfg, None
         if self.one_pass:
             h, logits, _ = forward_reply(self.policy, self.policy.get_output_embeddings(), sub, prefix=prefix,
                                          n_frozen=self.n_frozen)  # fmt: skip
-            head = ppo_head(logits, _targets(sub), old_logp, advantages, clip_range=cfg.clip_range,
-                            temperature=cfg.temperature)  # fmt: skip
+            head = ppo_head(logits, _targets(sub), old_logp, advantages, ref_logprobs=ref_logp,
+                            clip_range=cfg.clip_range, temperature=cfg.temperature)  # fmt: skip
             logp, ent = head.logprobs, head.entropy
         else:
             logp, ent, h = policy_forward(self.policy, sub, cfg.temperature, cfg.kernels, prefix, self.n_frozen,
                                           cfg.fused_linear)[:3]  # fmt: skip
-        values, _ = critic_values(self.critic, self.value_head, sub, h, cprefix, self.n_frozen_critic)
+        values = None
+        if self.critic is not None or self.value_head is not None:
+            values, _ = critic_values(self.critic, self.value_head, sub, h, cprefix, self.n_frozen_critic)
         return logp, ent, values, head
 
 
@@ -385,7 +391,7 @@ class Models:
     rm_retokenize: bool
     """The reward model tokenizes differently from the policy: it scores the replies' re-tokenized text."""
     critic: torch.nn.Module | None
-    """A copy of the reward model (`--critic separate`), or None."""
+    """A copy of the reward model (`--critic separate`), or None (also for grpo / rloo: no critic)."""
     value_head: torch.nn.Linear | None
     """A value head on the policy trunk (`--critic value-head`), or None."""
     n_frozen_critic: int
@@ -403,8 +409,8 @@ class Models:
     """FSDP2 roots of the frozen models, resharded after their no-grad passes."""
 
     @property
-    def value_module(self) -> torch.nn.Module:
-        """What the value optimizer trains: the critic, or the value head."""
+    def value_module(self) -> torch.nn.Module | None:
+        """What the value optimizer trains: the critic, the value head, or None (critic-free)."""
         return self.critic if self.critic is not None else self.value_head
 
 
@@ -421,13 +427,15 @@ def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, devic
     rm_retokenize = not same_tokenization(tokenizer, rm_tokenizer)  # it reads the replies' text, its own way
     if rm_retokenize:
         log.info("reward model %s tokenizes differently from the policy: it scores re-tokenized text", rm_path)
-        if cfg.critic == "separate":
+        if cfg.critic == "separate" and cfg.advantage == "gae":
             raise UserError("--critic separate copies the reward model, whose tokenizer differs from the policy's "
                             "(it could not value the policy's tokens); use --critic value-head")  # fmt: skip
     reward_model = load_reward_model(rm_path, device=device, tokenizer=tokenizer if not rm_retokenize else rm_tokenizer)
     reward_model.requires_grad_(False)
     critic, value_head, n_frozen_critic = None, None, 0
-    if cfg.critic == "separate":
+    if cfg.advantage != "gae":  # critic-free: each reply's group of samples is its baseline
+        pass
+    elif cfg.critic == "separate":
         critic = load_reward_model(rm_path, device=device, tokenizer=tokenizer)
         fold_reward_normalisation(critic)  # values in the units of the normalised scores (the returns')
         n_frozen_critic = freeze_bottom(critic, cfg.freeze_layers)
@@ -462,7 +470,8 @@ def distribute(models: Models, cfg: PPOConfig, world: World) -> None:
     if sharded:
         wrap(models.policy, world, "fsdp2", decoder_layers(models.policy), param_dtype)
         critic_layers = decoder_layers(models.critic) if models.critic is not None else ()
-        wrap(models.value_module, world, "fsdp2", critic_layers, param_dtype)
+        if models.value_module is not None:
+            wrap(models.value_module, world, "fsdp2", critic_layers, param_dtype)
         # the frozen models too, so a rank holds 1/N of them: the reference's passes call the model itself, the
         # reward model's its trunk (its scalar head stays whole). bitsandbytes' int8 / nf4 weights do not shard.
         trunk = reward_trunk(reward_model)
@@ -482,19 +491,23 @@ def distribute(models: Models, cfg: PPOConfig, world: World) -> None:
 
 class Optimizers(NamedTuple):
     """AdamW on the policy's and on the value model's trainable parameters, each with a linear LR decay to 0
-    stepped once per rollout."""
+    stepped once per rollout. Critic-free (grpo / rloo): no value parameters, vopt and vsched None."""
 
     policy_params: list
     value_params: list
     opt: torch.optim.Optimizer
-    vopt: torch.optim.Optimizer
+    vopt: torch.optim.Optimizer | None
     sched: torch.optim.lr_scheduler.LRScheduler
-    vsched: torch.optim.lr_scheduler.LRScheduler
+    vsched: torch.optim.lr_scheduler.LRScheduler | None
 
 
 def make_optimizers(cfg: PPOConfig, models: Models) -> Optimizers:
     """The optimizers of the trainable parameters (frozen ones excluded; under FSDP2, this rank's shards)."""
     policy_params = [p for p in models.policy.parameters() if p.requires_grad]
+    if models.value_module is None:  # critic-free
+        opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps))
+        return Optimizers(policy_params, [], opt, None, sched, None)
     value_params = [p for p in models.value_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
     vopt = torch.optim.AdamW(value_params, lr=cfg.critic_lr, eps=1e-5)
@@ -512,12 +525,12 @@ def save_checkpoint(path: Path, step: int, models: Models, optim: Optimizers, kl
     rng = rng_state()
     rngs = gather_objects(rng, world)
     params, opt_state = full_state(models.policy, optim.opt)  # rank 0 gets the tensors
-    vparams, vopt_state = full_state(models.value_module, optim.vopt)
+    vparams, vopt_state = full_state(models.value_module, optim.vopt) if optim.vopt is not None else (None, None)
     if world.main:
         atomic_save({
             "step": step, "policy": params, "value": vparams,
             "opt": opt_state, "vopt": vopt_state, "sched": optim.sched.state_dict(),
-            "vsched": optim.vsched.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": rng[0], "cuda_rng": rng[1],
+            "vsched": optim.vsched.state_dict() if optim.vsched is not None else None, "kl_ctl": kl_ctl.state_dict(), "rng": rng[0], "cuda_rng": rng[1],
             "rng_per_rank": rngs, "world_size": world.size, "config": asdict(cfg),
         }, path)  # fmt: skip
 
@@ -527,9 +540,14 @@ def resume(ckpt: dict, models: Models, optim: Optimizers, kl_ctl, cfg: PPOConfig
     as many processes as wrote it the sampling streams continue exactly; on another number, fresh streams
     that are still a function of (seed, step, rank)."""
     load_full_state(models.policy, optim.opt, ckpt["policy"], ckpt["opt"])
-    load_full_state(models.value_module, optim.vopt, ckpt["value"], ckpt["vopt"])
+    if (optim.vopt is None) != (ckpt["vopt"] is None):
+        raise UserError("--resume: the checkpoint was written with%s a critic and this run has%s one (--advantage "
+                        "differs)" % (("out", "") if ckpt["vopt"] is None else ("", " no")))  # fmt: skip
+    if optim.vopt is not None:
+        load_full_state(models.value_module, optim.vopt, ckpt["value"], ckpt["vopt"])
     for obj, key in ((optim.sched, "sched"), (optim.vsched, "vsched"), (kl_ctl, "kl_ctl")):
-        obj.load_state_dict(ckpt[key])
+        if obj is not None:
+            obj.load_state_dict(ckpt[key])
     rngs = ckpt.get("rng_per_rank", [(ckpt["rng"], ckpt["cuda_rng"])])
     if len(rngs) == world.size:
         set_rng_state(*rngs[world.rank])
@@ -547,8 +565,8 @@ class OldPolicy(NamedTuple):
     """(b, R) fp32 log-probs of the reply tokens at the sampling temperature."""
     entropy: torch.Tensor
     """(b, R) fp32."""
-    values: torch.Tensor
-    """(b, R) fp32: the critic's values."""
+    values: torch.Tensor | None
+    """(b, R) fp32: the critic's values (None: critic-free)."""
     hidden: torch.Tensor
     """(b, R, H): the LM head's input."""
     prefix: torch.Tensor | None
@@ -573,11 +591,13 @@ def old_policy_pass(models: Models, ro: Rollout, scored: Rollout, cfg: PPOConfig
     logp, entropy, hidden = logp[:, :R], entropy[:, :R], hidden[:, :R]
     logits = logits[:, :R] if logits is not None and keep_logits else None  # (b, R, V): freed before the reference's
     prefix = prefix_scored[:, : P + R] if prefix_scored is not None else None
-    capture = m.n_frozen_critic if m.critic is not None and cfg.cache_frozen and not m.critic_shares else 0
-    values, cprefix = critic_values(m.critic, m.value_head, ro, hidden, prefix if m.critic_shares else None,
-                                    m.n_frozen_critic, capture=capture)  # fmt: skip
-    if m.critic_shares:
-        cprefix = prefix
+    values, cprefix = None, None
+    if m.value_module is not None:
+        capture = m.n_frozen_critic if m.critic is not None and cfg.cache_frozen and not m.critic_shares else 0
+        values, cprefix = critic_values(m.critic, m.value_head, ro, hidden, prefix if m.critic_shares else None,
+                                        m.n_frozen_critic, capture=capture)  # fmt: skip
+        if m.critic_shares:
+            cprefix = prefix
     return OldPolicy(logp, entropy, values, hidden, prefix, cprefix, prefix_scored), logits
 
 
@@ -609,23 +629,26 @@ def reference_pass(models: Models, ro: Rollout, old: OldPolicy, cfg: PPOConfig, 
     return ref.logp, (ref.hidden, ref.logits) if keep_logits else None
 
 
-def batch_stats(g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq: float) -> dict[str, float]:
+def batch_stats(g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq: float,
+                beta_reward: float) -> dict[str, float]:  # fmt: skip
     """A step's `objective/`, `policy/` (its replies) and `value/` statistics over the whole batch: `g` the
-    gathered rows (`gather_rows`), `kl_g` the KL estimate in the reward, `beta` its coefficient."""
+    gathered rows (`gather_rows`), `kl_g` the KL estimate, `beta` its coefficient, `beta_reward` the one in the
+    reward (beta, or 0 with the KL in the loss); `returns` None (critic-free): no `value/` keys."""
     stats = {
         "objective/score": float(g["score"].mean()),
         "objective/score_penalized": float(penalized.mean()),
         "objective/kl": float(rl.masked_mean(g["kl_k1"], g["mask"])),
         "objective/kl_k3": float(rl.masked_mean(g["kl_k3"], g["mask"])),
         "objective/kl_seq": kl_seq,
-        "objective/non_score_reward": float((-beta * kl_g).sum(-1).mean()),
+        "objective/non_score_reward": float((-beta_reward * kl_g).sum(-1).mean()),
         "objective/rlhf_reward": float(rewards.sum(-1).mean()),
         "objective/kl_coef": beta,
         "policy/entropy": float(rl.masked_mean(g["entropy"], g["mask"])),
         "policy/response_length": float(g["length"].float().mean()),
         "policy/eos_rate": float(g["has_eos"].float().mean()),
-        "value/explained_variance": float(rl.explained_variance(g["values"], returns, g["mask"])),
     }
+    if returns is not None:
+        stats["value/explained_variance"] = float(rl.explained_variance(g["values"], returns, g["mask"]))
     if "kl_full" in g:
         stats["objective/kl_full"] = float(rl.masked_mean(g["kl_full"], g["mask"]))
     return stats
@@ -635,10 +658,13 @@ def optimizer_step(optim: Optimizers, policy, value_module, max_norm: float, ste
     """Clip each model's gradients (their norm checked finite first), step both optimizers and clear the
     gradients -> the gradient norms before clipping."""
     norms = {"policy/grad_norm": clip_gradients("policy gradient norm", policy, optim.policy_params, max_norm, step)}
-    norms["value/grad_norm"] = clip_gradients("value gradient norm", value_module, optim.value_params, max_norm, step)
-    for opt in (optim.opt, optim.vopt):
+    opts = [optim.opt]
+    if optim.vopt is not None:
+        norms["value/grad_norm"] = clip_gradients("value gradient norm", value_module, optim.value_params, max_norm, step)
+        opts.append(optim.vopt)
+    for opt in opts:
         opt.step()
-    for opt in (optim.opt, optim.vopt):
+    for opt in opts:
         opt.zero_grad(set_to_none=True)
     return norms
 
@@ -660,6 +686,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
     sharded = world.size > 1 and cfg.parallel == "fsdp2"
     if sharded and cfg.fused_linear:  # the fused kernels read the LM-head weight outside the model's own call
         raise UserError("--fused-linear does not run under FSDP2 (the head weight is sharded): use --parallel ddp")
+    if cfg.advantage != "gae" and cfg.samples_per_prompt < 2:
+        raise UserError(f"--advantage {cfg.advantage} compares each reply with its prompt's other replies: "
+                        f"it needs --samples-per-prompt >= 2 (got {cfg.samples_per_prompt})")  # fmt: skip
     one_pass = cfg.kernels and not cfg.fused_linear  # the update's head is one `ppo_head` pass over the logits
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -681,7 +710,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
               else rl.FixedKLController(cfg.kl_coef))  # fmt: skip
     log.info("policy: %d bottom layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); "
              "reference: %s", models.n_frozen, cfg.lora_r, sum(p.numel() for p in optim.policy_params) / 1e6,
-             cfg.critic, sum(p.numel() for p in optim.value_params) / 1e6,
+             cfg.critic if value_module is not None else f"none ({cfg.advantage})",
+             sum(p.numel() for p in optim.value_params) / 1e6,
              "policy base, adapter disabled" if cfg.ref_from_adapter else cfg.ref_quant)  # fmt: skip
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
     ckpt = open_run(ckpt_path, log_path, cfg.resume, world)  # None: a fresh run
@@ -729,7 +759,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
             for frozen in models.frozen_sharded.values():  # FSDP2 leaves a root's own parameters gathered
                 frozen.reshard()
 
-            # ---- rewards and advantages: -beta * KL per token + the score at the last token; GAE; whitened
+            # ---- rewards and advantages: -beta * KL per token (unless the KL is in the loss) + the score at the
+            #      last token; GAE (whitened), or one advantage per reply from its prompt's group (grpo / rloo)
             with phase("rewards"):
                 kl_fn = kl_estimate if cfg.kernels else kl_estimate_ref
                 kl_k1 = kl_fn(old.logp, ref_logp, estimator="k1") * mask  # (b, R)
@@ -744,25 +775,37 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 # the whole batch on every rank (a world of one: these same tensors), (B, R) / (B,)
                 local = {"score": score, "has_eos": ro.has_eos, "mask": mask, "kl_k1": kl_k1, "kl_k3": kl_k3,
                          "values": old.values, "entropy": old.entropy, "length": ro.response_lengths}  # fmt: skip
+                if old.values is None:  # critic-free
+                    del local["values"]
                 if kl_full is not None:
                     local["kl_full"] = kl_full
                 g = gather_rows(local, world, len(idx), k)
                 kl_g = {"k1": g["kl_k1"], "k3": g["kl_k3"], "full": g.get("kl_full")}[cfg.kl_estimator]
                 penalized = rl.clip_scores(rl.apply_eos_penalty(g["score"], g["has_eos"], cfg.missing_eos_penalty),
                                            cfg.score_clip)  # fmt: skip
-                rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], kl_ctl.value)  # (B, R)
-                advantages, returns = (gae if cfg.kernels else rl.gae)(rewards, g["values"], g["mask"],
-                                                                        gamma=cfg.gamma, lam=cfg.lam)  # fmt: skip
-                if cfg.whiten_advantages:
-                    advantages = rl.masked_whiten(advantages, g["mask"])
+                beta_reward = kl_ctl.value if cfg.kl_in == "reward" else 0.0
+                rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], beta_reward)  # (B, R)
+                if cfg.advantage == "gae":
+                    advantages, returns = (gae if cfg.kernels else rl.gae)(rewards, g["values"], g["mask"],
+                                                                            gamma=cfg.gamma, lam=cfg.lam)  # fmt: skip
+                    if cfg.whiten_advantages:
+                        advantages = rl.masked_whiten(advantages, g["mask"])
+                else:  # each reply's total reward against its group's (rows of a prompt are adjacent), (B,)
+                    seq_reward = rewards.sum(-1)
+                    seq_adv = (rl.grpo_advantages(seq_reward, k, cfg.grpo_scale_std) if cfg.advantage == "grpo"
+                               else rl.rloo_advantages(seq_reward, k))  # fmt: skip
+                    advantages, returns = rl.sequence_to_tokens(seq_adv, g["mask"]), None  # (B, R)
                 check_finite("advantages", advantages, step)
                 held = held_rows(len(idx), k, world, device)  # global row -> this rank's row, or -1
                 R = mask.shape[1]
-                adv_l, ret_l = advantages[held >= 0, :R], returns[held >= 0, :R]  # this rank's rows
+                adv_l = advantages[held >= 0, :R]  # this rank's rows
+                ret_l = returns[held >= 0, :R] if returns is not None else None
+                ref_l = ref_logp if cfg.kl_in == "loss" else None  # (b, R): the KL term of the loss
 
         # ---- update: ppo_epochs passes of shuffled minibatches, each row on the rank that holds it
         policy.train()
-        value_module.train()
+        if value_module is not None:
+            value_module.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         B = len(held)  # rows in the whole batch
         mb_stats: list[dict] = []
@@ -779,24 +822,38 @@ def train_ppo(cfg: PPOConfig) -> dict:
                         idle = micro is None  # nothing here for this micro-batch: row 0 at weight 0
                         micro = torch.zeros(1, dtype=torch.long, device=device) if idle else micro
                         sub, m = ro.select(micro), mask[micro]
-                        w = m.sum() / mb_tokens * (0.0 if idle else 1.0)  # micro-batch share of the minibatch's tokens
+                        if cfg.loss_agg == "token":  # micro-batch share of the minibatch's tokens
+                            w = m.sum() / mb_tokens * (0.0 if idle else 1.0)
+                        else:  # ... of its rows
+                            w = torch.tensor((0.0 if idle else len(micro)) / len(rows), device=device)
                         with autocast(device):
-                            logp, ent, values, head = models.update(
-                                sub, _rows(old.prefix, micro), _rows(old.cprefix, micro), old.logp[micro], adv_l[micro])
+                            logp, ent, values, head = models.update(sub, _rows(old.prefix, micro), _rows(old.cprefix, micro),
+                                                                    old.logp[micro], adv_l[micro], _rows(ref_l, micro))  # fmt: skip
                         if one_pass:
                             pg_loss, pg = rl.reduce_policy_loss(head.pg_loss, head.clipped, logp - old.logp[micro],
-                                                                head.ratio, m)  # fmt: skip
+                                                                head.ratio, m, cfg.loss_agg)  # fmt: skip
                         else:
-                            pg_loss, pg = rl.policy_loss(logp, old.logp[micro], adv_l[micro], m, cfg.clip_range)
-                        vf_loss, vf = rl.value_loss(values, old.values[micro], ret_l[micro], m, cfg.clip_range_value)
+                            pg_loss, pg = rl.policy_loss(logp, old.logp[micro], adv_l[micro], m, cfg.clip_range, cfg.loss_agg)
+                        terms = {**{f"policy/{key}": v for key, v in pg.items()}, "policy/loss": pg_loss}
+                        checks, loss = [("policy loss", pg_loss)], pg_loss
+                        if values is not None:  # the critic's clipped value loss (gae)
+                            vf_loss, vf = rl.value_loss(values, old.values[micro], ret_l[micro], m, cfg.clip_range_value)
+                            checks.append(("value loss", vf_loss))
+                            loss = pg_loss + cfg.vf_coef * vf_loss
+                            terms.update({"value/clipfrac": vf["vf_clipfrac"], "value/loss": vf_loss})
                         ent_mean = rl.entropy_bonus(ent, m)
-                        for name, x in (("policy loss", pg_loss), ("value loss", vf_loss), ("entropy", ent_mean)):
+                        loss = loss - cfg.ent_coef * ent_mean
+                        if ref_l is not None:  # k3 of the policy being updated to the reference, per token
+                            kl_tok = head.kl if one_pass else kl_fn(logp, ref_l[micro], estimator="k3")
+                            kl_loss = rl.aggregate(kl_tok, m, cfg.loss_agg)
+                            checks.append(("KL loss", kl_loss))
+                            loss = loss + kl_ctl.value * kl_loss
+                            terms["policy/kl_loss"] = kl_loss
+                        for name, x in (*checks, ("entropy", ent_mean)):
                             check_finite(name, x, step)
                         # DDP / FSDP2 average the ranks' gradients: x N gives the sum, the 1-process gradient
-                        loss = (pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent_mean) * w * world.size
+                        loss = loss * w * world.size
                         loss.backward()
-                        terms = {**{f"policy/{key}": v for key, v in pg.items()}, "policy/loss": pg_loss,
-                                 "value/clipfrac": vf["vf_clipfrac"], "value/loss": vf_loss}  # fmt: skip
                         for key, v in terms.items():
                             acc[key] = acc.get(key, 0.0) + float(v.detach()) * float(w)
                         if not mb_stats and not idle:  # nothing updated yet: the policy is the one that sampled
@@ -807,7 +864,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     acc.update(optimizer_step(optim, policy, value_module, cfg.max_grad_norm, step))
                     mb_stats.append(acc)
         optim.sched.step()
-        optim.vsched.step()
+        if optim.vsched is not None:
+            optim.vsched.step()
         policy.eval()
 
         # ---- log: the whole batch's statistics, one JSON line per step
@@ -819,7 +877,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                   "rewards": n_reply, "update": n_seq * cfg.ppo_epochs}  # fmt: skip
         record = {
             "step": step + 1,
-            **batch_stats(g, kl_g, penalized, rewards, returns, beta, kl_seq),
+            **batch_stats(g, kl_g, penalized, rewards, returns, beta, kl_seq, beta_reward),
             "policy/lr": lr_used,
             "policy/logratio_dev_first": first_dev,
             **{key: sum(s[key] for s in mb_stats) / len(mb_stats) for key in mb_stats[0]},  # minibatch means
