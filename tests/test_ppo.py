@@ -197,6 +197,19 @@ def test_critic_free_resume_equals_uninterrupted(models, tmp_path, monkeypatch):
         train_ppo(replace(cut, resume=True, advantage="gae", steps=4))
 
 
+def test_verifiable_reward_fn_drives_the_group_advantages(models, tmp_path, monkeypatch):
+    """--reward rubric with a reward function that gives every reply 2: the score is 2, every group is
+    all-equal, so RLOO's advantages and the surrogate are exactly 0; the reward model's score is logged beside."""
+    (tmp_path / "const_reward.py").write_text("def two(prompts, replies, meta):\n    return [2.0] * len(replies)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train_ppo(_cfg(models, tmp_path / "run", advantage="rloo", kl_in="loss", samples_per_prompt=2, reward="rubric",
+                   reward_fn="const_reward:two", missing_eos_penalty=None))  # fmt: skip
+    (rec,) = _records(tmp_path / "run")
+    assert rec["objective/score"] == rec["objective/check"] == 2.0
+    assert rec["objective/rm_score"] != 2.0
+    assert rec["policy/loss"] == 0.0
+
+
 def test_critic_free_needs_a_group(models, tmp_path):
     with pytest.raises(UserError, match="samples-per-prompt >= 2"):
         train_ppo(_cfg(models, tmp_path, advantage="grpo"))

@@ -242,6 +242,18 @@ class PPOConfig:
     2024). grpo and rloo load no critic: no value loss, no value optimizer, no `value/` log keys."""
     grpo_scale_std: bool = True
     """--advantage grpo: divide by the group's std (False: mean-centred only, as "Dr. GRPO")."""
+    reward: Literal["rm", "rubric", "both"] = "rm"
+    """The score: the reward model's ("rm"), a verifiable check's ("rubric": the demo rubric's correctness, 1.0
+    for a correct answer, else 0.0; or `--reward-fn`), or rm_weight * rm + check_weight * check ("both").
+    The reward model is loaded in every case (with "rubric" only its score's mean is logged,
+    `objective/rm_score`); the missing-EOS penalty and the clip apply to the score used."""
+    reward_fn: str | None = None
+    """The verifiable check as `module:function`, called with (prompts: lists of chat messages, replies: str,
+    the prompt rows' metadata: dicts) and returning one float per reply (trainer/verifiable.py)."""
+    rm_weight: float = 1.0
+    """--reward both: weight of the reward model's score."""
+    check_weight: float = 1.0
+    """--reward both: weight of the verifiable check."""
     kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL to the reference goes: "reward" (-beta * the `kl_estimator` per token, as PPO) or "loss"
     (+ beta * the k3 estimate per token of the policy being updated, aggregated as the surrogate is, as GRPO;

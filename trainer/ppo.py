@@ -4,7 +4,8 @@ Each step (`train_ppo`, one labelled block per phase):
     rollout    sample replies to `batch_prompts` prompts at temperature T (top_k=0, top_p=1), stop at EOS
     old policy log-probs (+ entropy) of the rollout and the critic's values, no grad
     score      reward model at the reply's EOS (appended where the reply was cut off: the form it was trained
-               on), normalised by its saved gain/bias; missing-EOS penalty; clipped
+               on), normalised by its saved gain/bias (or, `--reward rubric|both`, a verifiable check instead of
+               or beside it: trainer/verifiable.py); missing-EOS penalty; clipped
     reference  log-probs of the sampled tokens under the frozen reference (bitsandbytes int8 / nf4 above
                the policy's frozen bottom, or the LoRA policy's base with its adapter disabled), once per rollout
     rewards    per-token -beta * KL (k1 by default) plus the score at the last real token; GAE(gamma, lambda);
@@ -101,6 +102,7 @@ from .family import bottom_modules, bottom_parameters, check_logit_transform, de
 from .family import fused_temperature, logit_transform, lora_targets, n_bottom_layers
 from .reward import score_texts
 from .rollout import Rollout, forward_reply, sample, trunk_hidden
+from .verifiable import load_reward_fn, verifiable_scores
 
 log = logging.getLogger("fastrlhf")
 DTYPE = torch.float32  # master weights; CUDA computes in bf16 under autocast
@@ -651,6 +653,9 @@ def batch_stats(g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq:
         stats["value/explained_variance"] = float(rl.explained_variance(g["values"], returns, g["mask"]))
     if "kl_full" in g:
         stats["objective/kl_full"] = float(rl.masked_mean(g["kl_full"], g["mask"]))
+    if "check" in g:  # --reward rubric|both: each part of the score
+        stats["objective/rm_score"] = float(g["rm_score"].mean())
+        stats["objective/check"] = float(g["check"].mean())
     return stats
 
 
@@ -700,6 +705,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     _check_policy_source(cfg.policy, cfg)
     policy_path = resolve_model_path(cfg.policy)
     rm_path = resolve_reward_model_path(cfg.reward_model)  # every path checked before the slow loads
+    check_fn = load_reward_fn(cfg.reward_fn) if cfg.reward != "rm" else None  # the verifiable reward
     tokenizer = load_tokenizer(policy_path)  # left padding for generation
     prompts = [encode_prompt(tokenizer, r.prompt) for r in records]
     models = load_models(cfg, policy_path, rm_path, tokenizer, device)
@@ -752,6 +758,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 score = rollout_scores(models, ro, scored, old, row_prompts, tokenizer, cfg.kernels)  # (b,)
                 if models.rm_retokenize:  # decoding, its chat template and re-tokenizing included
                     phase.stats["perf/time/rm_retokenized_s"] = time.perf_counter() - t_rm
+                if check_fn is not None:  # the verifiable check, alone or weighted beside the reward model
+                    rm_score = score
+                    check = verifiable_scores(check_fn, [records[idx[j]] for j in mine for _ in range(k)],
+                                              ro.texts(tokenizer), device)  # fmt: skip
+                    score = check if cfg.reward == "rubric" else cfg.rm_weight * rm_score + cfg.check_weight * check
 
             # ---- reference: log-probs of the sampled tokens under the frozen reference
             with phase("reference"):
@@ -777,6 +788,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
                          "values": old.values, "entropy": old.entropy, "length": ro.response_lengths}  # fmt: skip
                 if old.values is None:  # critic-free
                     del local["values"]
+                if check_fn is not None:
+                    local.update(rm_score=rm_score, check=check)
                 if kl_full is not None:
                     local["kl_full"] = kl_full
                 g = gather_rows(local, world, len(idx), k)
