@@ -6,8 +6,9 @@ the kernels/eager speed ratio per phase, and whether the two training curves agr
     python benchmarks/bench_ppo_step.py --model cfg135m --random-init --ref-quant none --out "$OUT"
 
 What is measured. `fastrlhf.trainer.ppo.train_ppo` times its own phases (generation, scoring,
-policy_eval, reference, rewards [KL + GAE], update) and writes them per step to metrics.jsonl (`time/<phase>_s`,
-`tokens_per_s/<phase>`, `peak_mem_mb/<phase>`); this script runs it once per mode and summarises:
+policy_eval, reference, rewards [KL + GAE], update) and writes them per step to metrics.jsonl
+(`perf/time/<phase>_s`, `perf/tokens_per_s/<phase>`, `perf/peak_mem_mb/<phase>`); this script runs it once
+per mode and summarises:
 - s/step: mean seconds per step of each phase over the timed steps. Step 1 is left out when
   --steps > 1 (warm-up: Triton compilation / autotuning, cuBLAS and allocator warm-up); the report says
   which steps were timed.
@@ -27,7 +28,7 @@ the curves agree bit for bit). CPU with TRITON_INTERPRET=1 (set before triton is
 tests/conftest.py does): the kernel mode runs Triton's interpreter, fine for a correctness smoke run,
 meaningless for speed. The kernels matter on CUDA only; the JSON records which path ran (`kernel_path`).
 
-Curve check. For each step, score, kl, entropy, pg_loss and vf_loss of the two runs are compared
+Curve check. For each step, the score, KL, entropy, policy loss and value loss of the two runs are compared
 (max abs diff, max rel diff); a value passes when |k - e| <= atol + rtol * |e|.
 - CPU (fp32): every step is checked, rtol 1e-3 / atol 1e-4. Generation does not touch the kernels, so the
   step-1 rollouts are identical; the kernels agree with the twins to fp32 rounding, the weights after
@@ -78,8 +79,8 @@ import measure  # noqa: E402
 
 PHASES = ("generation", "scoring", "policy_eval", "reference", "rewards", "update")
 MODES = ("kernels", "eager")
-CHECKED = ("score", "kl", "entropy", "pg_loss", "vf_loss")
-INFO = ("kl_k3", "approx_kl", "clipfrac", "response_length")  # compared and reported, never gated
+CHECKED = ("objective/score", "objective/kl", "policy/entropy", "policy/loss", "value/loss")
+INFO = ("objective/kl_k3", "policy/approx_kl", "policy/clipfrac", "policy/response_length")  # reported, never gated
 TOL = {"cpu": (1e-3, 1e-4), "cuda": (1e-2, 1e-3)}  # (rtol, atol)
 FILES = ("ppo_step.json", "ppo_step.md", "metrics_kernels.jsonl", "metrics_eager.jsonl")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
@@ -181,13 +182,13 @@ def summarise(records: list[dict], steps: list[int]) -> dict[str, dict]:
     rows = [r for r in records if r["step"] in steps]
     out: dict[str, dict] = {}
     for ph in PHASES:
-        secs = [r[f"time/{ph}_s"] for r in rows]
-        tokens = [r[f"tokens_per_s/{ph}"] * r[f"time/{ph}_s"] for r in rows]
+        secs = [r[f"perf/time/{ph}_s"] for r in rows]
+        tokens = [r[f"perf/tokens_per_s/{ph}"] * r[f"perf/time/{ph}_s"] for r in rows]
         out[ph] = {
             "s_per_step": sum(secs) / len(secs),
             "tokens_per_step": sum(tokens) / len(tokens),
             "tokens_per_s": sum(tokens) / max(sum(secs), 1e-12),
-            "peak_mem_mb": max(r[f"peak_mem_mb/{ph}"] for r in rows),
+            "peak_mem_mb": max(r[f"perf/peak_mem_mb/{ph}"] for r in rows),
         }
     total = sum(out[ph]["s_per_step"] for ph in PHASES)
     out["total"] = {"s_per_step": total, "tokens_per_step": None, "tokens_per_s": None,
@@ -242,7 +243,8 @@ def compare_curves(runs: dict[str, list[dict]], checked_steps: list[int], rtol: 
             "per_step": per_step,
         }
     same_rollout = {
-        s: (k[s]["response_length"] == e[s]["response_length"] and _close(k[s]["score"], e[s]["score"], rtol, atol))
+        s: k[s]["policy/response_length"] == e[s]["policy/response_length"]
+        and _close(k[s]["objective/score"], e[s]["objective/score"], rtol, atol)
         for s in steps
         if s not in missing
     }
@@ -407,7 +409,7 @@ def _run(
     if device.type == "cuda":
         meta["gpu_memory_total_mb"] = torch.cuda.get_device_properties(device).total_memory / 2**20
     per_step = {
-        mode: [{k: v for k, v in r.items() if k == "step" or k.startswith(("time/", "tokens_per_s/", "peak_mem_mb/"))}
+        mode: [{k: v for k, v in r.items() if k == "step" or (k.startswith("perf/") and k != "perf/elapsed_s")}
                for r in runs[mode]]
         for mode in MODES
     }  # fmt: skip

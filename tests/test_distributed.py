@@ -145,9 +145,11 @@ def test_checkpoint_from_two_processes_resumes_in_one(setup):
 
 
 # ------------------------------------------------------------------------------------------------- PPO
-PPO_COMPARED = ("score", "score_penalized", "kl", "kl_k3", "kl_seq", "rlhf_reward", "entropy", "response_length",
-                "eos_rate", "explained_variance", "kl_coef", "lr", "logratio_dev_first", "clipfrac", "approx_kl",
-                "ratio_mean", "vf_clipfrac", "pg_loss", "vf_loss", "grad_norm", "value_grad_norm")  # fmt: skip
+PPO_COMPARED = ("objective/score", "objective/score_penalized", "objective/kl", "objective/kl_k3", "objective/kl_seq",
+                "objective/rlhf_reward", "objective/kl_coef", "policy/entropy", "policy/response_length",
+                "policy/eos_rate", "policy/lr", "policy/logratio_dev_first", "policy/clipfrac", "policy/approx_kl",
+                "policy/ratio_mean", "policy/loss", "policy/grad_norm", "value/explained_variance", "value/clipfrac",
+                "value/loss", "value/grad_norm")  # fmt: skip
 
 
 def _ppo_args(setup, out: str, **kw) -> dict:
@@ -203,6 +205,26 @@ def test_ppo_two_processes_match_one(setup, tmp_path, parallel):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
 
 
+def test_grpo_two_processes_match_one(setup, tmp_path):
+    """Critic-free GRPO with the KL in the loss and per-sequence aggregation under DDP (no critic to wrap or
+    checkpoint): the micro-batches, weighted by their rows and some held by one rank only, add up to one
+    process's minibatch, so the curve and the weights are one process's."""
+    kw = dict(advantage="grpo", kl_in="loss", loss_agg="sequence")
+    _ppo_one(setup, "grpo-one", **kw)
+    _ppo_torchrun(_ppo_args(setup, "grpo-ddp", **kw), tmp_path)
+    root = setup[0]
+    two, one = _ppo_log(root / "grpo-ddp"), _ppo_log(root / "grpo-one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for ra, rb in zip(two, one):
+        assert not [k for k in ra if k.startswith("value/")]
+        for k in (*(k for k in PPO_COMPARED if not k.startswith("value/")), "policy/kl_loss"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5 if k == "policy/loss" else 1e-6), (ra["step"], k)
+    a = AutoModelForCausalLM.from_pretrained(root / "grpo-one" / "policy").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(root / "grpo-ddp" / "policy").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
 def test_ppo_fsdp2_samples_in_lockstep_and_resumes_in_one(setup):
     """The command line with real sampling: replies of different lengths on the two ranks, so generation
     must step in lockstep (each token step gathers the sharded layers); a value head on the policy and a
@@ -225,7 +247,7 @@ def test_ppo_fsdp2_samples_in_lockstep_and_resumes_in_one(setup):
     assert "model.embed_tokens.weight" in ckpt["policy"] and "lm_head.weight" not in ckpt["policy"]  # tied: once
     assert all(v.dtype == torch.float32 for v in ckpt["policy"].values())
     assert set(ckpt["value"]) == {"weight", "bias"}
-    lengths = [r["response_length"] for r in _ppo_log(root / "ppo-fsdp2-cli")]
+    lengths = [r["policy/response_length"] for r in _ppo_log(root / "ppo-fsdp2-cli")]
     assert len(lengths) == 2
     summary = train_ppo(PPOConfig(**{**args, "max_steps": None, "resume": True}))
     assert summary["steps"] == 3 and (root / "ppo-fsdp2-cli" / "policy" / "config.json").exists()

@@ -334,7 +334,7 @@ def test_train_rm_and_one_ppo_step(family, folders, data, tmp_path, caplog):
                                  batch_prompts=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=4, device="cpu"))  # fmt: skip
     record = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert result["steps"] == 1
-    assert record["logratio_dev_first"] < 1e-4, "the update's first pass replays the frozen prefix exactly"
+    assert record["policy/logratio_dev_first"] < 1e-4, "the update's first pass replays the frozen prefix exactly"
     assert all(v == v for v in record.values() if isinstance(v, float)), "no NaN in the step's log"
 
 
@@ -374,7 +374,7 @@ def test_reward_model_with_its_own_tokenizer_reads_retokenized_text(folders, tok
         train_ppo(PPOConfig(**base, out_dir=str(tmp_path / "a")))
     result = train_ppo(PPOConfig(**base, critic="value-head", out_dir=str(tmp_path / "b")))
     record = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
-    assert result["steps"] == 1 and record["time/rm_retokenized_s"] > 0
+    assert result["steps"] == 1 and record["perf/time/rm_retokenized_s"] > 0
 
 
 # --------------------------------------------------------------------------------------- the CLI's errors

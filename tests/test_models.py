@@ -332,6 +332,23 @@ def test_trunk_and_head_feed_the_reward_kernel(tiny_causal):
             )
 
 
+def test_folded_normalisation_gives_normalised_scores_at_every_position(tiny_causal):
+    """A PPO critic copied from the reward model: its head's output at every position is gain * r + bias
+    (the units of the normalised scores its returns are made of), not the raw r."""
+    rm = models.load_reward_model(tiny_causal)
+    rm.config.reward_gain, rm.config.reward_bias = 2.7, -0.4
+    tok = models.load_tokenizer(tiny_causal)
+    enc = tok([chat(tok, q) for q in PROMPTS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = models.reward_trunk(rm)(**enc).last_hidden_state  # (B, T, H)
+        raw = models.reward_head(rm)(hidden)  # (B, T, 1)
+        models.fold_reward_normalisation(rm)
+        folded = models.reward_head(rm)(hidden)
+    torch.testing.assert_close(folded, 2.7 * raw - 0.4, rtol=1e-6, atol=1e-6)
+    assert (rm.config.reward_gain, rm.config.reward_bias) == (1.0, 0.0)  # applied once, not twice
+    assert models.reward_head(rm) is rm.score and rm.score.weight.requires_grad
+
+
 def test_tiny_model_is_deterministic_and_uses_the_real_tokenizer(default, tiny_causal, tmp_path):
     rng = torch.random.get_rng_state()
     again = models.tiny_model_path(tmp_path / "a")

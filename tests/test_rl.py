@@ -15,16 +15,20 @@ from torch.testing import assert_close
 from fastrlhf.trainer.rl import (
     AdaptiveKLController,
     FixedKLController,
+    aggregate,
     apply_eos_penalty,
     clip_scores,
     entropy_bonus,
     explained_variance,
     gae,
+    grpo_advantages,
     kl_penalty_stats,
     masked_mean,
     masked_var,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
+    sequence_to_tokens,
     shaped_rewards,
     value_loss,
 )
@@ -354,3 +358,88 @@ def test_fixed_kl_controller():
     fresh = FixedKLController(value=1.0)
     fresh.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
     assert fresh.value == 0.05
+
+
+# ------------------------------------------------------------------------------- group advantages
+def test_grpo_normalises_within_each_adjacent_group():
+    # group 1 (rows 0-2): 1, 2, 3: mean 2, unbiased std sqrt((1 + 0 + 1) / 2) = 1 -> -1, 0, 1 over (1 + eps)
+    # group 2 (rows 3-5): all 5: every deviation 0 -> 0, not 0 / 0
+    a = grpo_advantages(t([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), group_size=3)
+    assert_close(a, t([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / t([1 + 1e-4, 1, 1 + 1e-4, 1, 1, 1]))
+    # adjacency is the contract: 1, 5, 2 | 5, 3, 5 (not 1, 2, 3 | 5, 5, 5 interleaved, which gives -1, 0, 1 | 0s)
+    # group 1: mean 8/3, deviations -5/3, 7/3, -2/3, unbiased var (25 + 49 + 4) / 9 / 2 = 13/3
+    # group 2: mean 13/3, deviations 2/3, -4/3, 2/3, unbiased var (4 + 16 + 4) / 9 / 2 = 4/3
+    s1, s2 = math.sqrt(13 / 3), math.sqrt(4 / 3)
+    expected = t([-5 / 3 / s1, 7 / 3 / s1, -2 / 3 / s1, 2 / 3 / s2, -4 / 3 / s2, 2 / 3 / s2])
+    assert_close(grpo_advantages(t([1.0, 5.0, 2.0, 5.0, 3.0, 5.0]), 3, eps=0.0), expected)
+
+
+def test_grpo_ties_and_no_std_scaling():
+    # 0, 0, 1, 1: mean 1/2, deviations -+1/2; unbiased var = 4 * (1/4) / 3 = 1/3 -> A = -+(1/2) * sqrt(3)
+    r = t([0.0, 0.0, 1.0, 1.0])
+    h = 0.5 * math.sqrt(3)
+    assert_close(grpo_advantages(r, 4, eps=0.0), t([-h, -h, h, h]))  # tied scores, equal advantages
+    assert_close(grpo_advantages(r, 4, scale_by_std=False), t([-0.5, -0.5, 0.5, 0.5]))  # mean-centred only
+
+
+def test_grpo_groups_of_two():
+    # 3, 1: mean 2, unbiased std sqrt(1 + 1) = sqrt 2 -> +-1 / (sqrt 2 + eps); -10, 10: +-10 / (10 sqrt 2 + eps),
+    # +-1 / sqrt 2 whatever the gap once eps is negligible; 4, 4: 0 / (0 + eps) = 0 (with eps = 0 it is 0 / 0)
+    a = grpo_advantages(t([3.0, 1.0, 4.0, 4.0, -10.0, 10.0]), 2)
+    s, s10 = 1 / (math.sqrt(2) + 1e-4), 10 / (10 * math.sqrt(2) + 1e-4)
+    assert_close(a, t([s, -s, 0.0, 0.0, -s10, s10]))
+
+
+def test_rloo_leave_one_out_baseline():
+    # 1, 2, 3: baselines (2 + 3) / 2, (1 + 3) / 2, (1 + 2) / 2 = 2.5, 2, 1.5 -> -1.5, 0, 1.5
+    # ties 0, 0, 1 | all-equal 7, 7, 7: baselines 1/2, 1/2, 0 -> -1/2, -1/2, 1 | 0, 0, 0
+    a = rloo_advantages(t([1.0, 2.0, 3.0, 0.0, 0.0, 1.0, 7.0, 7.0, 7.0]), 3)
+    assert_close(a, t([-1.5, 0.0, 1.5, -0.5, -0.5, 1.0, 0.0, 0.0, 0.0]))
+    # groups of 2: each row's baseline is the other row -> r1 - r2, r2 - r1
+    assert_close(rloo_advantages(t([3.0, 1.0, 4.0, 4.0]), 2), t([2.0, -2.0, 0.0, 0.0]))
+
+
+def test_group_advantages_are_detached_and_keep_dtype():
+    r = t([1.0, 2.0]).requires_grad_()
+    for a in (grpo_advantages(r, 2), rloo_advantages(r, 2)):
+        assert not a.requires_grad and a.dtype == torch.float64
+
+
+def test_group_advantages_refuse_bad_groups():
+    for fn in (grpo_advantages, rloo_advantages):
+        with pytest.raises(ValueError, match="at least 2"):
+            fn(t([1.0, 2.0]), 1)  # one sample: no group statistic (GRPO's std is NaN, RLOO divides by 0)
+        with pytest.raises(ValueError, match="multiple"):
+            fn(t([1.0, 2.0, 3.0]), 2)
+
+
+def test_sequence_to_tokens_masks_padding_and_empty_rows():
+    mask = t([[1, 1, 0], [1, 0, 0], [0, 0, 0]], torch.bool)  # 2 real tokens, 1, none
+    out = sequence_to_tokens(t([2.0, -1.0, 0.5]), mask)
+    assert out.dtype == torch.float32
+    assert_close(out, t([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], torch.float32))
+
+
+def test_aggregate_per_token_and_per_sequence():
+    # real entries: row 0 -> 1, 3; row 1 -> 5. token: (1 + 3 + 5) / 3 = 3; sequence: (2 + 5) / 2 = 3.5
+    assert aggregate(X, MASK, "token").item() == pytest.approx(3.0)
+    assert aggregate(X, MASK, "sequence").item() == pytest.approx(3.5)
+    # an all-padding third row: a row of 0 in "sequence" (7 / 3), nothing in "token"
+    x3, m3 = torch.cat([X, t([[NAN, 1.0, 1.0]])]), torch.cat([MASK, t([[0, 0, 0]], torch.bool)])
+    assert aggregate(x3, m3, "token").item() == pytest.approx(3.0)
+    assert aggregate(x3, m3, "sequence").item() == pytest.approx(7 / 3)
+    with pytest.raises(ValueError, match="token"):
+        aggregate(X, MASK, "batch")
+
+
+def test_policy_loss_sequence_aggregation_and_finite_gradient():
+    # ratio 1 everywhere: the per-token term is -A; A = 1, 3 | 5 -> token -3, sequence -3.5
+    logp = X.where(MASK, 0).clone().requires_grad_()
+    adv = t([[1.0, 3.0, NAN], [5.0, INF, 9.0]])
+    loss_tok, _ = policy_loss(logp, X.where(MASK, 0), adv, MASK, agg="token")
+    loss_seq, stats = policy_loss(logp, X.where(MASK, 0), adv, MASK, agg="sequence")
+    assert loss_tok.item() == pytest.approx(-3.0) and loss_seq.item() == pytest.approx(-3.5)
+    assert stats["ratio_mean"].item() == pytest.approx(1.0)
+    loss_seq.backward()
+    # d/dlogp of -A r / |o_i| / n_rows: row 0 -> -1/4, -3/4; row 1 -> -5/2; padding 0
+    assert_close(logp.grad, t([[-0.25, -0.75, 0.0], [-2.5, 0.0, 0.0]]))

@@ -290,9 +290,3 @@ def test_another_prompts_answer_is_judged_wrong(demo_prompts):
             assert score(record, other.meta["answer"]) == 1.0
             checked += 1
     assert checked >= 300
-
-
-def test_scoring_is_deterministic(demo_prompts):
-    responses = ["Paris", RAMBLING_CORRECT, "17 + 25 = 42", "", "cold"]
-    first = [score(r, x) for r in demo_prompts for x in responses]
-    assert first == [score(r, x) for r in demo_prompts for x in responses]

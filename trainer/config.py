@@ -233,7 +233,35 @@ class PPOConfig:
     ent_coef: float = 0.0
     """Entropy bonus weight."""
     whiten_advantages: bool = True
-    """Whiten advantages over the rollout's real tokens."""
+    """Whiten advantages over the rollout's real tokens (`--advantage gae` only)."""
+    advantage: Literal["gae", "grpo", "rloo"] = "gae"
+    """Advantage estimator. "gae": PPO with a critic (GAE over the per-token rewards). Critic-free, one
+    advantage per reply from its prompt's group of `samples_per_prompt` (>= 2) replies, whose reward is its
+    score minus beta times its summed KL (or the score alone with `--kl-in loss`): "grpo" normalises it within
+    the group (Shao et al. 2024), "rloo" subtracts the mean of the group's other replies (Ahmadian et al.
+    2024). grpo and rloo load no critic: no value loss, no value optimizer, no `value/` log keys."""
+    grpo_scale_std: bool = True
+    """--advantage grpo: divide by the group's std (False: mean-centred only, as "Dr. GRPO")."""
+    reward: Literal["rm", "rubric", "both"] = "rm"
+    """The score: the reward model's ("rm"), a verifiable check's ("rubric": the demo rubric's correctness, 1.0
+    for a correct answer, else 0.0; or `--reward-fn`), or rm_weight * rm + check_weight * check ("both").
+    The reward model is loaded in every case (with "rubric" only its score's mean is logged,
+    `objective/rm_score`); the missing-EOS penalty and the clip apply to the score used."""
+    reward_fn: str | None = None
+    """The verifiable check as `module:function`, called with (prompts: lists of chat messages, replies: str,
+    the prompt rows' metadata: dicts) and returning one float per reply (trainer/verifiable.py)."""
+    rm_weight: float = 1.0
+    """--reward both: weight of the reward model's score."""
+    check_weight: float = 1.0
+    """--reward both: weight of the verifiable check."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference goes: "reward" (-beta * the `kl_estimator` per token, as PPO) or "loss"
+    (+ beta * the k3 estimate per token of the policy being updated, aggregated as the surrogate is, as GRPO;
+    from the same `ppo_head` pass with the kernels)."""
+    loss_agg: Literal["token", "sequence"] = "token"
+    """How the policy loss (and a KL in the loss) averages a minibatch: "token", the mean over all its real
+    tokens (a long reply weighs more; PPO, DAPO) or "sequence", the mean of each reply's token mean (every
+    reply weighs the same; GRPO's paper). The value loss stays per token."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip for policy and critic."""
     grad_checkpointing: bool = False

@@ -6,7 +6,8 @@ one device each (CUDA: NCCL; CPU: gloo); both take DDP or FSDP2 (`--parallel`).
 - The global batch is the one a single process would use. `deal` gives each rank every N-th item of it;
   `train-rm` scales each rank's loss by N / (pairs in the step), so the gradient the engine averages is the
   single-process gradient; `ppo` gathers its per-row results with `gather_rows`, so rewards, advantages
-  and the logs are the whole batch's. Both match a 1-process run to float rounding
+  and the logs are the whole batch's, and trains each minibatch's rows on the rank that holds them
+  (`held_rows`, `micro_batches`). Both match a 1-process run to float rounding
   (tests/test_distributed.py).
 - The engine does every gradient collective: DDP all-reduces gradients; FSDP2 shards parameters,
   gradients and optimizer state per transformer layer (plus one root group) and all-gathers a layer for its
@@ -229,3 +230,25 @@ def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, p
 def grad_norm_value(norm: torch.Tensor) -> float:
     """clip_grad_norm_'s result as a float (under FSDP2 it is a replicated DTensor)."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def held_rows(n: int, k: int, world: World, device) -> torch.Tensor:
+    """Where the rows of a global batch of `n` items x `k` rows live (`gather_rows`' layout): (n*k,) int64,
+    each global row's row on this rank (the rows of `deal(n)`'s items, in global order), -1 where another
+    rank holds it. `held >= 0` selects this rank's rows of a batch-wide tensor, in its own order."""
+    own = torch.tensor([j * k + s for j in deal(n, world) for s in range(k)], device=device)
+    held = torch.full((n * k,), -1, dtype=torch.long, device=device)
+    held[own] = torch.arange(len(own), device=device)
+    return held
+
+
+def micro_batches(rows: torch.Tensor, held: torch.Tensor, n: int, world: World) -> list:
+    """A minibatch's global `rows` -> the local rows of those this rank holds, in `n` micro-batches (fewer
+    when it holds fewer rows). With more than one process the list is padded with None to `n`: every rank
+    runs the same forward and backward passes (the engine's collectives run in each), an idle one at
+    weight 0."""
+    local = held[rows][held[rows] >= 0]
+    chunks: list = list(local.chunk(n)) if len(local) else []
+    if world.size > 1:
+        chunks += [None] * (n - len(chunks))
+    return chunks

@@ -142,10 +142,10 @@ def plot_training_curves(log_path: Path, out_png: Path) -> Path:
 
 
 PPO_CURVES = (
-    ("score", "reward-model score (normalised)"),
-    ("kl", "KL to reference, nats/token (k1)"),
-    ("response_length", "reply length, tokens"),
-    ("eos_rate", "replies ending with EOS"),
+    ("objective/score", "reward-model score (normalised)"),
+    ("objective/kl", "KL to reference, nats/token (k1)"),
+    ("policy/response_length", "reply length, tokens"),
+    ("policy/eos_rate", "replies ending with EOS"),
 )
 
 

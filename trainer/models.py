@@ -545,6 +545,29 @@ def reward_head(model: PreTrainedModel) -> torch.nn.Linear:
     return head
 
 
+def fold_reward_normalisation(model: PreTrainedModel) -> None:
+    """Fold the saved normalisation (r_norm = reward_gain * r + reward_bias) into the scalar head, in place,
+    and set gain 1, bias 0: the head then outputs normalised scores at every position. A PPO critic copied
+    from the reward model so starts in the units of the scores its returns are made of (raw, it was off by
+    the gain, ~2.7 for the demo's reward model, and the bias). A head without a bias gets one."""
+    gain, bias = float(getattr(model.config, "reward_gain", 1.0)), float(getattr(model.config, "reward_bias", 0.0))
+    name, head = _head(model)
+    if head.bias is None:
+        new = torch.nn.utils.skip_init(  # no initialisation: it would draw from the global RNG (the rollouts')
+            torch.nn.Linear, head.in_features, 1, bias=True, device=head.weight.device, dtype=head.weight.dtype
+        )
+        with torch.no_grad():
+            new.weight.copy_(head.weight)
+            new.bias.zero_()
+        new.weight.requires_grad_(head.weight.requires_grad)
+        setattr(model, name, new)
+        head = new
+    with torch.no_grad():
+        head.weight.mul_(gain)
+        head.bias.mul_(gain).add_(bias)
+    model.config.reward_gain, model.config.reward_bias = 1.0, 0.0
+
+
 def reward_head_params(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The scalar head's parameters: weight (1, H) and bias (1,) or None (Llama's `score` has no bias).
     Live parameters (gradients flow), ready for `fastrlhf.kernels.reward_head_pairwise_loss`."""

@@ -187,17 +187,18 @@ def _step1(cfg: PipelineConfig, out: Path, step1: Path, pair_files: dict[str, Pa
 def _ppo_summary(log_path: Path) -> dict:
     """First and last PPO step, the step-0 KL floor of the quantized reference, mean time per phase."""
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    phases = [k.removeprefix("time/").removesuffix("_s") for k in rows[0] if k.startswith("time/")]  # loop order
-    keep = ("score", "kl", "kl_k3", "entropy", "response_length", "eos_rate", "approx_kl", "clipfrac",
-            "explained_variance", "logratio_dev_first")  # fmt: skip
+    phases = [k.removeprefix("perf/tokens_per_s/") for k in rows[0] if k.startswith("perf/tokens_per_s/")]  # loop order
+    keep = ("objective/score", "objective/kl", "objective/kl_k3", "policy/entropy", "policy/response_length",
+            "policy/eos_rate", "policy/approx_kl", "policy/clipfrac", "value/explained_variance",
+            "policy/logratio_dev_first")  # fmt: skip
     return {
         "steps": len(rows),
         "first": {k: rows[0][k] for k in keep},
         "last": {k: rows[-1][k] for k in keep},
-        "kl_floor": {k: rows[0].get(f"kl_floor_{k}") for k in ("k1", "k3", "full")},
-        "phases": {p: {"seconds_per_step": sum(r[f"time/{p}_s"] for r in rows) / len(rows),
-                       "tokens_per_s": sum(r[f"tokens_per_s/{p}"] for r in rows) / len(rows),
-                       "peak_mem_mb": max(r[f"peak_mem_mb/{p}"] for r in rows)} for p in phases},
+        "kl_floor": {k: rows[0].get(f"objective/kl_floor_{k}") for k in ("k1", "k3", "full")},
+        "phases": {p: {"seconds_per_step": sum(r[f"perf/time/{p}_s"] for r in rows) / len(rows),
+                       "tokens_per_s": sum(r[f"perf/tokens_per_s/{p}"] for r in rows) / len(rows),
+                       "peak_mem_mb": max(r[f"perf/peak_mem_mb/{p}"] for r in rows)} for p in phases},
     }  # fmt: skip
 
 
@@ -288,12 +289,13 @@ def _ppo_report(m: dict) -> list[str]:
         f"critic: {c['critic']}, reference: **{c['ref_quant']}** (bitsandbytes). Step-0 KL floor of the quantized "
         f"reference, with the policy still equal to the original model: {floor['full']:.2e} nats/token exact "
         f"({floor['k3']:.2e} k3); step-0 sanity max |log ratio| on the first minibatch "
-        f"{p['first']['logratio_dev_first']:.1e}.",
+        f"{p['first']['policy/logratio_dev_first']:.1e}.",
         "",
         "| | score | KL/token | entropy | reply tokens | EOS rate |",
         "|---|---|---|---|---|---|",
-        *[f"| {name} | {r['score']:.3f} | {r['kl']:.4f} | {r['entropy']:.3f} | {r['response_length']:.1f} | "
-          f"{r['eos_rate']:.2f} |" for name, r in (("first step", p["first"]), ("last step", p["last"]))],
+        *[f"| {name} | {r['objective/score']:.3f} | {r['objective/kl']:.4f} | {r['policy/entropy']:.3f} | "
+          f"{r['policy/response_length']:.1f} | {r['policy/eos_rate']:.2f} |"
+          for name, r in (("first step", p["first"]), ("last step", p["last"]))],
         "",
         "Per phase (mean per step; peak memory: CUDA allocator peak, or the process's RSS high-water mark on CPU):",
         "",

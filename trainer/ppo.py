@@ -1,16 +1,25 @@
 """`fastrlhf ppo`: step 3 of RLHF, one top-to-bottom PPO loop (CleanRL style) for a causal LM.
 
-Each step:
+Each step (`train_ppo`, one labelled block per phase):
     rollout    sample replies to `batch_prompts` prompts at temperature T (top_k=0, top_p=1), stop at EOS
+    old policy log-probs (+ entropy) of the rollout and the critic's values, no grad
     score      reward model at the reply's EOS (appended where the reply was cut off: the form it was trained
-               on), normalised by its saved gain/bias; missing-EOS penalty; clipped
+               on), normalised by its saved gain/bias (or, `--reward rubric|both`, a verifiable check instead of
+               or beside it: trainer/verifiable.py); missing-EOS penalty; clipped
     reference  log-probs of the sampled tokens under the frozen reference (bitsandbytes int8 / nf4 above
                the policy's frozen bottom, or the LoRA policy's base with its adapter disabled), once per rollout
-    old policy log-probs (+ entropy) and values of the rollout, no grad
     rewards    per-token -beta * KL (k1 by default) plus the score at the last real token; GAE(gamma, lambda);
-               whitened advantages
+               whitened advantages. Critic-free (`--advantage grpo|rloo`): each reply's summed reward against
+               its prompt's group of `samples_per_prompt` replies, one advantage for all its tokens
     update     `ppo_epochs` passes of shuffled minibatches: clipped surrogate + vf_coef * clipped value
-               loss - ent_coef * entropy; grad-norm clip; AdamW; linear LR decay
+               loss - ent_coef * entropy (+ beta * k3 KL with `--kl-in loss`; aggregated per token or per
+               sequence, `--loss-agg`); grad-norm clip; AdamW; linear LR decay
+    log        one JSON line per step in metrics.jsonl (and TensorBoard when installed), keys namespaced:
+               `objective/` (score, KL estimates, KL coefficient, shaped rewards), `policy/` (its replies'
+               entropy, length and EOS rate; the update's loss, approx KL, clip fraction, ratio, gradient
+               norm, LR), `value/` (loss, clip fraction, explained variance, gradient norm), `perf/` (seconds,
+               tokens/s and peak memory per phase)
+    checkpoint every `save_every` steps (trainer/checkpoint.py): `--resume` continues exactly
 
 Every log-prob is taken at the sampling temperature by `fastrlhf.kernels`: from the logits (`token_logprobs`,
 `full_kl`), with the update's log-prob, entropy, ratio and clipped surrogate from one `ppo_head` pass; or,
@@ -31,20 +40,20 @@ Departures from the textbook (Ziegler et al. 2019, Ouyang et al. 2022, Huang et 
 - The critic is a copy of the reward model (InstructGPT), or a value head on the policy trunk
   (`--critic value-head`); both use the frozen-bottom trick.
 - The reward-model score is normalised (gain/bias saved by train-rm) and clipped to +-`score_clip`.
-- The step-0 KL floor of a quantized reference is measured and logged (`kl_floor_*`): with the policy
-  equal to the unquantized model, the int8/nf4 reference alone already differs from it.
+- The step-0 KL floor of a quantized reference is measured and logged (`objective/kl_floor_*`): with the
+  policy equal to the unquantized model, the int8/nf4 reference alone already differs from it.
 
 Under torchrun (DDP or FSDP2) each rank samples and evaluates every N-th prompt; the per-row results are
 gathered so the rewards, advantages and logs are the whole batch's, and each minibatch trains on the ranks
-that hold its rows (see `train_ppo`, trainer/dist.py); FSDP2 also shards the frozen reward-model trunk and an
-unquantized reference. Every pass of the policy and the critic is a call of the model itself
-(`rollout.forward_reply`: hooks read the head's input and output, and the frozen prefix's states), which is
-what lets FSDP2 gather a sharded model's parameters for it.
+that hold its rows (`dist.held_rows`, `dist.micro_batches`); FSDP2 also shards the frozen reward-model trunk
+and an unquantized reference (`distribute`). Every pass of the policy and the critic is a call of the model
+itself (`rollout.forward_reply`: hooks read the head's input and output, and the frozen prefix's states),
+which is what lets FSDP2 gather a sharded model's parameters for it.
 
 Sanity checked every step: the first minibatch of each rollout sees the policy that sampled it, so its
-ratio is 1 to float error (`logratio_dev_first` = max |log ratio|); a non-finite loss or gradient stops the run
-with a message naming the quantity (for a gradient, the parameters), before the optimizer step it would have
-poisoned.
+ratio is 1 to float error (`policy/logratio_dev_first` = max |log ratio|); a non-finite loss or gradient stops
+the run with a message naming the quantity (for a gradient, the parameters), before the optimizer step it
+would have poisoned.
 """
 
 from __future__ import annotations
@@ -53,10 +62,9 @@ import contextlib
 import json
 import logging
 import math
-import os
 import resource
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,10 +76,12 @@ from ..kernels import linear_full_kl, linear_full_kl_ref, linear_logprobs, linea
 from ..kernels import token_logprobs, token_logprobs_ref
 from ..kernels._common import nvtx_range
 from . import rl
+from .checkpoint import append_record, atomic_save, open_run, restore_params, rng_state, set_rng_state
 from .config import PPOConfig
 from .data import encode_prompt, load_demo_prompts, load_prompts
 from .models import (
     autocast,
+    fold_reward_normalisation,
     load_causal_lm,
     load_reference_model,
     load_reward_model,
@@ -84,15 +94,18 @@ from .models import (
     reward_trunk,
     save_pretrained_atomic,
 )
-from .dist import deal, full_state, gather_objects, gather_rows, gathered, grad_norm_value, init_world, load_full_state
-from .dist import fsdp_param_dtype, max_across, param_megabytes, shard_frozen, sum_dict_across, wrap
-from .errors import MissingFileError, UserError
+from .dist import World, deal, full_state, gather_objects, gather_rows, gathered, grad_norm_value, held_rows, init_world
+from .dist import fsdp_param_dtype, load_full_state, max_across, micro_batches, param_megabytes, shard_frozen
+from .dist import sum_dict_across, wrap
+from .errors import UserError
 from .family import bottom_modules, bottom_parameters, check_logit_transform, decoder_layers, drop_bottom_layers
 from .family import fused_temperature, logit_transform, lora_targets, n_bottom_layers
 from .reward import score_texts
 from .rollout import Rollout, forward_reply, sample, trunk_hidden
+from .verifiable import load_reward_fn, verifiable_scores
 
 log = logging.getLogger("fastrlhf")
+DTYPE = torch.float32  # master weights; CUDA computes in bf16 under autocast
 # A cached-prefix critic pass gives the critic inputs_embeds; transformers then warns that the pooled reward
 # may read a padding position. That pooled value is never used (the critic is read per position): not shown.
 logging.getLogger("transformers.modeling_layers").addFilter(
@@ -153,11 +166,11 @@ class Phase:
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:  # process high-water mark: on CPU there is no per-phase allocator peak
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.stats[f"time/{name}_s"] = time.perf_counter() - t0
-        self.stats[f"peak_mem_mb/{name}"] = peak
+        self.stats[f"perf/time/{name}_s"] = time.perf_counter() - t0
+        self.stats[f"perf/peak_mem_mb/{name}"] = peak
 
     def throughput(self, tokens: dict[str, int]) -> dict[str, float]:
-        return {f"tokens_per_s/{k}": n / max(self.stats[f"time/{k}_s"], 1e-9) for k, n in tokens.items()}
+        return {f"perf/tokens_per_s/{k}": n / max(self.stats[f"perf/time/{k}_s"], 1e-9) for k, n in tokens.items()}
 
 
 def freeze_bottom(model, freeze_layers: int) -> int:
@@ -314,43 +327,27 @@ class UpdateModel(torch.nn.Module):
         self.policy, self.critic, self.value_head, self.cfg = policy, critic, value_head, cfg
         self.n_frozen, self.n_frozen_critic, self.one_pass = n_frozen, n_frozen_critic, one_pass
 
-    def forward(self, sub: Rollout, prefix, cprefix, old_logp: torch.Tensor, advantages: torch.Tensor):
-        """-> logp (b, R), entropy (b, R), values (b, R), the PPOHeadOutput (one-pass) or None."""
+    def forward(self, sub: Rollout, prefix, cprefix, old_logp: torch.Tensor, advantages: torch.Tensor,
+                ref_logp: torch.Tensor | None = None):  # fmt: skip
+        """-> logp (b, R), entropy (b, R), values (b, R) or None (no critic), the PPOHeadOutput (one-pass; its
+        k3 KL per token when given the reference's `ref_logp` (b, R)) or None."""
         cfg, head = self.cfg, None
         if self.one_pass:
             h, logits, _ = forward_reply(self.policy, self.policy.get_output_embeddings(), sub, prefix=prefix,
                                          n_frozen=self.n_frozen)  # fmt: skip
-            head = ppo_head(logits, _targets(sub), old_logp, advantages, clip_range=cfg.clip_range,
-                            temperature=cfg.temperature)  # fmt: skip
+            head = ppo_head(logits, _targets(sub), old_logp, advantages, ref_logprobs=ref_logp,
+                            clip_range=cfg.clip_range, temperature=cfg.temperature)  # fmt: skip
             logp, ent = head.logprobs, head.entropy
         else:
             logp, ent, h = policy_forward(self.policy, sub, cfg.temperature, cfg.kernels, prefix, self.n_frozen,
                                           cfg.fused_linear)[:3]  # fmt: skip
-        values, _ = critic_values(self.critic, self.value_head, sub, h, cprefix, self.n_frozen_critic)
+        values = None
+        if self.critic is not None or self.value_head is not None:
+            values, _ = critic_values(self.critic, self.value_head, sub, h, cprefix, self.n_frozen_critic)
         return logp, ent, values, head
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-def _restore(module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` (parameter name -> tensor, as `dist.full_state` gives) into `module`'s parameters."""
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
+# ------------------------------------------------------------------------------------------------- setup
 def _check_policy_source(path: str, cfg: PPOConfig) -> None:
     """Refuse what would silently train against the wrong reference."""
     if (Path(path) / "adapter_config.json").exists():
@@ -378,6 +375,309 @@ def _load_policy(path: str, cfg: PPOConfig, device: torch.device, dtype: torch.d
     return policy, peft_model, n_frozen
 
 
+@dataclass
+class Models:
+    """The models of a run (`load_models`; wrapped for DDP / FSDP2 by `distribute`) and which of them read
+    the policy's frozen bottom, computed once per rollout."""
+
+    policy: torch.nn.Module
+    """The causal LM the loop calls (with LoRA, its adapters inside it)."""
+    peft_model: object | None
+    """The policy's peft wrapper (LoRA), or None."""
+    n_frozen: int
+    """The policy's frozen bottom layers."""
+    reference: torch.nn.Module | None
+    """The frozen reference (int8 / nf4 / unquantized); None with `ref_from_adapter`."""
+    reward_model: torch.nn.Module
+    rm_tokenizer: object
+    rm_retokenize: bool
+    """The reward model tokenizes differently from the policy: it scores the replies' re-tokenized text."""
+    critic: torch.nn.Module | None
+    """A copy of the reward model (`--critic separate`), or None (also for grpo / rloo: no critic)."""
+    value_head: torch.nn.Linear | None
+    """A value head on the policy trunk (`--critic value-head`), or None."""
+    n_frozen_critic: int
+    cache: bool
+    """The policy's frozen bottom runs once per rollout; its states feed every later pass."""
+    ref_shares: bool
+    """The reference keeps its top layers only and reads those states."""
+    rm_shares: bool
+    """The reward model reads them (bit-identical bottom, checked on the weights)."""
+    critic_shares: bool
+    """The critic reads them (idem)."""
+    update: torch.nn.Module
+    """The update's forward (`UpdateModel`; under DDP, wrapped)."""
+    frozen_sharded: dict = field(default_factory=dict)
+    """FSDP2 roots of the frozen models, resharded after their no-grad passes."""
+
+    @property
+    def value_module(self) -> torch.nn.Module | None:
+        """What the value optimizer trains: the critic, the value head, or None (critic-free)."""
+        return self.critic if self.critic is not None else self.value_head
+
+
+def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, device: torch.device) -> Models:
+    """Load the policy (bottom frozen, LoRA), the reference, the reward model and the critic, and decide what
+    shares the policy's frozen bottom."""
+    policy, peft_model, n_frozen = _load_policy(policy_path, cfg, device, DTYPE, tokenizer)
+    if cfg.fused_linear:  # the kernels compute softmax(scale * head(h) / T): refuse what they cannot reproduce
+        check_logit_transform(policy)
+    reference = None
+    if not cfg.ref_from_adapter:
+        reference = load_reference_model(policy_path, quant=cfg.ref_quant, device=device, tokenizer=tokenizer)
+    rm_tokenizer = load_tokenizer(rm_path, padding_side="right")
+    rm_retokenize = not same_tokenization(tokenizer, rm_tokenizer)  # it reads the replies' text, its own way
+    if rm_retokenize:
+        log.info("reward model %s tokenizes differently from the policy: it scores re-tokenized text", rm_path)
+        if cfg.critic == "separate" and cfg.advantage == "gae":
+            raise UserError("--critic separate copies the reward model, whose tokenizer differs from the policy's "
+                            "(it could not value the policy's tokens); use --critic value-head")  # fmt: skip
+    reward_model = load_reward_model(rm_path, device=device, tokenizer=tokenizer if not rm_retokenize else rm_tokenizer)
+    reward_model.requires_grad_(False)
+    critic, value_head, n_frozen_critic = None, None, 0
+    if cfg.advantage != "gae":  # critic-free: each reply's group of samples is its baseline
+        pass
+    elif cfg.critic == "separate":
+        critic = load_reward_model(rm_path, device=device, tokenizer=tokenizer)
+        fold_reward_normalisation(critic)  # values in the units of the normalised scores (the returns')
+        n_frozen_critic = freeze_bottom(critic, cfg.freeze_layers)
+    else:
+        H = policy.config.hidden_size
+        value_head = torch.nn.Linear(H, 1, device=device)
+        with torch.no_grad():
+            value_head.weight.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(cfg.seed)) / math.sqrt(H + 1))
+            value_head.bias.zero_()
+    cache = cfg.cache_frozen and 0 < n_frozen < len(decoder_layers(policy))
+    ref_shares = cache and reference is not None and cfg.ref_shares_bottom
+    if ref_shares:  # its bottom would recompute the policy's frozen bottom (the starting model's), quantized
+        keep_top_layers(reference, n_frozen)
+    rm_shares = cache and not rm_retokenize and shares_bottom(policy, reward_model, n_frozen)
+    critic_shares = cache and critic is not None and n_frozen_critic == n_frozen and shares_bottom(policy, critic, n_frozen)
+    if cache:
+        log.info("frozen bottom (%d layers) computed once per rollout for the policy%s%s", n_frozen,
+                 ", the reward model" if rm_shares else "", ", the critic" if critic_shares else "")  # fmt: skip
+    one_pass = cfg.kernels and not cfg.fused_linear
+    update = UpdateModel(policy, critic, value_head, cfg, n_frozen, n_frozen_critic, one_pass)
+    return Models(policy, peft_model, n_frozen, reference, reward_model, rm_tokenizer, rm_retokenize, critic,
+                  value_head, n_frozen_critic, cache, ref_shares, rm_shares, critic_shares, update)  # fmt: skip
+
+
+def distribute(models: Models, cfg: PPOConfig, world: World) -> None:
+    """Under torchrun: FSDP2 shards the policy and the value model (each its own root, a group per layer;
+    every pass calls the model itself) and the frozen reward-model trunk and unquantized reference; DDP
+    wraps the update's forward. In a world of one nothing changes."""
+    param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, world.device)
+    sharded = world.size > 1 and cfg.parallel == "fsdp2"
+    reward_model, reference, frozen = models.reward_model, models.reference, models.frozen_sharded
+    if sharded:
+        wrap(models.policy, world, "fsdp2", decoder_layers(models.policy), param_dtype)
+        critic_layers = decoder_layers(models.critic) if models.critic is not None else ()
+        if models.value_module is not None:
+            wrap(models.value_module, world, "fsdp2", critic_layers, param_dtype)
+        # the frozen models too, so a rank holds 1/N of them: the reference's passes call the model itself, the
+        # reward model's its trunk (its scalar head stays whole). bitsandbytes' int8 / nf4 weights do not shard.
+        trunk = reward_trunk(reward_model)
+        frozen["reward model trunk"] = shard_frozen(trunk, world, decoder_layers(reward_model), param_dtype)
+        if reference is not None and cfg.ref_quant == "none":
+            frozen["reference"] = shard_frozen(reference, world, decoder_layers(reference), param_dtype)
+    else:
+        models.update = wrap(models.update, world, "ddp")
+    if world.size > 1:
+        log.info("rank %d of %d on %s, %s%s", world.rank, world.size, world.device, cfg.parallel,
+                 f" (parameters gathered in {param_dtype})" if sharded else "")  # fmt: skip
+    if sharded:
+        held = ", ".join("%s %.2f of %.2f MB" % (name, *param_megabytes(mod)) for name, mod in frozen.items())
+        whole = f"; the {cfg.ref_quant} reference whole" if reference is not None and cfg.ref_quant != "none" else ""
+        log.info("frozen models sharded too (in %s), rank %d holds: %s%s", param_dtype, world.rank, held, whole)
+
+
+class Optimizers(NamedTuple):
+    """AdamW on the policy's and on the value model's trainable parameters, each with a linear LR decay to 0
+    stepped once per rollout. Critic-free (grpo / rloo): no value parameters, vopt and vsched None."""
+
+    policy_params: list
+    value_params: list
+    opt: torch.optim.Optimizer
+    vopt: torch.optim.Optimizer | None
+    sched: torch.optim.lr_scheduler.LRScheduler
+    vsched: torch.optim.lr_scheduler.LRScheduler | None
+
+
+def make_optimizers(cfg: PPOConfig, models: Models) -> Optimizers:
+    """The optimizers of the trainable parameters (frozen ones excluded; under FSDP2, this rank's shards)."""
+    policy_params = [p for p in models.policy.parameters() if p.requires_grad]
+    if models.value_module is None:  # critic-free
+        opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps))
+        return Optimizers(policy_params, [], opt, None, sched, None)
+    value_params = [p for p in models.value_module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
+    vopt = torch.optim.AdamW(value_params, lr=cfg.critic_lr, eps=1e-5)
+    decay = lambda s: max(0.0, 1.0 - s / cfg.steps)  # noqa: E731  (linear to 0, stepped once per rollout)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    vsched = torch.optim.lr_scheduler.LambdaLR(vopt, decay)
+    return Optimizers(policy_params, value_params, opt, vopt, sched, vsched)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, step: int, models: Models, optim: Optimizers, kl_ctl, cfg: PPOConfig,
+                    world: World) -> None:  # fmt: skip
+    """Every rank calls this (FSDP2 gathers the shards); rank 0 writes the full trainable state keyed by
+    parameter name, the schedules, the KL controller and every rank's RNG state."""
+    rng = rng_state()
+    rngs = gather_objects(rng, world)
+    params, opt_state = full_state(models.policy, optim.opt)  # rank 0 gets the tensors
+    vparams, vopt_state = full_state(models.value_module, optim.vopt) if optim.vopt is not None else (None, None)
+    if world.main:
+        atomic_save({
+            "step": step, "policy": params, "value": vparams,
+            "opt": opt_state, "vopt": vopt_state, "sched": optim.sched.state_dict(),
+            "vsched": optim.vsched.state_dict() if optim.vsched is not None else None, "kl_ctl": kl_ctl.state_dict(), "rng": rng[0], "cuda_rng": rng[1],
+            "rng_per_rank": rngs, "world_size": world.size, "config": asdict(cfg),
+        }, path)  # fmt: skip
+
+
+def resume(ckpt: dict, models: Models, optim: Optimizers, kl_ctl, cfg: PPOConfig, world: World) -> int:
+    """`save_checkpoint`'s state back into the run, whatever world size and engine wrote it -> its step. On
+    as many processes as wrote it the sampling streams continue exactly; on another number, fresh streams
+    that are still a function of (seed, step, rank)."""
+    load_full_state(models.policy, optim.opt, ckpt["policy"], ckpt["opt"])
+    if (optim.vopt is None) != (ckpt["vopt"] is None):
+        raise UserError("--resume: the checkpoint was written with%s a critic and this run has%s one (--advantage "
+                        "differs)" % (("out", "") if ckpt["vopt"] is None else ("", " no")))  # fmt: skip
+    if optim.vopt is not None:
+        load_full_state(models.value_module, optim.vopt, ckpt["value"], ckpt["vopt"])
+    for obj, key in ((optim.sched, "sched"), (optim.vsched, "vsched"), (kl_ctl, "kl_ctl")):
+        if obj is not None:
+            obj.load_state_dict(ckpt[key])
+    rngs = ckpt.get("rng_per_rank", [(ckpt["rng"], ckpt["cuda_rng"])])
+    if len(rngs) == world.size:
+        set_rng_state(*rngs[world.rank])
+    else:
+        torch.manual_seed(cfg.seed + 1_000_003 * world.rank + 7919 * ckpt["step"])
+        log.info("checkpoint written by %d processes, resumed on %d: new sampling streams", len(rngs), world.size)
+    return ckpt["step"]
+
+
+# ------------------------------------------------------------------------------------------ loop pieces
+class OldPolicy(NamedTuple):
+    """This rank's rollout rows under the policy that sampled them (no grad)."""
+
+    logp: torch.Tensor
+    """(b, R) fp32 log-probs of the reply tokens at the sampling temperature."""
+    entropy: torch.Tensor
+    """(b, R) fp32."""
+    values: torch.Tensor | None
+    """(b, R) fp32: the critic's values (None: critic-free)."""
+    hidden: torch.Tensor
+    """(b, R, H): the LM head's input."""
+    prefix: torch.Tensor | None
+    """(b, P + R, H): the states entering the policy's first trained layer (the cache), or None."""
+    cprefix: torch.Tensor | None
+    """The same for the critic."""
+    prefix_scored: torch.Tensor | None
+    """(b, P + R + 1, H): `prefix` over the reward model's input (the appended EOS) when it shares the bottom."""
+
+
+def old_policy_pass(models: Models, ro: Rollout, scored: Rollout, cfg: PPOConfig, keep_logits: bool):
+    """One pass of the policy and one of the critic over the rollout -> (OldPolicy, the (b, R, V) logits if
+    `keep_logits` (and any exist), else None). With the cache the pass also keeps the states entering layer
+    n_frozen, from which every epoch of the update runs the top layers only. When the reward model shares
+    that bottom the pass reads `scored` (causal: the reply's columns are the same) so that the appended EOS
+    has its states too; its own column is then dropped."""
+    m = models
+    R, P = ro.response_ids.shape[1], ro.prompt_ids.shape[1]
+    logp, entropy, hidden, logits, prefix_scored = policy_forward(
+        m.policy, scored if m.rm_shares else ro, cfg.temperature, cfg.kernels, fused_linear=cfg.fused_linear,
+        capture=m.n_frozen if m.cache else 0)  # fmt: skip
+    logp, entropy, hidden = logp[:, :R], entropy[:, :R], hidden[:, :R]
+    logits = logits[:, :R] if logits is not None and keep_logits else None  # (b, R, V): freed before the reference's
+    prefix = prefix_scored[:, : P + R] if prefix_scored is not None else None
+    values, cprefix = None, None
+    if m.value_module is not None:
+        capture = m.n_frozen_critic if m.critic is not None and cfg.cache_frozen and not m.critic_shares else 0
+        values, cprefix = critic_values(m.critic, m.value_head, ro, hidden, prefix if m.critic_shares else None,
+                                        m.n_frozen_critic, capture=capture)  # fmt: skip
+        if m.critic_shares:
+            cprefix = prefix
+    return OldPolicy(logp, entropy, values, hidden, prefix, cprefix, prefix_scored), logits
+
+
+def rollout_scores(models: Models, ro: Rollout, scored: Rollout, old: OldPolicy, row_prompts: list, tokenizer,
+                   kernels: bool) -> torch.Tensor:  # fmt: skip
+    """(b,) fp32: the normalised reward-model score of each reply, read at its EOS (`scored`), over the
+    policy's cached bottom when the reward model shares it. A reward model that tokenizes differently reads
+    the decoded reply after its row's prompt (`row_prompts`), rendered with its own chat template."""
+    if models.rm_retokenize:
+        score = score_texts(models.reward_model, models.rm_tokenizer, row_prompts, ro.texts(tokenizer),
+                            use_kernels=kernels)  # fmt: skip
+    else:
+        score = reward_scores(models.reward_model, scored, kernels, old.prefix_scored if models.rm_shares else None,
+                              models.n_frozen)  # fmt: skip
+    return score.float()
+
+
+def reference_pass(models: Models, ro: Rollout, old: OldPolicy, cfg: PPOConfig, keep_logits: bool):
+    """The reply tokens under the frozen reference -> ((b, R) fp32 log-probs, the exact KL's (hidden, logits)
+    if `keep_logits`, else None): the LoRA policy with its adapter disabled, or the reference model (with
+    `ref_shares`, its top layers on the policy's cached bottom)."""
+    if cfg.ref_from_adapter:
+        with models.peft_model.disable_adapter():  # LoRA sits on the unfrozen layers only: reuse the prefix
+            ref = policy_forward(models.policy, ro, cfg.temperature, cfg.kernels, old.prefix, models.n_frozen,
+                                 cfg.fused_linear)  # fmt: skip
+    else:
+        ref = policy_forward(models.reference, ro, cfg.temperature, cfg.kernels,
+                             old.prefix if models.ref_shares else None, fused_linear=cfg.fused_linear)  # fmt: skip
+    return ref.logp, (ref.hidden, ref.logits) if keep_logits else None
+
+
+def batch_stats(g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq: float,
+                beta_reward: float) -> dict[str, float]:  # fmt: skip
+    """A step's `objective/`, `policy/` (its replies) and `value/` statistics over the whole batch: `g` the
+    gathered rows (`gather_rows`), `kl_g` the KL estimate, `beta` its coefficient, `beta_reward` the one in the
+    reward (beta, or 0 with the KL in the loss); `returns` None (critic-free): no `value/` keys."""
+    stats = {
+        "objective/score": float(g["score"].mean()),
+        "objective/score_penalized": float(penalized.mean()),
+        "objective/kl": float(rl.masked_mean(g["kl_k1"], g["mask"])),
+        "objective/kl_k3": float(rl.masked_mean(g["kl_k3"], g["mask"])),
+        "objective/kl_seq": kl_seq,
+        "objective/non_score_reward": float((-beta_reward * kl_g).sum(-1).mean()),
+        "objective/rlhf_reward": float(rewards.sum(-1).mean()),
+        "objective/kl_coef": beta,
+        "policy/entropy": float(rl.masked_mean(g["entropy"], g["mask"])),
+        "policy/response_length": float(g["length"].float().mean()),
+        "policy/eos_rate": float(g["has_eos"].float().mean()),
+    }
+    if returns is not None:
+        stats["value/explained_variance"] = float(rl.explained_variance(g["values"], returns, g["mask"]))
+    if "kl_full" in g:
+        stats["objective/kl_full"] = float(rl.masked_mean(g["kl_full"], g["mask"]))
+    if "check" in g:  # --reward rubric|both: each part of the score
+        stats["objective/rm_score"] = float(g["rm_score"].mean())
+        stats["objective/check"] = float(g["check"].mean())
+    return stats
+
+
+def optimizer_step(optim: Optimizers, policy, value_module, max_norm: float, step: int) -> dict[str, float]:
+    """Clip each model's gradients (their norm checked finite first), step both optimizers and clear the
+    gradients -> the gradient norms before clipping."""
+    norms = {"policy/grad_norm": clip_gradients("policy gradient norm", policy, optim.policy_params, max_norm, step)}
+    opts = [optim.opt]
+    if optim.vopt is not None:
+        norms["value/grad_norm"] = clip_gradients("value gradient norm", value_module, optim.value_params, max_norm, step)
+        opts.append(optim.vopt)
+    for opt in opts:
+        opt.step()
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    return norms
+
+
+def _rows(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return x[rows] if x is not None else None
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 def train_ppo(cfg: PPOConfig) -> dict:
     """The PPO loop, top to bottom. Returns the summary (also in out_dir/summary.json).
@@ -391,116 +691,40 @@ def train_ppo(cfg: PPOConfig) -> dict:
     sharded = world.size > 1 and cfg.parallel == "fsdp2"
     if sharded and cfg.fused_linear:  # the fused kernels read the LM-head weight outside the model's own call
         raise UserError("--fused-linear does not run under FSDP2 (the head weight is sharded): use --parallel ddp")
-    dtype = torch.float32  # bf16 autocast on CUDA; master weights stay fp32
-    fused = cfg.fused_linear  # no logits at all
-    one_pass = cfg.kernels and not fused  # the update's head is one `ppo_head` pass over the logits
+    if cfg.advantage != "gae" and cfg.samples_per_prompt < 2:
+        raise UserError(f"--advantage {cfg.advantage} compares each reply with its prompt's other replies: "
+                        f"it needs --samples-per-prompt >= 2 (got {cfg.samples_per_prompt})")  # fmt: skip
+    one_pass = cfg.kernels and not cfg.fused_linear  # the update's head is one `ppo_head` pass over the logits
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + 1_000_003 * world.rank)  # each rank samples its own replies
-    T = cfg.temperature
+    T, k = cfg.temperature, cfg.samples_per_prompt
 
-    # ---- data and models
+    # ---- data, models, optimizers
     records = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
     _check_policy_source(cfg.policy, cfg)
     policy_path = resolve_model_path(cfg.policy)
     rm_path = resolve_reward_model_path(cfg.reward_model)  # every path checked before the slow loads
+    check_fn = load_reward_fn(cfg.reward_fn) if cfg.reward != "rm" else None  # the verifiable reward
     tokenizer = load_tokenizer(policy_path)  # left padding for generation
     prompts = [encode_prompt(tokenizer, r.prompt) for r in records]
-    policy, peft_model, n_frozen = _load_policy(policy_path, cfg, device, dtype, tokenizer)
-    if fused:  # the kernels compute softmax(scale * head(h) / T): refuse what they cannot reproduce
-        check_logit_transform(policy)
-    reference = None
-    if not cfg.ref_from_adapter:
-        reference = load_reference_model(policy_path, quant=cfg.ref_quant, device=device, tokenizer=tokenizer)
-    rm_tokenizer = load_tokenizer(rm_path, padding_side="right")
-    rm_retokenize = not same_tokenization(tokenizer, rm_tokenizer)  # it reads the replies' text, its own way
-    if rm_retokenize:
-        log.info("reward model %s tokenizes differently from the policy: it scores re-tokenized text", rm_path)
-        if cfg.critic == "separate":
-            raise UserError(f"--critic separate copies the reward model, whose tokenizer differs from the policy's "
-                            "(it could not value the policy's tokens); use --critic value-head")  # fmt: skip
-    reward_model = load_reward_model(rm_path, device=device, tokenizer=tokenizer if not rm_retokenize else rm_tokenizer)
-    reward_model.requires_grad_(False)
-    critic, value_head, n_frozen_critic = None, None, 0
-    if cfg.critic == "separate":
-        critic = load_reward_model(rm_path, device=device, tokenizer=tokenizer)
-        n_frozen_critic = freeze_bottom(critic, cfg.freeze_layers)
-    else:
-        H = policy.config.hidden_size
-        value_head = torch.nn.Linear(H, 1, device=device)
-        with torch.no_grad():
-            value_head.weight.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(cfg.seed)) / math.sqrt(H + 1))
-            value_head.bias.zero_()
-    value_module = critic if critic is not None else value_head
-    cache = cfg.cache_frozen and 0 < n_frozen < len(decoder_layers(policy))
-    ref_shares = cache and reference is not None and cfg.ref_shares_bottom
-    if ref_shares:  # its bottom would recompute the policy's frozen bottom (the starting model's), quantized
-        keep_top_layers(reference, n_frozen)
-    rm_shares = cache and not rm_retokenize and shares_bottom(policy, reward_model, n_frozen)
-    critic_shares = cache and critic is not None and n_frozen_critic == n_frozen and shares_bottom(policy, critic, n_frozen)
-    if cache:
-        log.info("frozen bottom (%d layers) computed once per rollout for the policy%s%s", n_frozen,
-                 ", the reward model" if rm_shares else "", ", the critic" if critic_shares else "")  # fmt: skip
-    update_model = UpdateModel(policy, critic, value_head, cfg, n_frozen, n_frozen_critic, one_pass)
-    param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, device)
-    frozen_sharded = {}  # FSDP2 roots of the frozen models: resharded after their no-grad passes
-    if sharded:  # each trained model its own FSDP2 root (a group per layer); every pass calls the model itself
-        wrap(policy, world, "fsdp2", decoder_layers(policy), param_dtype)
-        wrap(value_module, world, "fsdp2", decoder_layers(critic) if critic is not None else (), param_dtype)
-        # the frozen models too, so a rank holds 1/N of them: the reference's passes call the model itself, the
-        # reward model's its trunk (its scalar head stays whole). bitsandbytes' int8 / nf4 weights do not shard.
-        trunk = reward_trunk(reward_model)
-        frozen_sharded["reward model trunk"] = shard_frozen(trunk, world, decoder_layers(reward_model), param_dtype)
-        if reference is not None and cfg.ref_quant == "none":
-            frozen_sharded["reference"] = shard_frozen(reference, world, decoder_layers(reference), param_dtype)
-    else:
-        update_model = wrap(update_model, world, "ddp")
-    if world.size > 1:
-        log.info("rank %d of %d on %s, %s%s", world.rank, world.size, device, cfg.parallel,
-                 f" (parameters gathered in {param_dtype})" if sharded else "")  # fmt: skip
-    if sharded:
-        held = ", ".join("%s %.2f of %.2f MB" % (name, *param_megabytes(m)) for name, m in frozen_sharded.items())
-        whole = f"; the {cfg.ref_quant} reference whole" if reference is not None and cfg.ref_quant != "none" else ""
-        log.info("frozen models sharded too (in %s), rank %d holds: %s%s", param_dtype, world.rank, held, whole)
-    policy_params = [p for p in policy.parameters() if p.requires_grad]
-    value_params = [p for p in value_module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
-    vopt = torch.optim.AdamW(value_params, lr=cfg.critic_lr, eps=1e-5)
-    decay = lambda s: max(0.0, 1.0 - s / cfg.steps)  # noqa: E731  (linear to 0, stepped once per rollout)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    vsched = torch.optim.lr_scheduler.LambdaLR(vopt, decay)
+    models = load_models(cfg, policy_path, rm_path, tokenizer, device)
+    distribute(models, cfg, world)
+    policy, value_module = models.policy, models.value_module
+    optim = make_optimizers(cfg, models)
     kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else rl.FixedKLController(cfg.kl_coef))  # fmt: skip
     log.info("policy: %d bottom layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); "
-             "reference: %s", n_frozen, cfg.lora_r,
-             sum(p.numel() for p in policy_params) / 1e6, cfg.critic, sum(p.numel() for p in value_params) / 1e6,
+             "reference: %s", models.n_frozen, cfg.lora_r, sum(p.numel() for p in optim.policy_params) / 1e6,
+             cfg.critic if value_module is not None else f"none ({cfg.advantage})",
+             sum(p.numel() for p in optim.value_params) / 1e6,
              "policy base, adapter disabled" if cfg.ref_from_adapter else cfg.ref_quant)  # fmt: skip
-
-    # ---- resume
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    ckpt = open_run(ckpt_path, log_path, cfg.resume, world)  # None: a fresh run
     step = 0
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        load_full_state(policy, opt, ckpt["policy"], ckpt["opt"])  # any world size, any engine
-        load_full_state(value_module, vopt, ckpt["value"], ckpt["vopt"])
-        for obj, key in ((sched, "sched"), (vsched, "vsched"), (kl_ctl, "kl_ctl")):
-            obj.load_state_dict(ckpt[key])
-        rngs = ckpt.get("rng_per_rank", [(ckpt["rng"], ckpt["cuda_rng"])])
-        if len(rngs) == world.size:  # the sampling streams continue exactly
-            torch.set_rng_state(rngs[world.rank][0])
-            if rngs[world.rank][1] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rngs[world.rank][1])
-        else:  # another world size: fresh streams, still a function of (seed, step, rank)
-            torch.manual_seed(cfg.seed + 1_000_003 * world.rank + 7919 * ckpt["step"])
-            log.info("checkpoint written by %d processes, resumed on %d: new sampling streams", len(rngs), world.size)
-        step = ckpt["step"]
-        if world.main:
-            _truncate_log(log_path, step)
+    if ckpt is not None:
+        step = resume(ckpt, models, optim, kl_ctl, cfg, world)
         log.info("resumed from %s at step %d of %d", ckpt_path, step, cfg.steps)
-    elif log_path.exists() and world.main:
-        log_path.unlink()
     writer = _tensorboard(out) if world.main else None
 
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
@@ -512,229 +736,200 @@ def train_ppo(cfg: PPOConfig) -> dict:
         idx = prompt_batch(len(prompts), step, cfg.batch_prompts, cfg.seed)
         mine = deal(len(idx), world)  # this rank's prompts: every N-th of the batch
 
-        # ---- rollout
+        # ---- rollout: k replies to each of this rank's prompts
         with phase("generation"), autocast(device), gathered(decoder_layers(policy)):
             ro = sample(policy, tokenizer, [prompts[idx[j]] for j in mine], max_new_tokens=cfg.max_new_tokens,
-                        temperature=T, samples_per_prompt=cfg.samples_per_prompt, device=device,
-                        synced_gpus=sharded)  # fmt: skip
+                        temperature=T, samples_per_prompt=k, device=device, synced_gpus=sharded)  # fmt: skip
         mask = ro.response_mask.float()  # (b, R) this rank's rows
         policy.eval()
-
         # the reward model reads each reply as train-rm trained it: ending in EOS, appended (one more column)
         # where the policy was cut off at the token limit; the missing-EOS penalty judges the cut
         scored = ro.with_eos(tokenizer.eos_token_id, tokenizer.pad_token_id)
+        need_full_kl = cfg.kl_estimator == "full" or step == 0  # step 0: the exact KL floor
         with torch.no_grad(), autocast(device):
+            # ---- old policy: log-probs, entropy and values of the rollout
             with phase("policy_eval"):
-                # one pass; with the cache it also keeps the states entering layer n_frozen (B, P + R, H),
-                # from which every epoch below runs the top layers only. When the reward model shares that
-                # bottom, the pass reads `scored` (causal: the reply's columns are the same) so that the
-                # appended EOS has its states too; its own column is then dropped.
-                R = ro.response_ids.shape[1]
-                old_logp, entropy, hidden, logits, prefix_scored = policy_forward(
-                    policy, scored if rm_shares else ro, T, cfg.kernels, fused_linear=fused,
-                    capture=n_frozen if cache else 0)  # fmt: skip
-                old_logp, entropy, hidden = old_logp[:, :R], entropy[:, :R], hidden[:, :R]
-                logits = logits[:, :R] if logits is not None else None
-                P = ro.prompt_ids.shape[1]
-                prefix = prefix_scored[:, : P + R] if prefix_scored is not None else None
-                need_full_kl = cfg.kl_estimator == "full" or step == 0  # step 0: the exact KL floor
-                if not need_full_kl:
-                    logits = None  # (B, R, V): free it before the reference's own logits exist
-                capture_critic = n_frozen_critic if critic is not None and cfg.cache_frozen and not critic_shares else 0
-                old_values, cprefix = critic_values(critic, value_head, ro, hidden, prefix if critic_shares else None,
-                                                    n_frozen_critic, capture=capture_critic)  # fmt: skip
-                if critic_shares:
-                    cprefix = prefix
+                old, logits = old_policy_pass(models, ro, scored, cfg, keep_logits=need_full_kl)
+
+            # ---- score: the reward model at each reply's EOS
             with phase("scoring"):
-                if rm_retokenize:  # decode, render with the reward model's template, re-tokenize (timed)
-                    t_rm = time.perf_counter()
-                    score = score_texts(reward_model, rm_tokenizer, [records[idx[j]].prompt for j in mine
-                                        for _ in range(cfg.samples_per_prompt)], ro.texts(tokenizer),
-                                        use_kernels=cfg.kernels)  # fmt: skip
-                    phase.stats["time/rm_retokenized_s"] = time.perf_counter() - t_rm
-                else:
-                    score = reward_scores(reward_model, scored, cfg.kernels, prefix_scored if rm_shares else None,
-                                          n_frozen)  # fmt: skip
-                del prefix_scored
-                score = score.float()
+                t_rm = time.perf_counter()
+                row_prompts = [records[idx[j]].prompt for j in mine for _ in range(k)]
+                score = rollout_scores(models, ro, scored, old, row_prompts, tokenizer, cfg.kernels)  # (b,)
+                if models.rm_retokenize:  # decoding, its chat template and re-tokenizing included
+                    phase.stats["perf/time/rm_retokenized_s"] = time.perf_counter() - t_rm
+                if check_fn is not None:  # the verifiable check, alone or weighted beside the reward model
+                    rm_score = score
+                    check = verifiable_scores(check_fn, [records[idx[j]] for j in mine for _ in range(k)],
+                                              ro.texts(tokenizer), device)  # fmt: skip
+                    score = check if cfg.reward == "rubric" else cfg.rm_weight * rm_score + cfg.check_weight * check
+
+            # ---- reference: log-probs of the sampled tokens under the frozen reference
             with phase("reference"):
-                if cfg.ref_from_adapter:
-                    with peft_model.disable_adapter():  # LoRA sits on the unfrozen layers only: reuse the prefix
-                        ref_logp, _, ref_hidden, ref_logits, _ = policy_forward(policy, ro, T, cfg.kernels, prefix,
-                                                                                n_frozen, fused)  # fmt: skip
-                else:  # with ref_shares, from the policy's cached prefix through the reference's top layers
-                    ref_logp, _, ref_hidden, ref_logits, _ = policy_forward(
-                        reference, ro, T, cfg.kernels, prefix if ref_shares else None, fused_linear=fused)
-                if not need_full_kl:
-                    ref_logits = ref_hidden = None
-            for m in frozen_sharded.values():  # FSDP2 leaves a root's own parameters gathered after its forward
-                m.reshard()
-            # ---- KL, rewards and advantages
+                ref_logp, ref_out = reference_pass(models, ro, old, cfg, keep_logits=need_full_kl)
+            for frozen in models.frozen_sharded.values():  # FSDP2 leaves a root's own parameters gathered
+                frozen.reshard()
+
+            # ---- rewards and advantages: -beta * KL per token (unless the KL is in the loss) + the score at the
+            #      last token; GAE (whitened), or one advantage per reply from its prompt's group (grpo / rloo)
             with phase("rewards"):
                 kl_fn = kl_estimate if cfg.kernels else kl_estimate_ref
-                kl_k1 = kl_fn(old_logp, ref_logp, estimator="k1") * mask  # (B, R)
-                kl_k3 = kl_fn(old_logp, ref_logp, estimator="k3") * mask
-                kl_full = None
-                if need_full_kl:
-                    kl_full = exact_kl(policy, reference if reference is not None else policy, (hidden, logits),
-                                       (ref_hidden, ref_logits), T, ro.response_mask, cfg.kernels)  # fmt: skip
-                del logits, ref_logits, ref_hidden
-                check_finite("reward-model score", score, step)
-                check_finite("old-policy log-probs", old_logp, step)
-                check_finite("reference log-probs", ref_logp, step)
+                kl_k1 = kl_fn(old.logp, ref_logp, estimator="k1") * mask  # (b, R)
+                kl_k3 = kl_fn(old.logp, ref_logp, estimator="k3") * mask
+                ref_model = models.reference if models.reference is not None else policy
+                kl_full = exact_kl(policy, ref_model, (old.hidden, logits), ref_out, T, ro.response_mask,
+                                   cfg.kernels) if need_full_kl else None  # fmt: skip
+                del logits, ref_out
+                for name, x in (("reward-model score", score), ("old-policy log-probs", old.logp),
+                                ("reference log-probs", ref_logp)):  # fmt: skip
+                    check_finite(name, x, step)
                 # the whole batch on every rank (a world of one: these same tensors), (B, R) / (B,)
                 local = {"score": score, "has_eos": ro.has_eos, "mask": mask, "kl_k1": kl_k1, "kl_k3": kl_k3,
-                         "values": old_values, "entropy": entropy, "length": ro.response_lengths}  # fmt: skip
+                         "values": old.values, "entropy": old.entropy, "length": ro.response_lengths}  # fmt: skip
+                if old.values is None:  # critic-free
+                    del local["values"]
+                if check_fn is not None:
+                    local.update(rm_score=rm_score, check=check)
                 if kl_full is not None:
                     local["kl_full"] = kl_full
-                g = gather_rows(local, world, len(idx), cfg.samples_per_prompt)
+                g = gather_rows(local, world, len(idx), k)
                 kl_g = {"k1": g["kl_k1"], "k3": g["kl_k3"], "full": g.get("kl_full")}[cfg.kl_estimator]
                 penalized = rl.clip_scores(rl.apply_eos_penalty(g["score"], g["has_eos"], cfg.missing_eos_penalty),
                                            cfg.score_clip)  # fmt: skip
-                rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], kl_ctl.value)  # (B, R)
-                advantages, returns = (gae if cfg.kernels else rl.gae)(rewards, g["values"], g["mask"],
-                                                                        gamma=cfg.gamma, lam=cfg.lam)  # fmt: skip
-                if cfg.whiten_advantages:
-                    advantages = rl.masked_whiten(advantages, g["mask"])
+                beta_reward = kl_ctl.value if cfg.kl_in == "reward" else 0.0
+                rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], beta_reward)  # (B, R)
+                if cfg.advantage == "gae":
+                    advantages, returns = (gae if cfg.kernels else rl.gae)(rewards, g["values"], g["mask"],
+                                                                            gamma=cfg.gamma, lam=cfg.lam)  # fmt: skip
+                    if cfg.whiten_advantages:
+                        advantages = rl.masked_whiten(advantages, g["mask"])
+                else:  # each reply's total reward against its group's (rows of a prompt are adjacent), (B,)
+                    seq_reward = rewards.sum(-1)
+                    seq_adv = (rl.grpo_advantages(seq_reward, k, cfg.grpo_scale_std) if cfg.advantage == "grpo"
+                               else rl.rloo_advantages(seq_reward, k))  # fmt: skip
+                    advantages, returns = rl.sequence_to_tokens(seq_adv, g["mask"]), None  # (B, R)
                 check_finite("advantages", advantages, step)
-                # global row -> this rank's row (or -1), and this rank's slices of the batch-wide results
-                k = cfg.samples_per_prompt
-                own = torch.tensor([j * k + s for j in mine for s in range(k)], device=device)  # (b,)
-                local_of = torch.full((len(idx) * k,), -1, dtype=torch.long, device=device)
-                local_of[own] = torch.arange(len(own), device=device)
+                held = held_rows(len(idx), k, world, device)  # global row -> this rank's row, or -1
                 R = mask.shape[1]
-                adv_l, ret_l = advantages[own, :R], returns[own, :R]
+                adv_l = advantages[held >= 0, :R]  # this rank's rows
+                ret_l = returns[held >= 0, :R] if returns is not None else None
+                ref_l = ref_logp if cfg.kl_in == "loss" else None  # (b, R): the KL term of the loss
 
-        # ---- update
+        # ---- update: ppo_epochs passes of shuffled minibatches, each row on the rank that holds it
         policy.train()
-        value_module.train()
+        if value_module is not None:
+            value_module.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        B = len(local_of)  # rows in the whole batch
+        B = len(held)  # rows in the whole batch
         mb_stats: list[dict] = []
         first_dev = 0.0
-        lr_used = sched.get_last_lr()[0]
+        lr_used = optim.sched.get_last_lr()[0]
         with phase("update"):
             for epoch in range(cfg.ppo_epochs):
                 perm = torch.randperm(B, generator=gen).to(device)  # the same minibatches on every rank
                 for start in range(0, B, cfg.minibatch_size):
                     rows = perm[start : start + cfg.minibatch_size]
                     mb_tokens = g["mask"][rows].sum().clamp(min=1)
-                    mine_mb = local_of[rows][local_of[rows] >= 0]  # the minibatch's rows held here
-                    chunks: list = list(mine_mb.chunk(cfg.grad_accum)) if len(mine_mb) else []
-                    if world.size > 1:  # the same passes on every rank (the engine's collectives run in each)
-                        chunks += [None] * (cfg.grad_accum - len(chunks))
                     acc: dict[str, float] = {}
-                    for micro in chunks:
+                    for micro in micro_batches(rows, held, cfg.grad_accum, world):
                         idle = micro is None  # nothing here for this micro-batch: row 0 at weight 0
                         micro = torch.zeros(1, dtype=torch.long, device=device) if idle else micro
                         sub, m = ro.select(micro), mask[micro]
-                        w = m.sum() / mb_tokens * (0.0 if idle else 1.0)  # micro-batch share of the minibatch's tokens
+                        if cfg.loss_agg == "token":  # micro-batch share of the minibatch's tokens
+                            w = m.sum() / mb_tokens * (0.0 if idle else 1.0)
+                        else:  # ... of its rows
+                            w = torch.tensor((0.0 if idle else len(micro)) / len(rows), device=device)
                         with autocast(device):
-                            logp, ent, values, head = update_model(
-                                sub, prefix[micro] if prefix is not None else None,
-                                cprefix[micro] if cprefix is not None else None, old_logp[micro], adv_l[micro])  # fmt: skip
+                            logp, ent, values, head = models.update(sub, _rows(old.prefix, micro), _rows(old.cprefix, micro),
+                                                                    old.logp[micro], adv_l[micro], _rows(ref_l, micro))  # fmt: skip
                         if one_pass:
-                            pg_loss, pg = rl.reduce_policy_loss(head.pg_loss, head.clipped, logp - old_logp[micro],
-                                                                head.ratio, m)  # fmt: skip
+                            pg_loss, pg = rl.reduce_policy_loss(head.pg_loss, head.clipped, logp - old.logp[micro],
+                                                                head.ratio, m, cfg.loss_agg)  # fmt: skip
                         else:
-                            pg_loss, pg = rl.policy_loss(logp, old_logp[micro], adv_l[micro], m, cfg.clip_range)
-                        vf_loss, vf = rl.value_loss(values, old_values[micro], ret_l[micro], m, cfg.clip_range_value)
+                            pg_loss, pg = rl.policy_loss(logp, old.logp[micro], adv_l[micro], m, cfg.clip_range, cfg.loss_agg)
+                        terms = {**{f"policy/{key}": v for key, v in pg.items()}, "policy/loss": pg_loss}
+                        checks, loss = [("policy loss", pg_loss)], pg_loss
+                        if values is not None:  # the critic's clipped value loss (gae)
+                            vf_loss, vf = rl.value_loss(values, old.values[micro], ret_l[micro], m, cfg.clip_range_value)
+                            checks.append(("value loss", vf_loss))
+                            loss = pg_loss + cfg.vf_coef * vf_loss
+                            terms.update({"value/clipfrac": vf["vf_clipfrac"], "value/loss": vf_loss})
                         ent_mean = rl.entropy_bonus(ent, m)
-                        for name, x in (("policy loss", pg_loss), ("value loss", vf_loss), ("entropy", ent_mean)):
+                        loss = loss - cfg.ent_coef * ent_mean
+                        if ref_l is not None:  # k3 of the policy being updated to the reference, per token
+                            kl_tok = head.kl if one_pass else kl_fn(logp, ref_l[micro], estimator="k3")
+                            kl_loss = rl.aggregate(kl_tok, m, cfg.loss_agg)
+                            checks.append(("KL loss", kl_loss))
+                            loss = loss + kl_ctl.value * kl_loss
+                            terms["policy/kl_loss"] = kl_loss
+                        for name, x in (*checks, ("entropy", ent_mean)):
                             check_finite(name, x, step)
                         # DDP / FSDP2 average the ranks' gradients: x N gives the sum, the 1-process gradient
-                        loss = (pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent_mean) * w * world.size
+                        loss = loss * w * world.size
                         loss.backward()
-                        wf = float(w)
-                        for key, v in {**pg, **vf, "pg_loss": pg_loss, "vf_loss": vf_loss}.items():
-                            acc[key] = acc.get(key, 0.0) + float(v.detach()) * wf
+                        for key, v in terms.items():
+                            acc[key] = acc.get(key, 0.0) + float(v.detach()) * float(w)
                         if not mb_stats and not idle:  # nothing updated yet: the policy is the one that sampled
-                            first_dev = max(first_dev, float(((logp.detach() - old_logp[micro]) * m).abs().max()))
+                            first_dev = max(first_dev, float(((logp.detach() - old.logp[micro]) * m).abs().max()))
                     acc = sum_dict_across(acc, world)
                     if not mb_stats:
                         first_dev = max_across(first_dev, world)
-                    gn = clip_gradients("policy gradient norm", policy, policy_params, cfg.max_grad_norm, step)
-                    vgn = clip_gradients("value gradient norm", value_module, value_params, cfg.max_grad_norm, step)
-                    opt.step()
-                    vopt.step()
-                    opt.zero_grad(set_to_none=True)
-                    vopt.zero_grad(set_to_none=True)
-                    acc["grad_norm"], acc["value_grad_norm"] = gn, vgn
+                    acc.update(optimizer_step(optim, policy, value_module, cfg.max_grad_norm, step))
                     mb_stats.append(acc)
-        sched.step()
-        vsched.step()
+        optim.sched.step()
+        if optim.vsched is not None:
+            optim.vsched.step()
         policy.eval()
 
-        # ---- log
+        # ---- log: the whole batch's statistics, one JSON line per step
         kl_seq = float(g["kl_k1"].sum(-1).mean())
         beta = kl_ctl.value
         kl_ctl.update(kl_seq, B)
-        n_seq = int(ro.attention_mask.sum())
-        tokens = {"generation": int(ro.response_mask.sum()), "policy_eval": n_seq, "scoring": n_seq,
-                  "reference": n_seq, "rewards": int(ro.response_mask.sum()), "update": n_seq * cfg.ppo_epochs}  # fmt: skip
+        n_seq, n_reply = int(ro.attention_mask.sum()), int(ro.response_mask.sum())
+        tokens = {"generation": n_reply, "policy_eval": n_seq, "scoring": n_seq, "reference": n_seq,
+                  "rewards": n_reply, "update": n_seq * cfg.ppo_epochs}  # fmt: skip
         record = {
             "step": step + 1,
-            "score": float(g["score"].mean()),
-            "score_penalized": float(penalized.mean()),
-            "kl": float(rl.masked_mean(g["kl_k1"], g["mask"])),
-            "kl_k3": float(rl.masked_mean(g["kl_k3"], g["mask"])),
-            "kl_seq": kl_seq,
-            "non_score_reward": float((-beta * kl_g).sum(-1).mean()),
-            "rlhf_reward": float(rewards.sum(-1).mean()),
-            "entropy": float(rl.masked_mean(g["entropy"], g["mask"])),
-            "response_length": float(g["length"].float().mean()),
-            "eos_rate": float(g["has_eos"].float().mean()),
-            "explained_variance": float(rl.explained_variance(g["values"], returns, g["mask"])),
-            "kl_coef": beta,
-            "lr": lr_used,
-            "logratio_dev_first": first_dev,
-            **{k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]},
+            **batch_stats(g, kl_g, penalized, rewards, returns, beta, kl_seq, beta_reward),
+            "policy/lr": lr_used,
+            "policy/logratio_dev_first": first_dev,
+            **{key: sum(s[key] for s in mb_stats) / len(mb_stats) for key in mb_stats[0]},  # minibatch means
             **phase.stats,
             **phase.throughput(tokens),
-            "elapsed_s": time.perf_counter() - t_start,
+            "perf/elapsed_s": time.perf_counter() - t_start,
         }
-        if kl_full is not None:
-            record["kl_full"] = float(rl.masked_mean(g["kl_full"], g["mask"]))
         if step == 0:  # the policy still equals the starting model: this is the reference's own error
-            record["kl_floor_k1"], record["kl_floor_k3"] = record["kl"], record["kl_k3"]
-            record["kl_floor_full"] = record["kl_full"]
+            for est, key in (("k1", "objective/kl"), ("k3", "objective/kl_k3"), ("full", "objective/kl_full")):
+                record[f"objective/kl_floor_{est}"] = record[key]
             log.info("step-0 KL floor of the %s reference: %.2e per token (exact), %.2e (k3)",
-                     "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant, record["kl_full"],
-                     record["kl_k3"])  # fmt: skip
+                     "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant, record["objective/kl_full"],
+                     record["objective/kl_k3"])  # fmt: skip
         if world.main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(log_path, record)
         if writer is not None:
-            for k, v in record.items():
-                writer.add_scalar(k, v, step + 1)
+            for key, v in record.items():
+                writer.add_scalar(key, v, step + 1)
         step += 1
         bar.update(1)
-        bar.set_postfix(score=f"{record['score']:.2f}", kl=f"{record['kl']:.3f}", eos=f"{record['eos_rate']:.2f}",
-                        len=f"{record['response_length']:.1f}")  # fmt: skip
+        bar.set_postfix(score=f"{record['objective/score']:.2f}", kl=f"{record['objective/kl']:.3f}",
+                        eos=f"{record['policy/eos_rate']:.2f}", len=f"{record['policy/response_length']:.1f}")  # fmt: skip
         summary = record
+
+        # ---- checkpoint
         if step % cfg.save_every == 0 or step == stop:
-            rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-            rngs = gather_objects(rng, world)
-            params, optim = full_state(policy, opt)  # every rank calls (FSDP2 gathers); rank 0 gets the tensors
-            vparams, voptim = full_state(value_module, vopt)
-            if world.main:
-                _atomic_save({
-                    "step": step, "policy": params, "value": vparams,
-                    "opt": optim, "vopt": voptim, "sched": sched.state_dict(),
-                    "vsched": vsched.state_dict(), "kl_ctl": kl_ctl.state_dict(), "rng": rng[0], "cuda_rng": rng[1],
-                    "rng_per_rank": rngs, "world_size": world.size, "config": asdict(cfg),
-                }, ckpt_path)  # fmt: skip
+            save_checkpoint(ckpt_path, step, models, optim, kl_ctl, cfg, world)
     bar.close()
     if writer is not None:
         writer.close()
     if step < cfg.steps:
         log.info("stopped at step %d of %d (--max-steps); continue with --resume", step, cfg.steps)
         return {"policy": None, "steps": step, "final": summary, "seconds": time.perf_counter() - t_start}
+    peft_model = models.peft_model
     if sharded:  # the trained parameters gathered into a plain copy of the policy on rank 0
-        params, _ = full_state(policy, opt)
+        params, _ = full_state(policy, optim.opt)
         if world.main:
-            policy, peft_model, _ = _load_policy(policy_path, cfg, device, dtype, tokenizer)
-            _restore(policy, params)
+            policy, peft_model, _ = _load_policy(policy_path, cfg, device, DTYPE, tokenizer)
+            restore_params(policy, params)
     if not world.main:
         return {"policy": str(out / "policy"), "steps": step, "final": summary, "rank": world.rank}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,10 +33,11 @@ from tqdm.auto import tqdm
 from fastrlhf.kernels import last_token_rewards, last_token_rewards_ref, reward_head_pairwise_loss, reward_head_pairwise_loss_ref
 from fastrlhf.kernels._common import nvtx_range
 
+from .checkpoint import append_record, atomic_save, open_run, rng_state, set_rng_state
 from .config import EvalRewardConfig, RewardConfig
 from .data import PreferencePair, encode_prompt, load_pairs, split_by_prompt, tokenize_pairs, write_jsonl
 from .dist import World, fsdp_param_dtype, full_state, grad_norm_value, init_world, load_full_state, sum_across, wrap
-from .errors import MissingFileError, UserError
+from .errors import UserError
 from .family import bottom_parameters, decoder_layers, lora_targets, n_bottom_layers, replay_bottom
 from .metrics import pairwise_metrics, plot_reward_report, reward_distribution
 from .models import (
@@ -249,25 +249,20 @@ def _training_rewards(model, tokenizer, train, cache, n_frozen: int, cfg: Reward
     return torch.cat(out).numpy()
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(path: Path, module, optimizer, scheduler, step: int, cfg: RewardConfig, world: World) -> None:
     """Every rank calls this (FSDP2 gathers the shards); rank 0 writes full, unsharded state."""
     params, optim = full_state(module, optimizer)
     if not world.main:
         return
-    _atomic_torch_save(
+    cpu_rng, cuda_rng = rng_state()
+    atomic_save(
         {
             "step": step,
             "trainable": params,
             "optimizer": optim,
             "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng": cpu_rng,
+            "cuda_rng": cuda_rng,
             "config": asdict(cfg),
             "world_size": world.size,
         },
@@ -275,27 +270,12 @@ def _save_checkpoint(path: Path, module, optimizer, scheduler, step: int, cfg: R
     )
 
 
-def _load_checkpoint(path: Path, module, optimizer, scheduler) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def _restore_checkpoint(ckpt: dict, module, optimizer, scheduler) -> int:
+    """`_save_checkpoint`'s state back into the training objects -> the step it was saved at."""
     load_full_state(module, optimizer, ckpt["trainable"], ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"])
-    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    set_rng_state(ckpt["rng"], ckpt["cuda_rng"])
     return ckpt["step"]
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def save_reward_model(model, tokenizer, folder: Path, *, gain: float, bias: float, n_responses: int) -> None:
@@ -349,15 +329,10 @@ def train_reward_model(cfg: RewardConfig) -> dict:
 
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
     step = 0
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
-        step = _load_checkpoint(ckpt_path, module, optimizer, scheduler)
-        if world.main:
-            _truncate_log(log_path, step)
+    ckpt = open_run(ckpt_path, log_path, cfg.resume, world)
+    if ckpt is not None:
+        step = _restore_checkpoint(ckpt, module, optimizer, scheduler)
         log.info("resumed from %s at step %d of %d", ckpt_path, step, total_steps)
-    elif log_path.exists() and world.main:
-        log_path.unlink()
     stop = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     eval_every = cfg.eval_every or steps_per_epoch
 
@@ -420,7 +395,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             "elapsed_s": time.perf_counter() - t_start,
         }  # fmt: skip
         if world.main:
-            _append(log_path, record)
+            append_record(log_path, record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
 
@@ -432,7 +407,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             metrics = pairwise_metrics(scores["chosen"], scores["rejected"], seed=cfg.seed)
             val_record = {"step": step, "split": "val", "loss": float(scores["loss"].mean())}
             val_record.update({k: metrics[k] for k in ("accuracy", "auc_roc", "ece", "brier")})
-            _append(log_path, val_record)
+            append_record(log_path, val_record)
             tqdm.write(f"step {step}: val loss {val_record['loss']:.3f} accuracy {metrics['accuracy']:.3f} "
                        f"AUC {metrics['auc_roc']:.3f}")  # fmt: skip
         if step % cfg.save_every == 0 or step == stop:

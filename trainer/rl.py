@@ -1,4 +1,5 @@
-"""Pure PPO-for-LM math: masked statistics, KL-shaped rewards, GAE, PPO losses, KL controllers.
+"""Pure PPO-for-LM math: masked statistics, KL-shaped rewards, GAE, group advantages (GRPO, RLOO), PPO
+losses, KL controllers.
 
 No I/O, no models, torch only. Conventions:
 
@@ -108,12 +109,61 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, advantages + values
 
 
+# ------------------------------------------------------------------------------- group advantages
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """scores (B,) -> (B // G, G) float: rows of one prompt are adjacent (`Rollout.prompt_index`)."""
+    if group_size < 2:
+        raise ValueError(f"group advantages need at least 2 samples per prompt, got {group_size}")
+    if scores.dim() != 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores must be (B,) with B a multiple of the group size {group_size}, got {tuple(scores.shape)}")
+    return scores.detach().view(-1, group_size)
+
+
+def grpo_advantages(scores: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> Tensor:
+    """scores (B,) float, one per reply, G = group_size adjacent rows per prompt -> (B,) advantages in the
+    dtype of scores, detached: A_i = (r_i - mean_g) / (std_g + eps) with the group's unbiased std (Shao et al.
+    2024, as TRL computes it); scale_by_std=False gives r_i - mean_g (Liu et al. 2025, "Dr. GRPO"). A group
+    whose scores are all equal gets 0 for every row."""
+    r = _groups(scores, group_size)
+    centred = r - r.mean(1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (r.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """scores (B,) float, G = group_size adjacent rows per prompt -> (B,) advantages in the dtype of scores,
+    detached: A_i = r_i - mean of the OTHER G - 1 rows of its group (Ahmadian et al. 2024), which equals
+    G / (G - 1) * (r_i - mean_g). All-equal groups get 0."""
+    r = _groups(scores, group_size)
+    baseline = (r.sum(1, keepdim=True) - r) / (group_size - 1)
+    return (r - baseline).reshape(-1)
+
+
+def sequence_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
+    """advantages (B,) float, one per reply, mask (B, T) -> (B, T) float32: each row's advantage at every
+    real token of that row, 0 at padding (an all-padding row is all 0)."""
+    return advantages.float()[:, None].expand(mask.shape).where(mask.bool(), 0)
+
+
+def aggregate(x: Tensor, mask: Tensor, how: str = "token") -> Tensor:
+    """x (B, T) float per-token loss terms, mask (B, T) -> scalar. "token": the masked mean over every real
+    token of the batch (each token weighs the same: long replies weigh more; PPO's and DAPO's convention).
+    "sequence": each row's masked mean, then the mean over rows (each reply weighs the same; GRPO's
+    original 1/G sum_i 1/|o_i| sum_t). An all-padding row counts as a row of 0 in "sequence"."""
+    if how == "token":
+        return masked_mean(x, mask)
+    if how == "sequence":
+        return masked_mean(x, mask, dim=1).mean() if x.shape[0] else x.new_zeros(())
+    raise ValueError(f"loss aggregation must be 'token' or 'sequence', got {how!r}")
+
+
 # ------------------------------------------------------------------------------------------- losses
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                clip_range: float = 0.2) -> tuple[Tensor, dict]:  # fmt: skip
+                clip_range: float = 0.2, agg: str = "token") -> tuple[Tensor, dict]:  # fmt: skip
     """logprobs (B, T) float (with grad), old_logprobs (B, T), advantages (B, T), mask (B, T) ->
     (scalar loss, stats). PPO clipped surrogate, ratio = exp(logprobs - old_logprobs):
-    loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c))).
+    loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c))) (agg="token"; "sequence": `aggregate`).
     stats: clipfrac (fraction of tokens where the clipped term is strictly larger), approx_kl
     (masked mean of 0.5 * log_ratio^2), ratio_mean, ratio_max (0 when no token is real)."""
     m = mask.bool()
@@ -121,15 +171,18 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return reduce_policy_loss(torch.maximum(unclipped, clipped), (clipped > unclipped).to(ratio.dtype), log_ratio, ratio, m)
+    return reduce_policy_loss(torch.maximum(unclipped, clipped), (clipped > unclipped).to(ratio.dtype), log_ratio, ratio, m,
+                              agg)  # fmt: skip
 
 
-def reduce_policy_loss(pg_loss: Tensor, clipped: Tensor, log_ratio: Tensor, ratio: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+def reduce_policy_loss(pg_loss: Tensor, clipped: Tensor, log_ratio: Tensor, ratio: Tensor, mask: Tensor,
+                       agg: str = "token") -> tuple[Tensor, dict]:  # fmt: skip
     """Per-token surrogate terms (B, T) -> (scalar loss, stats) as `policy_loss` returns them; shared with
     the fused `fastrlhf.kernels.ppo_head`, which computes the per-token terms in one pass over the logits.
-    clipped: 1.0 where the clipped term is strictly larger. Padding entries may hold anything."""
+    clipped: 1.0 where the clipped term is strictly larger. Padding entries may hold anything. The loss is
+    aggregated per token or per sequence (`aggregate`); the stats are always per-token means."""
     m = mask.bool()
-    loss = masked_mean(pg_loss, m)
+    loss = aggregate(pg_loss, m, agg)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean(clipped.to(ratio.dtype), m),
                  "approx_kl": masked_mean(0.5 * log_ratio.where(m, 0) ** 2, m),
