@@ -47,24 +47,75 @@ import measure  # noqa: E402
 FILES = ("generate.json", "generate.md")
 MODES = ("hf-dynamic", "hf-static", "ours")
 ARCHS = {
-    "smollm2-135m": ("LlamaConfig", dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                     num_key_value_heads=3, intermediate_size=1536, head_dim=64, tie_word_embeddings=True,
-                     rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5)),
-    "llama-3.2-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True,
-                     rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5)),
-    "qwen2.5-1.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=1536, num_hidden_layers=28,
-                     num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True,
-                     rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6)),
-    "tiny": ("LlamaConfig", dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True, max_position_embeddings=2048)),
-}  # fmt: skip
+    "smollm2-135m": (
+        "LlamaConfig",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            head_dim=64,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "qwen2.5-1.5b": (
+        "Qwen2Config",
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=8960,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    "tiny": (
+        "LlamaConfig",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        ),
+    ),
+}
 EOS, PAD = 2, 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/bench_generate.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="benchmarks/bench_generate.py",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--arch", choices=tuple(ARCHS), default="smollm2-135m", help="model shapes (random init)")
     p.add_argument("--prompts", type=int, default=64, help="prompts per call")
     p.add_argument("--samples", type=int, default=2, help="replies per prompt")
@@ -74,8 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per mode (modes interleaved)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="model dtype: auto = bf16 on CUDA, fp32 on CPU")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="model dtype: auto = bf16 on CUDA, fp32 on CPU",
+    )
     p.add_argument("--device", default="auto", help='"auto" (CUDA if available), "cuda" or "cpu"')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 prompts, 4 tokens, 1 repetition (seconds)")
@@ -114,13 +169,32 @@ def call(mode: str, model, ids, mask, args, max_new_tokens: int) -> int:
     if mode == "ours":
         from fastrlhf.trainer.generate import generate
 
-        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=args.temperature, stop_ids=[EOS],
-                       pad_id=PAD, samples_per_prompt=args.samples, compile=True)  # fmt: skip
+        out = generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            temperature=args.temperature,
+            stop_ids=[EOS],
+            pad_id=PAD,
+            samples_per_prompt=args.samples,
+            compile=True,
+        )
         return out.tokens.numel()
     extra = {"cache_implementation": "static"} if mode == "hf-static" else {}
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature, top_k=0,
-                         top_p=1.0, max_new_tokens=max_new_tokens, num_return_sequences=args.samples,
-                         eos_token_id=[EOS], pad_token_id=PAD, **extra)  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=args.samples,
+        eos_token_id=[EOS],
+        pad_token_id=PAD,
+        **extra,
+    )
     return out[:, ids.shape[1] :].numel()
 
 
@@ -138,8 +212,11 @@ def timed(fn, device: torch.device) -> tuple[float, int, float | None]:
 
 
 def run(args) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     env = measure.environment(device)  # before the runs: the commit whose code is measured
@@ -163,9 +240,12 @@ def run(args) -> dict:
     for m in modes:
         rs = raw[m]
         peaks = [x["peak_mb"] for x in rs if x["peak_mb"] is not None]
-        summary[m] = {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
-                      "ttft_s": statistics.median(x["ttft_s"] for x in rs),
-                      "peak_mb": max(peaks) if peaks else None, "tokens": rs[0]["tokens"]}  # fmt: skip
+        summary[m] = {
+            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
+            "ttft_s": statistics.median(x["ttft_s"] for x in rs),
+            "peak_mb": max(peaks) if peaks else None,
+            "tokens": rs[0]["tokens"],
+        }
     ratios = {}
     if "hf-dynamic" in modes:
         for m in modes:
@@ -188,9 +268,11 @@ def run(args) -> dict:
 
 def markdown(doc: dict) -> str:
     a, env = doc["args"], doc["environment"]
-    head = (f"Sampling, {a['arch']} (random init, {doc['dtype']}), {a['prompts']} prompts x {a['samples']} samples, "
-            f"{a['max_new_tokens']} new tokens, prompt width {doc['shape']['prompt_width']}, on "
-            f"{env['gpu_name'] or 'CPU'} ({env['git_commit']}); medians of {a['repeats']} repetitions")  # fmt: skip
+    head = (
+        f"Sampling, {a['arch']} (random init, {doc['dtype']}), {a['prompts']} prompts x {a['samples']} samples, "
+        f"{a['max_new_tokens']} new tokens, prompt width {doc['shape']['prompt_width']}, on "
+        f"{env['gpu_name'] or 'CPU'} ({env['git_commit']}); medians of {a['repeats']} repetitions"
+    )
     lines = [head, "", "| mode | tokens/s | x hf-dynamic | ttft s | peak MB |", "|---|---:|---:|---:|---:|"]
     for m, s in doc["summary"].items():
         r = doc["tokens_per_s_ratio_vs_hf_dynamic"].get(m, {}).get("median")

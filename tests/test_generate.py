@@ -57,11 +57,25 @@ def test_greedy_equals_generate(family, tokenizer, gen):
 
     model = _model(tokenizer, family, head_scale=1.0)
     ids, mask = left_pad(_prompts(gen), tokenizer.pad_token_id)
-    want = model.generate(input_ids=ids.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
-                          do_sample=False, max_new_tokens=10, eos_token_id=[tokenizer.eos_token_id],
-                          pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]  # fmt: skip
-    got = engine.generate(model, ids, mask, max_new_tokens=10, temperature=0, stop_ids=[tokenizer.eos_token_id],
-                          pad_id=tokenizer.pad_token_id, samples_per_prompt=2, logprobs=False)  # fmt: skip
+    want = model.generate(
+        input_ids=ids.repeat_interleave(2, 0),
+        attention_mask=mask.repeat_interleave(2, 0),
+        do_sample=False,
+        max_new_tokens=10,
+        eos_token_id=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )[:, ids.shape[1] :]
+    got = engine.generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=10,
+        temperature=0,
+        stop_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        samples_per_prompt=2,
+        logprobs=False,
+    )
     assert got.tokens.shape == want.shape
     assert torch.equal(got.tokens, want), f"{family}: greedy tokens differ from generate's"
 
@@ -83,8 +97,15 @@ def test_engine_first_token_distribution():
     """Through the whole engine (prefill, cache rows repeated): 20,000 one-token replies to a fixed prompt
     from a Llama of 24 tokens; their chi-square against softmax(model logits / T) stays within its degrees
     of freedom (23 +- 7; T applied twice or not at all gives hundreds)."""
-    config = transformers.LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=24,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -96,8 +117,17 @@ def test_engine_first_token_distribution():
     assert p.max() < 0.5 and p.min() > 1e-3, "the test needs a spread distribution"
     n = 20_000
     torch.manual_seed(1)
-    got = engine.generate(model, prompt, torch.ones_like(prompt), max_new_tokens=1, temperature=T, stop_ids=[0],
-                          pad_id=23, samples_per_prompt=n, logprobs=False)  # fmt: skip
+    got = engine.generate(
+        model,
+        prompt,
+        torch.ones_like(prompt),
+        max_new_tokens=1,
+        temperature=T,
+        stop_ids=[0],
+        pad_id=23,
+        samples_per_prompt=n,
+        logprobs=False,
+    )
     counts = torch.bincount(got.tokens[:, 0], minlength=24).double()
     chi2 = ((counts - p * n) ** 2 / (p * n)).sum().item()
     assert chi2 < 23 + 6 * 46**0.5, f"chi-square {chi2:.1f} with 23 degrees of freedom"

@@ -83,8 +83,9 @@ class Rollout:
         lp = self.behaviour_logprobs
         if lp is not None:  # the appended EOS was not sampled: no behaviour log-prob (0)
             lp = torch.cat([lp, lp.new_zeros(B, 1)], 1)
-        return Rollout(self.prompt_ids, self.prompt_mask, ids, mask, torch.ones_like(self.has_eos), self.prompt_index,
-                       lp)  # fmt: skip
+        return Rollout(
+            self.prompt_ids, self.prompt_mask, ids, mask, torch.ones_like(self.has_eos), self.prompt_index, lp
+        )
 
     def _map(self, fn) -> Rollout:
         return Rollout(**{k: None if (v := getattr(self, k)) is None else fn(v) for k in self.__dataclass_fields__})
@@ -125,7 +126,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def mask_after_stop(tokens: torch.Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mask_after_stop(
+    tokens: torch.Tensor, stop_ids: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled tokens (B, R) -> (tokens with pad after the first stop token, mask (B, R) int64 with the stop
     token included, has_eos (B,) bool)."""
     is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))
@@ -160,18 +163,30 @@ def sample(
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     was_training = model.training
     model.eval()
-    out = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                   stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, samples_per_prompt=samples_per_prompt,
-                   synced_gpus=synced_gpus, compile=compile)  # fmt: skip
+    out = generate(
+        model,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        stop_ids=stop_ids,
+        pad_id=tokenizer.pad_token_id,
+        samples_per_prompt=samples_per_prompt,
+        synced_gpus=synced_gpus,
+        compile=compile,
+    )
     model.train(was_training)
     response, response_mask, has_eos = mask_after_stop(out.tokens, stop_ids, tokenizer.pad_token_id)
     k = samples_per_prompt
     return Rollout(
-        prompt_ids=prompt_ids.repeat_interleave(k, 0), prompt_mask=prompt_mask.repeat_interleave(k, 0),
-        response_ids=response, response_mask=response_mask, has_eos=has_eos,
+        prompt_ids=prompt_ids.repeat_interleave(k, 0),
+        prompt_mask=prompt_mask.repeat_interleave(k, 0),
+        response_ids=response,
+        response_mask=response_mask,
+        has_eos=has_eos,
         prompt_index=torch.arange(len(prompts), device=out.tokens.device).repeat_interleave(k),
         behaviour_logprobs=out.logprobs * response_mask,
-    )  # fmt: skip
+    )
 
 
 def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -200,8 +215,16 @@ def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: torch.Tensor | None = None,
-                  n_frozen: int = 0, capture: int = 0, head_output: bool = True):
+def forward_reply(
+    model,
+    head: torch.nn.Module,
+    rollout: Rollout,
+    *,
+    prefix: torch.Tensor | None = None,
+    n_frozen: int = 0,
+    capture: int = 0,
+    head_output: bool = True,
+):
     """One call of `model` itself on prompt + reply, so that whatever wraps it (FSDP2 gathers its
     parameters in the call, DDP hooks it) sees the pass.
 
@@ -234,8 +257,11 @@ def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: tor
         hooks.append(head.register_forward_hook(take_output))
     if capture:
         hooks.append(states_hook(model, capture, seen))
-    kwargs = {"attention_mask": attention_mask_4d(model, rollout.attention_mask), "position_ids": rollout.position_ids,
-              "use_cache": False}  # fmt: skip
+    kwargs = {
+        "attention_mask": attention_mask_4d(model, rollout.attention_mask),
+        "position_ids": rollout.position_ids,
+        "use_cache": False,
+    }
     if lm:  # positions P - 1 .. P + R - 2 predict reply tokens 0 .. R - 1
         kwargs["logits_to_keep"] = torch.arange(P - 1, P + R - 1, device=rollout.response_ids.device)
     if prefix is None:
