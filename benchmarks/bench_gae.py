@@ -56,8 +56,9 @@ def min_bytes(B: int, T: int, dtype: torch.dtype) -> int:
     return B * T * (2 * itemsize + 1 + 2 * 4)
 
 
-def run_cell(B: int, T: int, dtype: torch.dtype, device: torch.device, copy_bw: float | None, ref_max_t: int,
-             kernel: bool = True) -> dict:  # fmt: skip
+def run_cell(
+    B: int, T: int, dtype: torch.dtype, device: torch.device, copy_bw: float | None, ref_max_t: int, kernel: bool = True
+) -> dict:
     nbytes = min_bytes(B, T, dtype)
     sets = input_sets(B, T, dtype, device, measure.n_input_sets(nbytes))
     row: dict = {"B": B, "T": T, "dtype": str(dtype).removeprefix("torch."), "min_bytes": nbytes}
@@ -67,10 +68,18 @@ def run_cell(B: int, T: int, dtype: torch.dtype, device: torch.device, copy_bw: 
     outs = {}
     for name, fn in providers.items():
         outs[name] = fn(*sets[0], gamma=GAMMA, lam=LAM)[0]  # first call: compile, and the error check
-        ms, method = measure.median_ms(measure.rotating(lambda i: fn(*sets[i], gamma=GAMMA, lam=LAM), len(sets)), device)
+        ms, method = measure.median_ms(
+            measure.rotating(lambda i: fn(*sets[i], gamma=GAMMA, lam=LAM), len(sets)), device
+        )
         gbs = measure.gb_per_s(nbytes, ms)
-        row.update({f"{name}_ms": ms, f"{name}_gb_s": gbs, "timing": method,
-                    f"{name}_pct_copy_bw": 100 * gbs / copy_bw if gbs and copy_bw else None})  # fmt: skip
+        row.update(
+            {
+                f"{name}_ms": ms,
+                f"{name}_gb_s": gbs,
+                "timing": method,
+                f"{name}_pct_copy_bw": 100 * gbs / copy_bw if gbs and copy_bw else None,
+            }
+        )
     if "triton" in outs and "loop" in outs:
         row["speedup"] = row["loop_ms"] / row["triton_ms"]
         row["max_abs_err"] = (outs["triton"] - outs["loop"]).abs().max().item()
@@ -82,10 +91,16 @@ def _f(x, digits=3) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = (f"GAE (gamma={GAMMA}, lam={LAM}) on {meta['gpu_name'] or 'CPU'}, torch {meta['torch']}, "
-            f"triton {meta['triton']}; copy bandwidth {_f(meta['copy_bw_gbs'], 4)} GB/s")  # fmt: skip
-    lines = [head, "", "| B | T | dtype | triton ms | GB/s | % copy bw | loop ms | speedup | max abs err |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    head = (
+        f"GAE (gamma={GAMMA}, lam={LAM}) on {meta['gpu_name'] or 'CPU'}, torch {meta['torch']}, "
+        f"triton {meta['triton']}; copy bandwidth {_f(meta['copy_bw_gbs'], 4)} GB/s"
+    )
+    lines = [
+        head,
+        "",
+        "| B | T | dtype | triton ms | GB/s | % copy bw | loop ms | speedup | max abs err |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['B']} | {r['T']} | {r['dtype']} | {_f(r.get('triton_ms'))} | {_f(r.get('triton_gb_s'))} "
@@ -96,7 +111,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for gae.json")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="rewards / values dtype")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
@@ -113,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run_cell(B, T, DTYPES[args.dtype], device, meta["copy_bw_gbs"], args.ref_max_t))
                 print(f"[bench_gae] B={B} T={T}: {rows[-1]}", flush=True)
     else:
-        print("[bench_gae] no CUDA device: the Triton kernel is not timed (the interpreter's timings mean "
-              "nothing); timing only the Python loop (gae_ref) on B=8, T=512 on the CPU.", flush=True)  # fmt: skip
+        print(
+            "[bench_gae] no CUDA device: the Triton kernel is not timed (the interpreter's timings mean "
+            "nothing); timing only the Python loop (gae_ref) on B=8, T=512 on the CPU.",
+            flush=True,
+        )
         rows.append(run_cell(8, 512, DTYPES[args.dtype], device, None, 512, kernel=False))
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta, "gamma": GAMMA, "lam": LAM, "rows": rows}

@@ -76,49 +76,106 @@ PHASES = ("policy_eval", "reference", "update")
 MODES = {"fused-linear": (True, True), "logits": (False, True), "eager": (False, False)}  # (fused_linear, kernels)
 TOL = {"cpu": 1e-4, "cuda": 5e-2}  # max abs diff of log-probs / entropy vs eager
 ARCHS = {
-    "llama-3.2-1b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, tie_word_embeddings=True,
-                     rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5)),
-    "qwen2.5-1.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=1536, num_hidden_layers=28,
-                     num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True,
-                     rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6)),
-    "tiny": ("LlamaConfig", dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True, max_position_embeddings=2048)),
-}  # fmt: skip
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "qwen2.5-1.5b": (
+        "Qwen2Config",
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=8960,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    "tiny": (
+        "LlamaConfig",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        ),
+    ),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/bench_head_memory.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="benchmarks/bench_head_memory.py",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--arch", choices=tuple(ARCHS), default="llama-3.2-1b", help="model shapes (random init)")
     p.add_argument("--vocab-size", type=int, default=None, help="override the arch's vocabulary (smoke tests)")
     p.add_argument("--hidden-size", type=int, default=None, help="override the arch's hidden size")
     p.add_argument("--num-layers", type=int, default=None, help="override the arch's layer count")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32: fp32 master weights + bf16 autocast on CUDA (the trainer); bf16: bf16 weights")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32: fp32 master weights + bf16 autocast on CUDA (the trainer); bf16: bf16 weights",
+    )
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES), help="head modes to run")
     p.add_argument("--batch", type=int, default=8, help="rows B of the same-batch comparison")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens P per row")
     p.add_argument("--reply-len", type=int, default=768, help="reply tokens R per row")
     p.add_argument("--reps", type=int, default=3, help="timed steps per mode (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (Triton compile)")
-    p.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
-                   help="search the largest batch that fits (CUDA only)")
+    p.add_argument(
+        "--search",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="search the largest batch that fits (CUDA only)",
+    )
     p.add_argument("--max-batch", type=int, default=512, help="cap of the max-batch search")
     p.add_argument("--time-budget-s", type=float, default=40.0, help="max-batch search budget per mode (s)")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="HF gradient checkpointing of the trunk in the update")
-    p.add_argument("--freeze-layers", type=int, default=0,
-                   help="as the trainer: 0 full fine-tune; n > 0 freezes embeddings (+ tied head) and n layers")
-    p.add_argument("--adam-state", action="store_true",
-                   help="also hold AdamW's two fp32 buffers per trainable parameter (no step is taken)")
+    p.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="HF gradient checkpointing of the trunk in the update",
+    )
+    p.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=0,
+        help="as the trainer: 0 full fine-tune; n > 0 freezes embeddings (+ tied head) and n layers",
+    )
+    p.add_argument(
+        "--adam-state",
+        action="store_true",
+        help="also hold AdamW's two fp32 buffers per trainable parameter (no step is taken)",
+    )
     p.add_argument("--temperature", type=float, default=0.7, help="log-prob temperature (trainer default)")
     p.add_argument("--clip-range", type=float, default=0.2, help="PPO clip range")
     p.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus coefficient (trainer default)")
     p.add_argument("--device", default="auto", help='"auto" (CUDA if available), "cuda" or "cpu"')
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, tokens and advantages")
     p.add_argument("--out", default="out/head_memory", help="results folder (" + ", ".join(FILES) + ")")
-    return p.parse_args(argv)  # fmt: skip
+    return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------ model and data
@@ -128,8 +185,11 @@ def build_model(args, device: torch.device):
 
     cls_name, kw = ARCHS[args.arch]
     kw = dict(kw)
-    for key, val in (("vocab_size", args.vocab_size), ("hidden_size", args.hidden_size),
-                     ("num_hidden_layers", args.num_layers)):  # fmt: skip
+    for key, val in (
+        ("vocab_size", args.vocab_size),
+        ("hidden_size", args.hidden_size),
+        ("num_hidden_layers", args.num_layers),
+    ):
         if val is not None:
             kw[key] = val
     config = getattr(transformers, cls_name)(**kw)
@@ -149,9 +209,14 @@ def synthetic_rollout(B: int, P: int, R: int, vocab: int, seed: int, device: tor
 
     g = torch.Generator().manual_seed(seed)
     ones = lambda n: torch.ones(B, n, dtype=torch.long)  # noqa: E731
-    ro = Rollout(prompt_ids=torch.randint(0, vocab, (B, P), generator=g), prompt_mask=ones(P),
-                 response_ids=torch.randint(0, vocab, (B, R), generator=g), response_mask=ones(R),
-                 has_eos=torch.zeros(B, dtype=torch.bool), prompt_index=torch.arange(B)).to(device)  # fmt: skip
+    ro = Rollout(
+        prompt_ids=torch.randint(0, vocab, (B, P), generator=g),
+        prompt_mask=ones(P),
+        response_ids=torch.randint(0, vocab, (B, R), generator=g),
+        response_mask=ones(R),
+        has_eos=torch.zeros(B, dtype=torch.bool),
+        prompt_index=torch.arange(B),
+    ).to(device)
     adv = rl.masked_whiten(torch.randn(B, R, generator=g), torch.ones(B, R)).to(device)
     return ro, adv
 
@@ -167,9 +232,11 @@ def phase(name: str, rec: dict, device: torch.device):
     yield
     if cuda:
         torch.cuda.synchronize()
-    rec[name] = {"s": time.perf_counter() - t0,
-                 "peak_mb": torch.cuda.max_memory_allocated() / MB if cuda else None,
-                 "reserved_mb": torch.cuda.max_memory_reserved() / MB if cuda else None}  # fmt: skip
+    rec[name] = {
+        "s": time.perf_counter() - t0,
+        "peak_mb": torch.cuda.max_memory_allocated() / MB if cuda else None,
+        "reserved_mb": torch.cuda.max_memory_reserved() / MB if cuda else None,
+    }
 
 
 def ppo_step(model, ro, adv, mode: str, args, device: torch.device) -> tuple[dict, dict]:
@@ -195,8 +262,7 @@ def ppo_step(model, ro, adv, mode: str, args, device: torch.device) -> tuple[dic
         with autocast(device):
             if one_pass:
                 h, logits, _ = forward_reply(model, model.get_output_embeddings(), ro)
-                head = ppo_head(logits, _targets(ro), old_logp, adv,
-                                clip_range=args.clip_range, temperature=T)  # fmt: skip
+                head = ppo_head(logits, _targets(ro), old_logp, adv, clip_range=args.clip_range, temperature=T)
                 logp, ent = head.logprobs, head.entropy
             else:  # as the trainer, the (B, R, V) logits (eager) stay referenced through the backward
                 logp, ent, h, logits, _ = policy_forward(model, ro, T, kernels, fused_linear=fused)
@@ -207,8 +273,11 @@ def ppo_step(model, ro, adv, mode: str, args, device: torch.device) -> tuple[dic
         loss = pg_loss - args.ent_coef * rl.entropy_bonus(ent, mask)
         loss.backward()
     del logits, h, hidden, ref_logp
-    return rec, {"logp": old_logp.detach().float().cpu(), "entropy": entropy.detach().float().cpu(),
-                 "loss": float(loss.detach())}  # fmt: skip
+    return rec, {
+        "logp": old_logp.detach().float().cpu(),
+        "entropy": entropy.detach().float().cpu(),
+        "loss": float(loss.detach()),
+    }
 
 
 def grad_norm(model) -> float:
@@ -226,7 +295,8 @@ def _free(model, device: torch.device, empty_cache: bool = True) -> None:
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e)))  # fmt: skip
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e))
+    )
 
 
 def measure_mode(model, mode: str, args, device: torch.device, vocab: int) -> tuple[dict, dict | None]:
@@ -257,14 +327,22 @@ def measure_mode(model, mode: str, args, device: torch.device, vocab: int) -> tu
     for ph in PHASES:
         s = statistics.median(r[ph]["s"] for _, r in recs)
         peak, reserved = ([r[ph][k] for _, r in recs] for k in ("peak_mb", "reserved_mb"))
-        out["phases"][ph] = {"median_s": s, "tokens_per_s": tokens / s,
-                             "peak_mb": None if None in peak else max(peak),
-                             "reserved_mb": None if None in reserved else max(reserved)}  # fmt: skip
+        out["phases"][ph] = {
+            "median_s": s,
+            "tokens_per_s": tokens / s,
+            "peak_mb": None if None in peak else max(peak),
+            "reserved_mb": None if None in reserved else max(reserved),
+        }
     step_s = sum(out["phases"][ph]["median_s"] for ph in PHASES)
     base = recs[0][0]
     peak = max(v["peak_mb"] for v in out["phases"].values()) if base is not None else None
-    out["step"] = {"s": step_s, "tokens_per_s": 3 * tokens / step_s, "base_mb": base, "peak_mb": peak,
-                   "peak_over_base_mb": None if base is None else peak - base}  # fmt: skip
+    out["step"] = {
+        "s": step_s,
+        "tokens_per_s": 3 * tokens / step_s,
+        "base_mb": base,
+        "peak_mb": peak,
+        "peak_over_base_mb": None if base is None else peak - base,
+    }
     return out, first
 
 
@@ -320,25 +398,34 @@ def compare(modes: dict, outputs: dict, tol: float) -> tuple[dict, bool, dict, d
         if ref is None or o is None:
             continue
         gn = abs(o["grad_norm"] / ref["grad_norm"] - 1) if ref["grad_norm"] else None
-        agreement[mode] = {"logp": float((o["logp"] - ref["logp"]).abs().max()),
-                           "entropy": float((o["entropy"] - ref["entropy"]).abs().max()),
-                           "loss": o["loss"], "loss_abs_diff": abs(o["loss"] - ref["loss"]),
-                           "grad_norm": o["grad_norm"], "grad_norm_rel_diff": gn}  # fmt: skip
+        agreement[mode] = {
+            "logp": float((o["logp"] - ref["logp"]).abs().max()),
+            "entropy": float((o["entropy"] - ref["entropy"]).abs().max()),
+            "loss": o["loss"],
+            "loss_abs_diff": abs(o["loss"] - ref["loss"]),
+            "grad_norm": o["grad_norm"],
+            "grad_norm_rel_diff": gn,
+        }
     passed = all(a["logp"] <= tol and a["entropy"] <= tol for a in agreement.values())
     for mode, r in modes.items():
         if e is None or r["oom"] or e["oom"]:
             continue
         st, est, mb, emb = r["step"], e["step"], r.get("max_batch") or {}, e.get("max_batch") or {}
-        q = ratios[mode] = {"peak": _ratio(st["peak_mb"], est["peak_mb"]),
-                            "peak_over_base": _ratio(st["peak_over_base_mb"], est["peak_over_base_mb"]),
-                            "tokens_per_s": _ratio(st["tokens_per_s"], est["tokens_per_s"]),
-                            "max_batch": _ratio(mb.get("max_batch"), emb.get("max_batch")),
-                            "max_batch_conservative": _ratio(mb.get("max_batch"), emb.get("first_oom"))}  # fmt: skip
+        q = ratios[mode] = {
+            "peak": _ratio(st["peak_mb"], est["peak_mb"]),
+            "peak_over_base": _ratio(st["peak_over_base_mb"], est["peak_over_base_mb"]),
+            "tokens_per_s": _ratio(st["tokens_per_s"], est["tokens_per_s"]),
+            "max_batch": _ratio(mb.get("max_batch"), emb.get("max_batch")),
+            "max_batch_conservative": _ratio(mb.get("max_batch"), emb.get("first_oom")),
+        }
         if mode != "eager":
-            targets[mode] = {"peak_ratio": q["peak"], "peak_ok": None if q["peak"] is None else q["peak"] <= 0.6,
-                             "max_batch_ratio": q["max_batch"],
-                             "max_batch_ok": None if q["max_batch"] is None else q["max_batch"] >= 2,
-                             "max_batch_ratio_conservative": q["max_batch_conservative"]}  # fmt: skip
+            targets[mode] = {
+                "peak_ratio": q["peak"],
+                "peak_ok": None if q["peak"] is None else q["peak"] <= 0.6,
+                "max_batch_ratio": q["max_batch"],
+                "max_batch_ok": None if q["max_batch"] is None else q["max_batch"] >= 2,
+                "max_batch_ratio_conservative": q["max_batch_conservative"],
+            }
     return agreement, passed, ratios, targets
 
 
@@ -350,17 +437,19 @@ def markdown(doc: dict) -> str:
     m, cfg, agree = doc["meta"], doc["meta"]["model_config"], doc["agreement"]
     where = m["gpu_name"] or f"CPU ({m['host_cpu_count']} cores; timings and memory meaningless)"
     lines = [
-        "## Head memory: one PPO step (policy_eval + reference + update), fused-linear vs logits vs eager", "",
+        "## Head memory: one PPO step (policy_eval + reference + update), fused-linear vs logits vs eager",
+        "",
         f"{where}; {m['arch']} shapes (random init: vocab {cfg['vocab_size']}, hidden {cfg['hidden_size']}, "
         f"{cfg['num_hidden_layers']} layers), weights {m['weights']}; B={m['batch']} x (P={m['prompt_len']} + "
         f"R={m['reply_len']}); grad checkpointing {'ON' if m['grad_checkpointing'] else 'OFF'}; freeze layers "
         f"{m['freeze_layers']}; AdamW state {'held' if m['adam_state'] else 'not held'}; reference = the policy "
         f"re-run; kernel path: {m['kernel_path']}; git {m['git_commit']}, torch {m['torch']}, triton {m['triton']}, "
-        f"{m['date_utc']}.", "",
+        f"{m['date_utc']}.",
+        "",
         "| mode | eval s | ref s | update s | step tok/s | peak MB | over base MB | peak / eager | max B | "
         "first OOM | maxB / eager | max abs dlogp vs eager |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for mode, r in doc["modes"].items():
         if r["oom"]:
             lines.append(f"| {mode} | OOM at B={r['batch']} | | | | | | | | | | |")
@@ -371,23 +460,32 @@ def markdown(doc: dict) -> str:
             f"{_f(ph['update']['median_s'], 3)} | {_f(st['tokens_per_s'], 0)} | {_f(st['peak_mb'], 0)} | "
             f"{_f(st['peak_over_base_mb'], 0)} | {_f(rt.get('peak'))} | {mb.get('max_batch', '-')} | "
             f"{mb.get('first_oom') or '-'} | {_f(rt.get('max_batch'))} | "
-            f"{_f(agree.get(mode, {}).get('logp'), 6)} |")  # fmt: skip
-    lines += ["", f"base = memory allocated before the step ({_f(m.get('base_mb'), 0)} MB for the first mode: weights"
-              " + rollout, no grads); peak = max_memory_allocated over the phases; tok/s = 3 B (P + R) / step s.",
-              f"Agreement gate (log-probs and entropy vs eager, atol {m['tol']:g}): "
-              f"**{'PASS' if doc['agreement_passed'] else 'FAIL'}**.", ""]  # fmt: skip
+            f"{_f(agree.get(mode, {}).get('logp'), 6)} |"
+        )
+    lines += [
+        "",
+        f"base = memory allocated before the step ({_f(m.get('base_mb'), 0)} MB for the first mode: weights"
+        " + rollout, no grads); peak = max_memory_allocated over the phases; tok/s = 3 B (P + R) / step s.",
+        f"Agreement gate (log-probs and entropy vs eager, atol {m['tol']:g}): "
+        f"**{'PASS' if doc['agreement_passed'] else 'FAIL'}**.",
+        "",
+    ]
     for mode, r in doc["modes"].items():
         if r.get("max_batch"):
             mb = r["max_batch"]
-            lines.append(f"- max-batch search, {mode}: {mb['ended']}, {len(mb['probes'])} probes in "
-                         f"{sum(p['s'] for p in mb['probes']):.0f} s")  # fmt: skip
+            lines.append(
+                f"- max-batch search, {mode}: {mb['ended']}, {len(mb['probes'])} probes in "
+                f"{sum(p['s'] for p in mb['probes']):.0f} s"
+            )
     ok = lambda v: "n/a" if v is None else ("MET" if v else "NOT met")  # noqa: E731
     for mode, t in doc["targets"].items():
         over = doc["ratios"][mode]["peak_over_base"]
-        lines.append(f"- {mode}: peak/eager {_f(t['peak_ratio'])} (target <= 0.6: {ok(t['peak_ok'])}; above base "
-                     f"{_f(over)}), "
-                     f"maxB/eager {_f(t['max_batch_ratio'])} (target >= 2: {ok(t['max_batch_ok'])}; conservative "
-                     f"maxB/eager-first-OOM {_f(t['max_batch_ratio_conservative'])})")  # fmt: skip
+        lines.append(
+            f"- {mode}: peak/eager {_f(t['peak_ratio'])} (target <= 0.6: {ok(t['peak_ok'])}; above base "
+            f"{_f(over)}), "
+            f"maxB/eager {_f(t['max_batch_ratio'])} (target >= 2: {ok(t['max_batch_ok'])}; conservative "
+            f"maxB/eager-first-OOM {_f(t['max_batch_ratio_conservative'])})"
+        )
     if not doc["targets"]:
         lines.append("- no ratios: eager was not run or did not fit at this batch")
     return "\n".join(lines) + "\n"
@@ -424,22 +522,38 @@ def main(argv: list[str] | None = None) -> int:
     first = next((r for r in modes.values() if not r["oom"]), {})
     meta.update(
         command=" ".join(["benchmarks/bench_head_memory.py", *(sys.argv[1:] if argv is None else argv)]),
-        kernel_path=bench_ppo_step.kernel_path(device), arch=args.arch, model_config=cfg,
-        n_params=sum(p.numel() for p in model.parameters()), n_frozen_layers=n_frozen,
+        kernel_path=bench_ppo_step.kernel_path(device),
+        arch=args.arch,
+        model_config=cfg,
+        n_params=sum(p.numel() for p in model.parameters()),
+        n_frozen_layers=n_frozen,
         n_trainable=sum(p.numel() for p in trainable),
         weights="fp32 master + bf16 autocast" if args.dtype == "fp32" and cuda else args.dtype,
-        batch=args.batch, prompt_len=args.prompt_len, reply_len=args.reply_len,
-        grad_checkpointing=args.grad_checkpointing, freeze_layers=args.freeze_layers, adam_state=args.adam_state,
-        reference="the policy itself, run again (no second model resident)", generation="not measured",
-        tol=tol, base_mb=first.get("step", {}).get("base_mb"),
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        reply_len=args.reply_len,
+        grad_checkpointing=args.grad_checkpointing,
+        freeze_layers=args.freeze_layers,
+        adam_state=args.adam_state,
+        reference="the policy itself, run again (no second model resident)",
+        generation="not measured",
+        tol=tol,
+        base_mb=first.get("step", {}).get("base_mb"),
         gpu_memory_total_mb=torch.cuda.get_device_properties(device).total_memory / MB if cuda else None,
         memory_note=None if cuda else "CPU: no allocator statistics; memory fields are None",
         process_max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         wall_s=time.perf_counter() - t_start,
-    )  # fmt: skip
+    )
     del adam
-    doc = {"meta": meta, "args": vars(args), "modes": modes, "ratios": ratios, "targets": targets,
-           "agreement": agreement, "agreement_passed": passed}  # fmt: skip
+    doc = {
+        "meta": meta,
+        "args": vars(args),
+        "modes": modes,
+        "ratios": ratios,
+        "targets": targets,
+        "agreement": agreement,
+        "agreement_passed": passed,
+    }
     (out / "head_memory.json").write_text(json.dumps(measure.json_safe(doc), indent=2, default=str))
     md = markdown(doc)
     (out / "head_memory.md").write_text(md)

@@ -40,7 +40,11 @@ if DEVICE.type != "cuda" and GRID != "smoke":
 CELLS = sorted(
     sweep.build_grid(GRID, cases.TEMPERATURE),
     key=lambda c: (
-        c.priority, sweep.input_key(c.case), c.case.key, c.provider != "eager", cases.PROVIDERS.index(c.provider)
+        c.priority,
+        sweep.input_key(c.case),
+        c.case.key,
+        c.provider != "eager",
+        cases.PROVIDERS.index(c.provider),
     ),
 )
 _EAGER_MS: dict[str, float] = {}
@@ -86,9 +90,15 @@ def test_kernel(benchmark, cell: sweep.Cell, copy_bw_gbs: float | None) -> None:
 
     benchmark.group = case.key
     benchmark.extra_info.update(
-        op=case.op, mode=case.mode, provider=provider, dtype=case.dtype, shape=case.shape,
-        min_bytes=cases.min_bytes(case), first_call_s=prep.first_call_s, max_abs_err=prep.max_abs_err,
-    )  # fmt: skip
+        op=case.op,
+        mode=case.mode,
+        provider=provider,
+        dtype=case.dtype,
+        shape=case.shape,
+        min_bytes=cases.min_bytes(case),
+        first_call_s=prep.first_call_s,
+        max_abs_err=prep.max_abs_err,
+    )
     benchmark(timed)
     if benchmark.disabled or DEVICE.type != "cuda":
         return

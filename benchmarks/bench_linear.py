@@ -104,33 +104,84 @@ CASES = (
     ("linear_full_kl", "fwd_bwd", ("fastrlhf", "torch_ref"), ("full", "smoke")),
 )
 # useful and kernel-executed FLOPs per case, in units of MVH
-USEFUL_MVH = {("matmul", "fwd"): 2, ("linear_logprobs", "fwd"): 2, ("linear_logprobs", "fwd_entropy"): 2,
-              ("linear_logprobs", "fwd_bwd"): 6, ("linear_full_kl", "fwd"): 4,
-              ("linear_full_kl", "fwd_bwd"): 8}  # fmt: skip
-EXECUTED_MVH = {**USEFUL_MVH, ("linear_logprobs", "fwd_bwd"): 8, ("linear_full_kl", "fwd"): 8,
-                ("linear_full_kl", "fwd_bwd"): 16}  # fmt: skip
+USEFUL_MVH = {
+    ("matmul", "fwd"): 2,
+    ("linear_logprobs", "fwd"): 2,
+    ("linear_logprobs", "fwd_entropy"): 2,
+    ("linear_logprobs", "fwd_bwd"): 6,
+    ("linear_full_kl", "fwd"): 4,
+    ("linear_full_kl", "fwd_bwd"): 8,
+}
+EXECUTED_MVH = {
+    **USEFUL_MVH,
+    ("linear_logprobs", "fwd_bwd"): 8,
+    ("linear_full_kl", "fwd"): 8,
+    ("linear_full_kl", "fwd_bwd"): 16,
+}
 # planning estimate of one call, in units of the measured matmul time (CUDA): the kernel at ~50% of the matmul
 # rate, the fp32 twins at ~1/15 of it (no TF32), the eager idiom's elementwise passes over fp32 logits
 EST_MATMULS = {
-    ("fastrlhf", "fwd"): 2.5, ("fastrlhf", "fwd_entropy"): 2.5, ("fastrlhf", "fwd_bwd"): 10.0,
-    ("torch_ref", "fwd"): 16.0, ("torch_ref", "fwd_entropy"): 16.0, ("torch_ref", "fwd_bwd"): 64.0,
-    ("eager", "fwd"): 2.5, ("eager", "fwd_bwd"): 6.0, ("torch", "fwd"): 1.0,
-}  # fmt: skip
+    ("fastrlhf", "fwd"): 2.5,
+    ("fastrlhf", "fwd_entropy"): 2.5,
+    ("fastrlhf", "fwd_bwd"): 10.0,
+    ("torch_ref", "fwd"): 16.0,
+    ("torch_ref", "fwd_entropy"): 16.0,
+    ("torch_ref", "fwd_bwd"): 64.0,
+    ("eager", "fwd"): 2.5,
+    ("eager", "fwd_bwd"): 6.0,
+    ("torch", "fwd"): 1.0,
+}
 KL_FACTOR = 2.0  # linear_full_kl does two heads: twice the estimate
 TARGETS = (  # (name, case, provider, field, comparison, threshold)
-    ("linear_logprobs fwd: % of the measured bf16 matmul rate (2MVH)", ("linear_logprobs", "fwd"), "fastrlhf",
-     "pct_matmul", ">=", 60.0),
-    ("linear_logprobs fwd+bwd: % of the measured bf16 matmul rate (useful 6MVH)", ("linear_logprobs", "fwd_bwd"),
-     "fastrlhf", "pct_matmul", ">=", 50.0),
-    ("linear_logprobs fwd: peak extra memory / bf16 logits (M*V*2)", ("linear_logprobs", "fwd"), "fastrlhf",
-     "peak_vs_logits", "<=", TILE_FRACTION),
-    ("linear_logprobs fwd+bwd: (peak extra - gradient buffers) / bf16 logits", ("linear_logprobs", "fwd_bwd"),
-     "fastrlhf", "peak_vs_logits", "<=", TILE_FRACTION),
-    ("linear_logprobs fwd: speedup vs the chunked-torch twin", ("linear_logprobs", "fwd"), "fastrlhf",
-     "speedup_vs_ref", ">=", 2.0),
-    ("linear_logprobs fwd+bwd: speedup vs the chunked-torch twin", ("linear_logprobs", "fwd_bwd"), "fastrlhf",
-     "speedup_vs_ref", ">=", 2.0),
-)  # fmt: skip
+    (
+        "linear_logprobs fwd: % of the measured bf16 matmul rate (2MVH)",
+        ("linear_logprobs", "fwd"),
+        "fastrlhf",
+        "pct_matmul",
+        ">=",
+        60.0,
+    ),
+    (
+        "linear_logprobs fwd+bwd: % of the measured bf16 matmul rate (useful 6MVH)",
+        ("linear_logprobs", "fwd_bwd"),
+        "fastrlhf",
+        "pct_matmul",
+        ">=",
+        50.0,
+    ),
+    (
+        "linear_logprobs fwd: peak extra memory / bf16 logits (M*V*2)",
+        ("linear_logprobs", "fwd"),
+        "fastrlhf",
+        "peak_vs_logits",
+        "<=",
+        TILE_FRACTION,
+    ),
+    (
+        "linear_logprobs fwd+bwd: (peak extra - gradient buffers) / bf16 logits",
+        ("linear_logprobs", "fwd_bwd"),
+        "fastrlhf",
+        "peak_vs_logits",
+        "<=",
+        TILE_FRACTION,
+    ),
+    (
+        "linear_logprobs fwd: speedup vs the chunked-torch twin",
+        ("linear_logprobs", "fwd"),
+        "fastrlhf",
+        "speedup_vs_ref",
+        ">=",
+        2.0,
+    ),
+    (
+        "linear_logprobs fwd+bwd: speedup vs the chunked-torch twin",
+        ("linear_logprobs", "fwd_bwd"),
+        "fastrlhf",
+        "speedup_vs_ref",
+        ">=",
+        2.0,
+    ),
+)
 
 
 class Interrupted(Exception):
@@ -166,9 +217,12 @@ def make_inputs(
     scale = LOGIT_STD / math.sqrt(H)
     hidden = torch.randn(M, H, device=device, dtype=dtype, generator=g)
     weight = torch.randn(V, H, device=device, dtype=dtype, generator=g).mul_(scale)
-    inp = Inputs(hidden.requires_grad_(), weight.requires_grad_(),
-                 torch.randint(0, V, (M,), device=device, generator=g),
-                 torch.randn(M, device=device, dtype=torch.float32, generator=g))  # fmt: skip
+    inp = Inputs(
+        hidden.requires_grad_(),
+        weight.requires_grad_(),
+        torch.randint(0, V, (M,), device=device, generator=g),
+        torch.randn(M, device=device, dtype=torch.float32, generator=g),
+    )
     if with_ref:  # a nearby reference head, as PPO's frozen reference is near the policy
         with torch.no_grad():
             inp.ref_hidden = hidden + 0.1 * torch.randn(M, H, device=device, dtype=dtype, generator=g)
@@ -189,9 +243,11 @@ def make_call(op: str, mode: str, provider: str, inp: Inputs, temperature: float
     output(s) for fwd modes, (grad_hidden, grad_W) for fwd_bwd."""
     h, w, t = inp.hidden, inp.weight, inp.targets
     if op == "matmul":
+
         def fwd():
             return (h @ w.T,)
     elif op == "linear_logprobs" and provider == "eager":
+
         def fwd():
             return (eager_logprobs(h, w, t, temperature),)
     elif op == "linear_logprobs":
@@ -208,12 +264,15 @@ def make_call(op: str, mode: str, provider: str, inp: Inputs, temperature: float
             return (fn(h, w, inp.ref_hidden, inp.ref_weight, temperature=temperature),)
 
     if mode != "fwd_bwd":
+
         def call():
             with torch.no_grad():
                 return fwd()
     else:
+
         def call():
             return torch.autograd.grad(fwd()[0], (h, w), inp.grad_out)
+
     return call
 
 
@@ -269,10 +328,13 @@ def check(mode: str, outs: tuple, ref: tuple | None) -> dict:
     if ref is None:
         return {"check": "no torch_ref output (skipped or failed)"}
     if mode == "fwd_bwd":
-        return {"check": "vs torch_ref", "max_abs_err_grad_hidden": max_abs_diff(outs[0], ref[0]),
-                "max_abs_err_grad_weight": max_abs_diff(outs[1], ref[1]),
-                "ref_max_abs_grad_hidden": ref[0].float().abs().max().item(),
-                "ref_max_abs_grad_weight": ref[1].float().abs().max().item()}  # fmt: skip
+        return {
+            "check": "vs torch_ref",
+            "max_abs_err_grad_hidden": max_abs_diff(outs[0], ref[0]),
+            "max_abs_err_grad_weight": max_abs_diff(outs[1], ref[1]),
+            "ref_max_abs_grad_hidden": ref[0].float().abs().max().item(),
+            "ref_max_abs_grad_weight": ref[1].float().abs().max().item(),
+        }
     row = {"check": "vs torch_ref", "max_abs_err": max_abs_diff(outs[0], ref[0])}
     if len(outs) > 1:
         row["max_abs_err_entropy"] = max_abs_diff(outs[1], ref[1])
@@ -300,10 +362,26 @@ def _free(device: torch.device) -> None:
 
 
 def base_row(op: str, mode: str, provider: str) -> dict:
-    return {"op": op, "mode": mode, "provider": provider, "status": "pending", "reason": "", "median_ms": None,
-            "timing": None, "first_call_s": None, "flops_useful": None, "tflops": None, "pct_matmul": None,
-            "tflops_executed": None, "peak_extra_mb": None, "grad_buffers_mb": None, "peak_beyond_grads_mb": None,
-            "peak_vs_logits": None, "speedup_vs_ref": None, "speedup_vs_eager": None}  # fmt: skip
+    return {
+        "op": op,
+        "mode": mode,
+        "provider": provider,
+        "status": "pending",
+        "reason": "",
+        "median_ms": None,
+        "timing": None,
+        "first_call_s": None,
+        "flops_useful": None,
+        "tflops": None,
+        "pct_matmul": None,
+        "tflops_executed": None,
+        "peak_extra_mb": None,
+        "grad_buffers_mb": None,
+        "peak_beyond_grads_mb": None,
+        "peak_vs_logits": None,
+        "speedup_vs_ref": None,
+        "speedup_vs_eager": None,
+    }
 
 
 class Runner:
@@ -494,8 +572,11 @@ def kernel_path(device: torch.device) -> str:
 
 # -------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/bench_linear.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="benchmarks/bench_linear.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for " + " and ".join(FILES))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="linear_logprobs only (fwd, fwd_bwd): ~40 s on one H100")
@@ -525,14 +606,26 @@ def main(argv: list[str] | None = None) -> int:
     cases = [(op, mode, provs) for op, mode, provs, grids in CASES if grid in grids]
     meta = measure.environment(device)
     meta.update(
-        command=" ".join(["benchmarks/bench_linear.py", *(sys.argv[1:] if argv is None else argv)]), grid=grid,
-        M=M, H=H, V=V, dtype=dtype_name, temperature=args.temperature, budget_s=budget, headline=headline,
-        kernel_path=kernel_path(device), flop_convention=FLOP_CONVENTION, logits_mb=M * V * 2 / measure.MB,
+        command=" ".join(["benchmarks/bench_linear.py", *(sys.argv[1:] if argv is None else argv)]),
+        grid=grid,
+        M=M,
+        H=H,
+        V=V,
+        dtype=dtype_name,
+        temperature=args.temperature,
+        budget_s=budget,
+        headline=headline,
+        kernel_path=kernel_path(device),
+        flop_convention=FLOP_CONVENTION,
+        logits_mb=M * V * 2 / measure.MB,
         float32_matmul_precision=torch.get_float32_matmul_precision(),
         matmul_bf16_tflops_8192=measure.matmul_tflops(device),
-    )  # fmt: skip
-    print(f"[bench_linear] {meta['gpu_name'] or 'CPU'}: {grid}, M x H x V = {M} x {H} x {V} {dtype_name}, "
-          f"budget {budget:.0f} s; kernel path: {meta['kernel_path']}", flush=True)  # fmt: skip
+    )
+    print(
+        f"[bench_linear] {meta['gpu_name'] or 'CPU'}: {grid}, M x H x V = {M} x {H} x {V} {dtype_name}, "
+        f"budget {budget:.0f} s; kernel path: {meta['kernel_path']}",
+        flush=True,
+    )
     rows = [base_row(op, mode, p) for op, mode, provs in cases for p in provs]
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -544,8 +637,11 @@ def main(argv: list[str] | None = None) -> int:
             case_rows = [r for r in rows if (r["op"], r["mode"]) == (op, mode)]
             runner.run_case(op, mode, case_rows)
             for r in case_rows:
-                print(f"[bench_linear] {op} {mode} {r['provider']}: {r['status']} {_f(r['median_ms'])} ms "
-                      f"{r['timing'] or r['reason']}", flush=True)  # fmt: skip
+                print(
+                    f"[bench_linear] {op} {mode} {r['provider']}: {r['status']} {_f(r['median_ms'])} ms "
+                    f"{r['timing'] or r['reason']}",
+                    flush=True,
+                )
     except Interrupted:
         stop = "interrupted (SIGTERM) before this cell finished"
         print("[bench_linear] SIGTERM: stopping, writing what was measured", flush=True)
@@ -560,8 +656,12 @@ def main(argv: list[str] | None = None) -> int:
             r.update(status="skipped", reason=r["reason"] or stop)
     derive(rows, M, H, V, cuda)
     mm = next((r for r in rows if r["op"] == "matmul"), {})
-    meta["matmul"] = {"what": f"hidden @ W.T, {dtype_name}, torch.matmul", "median_ms": mm.get("median_ms"),
-                      "tflops": mm.get("tflops"), "timing": mm.get("timing")}  # fmt: skip
+    meta["matmul"] = {
+        "what": f"hidden @ W.T, {dtype_name}, torch.matmul",
+        "median_ms": mm.get("median_ms"),
+        "tflops": mm.get("tflops"),
+        "timing": mm.get("timing"),
+    }
     meta["wall_s"] = time.monotonic() - t0
     doc = {"meta": meta, "rows": rows, "targets": evaluate_targets(rows, cuda, headline)}
     args.out.mkdir(parents=True, exist_ok=True)

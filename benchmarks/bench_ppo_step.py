@@ -93,39 +93,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Time PPO steps with the fused kernels and with their eager *_ref twins; compare the curves.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="default",
-                   help='policy (and reference) folder, or "default" for the embedded SmolLM2-135M-Instruct')
-    p.add_argument("--random-init", action="store_true",
-                   help="build a seeded random model from the folder's config.json + tokenizer files (no weights)")
-    p.add_argument("--reward-model", default=None,
-                   help="reward model folder (default: the policy's trunk with a new random head)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help='policy (and reference) folder, or "default" for the embedded SmolLM2-135M-Instruct',
+    )
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="build a seeded random model from the folder's config.json + tokenizer files (no weights)",
+    )
+    p.add_argument(
+        "--reward-model", default=None, help="reward model folder (default: the policy's trunk with a new random head)"
+    )
     p.add_argument("--out", default="out/ppo_step", help="results folder (" + ", ".join(FILES) + ")")
-    p.add_argument("--steps", type=int, default=3,
-                   help="PPO steps per mode; step 1 is left out of the timing summary when steps > 1 (warm-up)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="PPO steps per mode; step 1 is left out of the timing summary when steps > 1 (warm-up)",
+    )
     p.add_argument("--batch-prompts", type=int, default=32, help="prompts per rollout")
     p.add_argument("--minibatch-size", type=int, default=16, help="rows per optimizer step")
     p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
     p.add_argument("--max-new-tokens", type=int, default=24, help="longest reply")
-    p.add_argument("--ref-quant", choices=("none", "int8", "nf4"), default="none",
-                   help='reference precision ("none" needs no bitsandbytes)')
-    p.add_argument("--freeze-layers", type=int, default=-1,
-                   help="frozen bottom layers of policy and critic (-1: all but the top 4; 0: full fine-tune)")
+    p.add_argument(
+        "--ref-quant",
+        choices=("none", "int8", "nf4"),
+        default="none",
+        help='reference precision ("none" needs no bitsandbytes)',
+    )
+    p.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=-1,
+        help="frozen bottom layers of policy and critic (-1: all but the top 4; 0: full fine-tune)",
+    )
     p.add_argument("--critic", choices=("separate", "value-head"), default="separate", help="PPO critic")
-    p.add_argument("--kl-estimator", choices=("k1", "k3", "full"), default="k1",
-                   help='KL in the reward ("full" adds the full-vocabulary KL kernel to every step)')
+    p.add_argument(
+        "--kl-estimator",
+        choices=("k1", "k3", "full"),
+        default="k1",
+        help='KL in the reward ("full" adds the full-vocabulary KL kernel to every step)',
+    )
     p.add_argument("--prompts", default="demo", help='prompt dataset, or "demo"')
     p.add_argument("--device", default="auto", help='"auto" (CUDA if available), "cuda" or "cpu"')
     p.add_argument("--seed", type=int, default=0, help="seed of both runs (and of --random-init and the reward head)")
-    p.add_argument("--check-steps", choices=("auto", "all", "first"), default="auto",
-                   help="steps whose metrics must agree: auto = all on CPU, the first on CUDA")
+    p.add_argument(
+        "--check-steps",
+        choices=("auto", "all", "first"),
+        default="auto",
+        help="steps whose metrics must agree: auto = all on CPU, the first on CUDA",
+    )
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: 1e-3 CPU, 1e-2 CUDA)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: 1e-4 CPU, 1e-3 CUDA)")
-    p.add_argument("--work-dir", default=None,
-                   help="where built models and the two runs go (default: a temporary folder, deleted at the end)")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="where built models and the two runs go (default: a temporary folder, deleted at the end)",
+    )
     p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
-    p.add_argument("--eager-first", action="store_true",
-                   help="run the eager mode first (default: kernels first), to see whether the order biases the times")
-    return p.parse_args(argv)  # fmt: skip
+    p.add_argument(
+        "--eager-first",
+        action="store_true",
+        help="run the eager mode first (default: kernels first), to see whether the order biases the times",
+    )
+    return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -191,8 +224,12 @@ def summarise(records: list[dict], steps: list[int]) -> dict[str, dict]:
             "peak_mem_mb": max(r[f"perf/peak_mem_mb/{ph}"] for r in rows),
         }
     total = sum(out[ph]["s_per_step"] for ph in PHASES)
-    out["total"] = {"s_per_step": total, "tokens_per_step": None, "tokens_per_s": None,
-                    "peak_mem_mb": max(out[ph]["peak_mem_mb"] for ph in PHASES)}  # fmt: skip
+    out["total"] = {
+        "s_per_step": total,
+        "tokens_per_step": None,
+        "tokens_per_s": None,
+        "peak_mem_mb": max(out[ph]["peak_mem_mb"] for ph in PHASES),
+    }
     return out
 
 
@@ -231,8 +268,17 @@ def compare_curves(runs: dict[str, list[dict]], checked_steps: list[int], rtol: 
             ok = _close(a, b, rtol, atol)
             if gated and not ok:
                 failures.append(f"step {s} {name}: kernels {a:.6g} vs eager {b:.6g} (abs {diff:.3g}, rel {rel:.3g})")
-            per_step.append({"step": s, "kernels": a, "eager": b, "abs_diff": diff, "rel_diff": rel,
-                             "within_tol": ok, "checked": gated})  # fmt: skip
+            per_step.append(
+                {
+                    "step": s,
+                    "kernels": a,
+                    "eager": b,
+                    "abs_diff": diff,
+                    "rel_diff": rel,
+                    "within_tol": ok,
+                    "checked": gated,
+                }
+            )
         chk = [p for p in per_step if p["checked"]]
         metrics[name] = {
             "checked": name in CHECKED,
@@ -266,7 +312,7 @@ def compare_curves(runs: dict[str, list[dict]], checked_steps: list[int], rtol: 
 def _f(x: float | None, nd: int = 2) -> str:
     if x is None:
         return "-"
-    if x != 0 and (abs(x) >= 1e5 or abs(x) < 10 ** -nd):
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 10**-nd):
         return f"{x:.{nd}e}"
     return f"{x:.{nd}f}"
 
@@ -295,9 +341,12 @@ def markdown(doc: dict) -> str:
             f"| {ph} | {_f(k['s_per_step'], 3)} | {_f(e['s_per_step'], 3)} | {_f(k['tokens_per_s'], 0)} | "
             f"{_f(e['tokens_per_s'], 0)} | {_f(ratio[ph], 2)}x | {_f(k['peak_mem_mb'], 0)} | {_f(e['peak_mem_mb'], 0)} |"
         )
-    mem_note = ("peak MB = max_memory_allocated per phase" if meta["device"].startswith("cuda") else
-                f"peak MB = process RSS high-water mark (CPU: not per phase; {meta['order'][1]} runs second and "
-                "inherits it)")  # fmt: skip
+    mem_note = (
+        "peak MB = max_memory_allocated per phase"
+        if meta["device"].startswith("cuda")
+        else f"peak MB = process RSS high-water mark (CPU: not per phase; {meta['order'][1]} runs second and "
+        "inherits it)"
+    )
     lines += [
         "",
         f"speed ratio = kernels tok/s / eager tok/s (total: eager s/step / kernels s/step); {mem_note}.",
@@ -374,12 +423,22 @@ def _run(
     else:
         reward = build_reward_model(policy, work / "reward_model", args.seed + 1)
     common = dict(
-        policy=policy, reward_model=reward, prompts=args.prompts, ref_quant=args.ref_quant,
-        critic=args.critic, kl_estimator=args.kl_estimator, freeze_layers=args.freeze_layers,
-        steps=args.steps, batch_prompts=args.batch_prompts, minibatch_size=args.minibatch_size,
-        ppo_epochs=args.ppo_epochs, max_new_tokens=args.max_new_tokens, save_every=args.steps,
-        seed=args.seed, device=str(device),
-    )  # fmt: skip
+        policy=policy,
+        reward_model=reward,
+        prompts=args.prompts,
+        ref_quant=args.ref_quant,
+        critic=args.critic,
+        kl_estimator=args.kl_estimator,
+        freeze_layers=args.freeze_layers,
+        steps=args.steps,
+        batch_prompts=args.batch_prompts,
+        minibatch_size=args.minibatch_size,
+        ppo_epochs=args.ppo_epochs,
+        max_new_tokens=args.max_new_tokens,
+        save_every=args.steps,
+        seed=args.seed,
+        device=str(device),
+    )
     order = MODES[::-1] if args.eager_first else MODES
     runs = {mode: run_mode(mode, common, work) for mode in order}
     steps = timed_steps(args.steps)
@@ -409,12 +468,20 @@ def _run(
     if device.type == "cuda":
         meta["gpu_memory_total_mb"] = torch.cuda.get_device_properties(device).total_memory / 2**20
     per_step = {
-        mode: [{k: v for k, v in r.items() if k == "step" or (k.startswith("perf/") and k != "perf/elapsed_s")}
-               for r in runs[mode]]
+        mode: [
+            {k: v for k, v in r.items() if k == "step" or (k.startswith("perf/") and k != "perf/elapsed_s")}
+            for r in runs[mode]
+        ]
         for mode in MODES
-    }  # fmt: skip
-    doc = {"meta": meta, "args": vars(args), "phases": summary, "speed_ratio": speed_ratios(summary),
-           "curves": curves, "per_step": per_step}  # fmt: skip
+    }
+    doc = {
+        "meta": meta,
+        "args": vars(args),
+        "phases": summary,
+        "speed_ratio": speed_ratios(summary),
+        "curves": curves,
+        "per_step": per_step,
+    }
     (out / "ppo_step.json").write_text(json.dumps(measure.json_safe(doc), indent=2, default=str, allow_nan=False))
     for mode in MODES:
         shutil.copy2(work / f"run_{mode}" / "metrics.jsonl", out / f"metrics_{mode}.jsonl")

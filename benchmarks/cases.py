@@ -197,8 +197,12 @@ def _make_inputs(case: Case, device: torch.device, seed: int) -> Inputs:
         targets = torch.randint(0, V, (B, T), generator=g, device=device)  # (B, T) int64
         if case.op == "ppo_head":  # the rollout's per-token constants, fp32 as the trainer keeps them
             with torch.no_grad():  # the policy's own log-probs, one batch row at a time: (B, T)
-                logp = torch.stack([torch.log_softmax(row.float() / case.temperature, -1).gather(-1, t[:, None])[:, 0]
-                                    for row, t in zip(logits, targets)])  # fmt: skip
+                logp = torch.stack(
+                    [
+                        torch.log_softmax(row.float() / case.temperature, -1).gather(-1, t[:, None])[:, 0]
+                        for row, t in zip(logits, targets)
+                    ]
+                )
 
             def noise(scale: float) -> torch.Tensor:  # (B, T) fp32
                 return torch.randn((B, T), generator=g, device=device).mul_(scale)
@@ -260,8 +264,14 @@ def eager_full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: f
     return ((lp.exp() * (lp - lq)).sum(-1),)
 
 
-def eager_ppo_head(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                   ref_logprobs: torch.Tensor, temperature: float) -> Outputs:  # fmt: skip
+def eager_ppo_head(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    temperature: float,
+) -> Outputs:
     """The unfused PPO head: the log-softmax idiom (input dtype), then the clipped surrogate and k3 KL in
     fp32 (the expressions of `trainer.rl.policy_loss`). -> log-prob, entropy, ratio, surrogate, k3 KL."""
     logp_all = torch.log_softmax(logits / temperature, dim=-1)  # (B, T, V) input dtype

@@ -43,10 +43,28 @@ import measure  # noqa: E402
 from cases import Case  # noqa: E402
 
 COLUMNS = (
-    "op", "mode", "provider", "dtype", "rows", "vocab", "seq", "shape", "median_ms", "gb_s", "pct_copy_bw",
-    "min_bytes", "peak_mb", "peak_ratio", "speedup_vs_eager", "max_abs_err", "first_call_s", "input_sets",
-    "timing", "status", "reason",
-)  # fmt: skip
+    "op",
+    "mode",
+    "provider",
+    "dtype",
+    "rows",
+    "vocab",
+    "seq",
+    "shape",
+    "median_ms",
+    "gb_s",
+    "pct_copy_bw",
+    "min_bytes",
+    "peak_mb",
+    "peak_ratio",
+    "speedup_vs_eager",
+    "max_abs_err",
+    "first_call_s",
+    "input_sets",
+    "timing",
+    "status",
+    "reason",
+)
 FILES = ("sweep.csv", "sweep.json", "summary.md", "bandwidth_vs_vocab.png", "peak_memory_vs_rows.png")
 
 # --------------------------------------------------------------------------------------------- grids
@@ -73,12 +91,20 @@ def _logits_cases(op: str, dtype: str, shapes: Iterable[tuple[int, int]], seq: i
 # torch.compile costs ~10-20 s per (op, mode, dtype) and again per new shape: it runs only at these
 # cells (the headline shape, and each small op's first shape), after every other cell of the grid.
 COMPILE_AT = {
-    "full": {("token_logprobs", "fwd"), ("token_logprobs", "fwd_bwd"), ("token_logprobs_entropy", "fwd_bwd"),
-             ("full_kl", "fwd"), ("full_kl", "fwd_bwd"), ("kl_estimate", "fwd_bwd"), ("pairwise_loss", "fwd_bwd"),
-             ("reward_head", "fwd_bwd"), ("ppo_head", "fwd_bwd")},
+    "full": {
+        ("token_logprobs", "fwd"),
+        ("token_logprobs", "fwd_bwd"),
+        ("token_logprobs_entropy", "fwd_bwd"),
+        ("full_kl", "fwd"),
+        ("full_kl", "fwd_bwd"),
+        ("kl_estimate", "fwd_bwd"),
+        ("pairwise_loss", "fwd_bwd"),
+        ("reward_head", "fwd_bwd"),
+        ("ppo_head", "fwd_bwd"),
+    },
     "quick": {("token_logprobs", "fwd"), ("token_logprobs", "fwd_bwd"), ("full_kl", "fwd_bwd")},
     "smoke": {(op, mode) for op in cases.OPS for mode in cases.MODES},  # (CUDA only; skipped on CPU)
-}  # fmt: skip
+}
 QUICK_SLOW_WHY = "quick grid: slow baselines run at the headline shape only"
 
 
@@ -116,9 +142,14 @@ def _grid_cases(name: str, T: float) -> list[tuple[Case, int]]:
             out += [(c, 3) for c in _logits_cases(op, "bf16", rows_sweep, SEQ, T)]
             if op != "token_logprobs_entropy":  # entropy: bf16 only
                 out += [(c, 4) for c in _logits_cases(op, "fp32", fp32_shapes, SEQ, T)]
-        small = [("kl_estimate", "fp32", 1 << 18, 0, 0), ("kl_estimate", "fp32", 1 << 22, 0, 0),
-                 ("pairwise_loss", "fp32", 4096, 0, 0), ("pairwise_loss", "fp32", 64, 0, 0),
-                 ("reward_head", "bf16", 16, 2048, 1024), ("reward_head", "bf16", 64, 4096, 2048)]  # fmt: skip
+        small = [
+            ("kl_estimate", "fp32", 1 << 18, 0, 0),
+            ("kl_estimate", "fp32", 1 << 22, 0, 0),
+            ("pairwise_loss", "fp32", 4096, 0, 0),
+            ("pairwise_loss", "fp32", 64, 0, 0),
+            ("reward_head", "bf16", 16, 2048, 1024),
+            ("reward_head", "bf16", 64, 4096, 2048),
+        ]
     out += [(Case(op, mode, dt, rows, vocab, seq, T), 1) for op, dt, rows, vocab, seq in small for mode in cases.MODES]
     return out
 
@@ -134,8 +165,10 @@ def build_grid(name: str, temperature: float) -> list[Cell]:
             why = None
             if p == "compile":
                 at = (case.op, case.mode) in COMPILE_AT[name]
-                at = at and (priority == 0 or (case.op in cases.SMALL_OPS + cases.HEAD_OPS
-                                               and case.shape == first_shape[case.op]))  # fmt: skip
+                at = at and (
+                    priority == 0
+                    or (case.op in cases.SMALL_OPS + cases.HEAD_OPS and case.shape == first_shape[case.op])
+                )
                 why = (
                     None
                     if at
@@ -170,9 +203,16 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 def base_row(case: Case, provider: str) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(
-        op=case.op, mode=case.mode, provider=provider, dtype=case.dtype, rows=case.rows, vocab=case.vocab,
-        seq=case.seq, shape=case.shape, min_bytes=cases.min_bytes(case),
-    )  # fmt: skip
+        op=case.op,
+        mode=case.mode,
+        provider=provider,
+        dtype=case.dtype,
+        rows=case.rows,
+        vocab=case.vocab,
+        seq=case.seq,
+        shape=case.shape,
+        min_bytes=cases.min_bytes(case),
+    )
     return row
 
 
@@ -294,12 +334,19 @@ def _progress(n: int, total: int, r: dict) -> str:
 TARGETS = (
     # (what, op, mode, column, comparison, threshold): measured on fastrlhf at the headline shape
     ("token_logprobs fwd (no grad): % of copy bandwidth", "token_logprobs", "fwd", "pct_copy_bw", ">=", 90.0),
-    ("token_logprobs fwd (no grad): speedup vs the eager idiom", "token_logprobs", "fwd", "speedup_vs_eager", ">=", 12.0),
+    (
+        "token_logprobs fwd (no grad): speedup vs the eager idiom",
+        "token_logprobs",
+        "fwd",
+        "speedup_vs_eager",
+        ">=",
+        12.0,
+    ),
     ("token_logprobs fwd+bwd: % of copy bandwidth", "token_logprobs", "fwd_bwd", "pct_copy_bw", ">=", 85.0),
     ("full_kl fwd+bwd: % of copy bandwidth", "full_kl", "fwd_bwd", "pct_copy_bw", ">=", 85.0),
     ("token_logprobs fwd+bwd: peak memory / (logits + gradient)", "token_logprobs", "fwd_bwd", "peak_ratio", "<=", 1.1),
     ("full_kl fwd+bwd: peak memory / (both logits + gradient)", "full_kl", "fwd_bwd", "peak_ratio", "<=", 1.1),
-)  # fmt: skip
+)
 
 
 def evaluate_targets(rows: list[dict], head: dict, on_gpu: bool) -> list[dict]:
@@ -376,9 +423,18 @@ def markdown(rows: list[dict], meta: dict, targets: list[dict], head: dict, full
                 "performance); GB/s, % of copy bandwidth, peak memory and speedups are not applicable."
             ),
         ]
-    cols = [("op", "op", 0), ("mode", "mode", 0), ("provider", "provider", 0), ("ms", "median_ms", -2),
-            ("GB/s", "gb_s", 0), ("% copy", "pct_copy_bw", 1), ("peak/ess.", "peak_ratio", 2),
-            ("x eager", "speedup_vs_eager", 1), ("max err", "max_abs_err", -1), ("status", "status", 0)]  # fmt: skip
+    cols = [
+        ("op", "op", 0),
+        ("mode", "mode", 0),
+        ("provider", "provider", 0),
+        ("ms", "median_ms", -2),
+        ("GB/s", "gb_s", 0),
+        ("% copy", "pct_copy_bw", 1),
+        ("peak/ess.", "peak_ratio", 2),
+        ("x eager", "speedup_vs_eager", 1),
+        ("max err", "max_abs_err", -1),
+        ("status", "status", 0),
+    ]
     shape = f"{head['rows'] // head['seq']}x{head['seq']}x{head['vocab']}"
     hrows = [r for r in rows if r["shape"] == shape and r["dtype"] == head["dtype"] and _shown(r)]
     m += ["", f"### Headline: {head['dtype']}, {head['rows']} rows x vocab {head['vocab']} (B x T x V = {shape})", ""]
@@ -429,8 +485,11 @@ def plot(rows: list[dict], out: Path, head: dict, on_gpu: bool) -> None:
         return fig, axes
 
     # 1) GB/s vs vocab
-    fig, axes = figure(f"achieved GB/s vs vocabulary ({head['dtype']}, {head['rows']} rows)" if on_gpu
-                       else "CPU smoke: wall-clock ms of the interpreter (not performance)")  # fmt: skip
+    fig, axes = figure(
+        f"achieved GB/s vs vocabulary ({head['dtype']}, {head['rows']} rows)"
+        if on_gpu
+        else "CPU smoke: wall-clock ms of the interpreter (not performance)"
+    )
     for ax, (op, mode) in zip(axes.flat, panels):
         sel = [
             r
@@ -530,8 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["benchmarks/sweep.py", *(sys.argv[1:] if argv is None else argv)])
     meta.update(grid=grid, temperature=args.temperature, headline=head, command=command)
     meta.update(measure.ceilings(device))
-    print(f"[sweep] {meta['gpu_name'] or 'CPU'}: copy {_fmt(meta['copy_bw_gbs'], 0)} GB/s, bf16 matmul "
-          f"{_fmt(meta['matmul_bf16_tflops'], 0)} TFLOP/s", flush=True)  # fmt: skip
+    print(
+        f"[sweep] {meta['gpu_name'] or 'CPU'}: copy {_fmt(meta['copy_bw_gbs'], 0)} GB/s, bf16 matmul "
+        f"{_fmt(meta['matmul_bf16_tflops'], 0)} TFLOP/s",
+        flush=True,
+    )
     cells = build_grid(grid, args.temperature)
     if args.ops:
         cells = [c for c in cells if c.case.op in args.ops]

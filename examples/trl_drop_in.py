@@ -60,9 +60,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(tokenizer) -> LlamaForCausalLM:
     """A random 2-layer Llama; the same weights every call."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return LlamaForCausalLM(config)
@@ -94,14 +102,31 @@ def train(model_dir: str, output_dir: str) -> tuple[list[dict], collections.Coun
     """STEPS GRPO steps (beta > 0: a reference model too, so the loss holds a KL term computed from both models'
     log-probs); -> TRL's per-step logs and the fastrlhf kernel launches during the run, by kernel."""
     args = GRPOConfig(
-        output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, temperature=0.7, beta=0.1, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
-        bf16=False, use_cpu=True, seed=0, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=output_dir,
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        temperature=0.7,
+        beta=0.1,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = GRPOTrainer(
-        model=model_dir, reward_funcs=reward_even_words, args=args, train_dataset=dataset(),
+        model=model_dir,
+        reward_funcs=reward_even_words,
+        args=args,
+        train_dataset=dataset(),
         processing_class=PreTrainedTokenizerFast.from_pretrained(model_dir),
-    )  # fmt: skip
+    )
     before = collections.Counter(_common.LAUNCHES)
     trainer.train()
     return [log for log in trainer.state.log_history if "loss" in log], _common.LAUNCHES - before
@@ -143,8 +168,10 @@ def main() -> int:
     print(f"fastrlhf kernel launches: {sum(trl_launches.values())} without the switch, {dict(fast_launches)} with it")
     ok = all(agree([x[c] for x in trl_logs], [x[c] for x in fast_logs]) for c in COLUMNS)
     ran = not trl_launches and fast_launches["fastrlhf.linear_logprobs.fwd"] > 0
-    print(f"the {', '.join(COLUMNS)} curves {'agree' if ok else 'DISAGREE'} (rtol {RTOL:.0e}); fastrlhf "
-          f"{'ran only with the switch' if ran else 'DID NOT run only with the switch'}; {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    print(
+        f"the {', '.join(COLUMNS)} curves {'agree' if ok else 'DISAGREE'} (rtol {RTOL:.0e}); fastrlhf "
+        f"{'ran only with the switch' if ran else 'DID NOT run only with the switch'}; {time.perf_counter() - t0:.1f} s"
+    )
     return 0 if ok and ran else 1
 
 

@@ -190,8 +190,12 @@ def row_layout(block_r: int, block_v: int, *rows: torch.Tensor) -> dict:
     the vocabulary. Otherwise ALIGN = 0, blocks from column 0, G from `load_group`."""
     vec = 16 // max(t.element_size() for t in rows)
     x = rows[0]
-    same_lead = all(t.element_size() == x.element_size() and (t.stride(0) - x.stride(0)) % vec == 0
-                    and (t.stride(1) - x.stride(1)) % vec == 0 for t in rows)  # fmt: skip
+    same_lead = all(
+        t.element_size() == x.element_size()
+        and (t.stride(0) - x.stride(0)) % vec == 0
+        and (t.stride(1) - x.stride(1)) % vec == 0
+        for t in rows
+    )
     if block_r == 1 and block_v >= vec and same_lead and all(t.data_ptr() % 16 == 0 for t in rows):
         return {"G": vec, "ALIGN": vec}
     return {"G": load_group(block_v, *rows), "ALIGN": 0}
@@ -290,7 +294,11 @@ def vocab_splits(n_row_programs: int, n_col_blocks: int, device: torch.device) -
 def acc_dtype(*tensors) -> torch.dtype:
     """fp32, the accumulation and output dtype for fp16/bf16/fp32 inputs; fp64 if any input is fp64
     (so gradcheck and fp64 oracles can run the same kernels)."""
-    return torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return (
+        torch.float64
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors)
+        else torch.float32
+    )
 
 
 def tl_dtype(dtype: torch.dtype):

@@ -72,9 +72,21 @@ def logits_tile(
     h_ptr,  # (A, B, H) hidden, any float; row offsets row_off, feature stride s_hh
     w_ptr,  # (V, H) head weight, hidden's dtype; strides s_wv, s_wh
     b_ptr,  # (V,) bias, any float, read when HAS_BIAS
-    row_off, rows_on, cols, col_end, H, s_hh, s_wv, s_wh, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
+    row_off,
+    rows_on,
+    cols,
+    col_end,
+    H,
+    s_hh,
+    s_wv,
+    s_wh,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_V) logits hidden[rows] @ W[cols]^T + b[cols] in ACC, -inf where cols >= col_end.
     Rows not in rows_on read no hidden state; H = 0 skips the matmul.
     fp32 inputs: each BLOCK_H slice's products go into a fresh accumulator (an FMA chain of BLOCK_H), which
@@ -112,8 +124,14 @@ def store_grad_z(
     g,  # (BLOCK_M, BLOCK_V) grad_z in ACC, 0 outside active rows and valid columns
     gz_ptr,  # (N, chunk) out, hidden's dtype; row stride s_gz; column c holds vocabulary column col0 + c
     gb_ptr,  # (row blocks, chunk) ACC out: grad_z summed over this program's rows (NEED_DB)
-    rows, row_in, cols, col0, col_end, s_gz, NEED_DB: tl.constexpr,
-):  # fmt: skip
+    rows,
+    row_in,
+    cols,
+    col0,
+    col_end,
+    s_gz,
+    NEED_DB: tl.constexpr,
+):
     """Store a grad_z tile for the chunk's cuBLAS products (grad_hidden += gz @ W[chunk], grad_W[chunk] =
     gz^T @ hidden), rounded to the input dtype (the documented rounding: tensor cores; a no-op for fp32),
     and, for grad_b, its unrounded column sums."""
@@ -133,10 +151,26 @@ def _linear_lse_fwd(
     active_ptr,  # (N,) bool: rows to compute
     tgt_ptr,  # (N,) int target ids, read when HAS_TARGETS
     part_ptr,  # (4, S, N) ACC out per vocab range: [max z, sum 2^y, target z or 0, sum 2^y y]; y = (z-max) log2(e)/T
-    N, V, B, H, s_ha, s_hb, s_hh, s_wv, s_wh, temperature, cols_per_split,
-    HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, ACC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
+    N,
+    V,
+    B,
+    H,
+    s_ha,
+    s_hb,
+    s_hh,
+    s_wv,
+    s_wh,
+    temperature,
+    cols_per_split,
+    HAS_BIAS: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows, row_in, active, row_off = row_block(active_ptr, N, B, s_ha, s_hb, BLOCK_M)
     _, scale = temperature_scale(temperature, ACC)
     split = tl.program_id(1).to(tl.int64)
@@ -153,8 +187,25 @@ def _linear_lse_fwd(
     z_t = tl.zeros([BLOCK_M], ACC)  # the target's logit, if it falls in this range
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = logits_tile(h_ptr, w_ptr, b_ptr, row_off, active, cols, col_end, H, s_hh, s_wv, s_wh,
-                         HAS_BIAS, ACC, DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
+        z = logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            row_off,
+            active,
+            cols,
+            col_end,
+            H,
+            s_hh,
+            s_wv,
+            s_wh,
+            HAS_BIAS,
+            ACC,
+            DOT_DTYPE,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_H,
+        )
         m_new = tl.maximum(m, tl.max(z, 1))
         m_new = tl.where(m_new == -float("inf"), 0.0, m_new)  # nothing finite yet: keep inf - inf away
         shift = (tl.where(m == -float("inf"), m_new, m) - m_new) * scale  # <= 0
@@ -237,11 +288,22 @@ def row_stats(hidden, weight, bias, active, targets, temperature, entropy, acc):
     ptrs, head = head_args(hidden, weight, bias)
     part = torch.empty((4, grid[1], sizes[0]), dtype=acc, device=hidden.device)
     _linear_lse_fwd[grid](
-        *ptrs, active, targets if targets is not None else active, part, *sizes, *head, temperature, cols_per_split,
-        HAS_BIAS=bias is not None, HAS_TARGETS=targets is not None, COMPUTE_ENTROPY=entropy, ACC=tl_dtype(acc),
-        DOT_DTYPE=dot_dtype(hidden), **cfg,
+        *ptrs,
+        active,
+        targets if targets is not None else active,
+        part,
+        *sizes,
+        *head,
+        temperature,
+        cols_per_split,
+        HAS_BIAS=bias is not None,
+        HAS_TARGETS=targets is not None,
+        COMPUTE_ENTROPY=entropy,
+        ACC=tl_dtype(acc),
+        DOT_DTYPE=dot_dtype(hidden),
+        **cfg,
         enable_fp_fusion=True,
-    )  # fmt: skip
+    )
     m_k, s_k, z_k, w_k = part.unbind(0)  # merge the ranges: the online update's rescaling, once
     m = torch.where(s_k > 0, m_k, -float("inf")).amax(0)
     shift = (m_k - m) * exp2_scale(temperature, acc)  # <= 0

@@ -24,8 +24,14 @@ C2, C3, C4, C5, C6, C7, C8, C9, C10, C11 = (tl.constexpr(c) for c in _C[2:])
 # (6e-8). Evaluated in fp32 (Horner without FMA, 400,001 points) k3's relative error is at most 2.0e-7,
 # mean 4.3e-8; degree 6 (6.7e-10) gives 1.7e-7 and 3.6e-8 for one more FMA per element in full_kl's
 # issue-bound forward. Taylor would need degree 8 for 4.8e-8.
-_P = [0.5000000120139756, -0.1666666545583808, 0.04166579594169331, -0.00833345217228753, 0.001398199736512758,
-      -0.00019875629296399496]  # fmt: skip
+_P = [
+    0.5000000120139756,
+    -0.1666666545583808,
+    0.04166579594169331,
+    -0.00833345217228753,
+    0.001398199736512758,
+    -0.00019875629296399496,
+]
 P0, P1, P2, P3, P4, P5 = (tl.constexpr(c) for c in _P)
 # The same two polynomials in t = d / ln 2 (base-2 units: full_kl's log-ratios are exp2 arguments), divided by
 # t: k3(t ln 2) / t = t ln2^2 f(t ln 2), coefficients P_k ln2^(k+2) and c_n ln2^n (the same approximation, its

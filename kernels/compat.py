@@ -242,17 +242,34 @@ class ChunkedLogProb:
     def __init__(self, original):
         self.original = original  # TRL's autograd Function
 
-    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=("log_probs",)):  # fmt: skip
+    def apply(
+        self,
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping=None,
+        logit_scale=1.0,
+        outputs=("log_probs",),
+    ):
         if final_logit_softcapping is not None or set(outputs) - set(self.OURS) or not logit_scale > 0:
-            return self.original.apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                       final_logit_softcapping, logit_scale, outputs)  # fmt: skip
+            return self.original.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+            )
         kind = hidden.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
         with_entropy = "entropy" in outputs
         with torch.autocast(kind, enabled=False):
-            out = linear_logprobs(hidden.to(dtype), weight.to(dtype), targets, bias=bias,
-                                  temperature=temperature / logit_scale, return_entropy=with_entropy)  # fmt: skip
+            out = linear_logprobs(
+                hidden.to(dtype),
+                weight.to(dtype),
+                targets,
+                bias=bias,
+                temperature=temperature / logit_scale,
+                return_entropy=with_entropy,
+            )
         logp, ent = out if with_entropy else (out, None)
         return logp, ent, None, None, None
 
@@ -305,9 +322,19 @@ _TRL_LAYOUT = {
     "selective_log_softmax": ("logits", "index", "temperature", "row_mask"),
     "entropy_from_logits": ("logits", "chunk_size"),
     "selective_log_softmax_and_entropy": ("logits", "index", "entropy_requires_grad", "temperature", "row_mask"),
-    "_ChunkedLogProbFunction": ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size",
-                                "final_logit_softcapping", "logit_scale", "outputs"),
-}  # fmt: skip
+    "_ChunkedLogProbFunction": (
+        "ctx",
+        "hidden",
+        "weight",
+        "bias",
+        "targets",
+        "temperature",
+        "chunk_size",
+        "final_logit_softcapping",
+        "logit_scale",
+        "outputs",
+    ),
+}
 
 
 def _params(obj) -> tuple[str, ...]:

@@ -88,8 +88,22 @@ def _log_ratio(x, y, scale, E):
 
 
 @triton.jit
-def _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, FIRST: tl.constexpr, BLOCK_R: tl.constexpr,
-             BLOCK_V: tl.constexpr, G: tl.constexpr):  # fmt: skip
+def _kl_step(
+    x,
+    y,
+    mp,
+    mq,
+    E,
+    s,
+    K,
+    M,
+    Q,
+    scale,
+    FIRST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    G: tl.constexpr,
+):
     """One (BLOCK_R, BLOCK_V) block of policy and reference logits (ACC, -inf where masked) into the running
     maxima (mp, mq), the centre E ((BLOCK_R,) each) and the partial sums (s, K, M, Q: (BLOCK_R, BLOCK_V // G));
     FIRST: the row's first block, which sets the centre (peeled off the loops, whose code stays without that
@@ -207,22 +221,16 @@ def _full_kl_fwd(
             ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < end[:, None])
             x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
             y = tl.load(yp[:, None] + cols[None, :], mask=ok, other=-float("inf")).to(ACC)
-            mp, mq, E, s, K, M, Q = _kl_step(
-                x, y, mp, mq, E, s, K, M, Q, scale, True, BLOCK_R, BLOCK_V, G
-            )
+            mp, mq, E, s, K, M, Q = _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, True, BLOCK_R, BLOCK_V, G)
         for start in tl.range(BLOCK_V, n_whole * BLOCK_V, BLOCK_V, num_stages=STAGES):  # whole: no mask
             x = load_whole(xp + start, BLOCK_R, BLOCK_V, ACC)
             y = load_whole(yp + start, BLOCK_R, BLOCK_V, ACC)
-            mp, mq, E, s, K, M, Q = _kl_step(
-                x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G
-            )
+            mp, mq, E, s, K, M, Q = _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G)
         for start in range(tl.maximum(n_whole, 1) * BLOCK_V, n_blocks * BLOCK_V, BLOCK_V):  # the last, partial
             ok = (start + cols)[None, :] < end[:, None]
             x = tl.load(xp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
             y = tl.load(yp[:, None] + (start + cols)[None, :], mask=ok, other=-float("inf")).to(ACC)
-            mp, mq, E, s, K, M, Q = _kl_step(
-                x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G
-            )
+            mp, mq, E, s, K, M, Q = _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G)
     else:  # every block from column 0 under a mask; the first (FIRST) peeled off the loop
         mask = active[:, None] & (cols[None, :] < V)
         x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=-float("inf")).to(ACC)
@@ -232,9 +240,7 @@ def _full_kl_fwd(
             mask = active[:, None] & ((start + cols)[None, :] < V)
             x = tl.load(x_ptr + x_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
             y = tl.load(y_ptr + y_off[:, None] + (start + cols)[None, :], mask=mask, other=-float("inf")).to(ACC)
-            mp, mq, E, s, K, M, Q = _kl_step(
-                x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G
-            )
+            mp, mq, E, s, K, M, Q = _kl_step(x, y, mp, mq, E, s, K, M, Q, scale, False, BLOCK_R, BLOCK_V, G)
     s = tl.sum(s, 1)
     K = tl.sum(K, 1)
     M = tl.sum(M, 1)  # sum p~ t
@@ -369,10 +375,24 @@ def _forward(logits, ref_logits, mask, temperature):
         stats = torch.empty((4, N), dtype=acc, device=logits.device)
         tiles = fwd_tiles(x, y)
         _full_kl_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
-            x, y, mask if mask is not None else kl, kl, stats,
-            N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), temperature,
-            HAS_MASK=mask is not None, ACC=tl_dtype(acc), **tiles, enable_fp_fusion=True,
-        )  # fmt: skip
+            x,
+            y,
+            mask if mask is not None else kl,
+            kl,
+            stats,
+            N,
+            V,
+            B,
+            x.stride(0),
+            x.stride(1),
+            y.stride(0),
+            y.stride(1),
+            temperature,
+            HAS_MASK=mask is not None,
+            ACC=tl_dtype(acc),
+            **tiles,
+            enable_fp_fusion=True,
+        )
         return kl, stats
 
 
@@ -395,8 +415,14 @@ def fwd_tiles(x: torch.Tensor, y: torch.Tensor) -> dict:
     layout = row_layout(block_r, block_v, x, y)
     size = max(x.element_size(), y.element_size())
     capped = layout["ALIGN"] and size <= 4 and torch.version.hip is None
-    return {"BLOCK_R": block_r, "BLOCK_V": block_v, **layout, "num_warps": num_warps_for(block_r * block_v),
-            "STAGES": 1, **({"maxnreg": 80 if size == 2 else 96} if capped else {})}  # fmt: skip
+    return {
+        "BLOCK_R": block_r,
+        "BLOCK_V": block_v,
+        **layout,
+        "num_warps": num_warps_for(block_r * block_v),
+        "STAGES": 1,
+        **({"maxnreg": 80 if size == 2 else 96} if capped else {}),
+    }
 
 
 def _backward(logits, ref_logits, mask, stats, grad_kl, temperature, like_logits=True):
@@ -415,13 +441,31 @@ def _backward(logits, ref_logits, mask, stats, grad_kl, temperature, like_logits
         splits = vocab_splits(n_row_programs, triton.cdiv(cols, block_v), logits.device)
         cols_per_split = triton.cdiv(triton.cdiv(cols, splits), block_v) * block_v
         _full_kl_bwd[(n_row_programs, triton.cdiv(cols, cols_per_split))](
-            x, y, mask if mask is not None else stats, stats, grad_kl.reshape(N).contiguous(), grad,
-            N, V, B, x.stride(0), x.stride(1), y.stride(0), y.stride(1), grad.stride(0), grad.stride(1),
-            temperature, cols_per_split,
-            HAS_MASK=mask is not None, ACC=tl_dtype(stats.dtype),
-            BLOCK_R=block_r, BLOCK_V=block_v, **layout, num_warps=num_warps_for(block_r * block_v),
+            x,
+            y,
+            mask if mask is not None else stats,
+            stats,
+            grad_kl.reshape(N).contiguous(),
+            grad,
+            N,
+            V,
+            B,
+            x.stride(0),
+            x.stride(1),
+            y.stride(0),
+            y.stride(1),
+            grad.stride(0),
+            grad.stride(1),
+            temperature,
+            cols_per_split,
+            HAS_MASK=mask is not None,
+            ACC=tl_dtype(stats.dtype),
+            BLOCK_R=block_r,
+            BLOCK_V=block_v,
+            **layout,
+            num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
-        )  # fmt: skip
+        )
         return grad.view(logits.shape)
 
 
@@ -453,11 +497,7 @@ def _check_inputs(logits, ref_logits, temperature, mask):
 
 
 def full_kl(
-    logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
+    logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Exact per-token KL(pi || pi_ref) = sum_v p_v log(p_v / q_v) with p = softmax(logits / T),
     q = softmax(ref_logits / T), in one streaming pass and without materialising either log-softmax.
@@ -486,11 +526,7 @@ def full_kl(
 
 
 def full_kl_ref(
-    logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
+    logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Pure-PyTorch twin of `full_kl` (fp32 internally, fp64 for fp64 inputs; the reference is
     detached). The textbook formula: materialises both (..., V) log-softmaxes."""

@@ -28,7 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_float, check_same_device, check_shape, kernel_range, sm_count, use_triton
+from ._common import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    check_float,
+    check_same_device,
+    check_shape,
+    kernel_range,
+    sm_count,
+    use_triton,
+)
 
 MAX_BLOCK_T = 2048  # compiled: positions per chunk
 INTERPRET_BLOCK_T = 64  # the interpreter scans element by element in Python: short chunks waste less padding
@@ -48,12 +57,19 @@ def _gae_fwd(
     mask_ptr,  # (B, T) bool (as uint8) / int / float, strides (smb, smt); nonzero = real token
     adv_ptr,  # (B, T) fp32 out, contiguous
     ret_ptr,  # (B, T) fp32 out, contiguous
-    B, T, srb, srt, svb, svt, smb, smt,
+    B,
+    T,
+    srb,
+    srt,
+    svb,
+    svt,
+    smb,
+    smt,
     gamma,  # fp32
     gamma_lam,  # fp32, gamma * lam rounded once (as the loop's Python product is)
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
-):  # fmt: skip
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
     row_ok = (rows < B)[:, None]
     r_row, v_row, m_row = (rows * srb)[:, None], (rows * svb)[:, None], (rows * smb)[:, None]
@@ -115,8 +131,9 @@ def _check_inputs(rewards, values, mask, gamma, lam) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE advantages and value targets, as `fastrlhf.trainer.rl.gae` computes them, in one scan.
 
     Args:
@@ -143,15 +160,29 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     with kernel_range("fastrlhf.gae.fwd"):
         r, v = rewards.detach(), values.detach()
         _gae_fwd[(triton.cdiv(B, block_b),)](
-            r, v, mask, adv, ret, B, T, *r.stride(), *v.stride(), *mask.stride(), gamma, gamma * lam,
-            BLOCK_B=block_b, BLOCK_T=block_t, num_warps=4 if block_b * block_t <= 1024 else 8,
+            r,
+            v,
+            mask,
+            adv,
+            ret,
+            B,
+            T,
+            *r.stride(),
+            *v.stride(),
+            *mask.stride(),
+            gamma,
+            gamma * lam,
+            BLOCK_B=block_b,
+            BLOCK_T=block_t,
+            num_warps=4 if block_b * block_t <= 1024 else 8,
             enable_fp_fusion=True,
-        )  # fmt: skip
+        )
     return adv, ret
 
 
-def gae_ref(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
-            lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def gae_ref(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch twin of `gae`: the reverse loop over T of `trainer.rl.gae`, in fp32 (fp64 for fp64
     inputs)."""
     gamma, lam = _check_inputs(rewards, values, mask, gamma, lam)

@@ -80,8 +80,7 @@ class _KLEstimate(torch.autograd.Function):
             a, b = logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous()
             out = torch.empty(logp.shape, dtype=acc_dtype(a, b), device=a.device)  # not a view: see the docstring
             _kl_estimate_fwd[(triton.cdiv(a.numel(), BLOCK),)](
-                a, b, out, a.numel(), ESTIMATOR=estimator, ACC=tl_dtype(out.dtype), BLOCK=BLOCK,
-                enable_fp_fusion=True,
+                a, b, out, a.numel(), ESTIMATOR=estimator, ACC=tl_dtype(out.dtype), BLOCK=BLOCK, enable_fp_fusion=True
             )
         ctx.save_for_backward(a, b)
         ctx.estimator, ctx.shape = estimator, logp.shape
@@ -93,10 +92,17 @@ class _KLEstimate(torch.autograd.Function):
         with kernel_range("fastrlhf.kl_estimate.bwd"):
             ga, gb = torch.empty_like(a), torch.empty_like(b)
             _kl_estimate_bwd[(triton.cdiv(a.numel(), BLOCK),)](
-                a, b, grad_out.reshape(-1).contiguous(), ga, gb, a.numel(),
-                ESTIMATOR=ctx.estimator, ACC=tl_dtype(acc_dtype(a, b)), BLOCK=BLOCK,
+                a,
+                b,
+                grad_out.reshape(-1).contiguous(),
+                ga,
+                gb,
+                a.numel(),
+                ESTIMATOR=ctx.estimator,
+                ACC=tl_dtype(acc_dtype(a, b)),
+                BLOCK=BLOCK,
                 enable_fp_fusion=True,
-            )  # fmt: skip
+            )
         return ga.view(ctx.shape), gb.view(ctx.shape), None
 
 

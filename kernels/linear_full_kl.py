@@ -50,16 +50,77 @@ from .full_kl import full_kl_ref
 
 @triton.jit
 def _kl_tiles(
-    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr,  # the two heads, as in _linear_kl_fwd
-    row_off, ref_off, active, cols, col_end, H, s_hh, s_wv, s_wh, RH, r_hh, r_wv, r_wh, mp, lsp, mq, inv_t,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    REF_DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rh_ptr,
+    rw_ptr,
+    rb_ptr,  # the two heads, as in _linear_kl_fwd
+    row_off,
+    ref_off,
+    active,
+    cols,
+    col_end,
+    H,
+    s_hh,
+    s_wv,
+    s_wh,
+    RH,
+    r_hh,
+    r_wv,
+    r_wh,
+    mp,
+    lsp,
+    mq,
+    inv_t,
+    HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    REF_DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Both logits tiles -> p (the policy's softmax), d~ = log(p/q) + a per-row constant, reference logits."""
-    x = logits_tile(h_ptr, w_ptr, b_ptr, row_off, active, cols, col_end, H, s_hh, s_wv, s_wh,
-                     HAS_BIAS, ACC, DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
-    y = logits_tile(rh_ptr, rw_ptr, rb_ptr, ref_off, active, cols, col_end, RH, r_hh, r_wv, r_wh,
-                     HAS_REF_BIAS, ACC, REF_DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
+    x = logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        row_off,
+        active,
+        cols,
+        col_end,
+        H,
+        s_hh,
+        s_wv,
+        s_wh,
+        HAS_BIAS,
+        ACC,
+        DOT_DTYPE,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_H,
+    )
+    y = logits_tile(
+        rh_ptr,
+        rw_ptr,
+        rb_ptr,
+        ref_off,
+        active,
+        cols,
+        col_end,
+        RH,
+        r_hh,
+        r_wv,
+        r_wh,
+        HAS_REF_BIAS,
+        ACC,
+        REF_DOT_DTYPE,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_H,
+    )
     p = tl.exp2((x - mp[:, None]) * (inv_t * LOG2E) - lsp[:, None])  # temperature_scale's, to the bit
     d_rel = ((x - y) - (mp - mq)[:, None]) * inv_t  # x - y first: nearly exact for near-equal heads
     return p, d_rel, y
@@ -67,15 +128,41 @@ def _kl_tiles(
 
 @triton.jit
 def _linear_kl_fwd(
-    h_ptr, w_ptr, b_ptr,  # policy (A, B, H), (V, H), (V,) (HAS_BIAS): as in _linear_lse_fwd
-    rh_ptr, rw_ptr, rb_ptr,  # reference (A, B, RH), (V, RH), (V,) (HAS_REF_BIAS); strides r_*
+    h_ptr,
+    w_ptr,
+    b_ptr,  # policy (A, B, H), (V, H), (V,) (HAS_BIAS): as in _linear_lse_fwd
+    rh_ptr,
+    rw_ptr,
+    rb_ptr,  # reference (A, B, RH), (V, RH), (V,) (HAS_REF_BIAS); strides r_*
     active_ptr,  # (N,) bool
     stats_ptr,  # (4, N) ACC from pass 1: [max x, log2 sum_p, max y, log2 sum_q]
     part_ptr,  # (2, S, N) ACC out per vocab range: [sum_j p_j k3(d_j), sum_j p_j d~_j]
-    N, V, B, H, s_ha, s_hb, s_hh, s_wv, s_wh, RH, r_ha, r_hb, r_hh, r_wv, r_wh, temperature, cols_per_split,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    REF_DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
+    N,
+    V,
+    B,
+    H,
+    s_ha,
+    s_hb,
+    s_hh,
+    s_wv,
+    s_wh,
+    RH,
+    r_ha,
+    r_hb,
+    r_hh,
+    r_wv,
+    r_wh,
+    temperature,
+    cols_per_split,
+    HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    REF_DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows, row_in, active, row_off = row_block(active_ptr, N, B, s_ha, s_hb, BLOCK_M)
     ref_off = (rows // B) * r_ha + (rows % B) * r_hb
     inv_t, scale = temperature_scale(temperature, ACC)
@@ -93,9 +180,39 @@ def _linear_kl_fwd(
     M = tl.zeros([BLOCK_M], ACC)
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        p, d_rel, y = _kl_tiles(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, row_off, ref_off, active, cols, col_end,
-                                H, s_hh, s_wv, s_wh, RH, r_hh, r_wv, r_wh, mp, lsp, mq, inv_t, HAS_BIAS, HAS_REF_BIAS,
-                                ACC, DOT_DTYPE, REF_DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
+        p, d_rel, y = _kl_tiles(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rh_ptr,
+            rw_ptr,
+            rb_ptr,
+            row_off,
+            ref_off,
+            active,
+            cols,
+            col_end,
+            H,
+            s_hh,
+            s_wv,
+            s_wh,
+            RH,
+            r_hh,
+            r_wv,
+            r_wh,
+            mp,
+            lsp,
+            mq,
+            inv_t,
+            HAS_BIAS,
+            HAS_REF_BIAS,
+            ACC,
+            DOT_DTYPE,
+            REF_DOT_DTYPE,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_H,
+        )
         q = tl.exp2((y - mq[:, None]) * scale - lsq[:, None])
         d = d_rel - c[:, None]
         k = tl.where(tl.abs(d) < SERIES_D, p * k3_series(d), tl.where(p > 0, p * d, 0.0) + q - p)
@@ -108,16 +225,46 @@ def _linear_kl_fwd(
 
 @triton.jit
 def _linear_kl_bwd(
-    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr,  # the two heads, as in _linear_kl_fwd
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rh_ptr,
+    rw_ptr,
+    rb_ptr,  # the two heads, as in _linear_kl_fwd
     active_ptr,  # (N,) bool
     stats_ptr,  # (4, N) ACC from the forward: [max x, log2 sum_p, max y, E_p[d~]]
     grad_kl_ptr,  # (N,) upstream gradient
-    gz_ptr, gb_ptr,  # (N, chunk), (row blocks, chunk) out, see store_grad_z
-    N, V, B, H, s_ha, s_hb, s_hh, s_wv, s_wh, RH, r_ha, r_hb, r_hh, r_wv, r_wh, temperature, col0, col_end, s_gz,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, REF_DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    gz_ptr,
+    gb_ptr,  # (N, chunk), (row blocks, chunk) out, see store_grad_z
+    N,
+    V,
+    B,
+    H,
+    s_ha,
+    s_hb,
+    s_hh,
+    s_wv,
+    s_wh,
+    RH,
+    r_ha,
+    r_hb,
+    r_hh,
+    r_wv,
+    r_wh,
+    temperature,
+    col0,
+    col_end,
+    s_gz,
+    HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    REF_DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
-):  # fmt: skip
+):
     """The policy's grad_z of the vocabulary chunk [col0, col_end): one program per (row block, tile)."""
     rows, row_in, active, row_off = row_block(active_ptr, N, B, s_ha, s_hb, BLOCK_M)
     ref_off = (rows // B) * r_ha + (rows % B) * r_hb
@@ -130,10 +277,39 @@ def _linear_kl_bwd(
     mean_d = tl.load(stats_ptr + 3 * N + rows, mask=active, other=0.0)
     g_kl = tl.load(grad_kl_ptr + rows, mask=active, other=0.0).to(ACC) * inv_t
 
-    p, d_rel, _ = _kl_tiles(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, row_off, ref_off, active, cols, col_end,
-                            tl.where(any_active, H, 0), s_hh, s_wv, s_wh, tl.where(any_active, RH, 0), r_hh, r_wv,
-                            r_wh, mp, lsp, mq, inv_t, HAS_BIAS, HAS_REF_BIAS, ACC, DOT_DTYPE, REF_DOT_DTYPE,
-                            BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
+    p, d_rel, _ = _kl_tiles(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rh_ptr,
+        rw_ptr,
+        rb_ptr,
+        row_off,
+        ref_off,
+        active,
+        cols,
+        col_end,
+        tl.where(any_active, H, 0),
+        s_hh,
+        s_wv,
+        s_wh,
+        tl.where(any_active, RH, 0),
+        r_hh,
+        r_wv,
+        r_wh,
+        mp,
+        lsp,
+        mq,
+        inv_t,
+        HAS_BIAS,
+        HAS_REF_BIAS,
+        ACC,
+        DOT_DTYPE,
+        REF_DOT_DTYPE,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_H,
+    )
     g = tl.where(p > 0, p * (d_rel - mean_d[:, None]), 0.0) * g_kl[:, None]
     g = tl.where(active[:, None] & (cols[None, :] < col_end), g, 0.0)
     store_grad_z(g, gz_ptr, gb_ptr, rows, row_in, cols, col0, col_end, s_gz, NEED_DB)
@@ -153,11 +329,24 @@ def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active, tem
         ref_ptrs, ref_head = head_args(ref_hidden, ref_weight, ref_bias)
         part = torch.empty((2, grid[1], sizes[0]), dtype=acc, device=hidden.device)
         _linear_kl_fwd[grid](  # pass 2
-            *ptrs, *ref_ptrs, active, stats, part, *sizes, *head, *ref_head, temperature, cols_per_split,
-            HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, ACC=tl_dtype(acc),
-            DOT_DTYPE=dot_dtype(hidden), REF_DOT_DTYPE=dot_dtype(ref_hidden), **cfg,
+            *ptrs,
+            *ref_ptrs,
+            active,
+            stats,
+            part,
+            *sizes,
+            *head,
+            *ref_head,
+            temperature,
+            cols_per_split,
+            HAS_BIAS=bias is not None,
+            HAS_REF_BIAS=ref_bias is not None,
+            ACC=tl_dtype(acc),
+            DOT_DTYPE=dot_dtype(hidden),
+            REF_DOT_DTYPE=dot_dtype(ref_hidden),
+            **cfg,
             enable_fp_fusion=True,
-        )  # fmt: skip
+        )
         stats[3] = torch.where(active, part[1].sum(0), 0.0)
         return torch.where(active, part[0].sum(0), 0.0), stats
 
@@ -174,12 +363,29 @@ def _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, active, st
         def fill(gz, gb, col0, col_end):
             grid = (triton.cdiv(sizes[0], cfg["BLOCK_M"]), triton.cdiv(col_end - col0, cfg["BLOCK_V"]))
             _linear_kl_bwd[grid](
-                *ptrs, *ref_ptrs, active, stats, g_kl, gz, gb, *sizes, *head, *ref_head, temperature, col0, col_end,
-                gz.stride(0), HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, NEED_DB=need_db,
-                ACC=tl_dtype(stats.dtype), DOT_DTYPE=dot_dtype(hidden), REF_DOT_DTYPE=dot_dtype(ref_hidden),
+                *ptrs,
+                *ref_ptrs,
+                active,
+                stats,
+                g_kl,
+                gz,
+                gb,
+                *sizes,
+                *head,
+                *ref_head,
+                temperature,
+                col0,
+                col_end,
+                gz.stride(0),
+                HAS_BIAS=bias is not None,
+                HAS_REF_BIAS=ref_bias is not None,
+                NEED_DB=need_db,
+                ACC=tl_dtype(stats.dtype),
+                DOT_DTYPE=dot_dtype(hidden),
+                REF_DOT_DTYPE=dot_dtype(ref_hidden),
                 **cfg,
                 enable_fp_fusion=True,
-            )  # fmt: skip
+            )
 
         return chunked_grads(hidden, weight, bias, active, needs, cfg["BLOCK_M"], cfg["BLOCK_V"], fill)
 
@@ -198,13 +404,19 @@ class _LinearFullKL(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-
 # ------------------------------------------------------------------------------------------- public API
 def _check_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, mask):
     check_head("", hidden, weight, bias)
     check_head("ref_", ref_hidden, ref_weight, ref_bias)
-    check_same_device(hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                      ref_bias=ref_bias, mask=mask)  # fmt: skip
+    check_same_device(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        mask=mask,
+    )
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have weight's vocabulary size {weight.shape[0]}, got {_desc(ref_weight)}")
     lead = f"hidden {tuple(hidden.shape)} without its H dim"
@@ -242,8 +454,9 @@ def linear_full_kl(
     """
     temperature = _check_inputs(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, mask)
     if not use_triton(hidden):
-        return linear_full_kl_ref(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
-                                  temperature=temperature, mask=mask)  # fmt: skip
+        return linear_full_kl_ref(
+            hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, temperature=temperature, mask=mask
+        )
     n_rows = math.prod(hidden.shape[:-1])
     active = torch.ones(n_rows, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1) != 0
     ref = [t if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
@@ -276,7 +489,10 @@ def linear_full_kl_ref(
             z_ref = F.linear(rh.detach().to(acc), rw, rb)
         return full_kl_ref(z, z_ref, temperature=temperature, mask=m)
 
-    rows = (hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1]),
-            None if mask is None else mask.reshape(-1))  # fmt: skip
+    rows = (
+        hidden.reshape(-1, hidden.shape[-1]),
+        ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+        None if mask is None else mask.reshape(-1),
+    )
     outs = by_chunks(chunk, rows, (weight.to(acc), None if bias is None else bias.to(acc)))
     return torch.cat(outs).view(hidden.shape[:-1])

@@ -45,19 +45,40 @@ from .token_logprobs import token_logprobs_ref
 
 @triton.jit
 def _linear_logprobs_bwd(
-    h_ptr, w_ptr, b_ptr,  # (A, B, H), (V, H), (V,): as in _linear_lse_fwd
+    h_ptr,
+    w_ptr,
+    b_ptr,  # (A, B, H), (V, H), (V,): as in _linear_lse_fwd
     active_ptr,  # (N,) bool
     tgt_ptr,  # (N,) int target ids
     stats_ptr,  # (2, N) ACC row statistics from the forward: max z, log2 sum 2^y
     ent_ptr,  # (N,) ACC entropy from the forward, read when HAS_GRAD_ENT
     grad_logp_ptr,  # (N,) upstream gradient of logp, read when HAS_GRAD_LOGP
     grad_ent_ptr,  # (N,) upstream gradient of the entropy, read when HAS_GRAD_ENT
-    gz_ptr, gb_ptr,  # (N, chunk), (row blocks, chunk) out, see store_grad_z
-    N, V, B, H, s_ha, s_hb, s_hh, s_wv, s_wh, temperature, col0, col_end, s_gz,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, NEED_DB: tl.constexpr,
-    ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    gz_ptr,
+    gb_ptr,  # (N, chunk), (row blocks, chunk) out, see store_grad_z
+    N,
+    V,
+    B,
+    H,
+    s_ha,
+    s_hb,
+    s_hh,
+    s_wv,
+    s_wh,
+    temperature,
+    col0,
+    col_end,
+    s_gz,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENT: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
-):  # fmt: skip
+):
     """grad_z of the vocabulary chunk [col0, col_end): one program per (row block, BLOCK_V tile)."""
     rows, row_in, active, row_off = row_block(active_ptr, N, B, s_ha, s_hb, BLOCK_M)
     tgt = tl.load(tgt_ptr + rows, mask=active, other=-1).to(tl.int64)
@@ -76,8 +97,25 @@ def _linear_logprobs_bwd(
         g_h = tl.load(grad_ent_ptr + rows, mask=active, other=0.0).to(ACC)
         ent = tl.load(ent_ptr + rows, mask=active, other=0.0)
 
-    z = logits_tile(h_ptr, w_ptr, b_ptr, row_off, active, cols, col_end, h_end, s_hh, s_wv, s_wh,
-                     HAS_BIAS, ACC, DOT_DTYPE, BLOCK_M, BLOCK_V, BLOCK_H)  # fmt: skip
+    z = logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        row_off,
+        active,
+        cols,
+        col_end,
+        h_end,
+        s_hh,
+        s_wv,
+        s_wh,
+        HAS_BIAS,
+        ACC,
+        DOT_DTYPE,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_H,
+    )
     y = (z - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
     p = tl.exp2(y)
     g = -p * g_lp[:, None]
@@ -121,11 +159,28 @@ def _backward(hidden, weight, bias, tgt, active, stats, ent, grad_logp, grad_ent
         def fill(gz, gb, col0, col_end):
             grid = (triton.cdiv(sizes[0], cfg["BLOCK_M"]), triton.cdiv(col_end - col0, cfg["BLOCK_V"]))
             _linear_logprobs_bwd[grid](
-                *ptrs, active, tgt, stats, *flat, gz, gb, *sizes, *head, temperature, col0, col_end, gz.stride(0),
-                HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
-                NEED_DB=need_db, ACC=tl_dtype(stats.dtype), DOT_DTYPE=dot_dtype(hidden), **cfg,
+                *ptrs,
+                active,
+                tgt,
+                stats,
+                *flat,
+                gz,
+                gb,
+                *sizes,
+                *head,
+                temperature,
+                col0,
+                col_end,
+                gz.stride(0),
+                HAS_BIAS=bias is not None,
+                HAS_GRAD_LOGP=grad_logp is not None,
+                HAS_GRAD_ENT=grad_ent is not None,
+                NEED_DB=need_db,
+                ACC=tl_dtype(stats.dtype),
+                DOT_DTYPE=dot_dtype(hidden),
+                **cfg,
                 enable_fp_fusion=True,
-            )  # fmt: skip
+            )
 
         return chunked_grads(hidden, weight, bias, active, needs, cfg["BLOCK_M"], cfg["BLOCK_V"], fill)
 
@@ -147,7 +202,6 @@ class _LinearLogprobs(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         grads = _backward(hidden, weight, bias, tgt, active, stats, ent, grad_logp, grad_ent, ctx.temperature, needs)
         return (*grads, None, None, None, None)
-
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -184,8 +238,15 @@ def linear_logprobs(
     """
     temperature = _check_inputs(hidden, weight, targets, bias, temperature)
     if not use_triton(hidden):
-        return linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
-                                   ignore_index=ignore_index, return_entropy=return_entropy)  # fmt: skip
+        return linear_logprobs_ref(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+        )
     args = (hidden, weight, bias, targets, temperature, int(ignore_index), bool(return_entropy))
     if wants_grad(hidden, weight, bias):
         return _LinearLogprobs.apply(*args)

@@ -130,12 +130,7 @@ _tlp_op.register_autograd(_tlp_grad, setup_context=_tlp_setup)
 
 
 def token_logprobs(
-    logits: Tensor,
-    targets: Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
+    logits: Tensor, targets: Tensor, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False
 ):
     """`fastrlhf.kernels.token_logprobs` as one traceable op (same arguments, checks and fp32 outputs)."""
     temperature = _tlp_check(logits, targets, temperature)

@@ -48,7 +48,9 @@ def _pairwise_fwd(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
-    z = tl.load(chosen_ptr + offs, mask=inb, other=0.0).to(ACC) - tl.load(rejected_ptr + offs, mask=inb, other=0.0).to(ACC)
+    z = tl.load(chosen_ptr + offs, mask=inb, other=0.0).to(ACC) - tl.load(rejected_ptr + offs, mask=inb, other=0.0).to(
+        ACC
+    )
     if HAS_MARGIN:
         z -= tl.load(margin_ptr + offs, mask=inb, other=0.0).to(ACC)
     tl.store(loss_ptr + offs, softplus_neg(z), mask=inb)
@@ -68,7 +70,9 @@ def _pairwise_bwd(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
-    z = tl.load(chosen_ptr + offs, mask=inb, other=0.0).to(ACC) - tl.load(rejected_ptr + offs, mask=inb, other=0.0).to(ACC)
+    z = tl.load(chosen_ptr + offs, mask=inb, other=0.0).to(ACC) - tl.load(rejected_ptr + offs, mask=inb, other=0.0).to(
+        ACC
+    )
     if HAS_MARGIN:
         z -= tl.load(margin_ptr + offs, mask=inb, other=0.0).to(ACC)
     g = tl.load(grad_loss_ptr + offs, mask=inb, other=0.0).to(ACC)
@@ -87,10 +91,16 @@ class _PairwiseLoss(torch.autograd.Function):
             loss = torch.empty(chosen.shape, dtype=acc, device=chosen.device)
             n = chosen.numel()
             _pairwise_fwd[(triton.cdiv(n, BLOCK),)](
-                chosen, rejected, margin if margin is not None else chosen, loss, n,
-                HAS_MARGIN=margin is not None, ACC=tl_dtype(acc), BLOCK=BLOCK,
+                chosen,
+                rejected,
+                margin if margin is not None else chosen,
+                loss,
+                n,
+                HAS_MARGIN=margin is not None,
+                ACC=tl_dtype(acc),
+                BLOCK=BLOCK,
                 enable_fp_fusion=True,
-            )  # fmt: skip
+            )
         ctx.save_for_backward(chosen, rejected, margin)
         return loss
 
@@ -101,10 +111,17 @@ class _PairwiseLoss(torch.autograd.Function):
             grad_z = torch.empty(chosen.shape, dtype=acc_dtype(chosen, rejected, margin), device=chosen.device)
             n = chosen.numel()
             _pairwise_bwd[(triton.cdiv(n, BLOCK),)](
-                chosen, rejected, margin if margin is not None else chosen, grad_loss.contiguous(), grad_z, n,
-                HAS_MARGIN=margin is not None, ACC=tl_dtype(grad_z.dtype), BLOCK=BLOCK,
+                chosen,
+                rejected,
+                margin if margin is not None else chosen,
+                grad_loss.contiguous(),
+                grad_z,
+                n,
+                HAS_MARGIN=margin is not None,
+                ACC=tl_dtype(grad_z.dtype),
+                BLOCK=BLOCK,
                 enable_fp_fusion=True,
-            )  # fmt: skip
+            )
         return (
             grad_z.to(chosen.dtype),
             (-grad_z).to(rejected.dtype),

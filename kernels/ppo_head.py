@@ -198,11 +198,17 @@ def _ppo_head_bwd(
     if HAS_G_LOGP:
         g_lp += tl.load(g_logp_ptr + rows, mask=active, other=0.0).to(ACC)
     if HAS_G_PG:  # * d pg / d logp
-        g_lp += tl.load(g_pg_ptr + rows, mask=active, other=0.0).to(ACC) * tl.load(stats_ptr + 2 * N + rows, active, 0.0)
+        g_lp += tl.load(g_pg_ptr + rows, mask=active, other=0.0).to(ACC) * tl.load(
+            stats_ptr + 2 * N + rows, active, 0.0
+        )
     if HAS_G_RATIO:  # * d ratio / d logp = ratio
-        g_lp += tl.load(g_ratio_ptr + rows, mask=active, other=0.0).to(ACC) * tl.load(stats_ptr + 3 * N + rows, active, 0.0)
+        g_lp += tl.load(g_ratio_ptr + rows, mask=active, other=0.0).to(ACC) * tl.load(
+            stats_ptr + 3 * N + rows, active, 0.0
+        )
     if HAS_G_KL:  # * d kl / d logp
-        g_lp += tl.load(g_kl_ptr + rows, mask=active, other=0.0).to(ACC) * tl.load(stats_ptr + 4 * N + rows, active, 0.0)
+        g_lp += tl.load(g_kl_ptr + rows, mask=active, other=0.0).to(ACC) * tl.load(
+            stats_ptr + 4 * N + rows, active, 0.0
+        )
     if HAS_G_LOGP or HAS_G_PG or HAS_G_RATIO or HAS_G_KL:
         g_lp = tl.where(tgt_ok | ~active, g_lp, float("nan"))  # bad target id: NaN gradient, like logp
     g_h = tl.zeros([BLOCK_R], ACC)
@@ -211,8 +217,30 @@ def _ppo_head_bwd(
         g_h = tl.load(g_ent_ptr + rows, mask=active, other=0.0).to(ACC)
         ent = tl.load(stats_ptr + 5 * N + rows, mask=active, other=0.0)
 
-    _grad_pass(logits_ptr, grad_logits_ptr, row_off, grad_off, row_in, active, tgt, V, cols_per_split, m, log2_s,
-               g_lp, g_h, ent, scale, inv_t, True, HAS_G_ENT, ACC, BLOCK_R, BLOCK_V, ALIGN)  # fmt: skip
+    _grad_pass(
+        logits_ptr,
+        grad_logits_ptr,
+        row_off,
+        grad_off,
+        row_in,
+        active,
+        tgt,
+        V,
+        cols_per_split,
+        m,
+        log2_s,
+        g_lp,
+        g_h,
+        ent,
+        scale,
+        inv_t,
+        True,
+        HAS_G_ENT,
+        ACC,
+        BLOCK_R,
+        BLOCK_V,
+        ALIGN,
+    )
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -232,10 +260,27 @@ def _forward(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range
             tiles = fwd_tiles(x)
             _ppo_head_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
                 # without a reference, kl_ptr gets a dummy (never written)
-                x, *flat, ref, *outs[:5], outs[n_out - 1], stats, N, V, B, x.stride(0), x.stride(1),
-                temperature, 1.0 - clip_range, 1.0 + clip_range, ignore_index,
-                HAS_REF=ref_logprobs is not None, SAVE=save, ACC=tl_dtype(acc), **tiles, enable_fp_fusion=True,
-            )  # fmt: skip
+                x,
+                *flat,
+                ref,
+                *outs[:5],
+                outs[n_out - 1],
+                stats,
+                N,
+                V,
+                B,
+                x.stride(0),
+                x.stride(1),
+                temperature,
+                1.0 - clip_range,
+                1.0 + clip_range,
+                ignore_index,
+                HAS_REF=ref_logprobs is not None,
+                SAVE=save,
+                ACC=tl_dtype(acc),
+                **tiles,
+                enable_fp_fusion=True,
+            )
         return outs + [None] * (6 - n_out), (stats if save else None)
 
 
@@ -260,14 +305,33 @@ def _backward(logits, targets, stats, grads, temperature, ignore_index):
         flat = [g.reshape(N).contiguous() if g is not None else stats for g in grads]  # .sum() gives stride 0
         g_logp, g_ent, g_ratio, g_pg, g_kl = (g is not None for g in grads)
         _ppo_head_bwd[(n_row_programs, splits)](
-            x, targets.reshape(N), stats, *flat, grad,
-            N, V, B, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
-            temperature, ignore_index, cols_per_split,
-            HAS_G_LOGP=g_logp, HAS_G_ENT=g_ent, HAS_G_RATIO=g_ratio, HAS_G_PG=g_pg, HAS_G_KL=g_kl,
-            ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v, **layout,
+            x,
+            targets.reshape(N),
+            stats,
+            *flat,
+            grad,
+            N,
+            V,
+            B,
+            x.stride(0),
+            x.stride(1),
+            grad.stride(0),
+            grad.stride(1),
+            temperature,
+            ignore_index,
+            cols_per_split,
+            HAS_G_LOGP=g_logp,
+            HAS_G_ENT=g_ent,
+            HAS_G_RATIO=g_ratio,
+            HAS_G_PG=g_pg,
+            HAS_G_KL=g_kl,
+            ACC=tl_dtype(stats.dtype),
+            BLOCK_R=block_r,
+            BLOCK_V=block_v,
+            **layout,
             num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
-        )  # fmt: skip
+        )
         return grad.view(logits.shape)
 
 
@@ -345,10 +409,20 @@ def ppo_head(
         PPOHeadOutput(logprobs, entropy, ratio, pg_loss, clipped, kl), fp32 (...) each; kl is None
         without ref_logprobs. Gradients reach the logits through logprobs, entropy, ratio, pg_loss, kl.
     """
-    clip_range, temperature = _check_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range, temperature)
+    clip_range, temperature = _check_inputs(
+        logits, targets, old_logprobs, advantages, ref_logprobs, clip_range, temperature
+    )
     if not use_triton(logits):
-        return ppo_head_ref(logits, targets, old_logprobs, advantages, ref_logprobs=ref_logprobs,
-                            clip_range=clip_range, temperature=temperature, ignore_index=ignore_index)  # fmt: skip
+        return ppo_head_ref(
+            logits,
+            targets,
+            old_logprobs,
+            advantages,
+            ref_logprobs=ref_logprobs,
+            clip_range=clip_range,
+            temperature=temperature,
+            ignore_index=ignore_index,
+        )
     args = (logits, targets, old_logprobs, advantages, ref_logprobs, clip_range, temperature, int(ignore_index))
     if torch.is_grad_enabled() and logits.requires_grad:
         return PPOHeadOutput(*_PPOHead.apply(*args))
@@ -368,9 +442,13 @@ def ppo_head_ref(
 ) -> PPOHeadOutput:
     """Pure-PyTorch twin of `ppo_head` (log_softmax in fp32, fp64 for fp64 logits; the expressions of
     `rl.policy_loss`): the spec, the CPU fallback, the test oracle. Materialises (..., V) fp32."""
-    clip_range, temperature = _check_inputs(logits, targets, old_logprobs, advantages, ref_logprobs, clip_range, temperature)
+    clip_range, temperature = _check_inputs(
+        logits, targets, old_logprobs, advantages, ref_logprobs, clip_range, temperature
+    )
     acc = acc_dtype(logits)
-    logp, ent = token_logprobs_ref(logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
+    logp, ent = token_logprobs_ref(
+        logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=True
+    )
     active = targets != ignore_index
     log_ratio = (logp - old_logprobs.detach().to(acc)).where(active, 0)  # padding: no overflow, no NaN grad
     ratio = torch.exp(log_ratio)
@@ -384,5 +462,10 @@ def ppo_head_ref(
         kl = (torch.expm1(-d) + d).where(active, 0)
     zero = torch.zeros((), dtype=acc, device=logits.device)
     return PPOHeadOutput(
-        logp, ent, ratio.where(active, zero), pg.where(active, zero), (clipped > unclipped).where(active, False).to(acc), kl
+        logp,
+        ent,
+        ratio.where(active, zero),
+        pg.where(active, zero),
+        (clipped > unclipped).where(active, False).to(acc),
+        kl,
     )

@@ -25,7 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, check_float, check_int, check_same_device, check_shape, kernel_range, tl_dtype, use_triton
+from ._common import (
+    acc_dtype,
+    check_float,
+    check_int,
+    check_same_device,
+    check_shape,
+    kernel_range,
+    tl_dtype,
+    use_triton,
+)
 from .pairwise_loss import REDUCTIONS, _reduce, sigmoid_neg, softplus_neg
 
 
@@ -45,7 +54,18 @@ def _last_index(mask_ptr, lengths_ptr, seq, T, stride_mask, USE_MASK: tl.constex
 
 @triton.jit
 def _head_score(
-    hidden_ptr, w_ptr, b_ptr, seq, idx, T, H, stride_hs, stride_ht, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr
+    hidden_ptr,
+    w_ptr,
+    b_ptr,
+    seq,
+    idx,
+    T,
+    H,
+    stride_hs,
+    stride_ht,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """<hidden[seq, idx, :], w> + b accumulated in ACC (fp32); NaN when idx is not a valid position."""
     valid = (idx >= 0) & (idx < T)
@@ -158,7 +178,9 @@ def _head_bwd(
         hm = h < h_end
         x = tl.load(hidden_ptr + s * stride_hs + idx * stride_ht + h, mask=hm, other=0.0).to(ACC)
         w = tl.load(w_ptr + h, mask=h < H, other=0.0).to(ACC)
-        tl.store(grad_hidden_ptr + s * gstride_s + idx * gstride_t + h, (c * w).to(grad_hidden_ptr.dtype.element_ty), mask=hm)
+        tl.store(
+            grad_hidden_ptr + s * gstride_s + idx * gstride_t + h, (c * w).to(grad_hidden_ptr.dtype.element_ty), mask=hm
+        )
         tl.store(grad_w_part_ptr + s * H + h, tl.where(hm, c * x, 0.0), mask=h < H)
 
 
@@ -184,11 +206,22 @@ def _head_backward(hidden, weight, bias, index, coef):
         coef = torch.nan_to_num(coef.to(acc).contiguous(), nan=0.0)  # a NaN reward's row gets no gradient
         _, block_h = _blocks(T, H, hidden.device)
         _head_bwd[(S,)](
-            hidden, weight, index, coef, grad_hidden, part,
-            T, H, hidden.stride(0), hidden.stride(1), grad_hidden.stride(0), grad_hidden.stride(1),
-            ACC=tl_dtype(acc), BLOCK_H=block_h,
+            hidden,
+            weight,
+            index,
+            coef,
+            grad_hidden,
+            part,
+            T,
+            H,
+            hidden.stride(0),
+            hidden.stride(1),
+            grad_hidden.stride(0),
+            grad_hidden.stride(1),
+            ACC=tl_dtype(acc),
+            BLOCK_H=block_h,
             enable_fp_fusion=True,
-        )  # fmt: skip
+        )
         grad_w = part.sum(0).to(weight.dtype)
         grad_b = None if bias is None else coef.sum().to(bias.dtype).reshape(bias.shape)
         return grad_hidden, grad_w, grad_b
@@ -206,13 +239,31 @@ class _PairwiseHead(torch.autograd.Function):
             mask_ptr, len_ptr, stride_mask, use_mask = _mask_args(attention_mask, lengths)
             block_t, block_h = _blocks(T, H, hidden.device)
             _pairwise_head_fwd[(B,)](
-                hidden, weight, bias if bias is not None else weight, mask_ptr, len_ptr,
-                margin if margin is not None else loss, chosen, rejected, index, loss, grad_z,
-                B, T, H, hidden.stride(0), hidden.stride(1), stride_mask,
-                USE_MASK=use_mask, HAS_BIAS=bias is not None, HAS_MARGIN=margin is not None,
-                ACC=tl_dtype(acc), BLOCK_T=block_t, BLOCK_H=block_h,
+                hidden,
+                weight,
+                bias if bias is not None else weight,
+                mask_ptr,
+                len_ptr,
+                margin if margin is not None else loss,
+                chosen,
+                rejected,
+                index,
+                loss,
+                grad_z,
+                B,
+                T,
+                H,
+                hidden.stride(0),
+                hidden.stride(1),
+                stride_mask,
+                USE_MASK=use_mask,
+                HAS_BIAS=bias is not None,
+                HAS_MARGIN=margin is not None,
+                ACC=tl_dtype(acc),
+                BLOCK_T=block_t,
+                BLOCK_H=block_h,
                 enable_fp_fusion=True,
-            )  # fmt: skip
+            )
         ctx.save_for_backward(hidden, weight, bias, index, grad_z)
         return loss, chosen, rejected
 
@@ -237,11 +288,25 @@ class _HeadScore(torch.autograd.Function):
             mask_ptr, len_ptr, stride_mask, use_mask = _mask_args(attention_mask, lengths)
             block_t, block_h = _blocks(T, H, hidden.device)
             _head_score_fwd[(S,)](
-                hidden, weight, bias if bias is not None else weight, mask_ptr, len_ptr, rewards, index,
-                T, H, hidden.stride(0), hidden.stride(1), stride_mask,
-                USE_MASK=use_mask, HAS_BIAS=bias is not None, ACC=tl_dtype(acc), BLOCK_T=block_t, BLOCK_H=block_h,
+                hidden,
+                weight,
+                bias if bias is not None else weight,
+                mask_ptr,
+                len_ptr,
+                rewards,
+                index,
+                T,
+                H,
+                hidden.stride(0),
+                hidden.stride(1),
+                stride_mask,
+                USE_MASK=use_mask,
+                HAS_BIAS=bias is not None,
+                ACC=tl_dtype(acc),
+                BLOCK_T=block_t,
+                BLOCK_H=block_h,
                 enable_fp_fusion=True,
-            )  # fmt: skip
+            )
         ctx.save_for_backward(hidden, weight, bias, index)
         return rewards
 
@@ -269,7 +334,9 @@ def _check_head(hidden, weight, bias, attention_mask, lengths):
     S, T, H = hidden.shape
     check_float("weight", weight)
     if weight.numel() != H or weight.dim() not in (1, 2):
-        raise ValueError(f"weight must be (H,) or (1, H) with H = {H} (hidden {tuple(hidden.shape)}), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be (H,) or (1, H) with H = {H} (hidden {tuple(hidden.shape)}), got {tuple(weight.shape)}"
+        )
     if bias is not None:
         check_float("bias", bias)
         if bias.numel() != 1:

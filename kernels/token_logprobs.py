@@ -53,8 +53,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _lse_step(x, m, s, w, scale, COMPUTE_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, NG: tl.constexpr,
-              G: tl.constexpr):  # fmt: skip
+def _lse_step(
+    x, m, s, w, scale, COMPUTE_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, NG: tl.constexpr, G: tl.constexpr
+):
     """One (BLOCK_R, BLOCK_V) block of logits (ACC, -inf where masked) into the running (m, s, w) of its
     (BLOCK_R, NG) column groups of G."""
     x = tl.reshape(x, [BLOCK_R, NG, G])
@@ -70,9 +71,20 @@ def _lse_step(x, m, s, w, scale, COMPUTE_ENTROPY: tl.constexpr, BLOCK_R: tl.cons
 
 
 @triton.jit
-def online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY: tl.constexpr, ACC: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr,
-               STAGES: tl.constexpr):  # fmt: skip
+def online_lse(
+    logits_ptr,
+    row_off,
+    active,
+    V,
+    scale,
+    COMPUTE_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    G: tl.constexpr,
+    ALIGN: tl.constexpr,
+    STAGES: tl.constexpr,
+):
     """The one streaming pass over BLOCK_R rows of logits (row_off: int64 offsets, active: rows to read).
     -> m (max of the raw logits; 0 for a row with nothing finite), s = sum_j 2^y_j, w = sum_j 2^y_j * y_j
     (0 unless COMPUTE_ENTROPY), with y_j = (x_j - m) * scale <= 0; each (BLOCK_R,) in ACC. Shared with
@@ -159,8 +171,9 @@ def _token_logprobs_fwd(
     row_off = (rows // B) * stride_a + (rows % B) * stride_b  # int64
     _, scale = temperature_scale(temperature, ACC)
 
-    m, s, w = online_lse(logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V, G, ALIGN,
-                         STAGES)
+    m, s, w = online_lse(
+        logits_ptr, row_off, active, V, scale, COMPUTE_ENTROPY, ACC, BLOCK_R, BLOCK_V, G, ALIGN, STAGES
+    )
     log2_s = tl.log2(s)
     tgt_ok = active & (tgt >= 0) & (tgt < V)
     x_t = tl.load(logits_ptr + row_off + tgt, mask=tgt_ok, other=0.0).to(ACC)
@@ -186,8 +199,9 @@ def _is_col(cols, col, start):
 
 
 @triton.jit
-def _grad_tile(x, is_tgt, m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP: tl.constexpr,
-               HAS_GRAD_ENT: tl.constexpr):  # fmt: skip
+def _grad_tile(
+    x, is_tgt, m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr
+):
     """d(g_lp . logp + g_h . H)/dx for a (BLOCK_R, BLOCK_V) block of logits x (ACC); is_tgt marks the target."""
     y = (x - m[:, None]) * scale - log2_s[:, None]  # log2 p_j
     p = tl.exp2(y)  # softmax(x / T), recomputed in fp32
@@ -200,9 +214,30 @@ def _grad_tile(x, is_tgt, m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP
 
 
 @triton.jit
-def _grad_pass(logits_ptr, grad_logits_ptr, row_off, grad_off, row_in, active, tgt, V, cols_per_split, m, log2_s,
-               g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
-               ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):  # fmt: skip
+def _grad_pass(
+    logits_ptr,
+    grad_logits_ptr,
+    row_off,
+    grad_off,
+    row_in,
+    active,
+    tgt,
+    V,
+    cols_per_split,
+    m,
+    log2_s,
+    g_lp,
+    g_h,
+    ent,
+    scale,
+    inv_t,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
     """A backward program's share of its rows' gradient (`_grad_tile` per block), shared with ppo_head.py:
     on memory's 16-byte grid (ALIGN > 0, `_common.aligned_share`) or from column 0 under a mask."""
     cols = tl.arange(0, BLOCK_V)
@@ -216,19 +251,22 @@ def _grad_pass(logits_ptr, grad_logits_ptr, row_off, grad_off, row_in, active, t
             if first:  # block 0, from the 16 bytes the row starts in
                 ok = (cols[None, :] >= lead[:, None]) & (cols[None, :] < (V + lead)[:, None])
                 x = tl.load(xp[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t,
-                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                g = _grad_tile(
+                    x, _is_col(cols, t_f, 0), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP, HAS_GRAD_ENT
+                )
                 tl.store(gp[:, None] + cols[None, :], g.to(dt), mask=ok)
             for start in range(lo, hi, BLOCK_V):  # whole blocks: no mask
                 x = tl.load(xp[:, None] + (start + cols)[None, :]).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, start), m, log2_s, g_lp, g_h, ent, scale, inv_t,
-                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                g = _grad_tile(
+                    x, _is_col(cols, t_f, start), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP, HAS_GRAD_ENT
+                )
                 tl.store(gp[:, None] + (start + cols)[None, :], g.to(dt))
             if last >= 0:  # the row's last, partial block
                 ok = (last + cols)[None, :] < (V + lead)[:, None]
                 x = tl.load(xp[:, None] + (last + cols)[None, :], mask=ok, other=0.0).to(ACC)
-                g = _grad_tile(x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t,
-                               HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+                g = _grad_tile(
+                    x, _is_col(cols, t_f, last), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP, HAS_GRAD_ENT
+                )
                 tl.store(gp[:, None] + (last + cols)[None, :], g.to(dt), mask=ok)
         else:  # an ignored row: reads nothing, gradient 0
             zero_fill(gp, lead, V, f0, f1, BLOCK_R, BLOCK_V)
@@ -239,8 +277,9 @@ def _grad_pass(logits_ptr, grad_logits_ptr, row_off, grad_off, row_in, active, t
             in_bounds = row_in[:, None] & ((start + cols)[None, :] < col_end)
             mask = active[:, None] & ((start + cols)[None, :] < col_end)
             x = tl.load(logits_ptr + row_off[:, None] + (start + cols)[None, :], mask=mask, other=0.0).to(ACC)
-            g = _grad_tile(x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t,
-                           HAS_GRAD_LOGP, HAS_GRAD_ENT)  # fmt: skip
+            g = _grad_tile(
+                x, _is_col(cols, tgt, start), m, log2_s, g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP, HAS_GRAD_ENT
+            )
             g = tl.where(mask, g, 0.0)
             tl.store(grad_logits_ptr + grad_off[:, None] + (start + cols)[None, :], g.to(dt), mask=in_bounds)
 
@@ -294,8 +333,30 @@ def _token_logprobs_bwd(
         g_h = tl.load(grad_ent_ptr + rows, mask=active, other=0.0).to(ACC)
         ent = tl.load(ent_ptr + rows, mask=active, other=0.0).to(ACC)
 
-    _grad_pass(logits_ptr, grad_logits_ptr, row_off, grad_off, row_in, active, tgt, V, cols_per_split, m, log2_s,
-               g_lp, g_h, ent, scale, inv_t, HAS_GRAD_LOGP, HAS_GRAD_ENT, ACC, BLOCK_R, BLOCK_V, ALIGN)  # fmt: skip
+    _grad_pass(
+        logits_ptr,
+        grad_logits_ptr,
+        row_off,
+        grad_off,
+        row_in,
+        active,
+        tgt,
+        V,
+        cols_per_split,
+        m,
+        log2_s,
+        g_lp,
+        g_h,
+        ent,
+        scale,
+        inv_t,
+        HAS_GRAD_LOGP,
+        HAS_GRAD_ENT,
+        ACC,
+        BLOCK_R,
+        BLOCK_V,
+        ALIGN,
+    )
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -315,10 +376,23 @@ def _forward(logits, targets, temperature, ignore_index, return_entropy):
         stats = torch.empty((3 if return_entropy else 2, N), dtype=acc, device=logits.device)
         tiles = fwd_tiles(x)
         _token_logprobs_fwd[(triton.cdiv(N, tiles["BLOCK_R"]),)](
-            x, tgt, logp, ent if ent is not None else logp, stats,
-            N, V, B, x.stride(0), x.stride(1), temperature, ignore_index,
-            COMPUTE_ENTROPY=return_entropy, ACC=tl_dtype(acc), **tiles, enable_fp_fusion=True,
-        )  # fmt: skip
+            x,
+            tgt,
+            logp,
+            ent if ent is not None else logp,
+            stats,
+            N,
+            V,
+            B,
+            x.stride(0),
+            x.stride(1),
+            temperature,
+            ignore_index,
+            COMPUTE_ENTROPY=return_entropy,
+            ACC=tl_dtype(acc),
+            **tiles,
+            enable_fp_fusion=True,
+        )
         return logp, ent, stats
 
 
@@ -330,8 +404,13 @@ def fwd_tiles(x: torch.Tensor) -> dict:
     `benchmarks/tools/tune_rows.py` times both."""
     A, B, V = x.shape
     block_r, block_v = row_blocks(A * B, V, x.device)
-    return {"BLOCK_R": block_r, "BLOCK_V": block_v, **row_layout(block_r, block_v, x),
-            "num_warps": num_warps_for(block_r * block_v), "STAGES": 1}  # fmt: skip
+    return {
+        "BLOCK_R": block_r,
+        "BLOCK_V": block_v,
+        **row_layout(block_r, block_v, x),
+        "num_warps": num_warps_for(block_r * block_v),
+        "STAGES": 1,
+    }
 
 
 def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ignore_index, like_logits=True):
@@ -352,16 +431,32 @@ def _backward(logits, targets, stats, ent, grad_logp, grad_ent, temperature, ign
         splits = triton.cdiv(cols, cols_per_split)
         dummy = stats
         _token_logprobs_bwd[(n_row_programs, splits)](
-            x, targets.reshape(N), stats, ent if ent is not None else dummy,
+            x,
+            targets.reshape(N),
+            stats,
+            ent if ent is not None else dummy,
             grad_logp.reshape(N).contiguous() if grad_logp is not None else dummy,  # .sum() gives stride 0
             grad_ent.reshape(N).contiguous() if grad_ent is not None else dummy,
-            grad, N, V, B, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
-            temperature, ignore_index, cols_per_split,
-            HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENT=grad_ent is not None,
-            ACC=tl_dtype(stats.dtype), BLOCK_R=block_r, BLOCK_V=block_v, **layout,
+            grad,
+            N,
+            V,
+            B,
+            x.stride(0),
+            x.stride(1),
+            grad.stride(0),
+            grad.stride(1),
+            temperature,
+            ignore_index,
+            cols_per_split,
+            HAS_GRAD_LOGP=grad_logp is not None,
+            HAS_GRAD_ENT=grad_ent is not None,
+            ACC=tl_dtype(stats.dtype),
+            BLOCK_R=block_r,
+            BLOCK_V=block_v,
+            **layout,
             num_warps=num_warps_for(block_r * block_v),
             enable_fp_fusion=True,
-        )  # fmt: skip
+        )
         return grad.view(logits.shape)
 
 
@@ -380,7 +475,14 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, targets, stats = ctx.saved_tensors
         ent = stats[2] if stats.shape[0] == 3 else None
         grad = _backward(
-            logits, targets, stats, ent, grad_logp, grad_ent if ent is not None else None, ctx.temperature, ctx.ignore_index
+            logits,
+            targets,
+            stats,
+            ent,
+            grad_logp,
+            grad_ent if ent is not None else None,
+            ctx.temperature,
+            ctx.ignore_index,
         )
         return grad, None, None, None, None
 

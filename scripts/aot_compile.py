@@ -58,8 +58,17 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-MODULES = ("token_logprobs", "full_kl", "kl_estimate", "pairwise_loss", "reward_head", "gae", "ppo_head",
-           "linear_logprobs", "linear_full_kl")  # fmt: skip
+MODULES = (
+    "token_logprobs",
+    "full_kl",
+    "kl_estimate",
+    "pairwise_loss",
+    "reward_head",
+    "gae",
+    "ppo_head",
+    "linear_logprobs",
+    "linear_full_kl",
+)
 SM_COUNT = 132  # H100 SXM and H200
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -151,8 +160,14 @@ class _Recorder:
         def _do_compile(jit_fn, key, signature, device, constexprs, options, attrs, warmup):
             k = (jit_fn.fn.__module__, jit_fn.fn.__qualname__, str(key))
             if k not in recorder.records:
-                recorder.records[k] = dict(fn=jit_fn, signature=signature, constexprs=constexprs, options=options,
-                                           attrs=attrs, scenario=recorder.scenario)  # fmt: skip
+                recorder.records[k] = dict(
+                    fn=jit_fn,
+                    signature=signature,
+                    constexprs=constexprs,
+                    options=options,
+                    attrs=attrs,
+                    scenario=recorder.scenario,
+                )
             return None  # JITFunction.run returns before launching
 
         orig_apply = BackwardCFunction.apply
@@ -269,9 +284,11 @@ def scenario_reward_head():
     from fastrlhf.kernels import last_token_rewards, reward_head_pairwise_loss
 
     S, T = 8, 512
-    where = {"mask int64": dict(attention_mask=torch.ones(S, T, dtype=torch.int64)),  # the trainer's (HF) mask
-             "mask bool": dict(attention_mask=torch.ones(S, T, dtype=torch.bool)),  # passed on as uint8
-             "lengths": dict(lengths=torch.full((S,), T, dtype=torch.int64))}  # fmt: skip
+    where = {
+        "mask int64": dict(attention_mask=torch.ones(S, T, dtype=torch.int64)),  # the trainer's (HF) mask
+        "mask bool": dict(attention_mask=torch.ones(S, T, dtype=torch.bool)),  # passed on as uint8
+        "lengths": dict(lengths=torch.full((S,), T, dtype=torch.int64)),
+    }
     for dt in DTYPES:
         hidden, weight = _e(S, T, HIDDEN, dtype=dt, grad=True), _e(HIDDEN, dtype=dt, grad=True)
         for w, bias in itertools.product(where.values(), (None, _e(1, dtype=dt, grad=True))):
@@ -293,8 +310,11 @@ def scenario_gae():
         gae(_e(B, T), _e(B, T), torch.ones(B, T), gamma=1.0, lam=0.95)
     # other dtypes: bool (passed as uint8) and int64 masks, bf16 values
     B, T = 64, 512
-    for values_dtype, mask_dtype in ((torch.float32, torch.bool), (torch.float32, torch.int64),
-                                     (torch.bfloat16, torch.bool)):  # fmt: skip
+    for values_dtype, mask_dtype in (
+        (torch.float32, torch.bool),
+        (torch.float32, torch.int64),
+        (torch.bfloat16, torch.bool),
+    ):
         gae(_e(B, T), _e(B, T, dtype=values_dtype), torch.ones(B, T, dtype=mask_dtype), gamma=1.0, lam=0.95)
 
 
@@ -403,13 +423,33 @@ def _launches(rec) -> list[dict]:
         module = module.rsplit(".", 1)[-1]
         if module.startswith("_") and r["scenario"]:  # a shared module's kernel (kernels/_linear.py): the op's
             module = r["scenario"]  # whose scenario launched it
-        launches.append(dict(r, module=module, kernel=kernel, consts=consts, ptrs=ptrs,
-                             num_warps=r["options"].num_warps, num_stages=r["options"].num_stages))  # fmt: skip
+        launches.append(
+            dict(
+                r,
+                module=module,
+                kernel=kernel,
+                consts=consts,
+                ptrs=ptrs,
+                num_warps=r["options"].num_warps,
+                num_stages=r["options"].num_stages,
+            )
+        )
     return launches
 
 
-_PTR_CODE = {"bf16": "b", "fp16": "h", "fp32": "f", "fp64": "d", "i64": "l", "i32": "i", "i16": "s", "i8": "c",
-             "u8": "u", "i1": "1", "u1": "1"}  # fmt: skip
+_PTR_CODE = {
+    "bf16": "b",
+    "fp16": "h",
+    "fp32": "f",
+    "fp64": "d",
+    "i64": "l",
+    "i32": "i",
+    "i16": "s",
+    "i8": "c",
+    "u8": "u",
+    "i1": "1",
+    "u1": "1",
+}
 
 
 def describe(launch) -> str:
@@ -434,8 +474,14 @@ def choose_cubins(launches, policy="group") -> None:
     best = {}
     for i, rec in enumerate(launches):
         rec["cubin"] = policy == "all"
-        key = (rec["module"], rec["kernel"], tuple(rec["ptrs"].values()), rec["num_warps"], rec["num_stages"],
-               tuple((n, str(v)) for n, v in rec["consts"].items() if not isinstance(v, bool)))  # fmt: skip
+        key = (
+            rec["module"],
+            rec["kernel"],
+            tuple(rec["ptrs"].values()),
+            rec["num_warps"],
+            rec["num_stages"],
+            tuple((n, str(v)) for n, v in rec["consts"].items() if not isinstance(v, bool)),
+        )
         flags = sum(v is True for v in rec["consts"].values())
         if key not in best or flags > best[key][0]:
             best[key] = (flags, i)
@@ -446,8 +492,7 @@ def choose_cubins(launches, policy="group") -> None:
 
 # ---------------------------------------------------------------------------------------------- compile
 # Largest shared memory one block may use (opt-in), per compute capability; the launch fails above it.
-MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448,
-              120: 101376}  # fmt: skip
+MAX_SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448, 120: 101376}
 
 
 def _frontend(launch, target) -> None:
@@ -462,8 +507,9 @@ def _frontend(launch, target) -> None:
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
-    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
-                         context)  # fmt: skip
+    module = src.make_ir(
+        target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context
+    )
     stages = {}
     backend.add_stages(stages, options, src.language)
     stages["ttir"](module, {})
@@ -474,8 +520,12 @@ def _resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        r = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        r = subprocess.run(
+            [os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK):(\d+)", r.stdout)}
 
 
@@ -488,8 +538,12 @@ def _spills(ptx: str, capability: int) -> dict:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o", src + ".o"],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        r = subprocess.run(
+            [ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o", src + ".o"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
     return dict(spill_stores=int(m.group(1)), spill_loads=int(m.group(2))) if m else {}
 
@@ -502,13 +556,32 @@ def _spills(ptx: str, capability: int) -> dict:
 ISSUE_PER_CLK = 128
 PIPES = {
     "fp32": (128, {"FADD", "FMUL", "FFMA"}),
-    "alu": (64, {"FMNMX", "FSETP", "FSEL", "SEL", "SHF", "PRMT", "LOP3", "ISETP", "IADD3", "PLOP3", "P2R", "R2P",
-                 "LEA", "IMNMX", "VIMNMX", "FCHK"}),
+    "alu": (
+        64,
+        {
+            "FMNMX",
+            "FSETP",
+            "FSEL",
+            "SEL",
+            "SHF",
+            "PRMT",
+            "LOP3",
+            "ISETP",
+            "IADD3",
+            "PLOP3",
+            "P2R",
+            "R2P",
+            "LEA",
+            "IMNMX",
+            "VIMNMX",
+            "FCHK",
+        },
+    ),
     "imad": (64, {"IMAD", "HFMA2"}),
     "mufu": (16, {"MUFU"}),
     "conv": (16, {"F2F", "F2I", "I2F", "F2FP"}),
     "shfl": (32, {"SHFL"}),
-}  # fmt: skip
+}
 
 
 def sass_text(cubin: bytes) -> str:
@@ -516,8 +589,13 @@ def sass_text(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        r = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                           timeout=60, check=True)  # fmt: skip
+        r = subprocess.run(
+            [os.path.join(NVIDIA_BIN, "cuobjdump"), "-sass", f.name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
     return r.stdout
 
 
@@ -567,8 +645,12 @@ def streaming_loop(sass: str) -> dict | None:
         if t is not None and a < t <= body[-1][0]:
             skipped.update(b for b, _, _ in body if a < b < t)
     path = [o for a, o, _ in body if a not in skipped]
-    return {"instructions": len(path), "ops": dict(collections.Counter(path).most_common()),
-            "loads": sum(o in LOADS for o in path), "conditional": len(skipped)}  # fmt: skip
+    return {
+        "instructions": len(path),
+        "ops": dict(collections.Counter(path).most_common()),
+        "loads": sum(o in LOADS for o in path),
+        "conditional": len(skipped),
+    }
 
 
 def cycles_per_element(mix: dict, elements: int) -> dict:
@@ -622,10 +704,16 @@ def _error_text(e: BaseException) -> str:
 
 def _compile_one(i: int, target) -> dict:
     launch = _LAUNCHES[i]
-    res = dict(module=launch["module"], kernel=launch["kernel"], config=describe(launch), scenario=launch["scenario"],
-               check="cubin" if launch["cubin"] else "ttir", ok=True,
-               signature={k: str(v) for k, v in launch["signature"].items()},
-               fp_fusion=bool(launch["options"].enable_fp_fusion))  # fmt: skip
+    res = dict(
+        module=launch["module"],
+        kernel=launch["kernel"],
+        config=describe(launch),
+        scenario=launch["scenario"],
+        check="cubin" if launch["cubin"] else "ttir",
+        ok=True,
+        signature={k: str(v) for k, v in launch["signature"].items()},
+        fp_fusion=bool(launch["options"].enable_fp_fusion),
+    )
     t0 = time.perf_counter()
     try:
         if not launch["cubin"]:
@@ -635,8 +723,11 @@ def _compile_one(i: int, target) -> dict:
             res["shared"] = int(k.metadata.shared)
             limit = MAX_SHARED.get(target.arch)
             if limit is not None and res["shared"] > limit:
-                res.update(ok=False, error=f"OutOfResources: needs {res['shared']} B of shared memory per block; "
-                                           f"sm_{target.arch} allows {limit} B (the launch would raise)")  # fmt: skip
+                res.update(
+                    ok=False,
+                    error=f"OutOfResources: needs {res['shared']} B of shared memory per block; "
+                    f"sm_{target.arch} allows {limit} B (the launch would raise)",
+                )
             try:
                 res.update(_resources(k.asm["cubin"]))
                 if res.get("stack", 0) > 0:
@@ -656,8 +747,10 @@ def _worker(args):
 def compile_all(launches, target, jobs=1) -> list[dict]:
     """Check each launch (cubins first, heaviest kernels first); `jobs` > 1 forks that many workers."""
     global _LAUNCHES
-    order = sorted(range(len(launches)), key=lambda i: (not launches[i]["cubin"],
-                                                       launches[i]["module"] not in ("linear_logprobs", "linear_full_kl")))  # fmt: skip
+    order = sorted(
+        range(len(launches)),
+        key=lambda i: (not launches[i]["cubin"], launches[i]["module"] not in ("linear_logprobs", "linear_full_kl")),
+    )
     _LAUNCHES = launches
     import multiprocessing as mp
 
@@ -677,9 +770,19 @@ def table(results, checks=("cubin",)) -> str:
         if r["check"] not in checks and r["ok"]:
             continue
         spill = f"{r['spill_stores']}/{r['spill_loads']}" if "spill_stores" in r else ""
-        rows.append((r["module"], r["kernel"], r["config"], r["check"] + ("" if r["ok"] else " FAIL"),
-                     str(r.get("shared", "")), str(r.get("reg", "")), str(r.get("stack", "")), spill,
-                     f"{r['seconds']:.1f}"))  # fmt: skip
+        rows.append(
+            (
+                r["module"],
+                r["kernel"],
+                r["config"],
+                r["check"] + ("" if r["ok"] else " FAIL"),
+                str(r.get("shared", "")),
+                str(r.get("reg", "")),
+                str(r.get("stack", "")),
+                spill,
+                f"{r['seconds']:.1f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -698,17 +801,31 @@ def run(modules=MODULES, arch=90, jobs=1, cubin="group") -> dict:
     results = compile_all(launches, target, jobs)
     t2 = time.perf_counter()
     kernels = {m: launched_kernels(importlib.import_module(f"fastrlhf.kernels.{m}")) for m in modules}
-    return dict(arch=arch, triton=triton.__version__, modules=list(modules), known_modules=list(MODULES),
-                kernels=kernels, capture_errors=capture_errors, results=results, capture_s=round(t1 - t0, 2),
-                compile_s=round(t2 - t1, 2), jobs=jobs, cubin=cubin)  # fmt: skip
+    return dict(
+        arch=arch,
+        triton=triton.__version__,
+        modules=list(modules),
+        known_modules=list(MODULES),
+        kernels=kernels,
+        capture_errors=capture_errors,
+        results=results,
+        capture_s=round(t1 - t0, 2),
+        compile_s=round(t2 - t1, 2),
+        jobs=jobs,
+        cubin=cubin,
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability (90 = H100/H200)")
     ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated kernel modules")
-    ap.add_argument("--cubin", choices=("group", "all", "none"), default="group",
-                    help="which launches compile to a cubin; the rest go to TTIR only (default: one per group)")
+    ap.add_argument(
+        "--cubin",
+        choices=("group", "all", "none"),
+        default="group",
+        help="which launches compile to a cubin; the rest go to TTIR only (default: one per group)",
+    )
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
     ap.add_argument("--json", help="write the full report here")
     ap.add_argument("--all-rows", action="store_true", help="list the TTIR-only launches in the table too")
@@ -731,15 +848,19 @@ def main(argv=None) -> int:
     print(table(results, ("cubin", "ttir") if args.all_rows else ("cubin",)))
     n_fail = sum(not r["ok"] for r in results)
     n_cubin = sum(r["check"] == "cubin" for r in results)
-    print(f"\n{len(results)} distinct launches for sm_{args.arch}: {n_cubin} compiled to cubin, "
-          f"{len(results) - n_cubin} to TTIR only; {n_fail} failed. Capture {report['capture_s']} s, "
-          f"compile {report['compile_s']} s (jobs={args.jobs})")  # fmt: skip
+    print(
+        f"\n{len(results)} distinct launches for sm_{args.arch}: {n_cubin} compiled to cubin, "
+        f"{len(results) - n_cubin} to TTIR only; {n_fail} failed. Capture {report['capture_s']} s, "
+        f"compile {report['compile_s']} s (jobs={args.jobs})"
+    )
     for r in results:
         if not r["ok"]:
             print(f"\nFAIL {r['module']}.{r['kernel']} [{r['config']}] ({r['check']}):\n{r['error']}")
         elif r.get("stack", 0) > 0:
-            print(f"WARNING spills: {r['module']}.{r['kernel']} [{r['config']}]: stack {r['stack']} B, "
-                  f"spill stores/loads {r.get('spill_stores', '?')}/{r.get('spill_loads', '?')} B")
+            print(
+                f"WARNING spills: {r['module']}.{r['kernel']} [{r['config']}]: stack {r['stack']} B, "
+                f"spill stores/loads {r.get('spill_stores', '?')}/{r.get('spill_loads', '?')} B"
+            )
     for name, tb in report["capture_errors"].items():
         print(f"\nCAPTURE FAILED {name}: a launcher raised before every launch was recorded:\n{tb}")
     for m, names in report["kernels"].items():

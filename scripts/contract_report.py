@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in args.log.read_text().splitlines():
         r = json.loads(line)
         dtype = re.search(r"torch\.(float32|bfloat16|float16)", r["test"])
-        key = (r["test"].split("::")[0].removeprefix("tests/"), label(r["what"]), dtype.group(1) if dtype else r["dtype"])
+        key = (
+            r["test"].split("::")[0].removeprefix("tests/"),
+            label(r["what"]),
+            dtype.group(1) if dtype else r["dtype"],
+        )
         groups[key].append(r["use_of_bound"])
 
     rows = ["| test file | output | input dtype | checks | headroom (min bound / error) |", "|---|---|---|---:|---:|"]

@@ -310,11 +310,24 @@ What is the plural of tooth? => teeth
 
 # (from unit, to unit, factor): "How many <to> are in <n> <from>?" -> n * factor
 UNITS = [
-    ("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("centimeters", "millimeters", 10),
-    ("kilograms", "grams", 1000), ("liters", "milliliters", 1000), ("hours", "minutes", 60),
-    ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7), ("years", "months", 12),
-    ("feet", "inches", 12), ("yards", "feet", 3), ("pounds", "ounces", 16), ("gallons", "quarts", 4),
-    ("dollars", "cents", 100), ("dozen", "eggs", 12), ("decades", "years", 10), ("centuries", "years", 100),
+    ("meters", "centimeters", 100),
+    ("kilometers", "meters", 1000),
+    ("centimeters", "millimeters", 10),
+    ("kilograms", "grams", 1000),
+    ("liters", "milliliters", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
+    ("years", "months", 12),
+    ("feet", "inches", 12),
+    ("yards", "feet", 3),
+    ("pounds", "ounces", 16),
+    ("gallons", "quarts", 4),
+    ("dollars", "cents", 100),
+    ("dozen", "eggs", 12),
+    ("decades", "years", 10),
+    ("centuries", "years", 100),
 ]
 UNITS_PER_KIND = 3  # 18 kinds x 3 quantities = 54 questions
 

@@ -40,8 +40,11 @@ if not _common.use_triton(torch.empty(0, device=DEVICE)):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "kernels(*launches): the Triton launches a contract test judges, "
-                            "e.g. 'full_kl.fwd'; each must run during the test")  # fmt: skip
+    config.addinivalue_line(
+        "markers",
+        "kernels(*launches): the Triton launches a contract test judges, "
+        "e.g. 'full_kl.fwd'; each must run during the test",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +55,9 @@ def _kernel_path(request):
     yield
     marker = request.node.get_closest_marker("kernels")
     if marker is None:
-        assert not contract.CHECKS, "a test asserting the precision contract must name its launches (@pytest.mark.kernels)"
+        assert not contract.CHECKS, (
+            "a test asserting the precision contract must name its launches (@pytest.mark.kernels)"
+        )
         return
     missing = [n for n in marker.args if _common.LAUNCHES[f"fastrlhf.{n}"] <= before[f"fastrlhf.{n}"]]
     assert not missing, f"Triton launches {missing} did not run: the test judged another path (a *_ref twin?)"

@@ -74,8 +74,9 @@ def intermediate_rounding(grad_z64: torch.Tensor, dtype: torch.dtype) -> torch.T
     return rounding(grad_z64.detach().double().abs() * (1 + 2.0**-20), dtype)  # the computed value's magnitude
 
 
-def assert_contract(what: str, kernel: torch.Tensor, eager32: torch.Tensor, ref: torch.Tensor,
-                    inherited: float | torch.Tensor = 0.0) -> tuple[float, float]:  # fmt: skip
+def assert_contract(
+    what: str, kernel: torch.Tensor, eager32: torch.Tensor, ref: torch.Tensor, inherited: float | torch.Tensor = 0.0
+) -> tuple[float, float]:
     """kernel <= 2 * eager32's error + epsilon (+ `inherited`, a number or a tensor of ref's shape) + one
     rounding to kernel.dtype, element-wise, against the fp64 reference. `eager32` must be fp32 or fp64 (eager
     PyTorch on the upcast inputs). Returns (kernel's max error, eager32's max error)."""
@@ -110,9 +111,13 @@ def _log(what: str, dtype: torch.dtype, err: torch.Tensor, bound: torch.Tensor) 
     if not path:
         return
     use = (err / bound).max().item() if err.numel() else 0.0  # 1.0 = at the bound
-    record = {"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "what": what,
-              "dtype": str(dtype).removeprefix("torch."), "max_err": err.max().item() if err.numel() else 0.0,
-              "use_of_bound": use}  # fmt: skip
+    record = {
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+        "what": what,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_err": err.max().item() if err.numel() else 0.0,
+        "use_of_bound": use,
+    }
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 

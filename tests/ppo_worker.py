@@ -19,8 +19,9 @@ from fastrlhf.trainer.config import PPOConfig
 from fastrlhf.trainer.rollout import Rollout, left_pad, mask_after_stop, stop_token_ids
 
 
-def fixed_replies(model, tokenizer, prompts, *, max_new_tokens, temperature, samples_per_prompt=1, device="cpu",
-                  synced_gpus=False):
+def fixed_replies(
+    model, tokenizer, prompts, *, max_new_tokens, temperature, samples_per_prompt=1, device="cpu", synced_gpus=False
+):
     """`rollout.sample`'s signature and output; reply s of prompt p is a function of (p, s) alone."""
     stop, k = stop_token_ids(model), samples_per_prompt
     replies = []
@@ -34,9 +35,14 @@ def fixed_replies(model, tokenizer, prompts, *, max_new_tokens, temperature, sam
             replies.append(tokens)
     response, response_mask, has_eos = mask_after_stop(torch.stack(replies), stop, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
-    return Rollout(prompt_ids=prompt_ids.repeat_interleave(k, 0), prompt_mask=prompt_mask.repeat_interleave(k, 0),
-                   response_ids=response, response_mask=response_mask, has_eos=has_eos,
-                   prompt_index=torch.arange(len(prompts)).repeat_interleave(k)).to(device)  # fmt: skip
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(k, 0),
+        prompt_mask=prompt_mask.repeat_interleave(k, 0),
+        response_ids=response,
+        response_mask=response_mask,
+        has_eos=has_eos,
+        prompt_index=torch.arange(len(prompts)).repeat_interleave(k),
+    ).to(device)
 
 
 def run(cfg: PPOConfig) -> dict:

@@ -24,20 +24,21 @@ from fastrlhf.trainer.annotate import (
     pair_responses,
     read_annotations,
 )
-from fastrlhf.trainer.data import (
-    PromptRecord,
-    load_demo_prompts,
-    load_pairs,
-    write_jsonl,
-)
+from fastrlhf.trainer.data import PromptRecord, load_demo_prompts, load_pairs, write_jsonl
 from fastrlhf.trainer.errors import UserError
 
-FRANCE = PromptRecord([{"role": "user", "content": "What is the capital of France?"}],
-                      {"id": "capital-001", "answer": "Paris", "aliases": [], "category": "capital"})  # fmt: skip
-GERMANY = PromptRecord([{"role": "user", "content": "What is the capital of Germany?"}],
-                       {"id": "capital-003", "answer": "Berlin", "aliases": [], "category": "capital"})  # fmt: skip
-SUM = PromptRecord([{"role": "user", "content": "What is 17 + 25?"}],
-                   {"id": "arith-001", "answer": "42", "aliases": [], "category": "arithmetic"})  # fmt: skip
+FRANCE = PromptRecord(
+    [{"role": "user", "content": "What is the capital of France?"}],
+    {"id": "capital-001", "answer": "Paris", "aliases": [], "category": "capital"},
+)
+GERMANY = PromptRecord(
+    [{"role": "user", "content": "What is the capital of Germany?"}],
+    {"id": "capital-003", "answer": "Berlin", "aliases": [], "category": "capital"},
+)
+SUM = PromptRecord(
+    [{"role": "user", "content": "What is 17 + 25?"}],
+    {"id": "arith-001", "answer": "42", "aliases": [], "category": "arithmetic"},
+)
 
 
 class Keys:
@@ -135,13 +136,21 @@ def test_generate_pairs_on_tiny_model(tiny_model, tmp_path, caplog):
         assert list(row)[:3] == ["pair_id", "id", "prompt"]
         assert row["prompt"] == prompt.prompt
         assert (row["answer"], row["aliases"], row["category"]) == (
-            prompt.meta["answer"], prompt.meta["aliases"], prompt.meta["category"])  # fmt: skip
+            prompt.meta["answer"],
+            prompt.meta["aliases"],
+            prompt.meta["category"],
+        )
         assert row["response_a"] and row["response_b"] and row["response_a"] != row["response_b"]
         assert row["response_a"] == row["response_a"].strip()
         assert "<|im_end|>" not in row["response_a"] + row["response_b"]  # special tokens decoded away
         assert row["pair_id"] == pair_id(row["id"], row["response_a"], row["response_b"])
-        assert row["meta"] == {"model": str(Path(tiny_model).resolve()), "temperature": 0.7, "seed": 0,
-                               "samples_per_prompt": 3, "max_new_tokens": 8}  # fmt: skip
+        assert row["meta"] == {
+            "model": str(Path(tiny_model).resolve()),
+            "temperature": 0.7,
+            "seed": 0,
+            "samples_per_prompt": 3,
+            "max_new_tokens": 8,
+        }
     assert rows[1]["response_b"] == rows[0]["response_a"]  # the odd one out meets the first reply
     assert len({r["pair_id"] for r in rows}) == 6
     assert "3 prompts, 9 samples" in caplog.text and "0 duplicate" in caplog.text and "-> 6 pairs" in caplog.text
@@ -178,8 +187,17 @@ def test_annotate_scripted_keys(candidates, tmp_path):
     assert all(r["annotator"] == f"human:{os.environ.get('USER') or 'unknown'}" for r in got)
     assert all(r["seconds"] >= 0 and r["time"].endswith("Z") for r in got)
     choices = [r["choice"] for r in got]
-    assert summary == AnnotationSummary(total=6, answered_before=0, annotated=5, chose_a=choices.count("a"),
-                                        chose_b=choices.count("b"), ties=1, skips=1, remaining=1, stopped="quit")  # fmt: skip
+    assert summary == AnnotationSummary(
+        total=6,
+        answered_before=0,
+        annotated=5,
+        chose_a=choices.count("a"),
+        chose_b=choices.count("b"),
+        ties=1,
+        skips=1,
+        remaining=1,
+        stopped="quit",
+    )
     text = screen.text
     assert all(f"pair {n}/6" in text for n in range(1, 7))
     assert "unknown key 'x'" in text and text.count("pair 5/6") == 1  # re-prompted, not redrawn
@@ -272,9 +290,12 @@ def start_annotator(candidates: Path, out_path: Path, tmp_path: Path, keys: str)
     env = os.environ | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-c", SUBPROCESS, str(candidates), str(out_path)],
-        stdin=subprocess.PIPE, stdout=(tmp_path / "stdout.txt").open("w"), stderr=(tmp_path / "stderr.txt").open("w"),
-        env=env, text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=(tmp_path / "stdout.txt").open("w"),
+        stderr=(tmp_path / "stderr.txt").open("w"),
+        env=env,
+        text=True,
+    )
     proc.stdin.write(keys)
     proc.stdin.flush()
     return proc
@@ -352,8 +373,14 @@ def test_rubric_mode_labels_annotator_and_source(candidates, tmp_path):
 
     assert build_preferences(candidates, out_path, pref_path) == 6
     pairs = load_pairs(pref_path)
-    assert [p.chosen for p in pairs] == ["Paris.", "The capital is Paris.", "Berlin", "Berlin, of course.", "42",
-                                         "17 + 25 = 42"]  # fmt: skip
+    assert [p.chosen for p in pairs] == [
+        "Paris.",
+        "The capital is Paris.",
+        "Berlin",
+        "Berlin, of course.",
+        "42",
+        "17 + 25 = 42",
+    ]
     assert {p.meta["source"] for p in pairs} == {"rubric-annotated"}
     assert {p.meta["annotator"] for p in pairs} == {"rubric:demo"}
 
@@ -388,7 +415,8 @@ def test_build_preferences_drops_ties_skips_and_a_truncated_line(candidates, tmp
         assert (pair.chosen, pair.rejected, pair.margin) == (winner, loser, None)
         assert pair.prompt == cand["prompt"]
         assert {k: pair.meta[k] for k in ("id", "answer", "aliases", "category")} == {
-            k: cand[k] for k in ("id", "answer", "aliases", "category")}  # fmt: skip
+            k: cand[k] for k in ("id", "answer", "aliases", "category")
+        }
         assert pair.meta["source"] == "human-annotated" and pair.meta["annotator"].startswith("human:")
         assert pair.meta["generation"] == {"model": "hand-made", "temperature": 0.7, "seed": 0}
 

@@ -24,8 +24,17 @@ import measure  # noqa: E402
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="smoke checks of the benchmark tooling run on CPU (interpreter)"
 )
-GPU_ONLY = ("tflops", "pct_matmul", "tflops_executed", "peak_extra_mb", "grad_buffers_mb", "peak_beyond_grads_mb",
-            "peak_vs_logits", "speedup_vs_ref", "speedup_vs_eager")  # fmt: skip
+GPU_ONLY = (
+    "tflops",
+    "pct_matmul",
+    "tflops_executed",
+    "peak_extra_mb",
+    "grad_buffers_mb",
+    "peak_beyond_grads_mb",
+    "peak_vs_logits",
+    "speedup_vs_ref",
+    "speedup_vs_eager",
+)
 
 
 def _key(r: dict) -> tuple:
@@ -42,9 +51,22 @@ def test_smoke_run_writes_every_case(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(bl.FILES)
     doc = json.loads((out / "linear.json").read_text())
     meta = doc["meta"]
-    for key in ("gpu_name", "gpu_driver", "torch", "triton", "transformers", "git_commit", "date_utc",
-                "kernel_path", "flop_convention", "matmul", "matmul_bf16_tflops_8192", "logits_mb", "inputs_mb",
-                "wall_s"):  # fmt: skip
+    for key in (
+        "gpu_name",
+        "gpu_driver",
+        "torch",
+        "triton",
+        "transformers",
+        "git_commit",
+        "date_utc",
+        "kernel_path",
+        "flop_convention",
+        "matmul",
+        "matmul_bf16_tflops_8192",
+        "logits_mb",
+        "inputs_mb",
+        "wall_s",
+    ):
         assert key in meta, key
     assert (meta["M"], meta["H"], meta["V"], meta["dtype"], meta["grid"]) == (16, 32, 300, "fp32", "smoke")
     assert "interpreter" in meta["kernel_path"] and meta["gpu_name"] is None

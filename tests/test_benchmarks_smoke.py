@@ -199,8 +199,11 @@ def test_pytest_benchmark_suite_runs_disabled():
     )
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(rf"\b{n_ok} passed", proc.stdout), proc.stdout[-2000:]
 
@@ -282,9 +285,28 @@ def test_bench_ppo_step_smoke(tmp_path, capsys):
 
     policy = tiny_model_path(tmp_path / "models")
     out = tmp_path / "out"
-    argv = ["--model", policy, "--steps", "2", "--batch-prompts", "4", "--minibatch-size", "2", "--ppo-epochs",
-            "1", "--max-new-tokens", "4", "--freeze-layers", "1", "--device", "cpu", "--out", str(out),
-            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    argv = [
+        "--model",
+        policy,
+        "--steps",
+        "2",
+        "--batch-prompts",
+        "4",
+        "--minibatch-size",
+        "2",
+        "--ppo-epochs",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--freeze-layers",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     assert bench_ppo_step.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(bench_ppo_step.FILES)
     doc = json.loads((out / "ppo_step.json").read_text())
@@ -320,8 +342,28 @@ def test_bench_head_memory_smoke(tmp_path, capsys, monkeypatch):
     import torch
 
     out = tmp_path / "out"
-    argv = ["--arch", "tiny", "--vocab-size", "300", "--hidden-size", "32", "--batch", "2", "--prompt-len", "4",
-            "--reply-len", "8", "--warmup", "0", "--reps", "1", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--arch",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--hidden-size",
+        "32",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "4",
+        "--reply-len",
+        "8",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert bhm.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(bhm.FILES)
     doc = json.loads((out / "head_memory.json").read_text())
@@ -358,8 +400,9 @@ def test_bench_head_memory_smoke(tmp_path, capsys, monkeypatch):
     res = bhm.max_batch(model, "eager", args, torch.device("cpu"), 10, start_fits=True)
     assert (res["max_batch"], res["first_oom"], res["ended"]) == (13, 14, "converged")
     assert [p["batch"] for p in res["probes"]] == [16, 12, 14, 13]
-    res = bhm.max_batch(model, "eager", bhm.parse_args(["--batch", "8", "--max-batch", "12"]), torch.device("cpu"),
-                        10, start_fits=True)  # fmt: skip
+    res = bhm.max_batch(
+        model, "eager", bhm.parse_args(["--batch", "8", "--max-batch", "12"]), torch.device("cpu"), 10, start_fits=True
+    )
     assert (res["max_batch"], res["ended"]) == (12, "capped at --max-batch")
 
 
@@ -369,8 +412,12 @@ def test_gpu_math_probe_measures_the_model_and_the_interpreter(tmp_path):
     res = {}
     for mode in ("--model", None):
         out = tmp_path / f"probe{mode or ''}.json"
-        cmd = [sys.executable, str(REPO / "benchmarks" / "tools" / "gpu_math_probe.py"), "--out", str(out)] + ([mode] if mode else [])
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+        cmd = [sys.executable, str(REPO / "benchmarks" / "tools" / "gpu_math_probe.py"), "--out", str(out)] + (
+            [mode] if mode else []
+        )
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"}
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "| exp2 |" in done.stdout
         res[mode] = json.loads(out.read_text())

@@ -382,8 +382,11 @@ def test_sliced_logits_and_a_written_output_as_trl_tests_its_kernel(weights, dty
         lp, ent = logp.gather(-1, index.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
         return (lp, ent) if mask is None else (lp.masked_fill(~mask, 0.0), ent.masked_fill(~mask, 0.0))
 
-    got = run(lambda x: compat.selective_log_softmax_and_entropy(x, index, temperature=0.7, row_mask=mask,
-                                                                 out_dtype=torch.float32))  # fmt: skip
+    got = run(
+        lambda x: compat.selective_log_softmax_and_entropy(
+            x, index, temperature=0.7, row_mask=mask, out_dtype=torch.float32
+        )
+    )
     want = run(reference)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
@@ -401,8 +404,10 @@ def test_chunked_logprob_frozen_inputs_and_mixed_dtypes(trl_utils, trainable, ge
     t = torch.randint(0, 70, (23,), generator=gen)
 
     def run(fn, dtype):
-        leaves = [a.clone().to(device, dtype).requires_grad_(trainable in (name, "all"))
-                  for name, a in zip(("hidden", "weight", "bias"), (h, w, b))]  # fmt: skip
+        leaves = [
+            a.clone().to(device, dtype).requires_grad_(trainable in (name, "all"))
+            for name, a in zip(("hidden", "weight", "bias"), (h, w, b))
+        ]
         lp, ent = fn(*leaves)[:2]
         (2.0 * lp + 0.5 * ent).sum().backward()
         return [lp.detach().double().cpu(), ent.detach().double().cpu()] + [
@@ -456,7 +461,9 @@ def _compiled_cases():
     """name -> fn(x, idx) -> a scalar, through one adapter or public function."""
     return {
         "selective_log_softmax": lambda x, i: compat.selective_log_softmax(x, i, 0.7).sum(),
-        "selective_log_softmax top-K": lambda x, i: compat.selective_log_softmax(x, torch.stack([i, i.flip(-1)], -1)).sum(),
+        "selective_log_softmax top-K": lambda x, i: compat.selective_log_softmax(
+            x, torch.stack([i, i.flip(-1)], -1)
+        ).sum(),
         "entropy_from_logits": lambda x, i: compat.entropy_from_logits(x).sum(),
         "selective_log_softmax_and_entropy": lambda x, i: sum(
             o.sum() for o in compat.selective_log_softmax_and_entropy(x, i, True, 0.8, (i % 3 > 0).long())
@@ -513,7 +520,10 @@ def test_use_in_trl_patches_where_trl_holds_the_names_and_restores(trl_utils, mo
     monkeypatch.setitem(sys.modules, "not_trl", outside)
 
     switch = compat.use_in_trl()
-    assert U.selective_log_softmax is compat.selective_log_softmax and held.selective_log_softmax is compat.selective_log_softmax
+    assert (
+        U.selective_log_softmax is compat.selective_log_softmax
+        and held.selective_log_softmax is compat.selective_log_softmax
+    )
     assert U.entropy_from_logits is compat.entropy_from_logits and held.entropy_from_logits is len
     assert U.selective_log_softmax_and_entropy is compat.selective_log_softmax_and_entropy
     assert isinstance(U._ChunkedLogProbFunction, compat.ChunkedLogProb)
@@ -576,7 +586,11 @@ def test_chunked_logprob_hands_what_it_does_not_compute_to_trl(trl_utils, gen):
     from fastrlhf.kernels import _common
 
     ours = compat.ChunkedLogProb(trl_utils._ChunkedLogProbFunction)
-    h, w, t = torch.randn(5, 8, generator=gen), torch.randn(40, 8, generator=gen), torch.randint(0, 40, (5,), generator=gen)
+    h, w, t = (
+        torch.randn(5, 8, generator=gen),
+        torch.randn(40, 8, generator=gen),
+        torch.randint(0, 40, (5,), generator=gen),
+    )
     for softcap, outputs in ((30.0, ("log_probs",)), (None, ("log_probs", "entropy", "is_top1"))):
         before = sum(_common.LAUNCHES.values())
         got = ours.apply(h, w, None, t, 1.0, 16, softcap, 1.0, outputs)
@@ -615,11 +629,21 @@ def _openrlhf_log_probs_from_logits(logits, labels, temperature=1.0):  # OpenRLH
 _verl_logprobs_from_logits.__name__ = "logprobs_from_logits"
 _openrlhf_log_probs_from_logits.__name__ = "log_probs_from_logits"
 PEERS = {  # switch, the module that defines the function, a module that imports it by name, the function, ours
-    "verl": ("use_in_verl", "verl.utils.torch_functional", "verl.workers.actor.dp_actor",
-             _verl_logprobs_from_logits, "logprobs_from_logits"),
-    "openrlhf": ("use_in_openrlhf", "openrlhf.models.utils", "openrlhf.models.actor",
-                 _openrlhf_log_probs_from_logits, "log_probs_from_logits"),
-}  # fmt: skip
+    "verl": (
+        "use_in_verl",
+        "verl.utils.torch_functional",
+        "verl.workers.actor.dp_actor",
+        _verl_logprobs_from_logits,
+        "logprobs_from_logits",
+    ),
+    "openrlhf": (
+        "use_in_openrlhf",
+        "openrlhf.models.utils",
+        "openrlhf.models.actor",
+        _openrlhf_log_probs_from_logits,
+        "log_probs_from_logits",
+    ),
+}
 
 
 @pytest.mark.parametrize("peer", PEERS)

@@ -48,8 +48,9 @@ def _env() -> dict:
 def _run(args, tmp: Path) -> dict:
     """Run aot_compile.py (or a `-c` driver) in a fresh process; the JSON report it wrote to tmp/report.json."""
     out = tmp / "report.json"
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     if not out.exists():
         tail = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         pytest.fail(f"aot_compile wrote no report (exit {proc.returncode}):\n{tail}")
@@ -70,7 +71,9 @@ def report(tmp_path_factory) -> dict:
 
     version = ".".join(triton.__version__.split(".")[:2])
     if version not in CAPTURE_TESTED_ON:
-        pytest.skip(f"aot_compile.py hooks Triton internals as of {sorted(CAPTURE_TESTED_ON)}; this is triton {version}")
+        pytest.skip(
+            f"aot_compile.py hooks Triton internals as of {sorted(CAPTURE_TESTED_ON)}; this is triton {version}"
+        )
     tmp = tmp_path_factory.mktemp("aot")
     jobs = min(2, os.cpu_count() or 1)
     rep = _run([str(SCRIPT), "--json", str(tmp / "report.json"), "--jobs", str(jobs)], tmp)
@@ -99,16 +102,22 @@ def test_kernels_compile_for_sm90(report, module):
 
     for r in results:
         if r["ok"] and r.get("stack", 0) > 0:
-            warnings.warn(f"{module}.{_row(r)} spills registers on sm_{report['arch']}: stack {r['stack']} B, "
-                          f"spill stores/loads {r.get('spill_stores', '?')}/{r.get('spill_loads', '?')} B")  # fmt: skip
+            warnings.warn(
+                f"{module}.{_row(r)} spills registers on sm_{report['arch']}: stack {r['stack']} B, "
+                f"spill stores/loads {r.get('spill_stores', '?')}/{r.get('spill_loads', '?')} B"
+            )
     failed = [r for r in results if not r["ok"]]
     by_error: dict[tuple, list] = {}  # one message per (kernel, error), with the configurations it hit
     for r in failed:
         by_error.setdefault((r["kernel"], r["error"]), []).append(f"[{r['config']}] ({r['check']})")
-    lines = [f"{kernel} in {len(cfgs)} configuration(s), e.g. {cfgs[0]}:\n{textwrap.indent(err[-3000:], '    ')}"
-             for (kernel, err), cfgs in by_error.items()]  # fmt: skip
-    assert not failed, (f"{module}: {len(failed)} of {len(results)} launches fail to compile for sm_{report['arch']}:\n"
-                        + "\n".join(lines))  # fmt: skip
+    lines = [
+        f"{kernel} in {len(cfgs)} configuration(s), e.g. {cfgs[0]}:\n{textwrap.indent(err[-3000:], '    ')}"
+        for (kernel, err), cfgs in by_error.items()
+    ]
+    assert not failed, (
+        f"{module}: {len(failed)} of {len(results)} launches fail to compile for sm_{report['arch']}:\n"
+        + "\n".join(lines)
+    )
     assert any(r["check"] == "cubin" for r in results), f"{module}: no launch was compiled to a cubin"
     unfused = sorted({r["kernel"] for r in results if not r["fp_fusion"]})
     assert not unfused, f"{module}: launches without enable_fp_fusion=True (kernels/_common.py says why): {unfused}"

@@ -35,9 +35,7 @@ PAIR_ROWS = [
 ]
 EXPECTED_PAIRS = [
     PreferencePair([{"role": "user", "content": "What is 2 + 2?"}], "4", "5", None, {"source": "a"}),
-    PreferencePair(
-        [{"role": "user", "content": "Capital of France?"}], "Paris", "Lyon", None, {"source": "b"}
-    ),
+    PreferencePair([{"role": "user", "content": "Capital of France?"}], "Paris", "Lyon", None, {"source": "b"}),
     PreferencePair([{"role": "user", "content": "What is 2 + 2?"}], "Four.", "22", None, {"source": "c"}),
 ]
 
@@ -88,20 +86,15 @@ def test_load_prompts_each_format_keeps_extra_fields_as_meta(tmp_path, fmt):
     ]
     records = load_prompts(write_rows(tmp_path, rows, fmt))
     assert records == [
-        PromptRecord(
-            [{"role": "user", "content": "What is 17 + 25?"}], {"answer": "42", "category": "arithmetic"}
-        ),
-        PromptRecord(
-            [{"role": "user", "content": "Capital of Peru?"}], {"answer": "Lima", "category": "capital"}
-        ),
+        PromptRecord([{"role": "user", "content": "What is 17 + 25?"}], {"answer": "42", "category": "arithmetic"}),
+        PromptRecord([{"role": "user", "content": "Capital of Peru?"}], {"answer": "Lima", "category": "capital"}),
     ]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "saved"])
 def test_column_mapping(tmp_path, fmt):
     rows = [
-        {"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "source": r["source"]}
-        for r in PAIR_ROWS
+        {"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "source": r["source"]} for r in PAIR_ROWS
     ]
     path = write_rows(tmp_path, rows, fmt)
     pairs = load_pairs(path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
@@ -136,18 +129,12 @@ def test_mapped_margin_column_is_required_and_typed(tmp_path):
     path = write_rows(tmp_path, rows, "jsonl")
     assert [p.margin for p in load_pairs(path, columns={"margin": "strength"})] == [2.0, 2.0, 2.0]
     message = error_of(
-        lambda: load_pairs(
-            write_rows(tmp_path, PAIR_ROWS, "jsonl", "nomargin"), columns={"margin": "strength"}
-        )
+        lambda: load_pairs(write_rows(tmp_path, PAIR_ROWS, "jsonl", "nomargin"), columns={"margin": "strength"})
     )
     assert "line 1: field 'strength': missing" in message
     bad = write_rows(
         tmp_path,
-        [
-            dict(PAIR_ROWS[0], margin="high"),
-            dict(PAIR_ROWS[1], margin=True),
-            dict(PAIR_ROWS[2], margin=float("nan")),
-        ],
+        [dict(PAIR_ROWS[0], margin="high"), dict(PAIR_ROWS[1], margin=True), dict(PAIR_ROWS[2], margin=float("nan"))],
         "jsonl",
         "bad",
     )
@@ -188,10 +175,7 @@ def test_multi_turn_prompt_and_multi_message_response(tmp_path):
             {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": "Capital of Peru?"},
         ],
-        "chosen": [
-            {"role": "assistant", "content": "Lima."},
-            {"role": "assistant", "content": "It is on the coast."},
-        ],
+        "chosen": [{"role": "assistant", "content": "Lima."}, {"role": "assistant", "content": "It is on the coast."}],
         "rejected": "Cusco",
     }
     (pair,) = load_pairs(write_rows(tmp_path, [row], "jsonl"))
@@ -236,9 +220,7 @@ IMPLICIT_ROWS = [
     },
 ]
 EXPECTED_IMPLICIT = [
-    PreferencePair(
-        [msg("system", "Be brief."), msg("user", "Capital of Peru?")], "Lima.", "Cusco.", None, {"id": 1}
-    ),
+    PreferencePair([msg("system", "Be brief."), msg("user", "Capital of Peru?")], "Lima.", "Cusco.", None, {"id": 1}),
     PreferencePair(
         [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "What is 2 + 2?")],
         "4\n\nAnything else?",
@@ -286,8 +268,7 @@ def test_implicit_prompt_errors_name_row_and_field(tmp_path):
         "the prompt is the messages both conversations start with",
         "line 2: field 'rejected': the turns shared with 'chosen' end with message 2, role 'assistant'; "
         "an implicit prompt must end with a user turn",
-        "line 3: field 'chosen[2].role': after the shared prompt only 'assistant' turns may follow, "
-        "got 'user'",
+        "line 3: field 'chosen[2].role': after the shared prompt only 'assistant' turns may follow, got 'user'",
         "line 4: field 'rejected': the same conversation as 'chosen': no prompt and replies to tell apart",
         "line 5: field 'chosen': no reply after the prompt the two conversations share",
         "line 6: field 'rejected': the turns shared with 'chosen' end with message 1, role 'system'; "
@@ -295,8 +276,7 @@ def test_implicit_prompt_errors_name_row_and_field(tmp_path):
         "line 7: field 'prompt': missing (fields present: chosen, rejected, id); without it, 'chosen' and "
         "'rejected' must be whole conversations (lists of messages) that share their opening turns, "
         "or Anthropic-HH text starting '\\n\\nHuman:'",
-        "line 8: field 'rejected': expected a list of messages (a whole conversation, like the other side), "
-        "got str",
+        "line 8: field 'rejected': expected a list of messages (a whole conversation, like the other side), got str",
         "line 9: field 'chosen[1].content': empty string",
     ]
 
@@ -318,11 +298,7 @@ HH_ROWS = [
 ]
 EXPECTED_HH = [
     PreferencePair(
-        [
-            msg("user", "Hi there"),
-            msg("assistant", "Hello! How can I help?"),
-            msg("user", "Name two primes."),
-        ],
+        [msg("user", "Hi there"), msg("assistant", "Hello! How can I help?"), msg("user", "Name two primes.")],
         "2 and 3.\n\nBoth are prime.",  # a blank line inside a reply is not a turn boundary
         "4 and 6.",
     ),
@@ -352,17 +328,14 @@ def test_anthropic_hh_errors_name_row_and_field(tmp_path):
         "line 1: field 'chosen': empty final Assistant reply (turn 2)",
         "line 2: field 'chosen': empty final Assistant reply (turn 2)",
         "line 3: field 'chosen': Anthropic-HH text must end with an Assistant turn; turn 3 is Human",
-        "line 4: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' "
-        "(at turn 2)",
-        "line 5: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' "
-        "(at turn 1)",
+        "line 4: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' (at turn 2)",
+        "line 5: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' (at turn 1)",
         "line 6: field 'rejected': 'chosen' is Anthropic-HH text, so this must be too (starting "
         "'\\n\\nHuman:'); got str starting 'Human: q\\n\\nAssistant:'",
         "line 7: field 'chosen': 'rejected' is Anthropic-HH text, so this must be too (starting "
         "'\\n\\nHuman:'); got list",
         "line 8: field 'chosen': Anthropic-HH turn 1 (Human) is empty",
-        "line 9: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' "
-        "(at turn 2)",
+        "line 9: field 'rejected': the conversation before the final Assistant reply differs from 'chosen' (at turn 2)",
     ]
 
 
@@ -441,10 +414,7 @@ def test_score_errors_and_mapped_score_columns(tmp_path):
 
 MESSAGES_ROWS = [
     {"messages": [msg("user", "What is 2 + 2?")], "id": 1},
-    {
-        "messages": [msg("system", "Be brief."), msg("user", "Capital of Peru?"), msg("assistant", "Lima.")],
-        "id": 2,
-    },
+    {"messages": [msg("system", "Be brief."), msg("user", "Capital of Peru?"), msg("assistant", "Lima.")], "id": 2},
     {
         "messages": [
             msg("user", "Hi"),
@@ -458,9 +428,7 @@ MESSAGES_ROWS = [
 ]
 EXPECTED_MESSAGES = [
     PromptRecord([msg("user", "What is 2 + 2?")], {"id": 1}),
-    PromptRecord(
-        [msg("system", "Be brief."), msg("user", "Capital of Peru?")], {"id": 2, "reference_reply": "Lima."}
-    ),
+    PromptRecord([msg("system", "Be brief."), msg("user", "Capital of Peru?")], {"id": 2, "reference_reply": "Lima."}),
     PromptRecord(
         [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Name a prime.")],
         {"id": 3, "reference_reply": "7\n\nOr 11."},
@@ -496,10 +464,8 @@ def test_prompts_from_messages_errors(tmp_path):
     ]
     path = write_rows(tmp_path, rows, "jsonl")
     assert lines_of(error_of(lambda: load_prompts(path)), path) == [
-        "line 1: field 'messages': no user turn (the prompt is the messages up to and including the last "
-        "user turn)",
-        "line 2: field 'messages[1].role': after the last user turn only 'assistant' turns may follow, "
-        "got 'system'",
+        "line 1: field 'messages': no user turn (the prompt is the messages up to and including the last user turn)",
+        "line 2: field 'messages[1].role': after the last user turn only 'assistant' turns may follow, got 'system'",
         "line 3: field 'messages': expected a list of messages, got str",
         "line 4: field 'prompt': missing (a prompt row needs 'prompt' or 'messages'; fields present: id)",
         "line 5: field 'reference_reply': the row has its own 'reference_reply' column, where the reply that "
@@ -613,9 +579,7 @@ def test_unreadable_inputs_give_clear_errors_not_library_traces(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_prompts(tmp_path / "missing.jsonl")
     saved = write_rows(tmp_path, PAIR_ROWS, "saved_dict")
-    assert "no split 'test'; the folder has splits ['train']" in error_of(
-        lambda: load_pairs(saved, split="test")
-    )
+    assert "no split 'test'; the folder has splits ['train']" in error_of(lambda: load_pairs(saved, split="test"))
 
 
 def test_identical_chosen_and_rejected_are_skipped_counted_and_logged(tmp_path, caplog):
@@ -642,9 +606,7 @@ def make_pairs(n_prompts: int, seed: int = 1) -> list[PreferencePair]:
     """1-4 pairs for each of n_prompts prompts, interleaved."""
     rng = random.Random(seed)
     pairs = [
-        PreferencePair(
-            [{"role": "user", "content": f"question {i}"}], f"good {j}", f"bad {j}", None, {"i": i}
-        )
+        PreferencePair([{"role": "user", "content": f"question {i}"}], f"good {j}", f"bad {j}", None, {"i": i})
         for i in range(n_prompts)
         for j in range(rng.randint(1, 4))
     ]
@@ -673,9 +635,7 @@ def test_split_by_prompt_is_deterministic_and_order_independent():
     random.Random(0).shuffle(shuffled)
     again = split_by_prompt(shuffled, seed=3)
     assert prompt_sets(first) == prompt_sets(again)
-    assert [p for p in first[1]] == [
-        p for p in pairs if p.meta["i"] in prompt_sets(first)[1]
-    ]  # input order kept
+    assert [p for p in first[1]] == [p for p in pairs if p.meta["i"] in prompt_sets(first)[1]]  # input order kept
     assert prompt_sets(split_by_prompt(pairs, seed=4)) != prompt_sets(first)
     assert [len(s) for s in prompt_sets(first)] == [77, 10, 10]  # 77.6, 9.7, 9.7: the two .7s round up
 
@@ -713,8 +673,7 @@ def test_write_jsonl_round_trips_and_is_atomic(tmp_path):
 def test_write_jsonl_refuses_meta_that_clashes_with_fields(tmp_path):
     with pytest.raises(ValueError, match=r"meta keys \['chosen'\] clash"):
         write_jsonl(
-            tmp_path / "x.jsonl",
-            [PreferencePair([{"role": "user", "content": "p"}], "c", "r", None, {"chosen": 1})],
+            tmp_path / "x.jsonl", [PreferencePair([{"role": "user", "content": "p"}], "c", "r", None, {"chosen": 1})]
         )
 
 
@@ -737,9 +696,7 @@ def make_tokenizer(chat_template: str | None = TEMPLATE):
 
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -816,9 +773,7 @@ def test_tokenize_pairs_shapes_right_padding_and_eos(tokenizer):
 
 
 def test_tokenize_pairs_cuts_prompt_from_left_keeping_responses(tokenizer, caplog):
-    pairs = [
-        PreferencePair(user("what is two plus two"), "four", "a b c")
-    ]  # prompt 7 tokens, responses 2 / 4
+    pairs = [PreferencePair(user("what is two plus two"), "four", "a b c")]  # prompt 7 tokens, responses 2 / 4
     with caplog.at_level(logging.INFO, logger="fastrlhf.trainer.data"):
         batch = tokenize_pairs(tokenizer, pairs, max_length=8)
     assert batch["input_ids"].tolist() == [
@@ -836,10 +791,7 @@ def test_tokenize_pairs_drops_pairs_that_cannot_fit_and_says_which(tokenizer, ca
     with caplog.at_level(logging.WARNING, logger="fastrlhf.trainer.data"):
         batch = tokenize_pairs(tokenizer, pairs, max_length=5)
     assert batch["kept"].tolist() == [1]
-    assert batch["input_ids"].tolist() == [
-        ids("<user> a <assistant> b <eos>"),
-        ids("<user> a <assistant> c <eos>"),
-    ]
+    assert batch["input_ids"].tolist() == [ids("<user> a <assistant> b <eos>"), ids("<user> a <assistant> c <eos>")]
     assert "dropped 1 of 2 pairs" in caplog.text
 
 
@@ -886,9 +838,7 @@ def test_demo_arithmetic_answers_are_right(demo_prompts):
     for r in demo_prompts:
         if r.meta["category"] != "arithmetic":
             continue
-        a, op, b = re.fullmatch(
-            r"What is (\d+) (\+|-|times|divided by) (\d+)\?", r.prompt[0]["content"]
-        ).groups()
+        a, op, b = re.fullmatch(r"What is (\d+) (\+|-|times|divided by) (\d+)\?", r.prompt[0]["content"]).groups()
         value = eval(f"{a} {ops[op]} {b}")  # noqa: S307 - digits and one operator, matched above
         assert value == int(value) and str(int(value)) == r.meta["answer"], r.meta["id"]
         assert r.meta["answer"] not in (a, b)  # an echo of an operand can never look right
@@ -919,17 +869,13 @@ def test_demo_unit_conversion_answers_are_right(demo_prompts):
     }
     rows = [r for r in demo_prompts if r.meta["category"] == "unit_conversion"]
     for r in rows:
-        to_unit, n, from_unit = re.fullmatch(
-            r"How many (\w+) are in (\d+) (\w+)\?", r.prompt[0]["content"]
-        ).groups()
+        to_unit, n, from_unit = re.fullmatch(r"How many (\w+) are in (\d+) (\w+)\?", r.prompt[0]["content"]).groups()
         assert int(r.meta["answer"]) == int(n) * factor[from_unit, to_unit], r.meta["id"]
     assert len(rows) >= 50
 
 
 def test_demo_capitals_spot_check(demo_prompts):
-    answers = {
-        r.prompt[0]["content"]: r.meta["answer"] for r in demo_prompts if r.meta["category"] == "capital"
-    }
+    answers = {r.prompt[0]["content"]: r.meta["answer"] for r in demo_prompts if r.meta["category"] == "capital"}
     assert answers["What is the capital of Australia?"] == "Canberra"
     assert answers["What is the capital of Canada?"] == "Ottawa"
     assert answers["What is the capital of Turkey?"] == "Ankara"

@@ -31,16 +31,29 @@ def setup(tmp_path_factory):
     8 pairs end with a 7-pair step whose micro-batches split unevenly over 2 ranks."""
     root = tmp_path_factory.mktemp("dist")
     prompts = load_demo_prompts()[:48]
-    rows = [{"prompt": p.prompt, "chosen": f"{p.meta['answer']}.", "rejected": f"Maybe {q.meta['answer']}?"}
-            for p, q in zip(prompts, prompts[1:] + prompts[:1])]  # fmt: skip
+    rows = [
+        {"prompt": p.prompt, "chosen": f"{p.meta['answer']}.", "rejected": f"Maybe {q.meta['answer']}?"}
+        for p, q in zip(prompts, prompts[1:] + prompts[:1])
+    ]
     (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, tiny_model_path(root)
 
 
 def _args(setup, out: str, freeze: int, **kw) -> dict:
     root, model = setup
-    args = dict(pairs=str(root / "prefs.jsonl"), out_dir=str(root / out), model=model, epochs=1, batch_pairs=4,
-                grad_accum=2, lr=2e-3, max_length=48, freeze_layers=freeze, save_every=3, device="cpu")  # fmt: skip
+    args = dict(
+        pairs=str(root / "prefs.jsonl"),
+        out_dir=str(root / out),
+        model=model,
+        epochs=1,
+        batch_pairs=4,
+        grad_accum=2,
+        lr=2e-3,
+        max_length=48,
+        freeze_layers=freeze,
+        save_every=3,
+        device="cpu",
+    )
     return {**args, **kw}
 
 
@@ -49,8 +62,19 @@ def _torchrun(args: dict, parallel: str, nproc: int = 2, command: str = "train-r
     for k, v in args.items():
         name = "--" + k.replace("_", "-")
         flags += ([name] if v else [f"--no-{k.replace('_', '-')}"]) if isinstance(v, bool) else [name, str(v)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "fastrlhf.trainer.cli", command, *flags, "--parallel", parallel]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "fastrlhf.trainer.cli",
+        command,
+        *flags,
+        "--parallel",
+        parallel,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -110,7 +134,9 @@ def test_fsdp2_gathers_and_computes_in_bf16(setup):
         for k in ("reward_mean", "gap_mean"):  # O(1) rewards: bf16 moves them by ~1e-2 here
             assert a[k] == pytest.approx(b[k], abs=5e-2), (k, a, b)
     one = AutoModelForSequenceClassification.from_pretrained(root / "two-fsdp2" / "model").state_dict()
-    two = AutoModelForSequenceClassification.from_pretrained(root / "two-fsdp2-bf16" / "model", torch_dtype="auto").state_dict()
+    two = AutoModelForSequenceClassification.from_pretrained(
+        root / "two-fsdp2-bf16" / "model", torch_dtype="auto"
+    ).state_dict()
     for k in one:
         assert two[k].dtype == torch.float32, k
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=3e-2)
@@ -124,10 +150,19 @@ def test_accelerate_launch_matches_one(setup):
     flags = []
     for k, v in _args(setup, "accelerate", 1).items():
         flags += [f"--{k.replace('_', '-')}", str(v)]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "-m", "fastrlhf.trainer.cli", "train-rm", *flags]  # fmt: skip
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "-m",
+        "fastrlhf.trainer.cli",
+        "train-rm",
+        *flags,
+    ]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"accelerate launch failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert torch.load(root / "accelerate" / "checkpoint.pt", weights_only=False)["world_size"] == 2
     _assert_same_curve(_train_log(root / "accelerate"), _train_log(root / "one-ddp"))
@@ -145,20 +180,54 @@ def test_checkpoint_from_two_processes_resumes_in_one(setup):
 
 
 # ------------------------------------------------------------------------------------------------- PPO
-PPO_COMPARED = ("objective/score", "objective/score_penalized", "objective/kl", "objective/kl_k3", "objective/kl_seq",
-                "objective/rlhf_reward", "objective/kl_coef", "policy/entropy", "policy/response_length",
-                "policy/eos_rate", "policy/lr", "policy/logratio_dev_first", "policy/clipfrac", "policy/approx_kl",
-                "policy/ratio_mean", "policy/loss", "policy/grad_norm", "value/explained_variance", "value/clipfrac",
-                "value/loss", "value/grad_norm")  # fmt: skip
+PPO_COMPARED = (
+    "objective/score",
+    "objective/score_penalized",
+    "objective/kl",
+    "objective/kl_k3",
+    "objective/kl_seq",
+    "objective/rlhf_reward",
+    "objective/kl_coef",
+    "policy/entropy",
+    "policy/response_length",
+    "policy/eos_rate",
+    "policy/lr",
+    "policy/logratio_dev_first",
+    "policy/clipfrac",
+    "policy/approx_kl",
+    "policy/ratio_mean",
+    "policy/loss",
+    "policy/grad_norm",
+    "value/explained_variance",
+    "value/clipfrac",
+    "value/loss",
+    "value/grad_norm",
+)
 
 
 def _ppo_args(setup, out: str, **kw) -> dict:
     root, policy = setup
     rm = tiny_model_path(root, kind="reward", seed=1)
-    args = dict(policy=policy, reward_model=rm, out_dir=str(root / out), ref_quant="none", steps=3,
-                batch_prompts=5, samples_per_prompt=2, minibatch_size=4, grad_accum=2, ppo_epochs=2,
-                max_new_tokens=5, freeze_layers=1, adaptive_kl=True, kl_target=1e-3, save_every=1, seed=3,
-                kernels=False, device="cpu")  # fmt: skip
+    args = dict(
+        policy=policy,
+        reward_model=rm,
+        out_dir=str(root / out),
+        ref_quant="none",
+        steps=3,
+        batch_prompts=5,
+        samples_per_prompt=2,
+        minibatch_size=4,
+        grad_accum=2,
+        ppo_epochs=2,
+        max_new_tokens=5,
+        freeze_layers=1,
+        adaptive_kl=True,
+        kl_target=1e-3,
+        save_every=1,
+        seed=3,
+        kernels=False,
+        device="cpu",
+    )
     return {**args, **kw}
 
 
@@ -167,8 +236,7 @@ def _ppo_torchrun(args: dict, tmp_path) -> None:
     cfg.write_text(json.dumps(args))
     worker = os.path.join(os.path.dirname(__file__), "ppo_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker, str(cfg)]
-    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
@@ -232,12 +300,23 @@ def test_ppo_fsdp2_samples_in_lockstep_and_resumes_in_one(setup):
     choice on CUDA; the shards and the checkpoint stay fp32); the frozen reward model's trunk and reference
     sharded too, stored in bf16 (a rank holds half); the FSDP2 checkpoint resumes in one process."""
     root = setup[0]
-    args = _ppo_args(setup, "ppo-fsdp2-cli", critic="value-head", freeze_layers=0, max_new_tokens=12, steps=3,
-                     max_steps=2, fsdp_param_dtype="bf16")  # fmt: skip
+    args = _ppo_args(
+        setup,
+        "ppo-fsdp2-cli",
+        critic="value-head",
+        freeze_layers=0,
+        max_new_tokens=12,
+        steps=3,
+        max_steps=2,
+        fsdp_param_dtype="bf16",
+    )
     done = _torchrun(args, "fsdp2", command="ppo")
     assert "parameters gathered in torch.bfloat16" in done.stderr
-    held = re.search(r"frozen models sharded too \(in torch.bfloat16\), rank 0 holds: reward model trunk ([\d.]+) of "
-                     r"([\d.]+) MB, reference ([\d.]+) of ([\d.]+) MB", done.stderr)  # fmt: skip
+    held = re.search(
+        r"frozen models sharded too \(in torch.bfloat16\), rank 0 holds: reward model trunk ([\d.]+) of "
+        r"([\d.]+) MB, reference ([\d.]+) of ([\d.]+) MB",
+        done.stderr,
+    )
     assert held, done.stderr[-3000:]
     mine, full = [float(x) for x in held.groups()[::2]], [float(x) for x in held.groups()[1::2]]
     assert all(0.4 * f <= m <= 0.6 * f for m, f in zip(mine, full)), held.group(0)  # half of each, 2 ranks
@@ -268,18 +347,36 @@ def test_ppo_checkpoint_from_two_processes_resumes_in_one(setup, tmp_path):
 
 def _pipeline_torchrun(setup, tmp_path, out: str, **kw) -> subprocess.CompletedProcess:
     root, model = setup
-    args = dict(out_dir=str(root / out), model=model, limit=32, samples_per_prompt=4, max_new_tokens=32,
-                gen_batch_size=32, rm_epochs=1, rm_batch_pairs=8, rm_freeze_layers=1, max_length=96,
-                split=[0.5, 0.25, 0.25], device="cpu", rubric="shorter", ppo_steps=2, ppo_batch_prompts=4,
-                ppo_minibatch_size=2, ppo_epochs=1, ppo_freeze_layers=1, eval_samples_per_prompt=1, kernels=False,
-                ref_quant="none", parallel="fsdp2")  # fmt: skip
+    args = dict(
+        out_dir=str(root / out),
+        model=model,
+        limit=32,
+        samples_per_prompt=4,
+        max_new_tokens=32,
+        gen_batch_size=32,
+        rm_epochs=1,
+        rm_batch_pairs=8,
+        rm_freeze_layers=1,
+        max_length=96,
+        split=[0.5, 0.25, 0.25],
+        device="cpu",
+        rubric="shorter",
+        ppo_steps=2,
+        ppo_batch_prompts=4,
+        ppo_minibatch_size=2,
+        ppo_epochs=1,
+        ppo_freeze_layers=1,
+        eval_samples_per_prompt=1,
+        kernels=False,
+        ref_quant="none",
+        parallel="fsdp2",
+    )
     args.update(kw)
     cfg = tmp_path / f"{out}.json"
     cfg.write_text(json.dumps(args))
     worker = os.path.join(os.path.dirname(__file__), "pipeline_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker, str(cfg)]
-    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
 
 
 def test_pipeline_under_torchrun(setup, tmp_path):

@@ -108,16 +108,23 @@ def test_kl_and_rm_scores_match_direct_forwards(models, prompts, use_kernels):
     rm.config.reward_gain, rm.config.reward_bias = 2.0, -0.5
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        rollout = sample(policy, tokenizer, [encode_prompt(tokenizer, r.prompt) for r in prompts[:2]],
-                         max_new_tokens=4, temperature=0.7, samples_per_prompt=2)  # fmt: skip
+        rollout = sample(
+            policy,
+            tokenizer,
+            [encode_prompt(tokenizer, r.prompt) for r in prompts[:2]],
+            max_new_tokens=4,
+            temperature=0.7,
+            samples_per_prompt=2,
+        )
     rollout.response_mask[0, 2:] = 0  # a short reply: what follows it must not count
     rollout.response_ids[0, 2:] = tokenizer.pad_token_id
     rollout.has_eos[0] = False
     T, P = 0.7, rollout.prompt_ids.shape[1]
     cpu = torch.device("cpu")
     kl = _kl_per_reply(policy, reference, [rollout], temperature=T, use_kernels=use_kernels, device=cpu)
-    rewards = _rm_scores(rm, [rollout], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                         use_kernels=use_kernels, device=cpu)  # fmt: skip
+    rewards = _rm_scores(
+        rm, [rollout], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, use_kernels=use_kernels, device=cpu
+    )
 
     inputs = dict(input_ids=rollout.sequences, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
     scored = rollout.with_eos(tokenizer.eos_token_id, tokenizer.pad_token_id)  # as train-rm: EOS after each reply
@@ -125,8 +132,11 @@ def test_kl_and_rm_scores_match_direct_forwards(models, prompts, use_kernels):
     with torch.no_grad():
         logp = torch.log_softmax(policy(**inputs).logits[:, P - 1 : -1].double() / T, -1)  # (B, R, V)
         logq = torch.log_softmax(reference(**inputs).logits[:, P - 1 : -1].double() / T, -1)
-        raw = rm(input_ids=scored.sequences, attention_mask=scored.attention_mask,
-                 position_ids=scored.position_ids).logits[:, 0].double()  # (B,)
+        raw = (
+            rm(input_ids=scored.sequences, attention_mask=scored.attention_mask, position_ids=scored.position_ids)
+            .logits[:, 0]
+            .double()
+        )  # (B,)
     mask = rollout.response_mask.bool()
     exact = (logp.exp() * (logp - logq)).sum(-1).where(mask, 0).sum(-1)
     tok = rollout.response_ids.unsqueeze(-1)
@@ -141,8 +151,9 @@ def test_kl_and_rm_scores_match_direct_forwards(models, prompts, use_kernels):
 def test_same_model_zero_kl_ties_and_determinism(models, prompts, tmp_path):
     rng_before = torch.get_rng_state()
     settings = {**SMALL, "batch_size": 4, "common_random_numbers": True}  # 4 rows a call: 2 calls per model
-    first = evaluate_policy(models["ref"], models["ref"], models["rm"], prompts, seed=5, out_dir=tmp_path / "a",
-                            **settings)  # fmt: skip
+    first = evaluate_policy(
+        models["ref"], models["ref"], models["rm"], prompts, seed=5, out_dir=tmp_path / "a", **settings
+    )
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
     # identical weights + identical seed -> identical replies: zero KL, every pair a tie
     assert first["kl_per_token"] < 1e-5 and abs(first["kl_k1_per_reply"]) < 1e-5
@@ -158,8 +169,15 @@ def test_same_model_zero_kl_ties_and_determinism(models, prompts, tmp_path):
     assert second == first
 
     # by default the reference draws its own stream (seed + 1): the same model now gives other replies
-    independent = evaluate_policy(models["ref"], models["ref"], None, prompts, seed=5, out_dir=tmp_path / "b",
-                                  **{**settings, "common_random_numbers": False})  # fmt: skip
+    independent = evaluate_policy(
+        models["ref"],
+        models["ref"],
+        None,
+        prompts,
+        seed=5,
+        out_dir=tmp_path / "b",
+        **{**settings, "common_random_numbers": False},
+    )
     assert not independent["common_random_numbers"]
     assert independent["kl_per_token"] < 1e-5  # KL is measured on the policy's replies: still 0
     samples = [json.loads(line) for line in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
@@ -194,7 +212,6 @@ def test_different_policy_outputs(models, prompts, tmp_path):
     assert (out / "eval_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-
 def test_stub_rubric_prefers_shorter_replies(models, prompts, monkeypatch, tmp_path):
     calls = []
 
@@ -203,8 +220,7 @@ def test_stub_rubric_prefers_shorter_replies(models, prompts, monkeypatch, tmp_p
         return -float(len(response))
 
     monkeypatch.setitem(rubric.RUBRICS, "shorter", shorter_is_better)
-    m = evaluate_policy(models["other"], models["ref"], None, prompts, rubric="shorter", out_dir=tmp_path,
-                        **SMALL)  # fmt: skip
+    m = evaluate_policy(models["other"], models["ref"], None, prompts, rubric="shorter", out_dir=tmp_path, **SMALL)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     expected = []
     for s in samples:

@@ -37,31 +37,69 @@ WINDOW = 6  # sliding window of the families that have one: shorter than the tes
 
 
 def _common(tok) -> dict:
-    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, max_position_embeddings=256)  # fmt: skip
+    return dict(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=256,
+    )
 
 
 def family_configs(tok) -> dict:
     c = _common(tok)
-    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                      num_key_value_heads=2, **c)  # fmt: skip
+    llama_like = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **c,
+    )
     return {
         "llama": transformers.LlamaConfig(**llama_like, tie_word_embeddings=True),
-        "qwen2": transformers.Qwen2Config(**llama_like, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+        "qwen2": transformers.Qwen2Config(
+            **llama_like, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2
+        ),
         "qwen3": transformers.Qwen3Config(**llama_like, head_dim=16),
         "mistral": transformers.MistralConfig(**llama_like, sliding_window=WINDOW),
-        "gemma2": transformers.Gemma2Config(**llama_like, head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0,
-                                            query_pre_attn_scalar=16),  # fmt: skip
-        "gemma3": transformers.Gemma3TextConfig(**llama_like, head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0,
-                                                query_pre_attn_scalar=16, sliding_window_pattern=2),  # fmt: skip
+        "gemma2": transformers.Gemma2Config(
+            **llama_like, head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0, query_pre_attn_scalar=16
+        ),
+        "gemma3": transformers.Gemma3TextConfig(
+            **llama_like,
+            head_dim=16,
+            sliding_window=WINDOW,
+            final_logit_softcapping=3.0,
+            query_pre_attn_scalar=16,
+            sliding_window_pattern=2,
+        ),
         "phi3": transformers.Phi3Config(**llama_like),
-        "gpt_neox": transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
-                                               num_attention_heads=4, rotary_pct=0.5, **c),  # fmt: skip
-        "gpt2": transformers.GPT2Config(n_embd=64, n_layer=N_LAYERS, n_head=4, n_positions=256, vocab_size=len(tok),
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id),  # fmt: skip
-        "granite": transformers.GraniteConfig(**llama_like, logits_scaling=0.25, embedding_multiplier=4.0,
-                                              residual_multiplier=0.5, attention_multiplier=0.2),  # fmt: skip
+        "gpt_neox": transformers.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            rotary_pct=0.5,
+            **c,
+        ),
+        "gpt2": transformers.GPT2Config(
+            n_embd=64,
+            n_layer=N_LAYERS,
+            n_head=4,
+            n_positions=256,
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        "granite": transformers.GraniteConfig(
+            **llama_like,
+            logits_scaling=0.25,
+            embedding_multiplier=4.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+        ),
     }
 
 
@@ -89,7 +127,8 @@ def folders(tmp_path_factory, tokenizer):
                 with torch.no_grad():  # logits spread over several nats (a tied head scales the embedding too)
                     model.get_output_embeddings().weight.mul_(8.0)
             model.generation_config = transformers.GenerationConfig(
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
             causal = root / f"{family}-causal"
@@ -123,8 +162,9 @@ def make_rollout(tokenizer, gen: torch.Generator) -> Rollout:
         response_ids[i, :m] = torch.randint(100, 40000, (m,), generator=gen)
         response_mask[i, :m] = 1
     response_ids[1, 4] = eos
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor([False, True, False]),
-                   torch.arange(3))  # fmt: skip
+    return Rollout(
+        prompt_ids, prompt_mask, response_ids, response_mask, torch.tensor([False, True, False]), torch.arange(3)
+    )
 
 
 def rows(ro: Rollout):
@@ -137,7 +177,10 @@ def rows(ro: Rollout):
 def own_logprobs(model, ro: Rollout):
     """log_softmax(model(...).logits / T) at the reply tokens and the entropy (fp64 from the model's logits),
     (B, R), 0 at padding: the model's own forward on each row alone, unpadded (no mask, positions from 0)."""
-    logp, entropy = torch.zeros(ro.response_ids.shape, dtype=torch.float64), torch.zeros(ro.response_ids.shape, dtype=torch.float64)
+    logp, entropy = (
+        torch.zeros(ro.response_ids.shape, dtype=torch.float64),
+        torch.zeros(ro.response_ids.shape, dtype=torch.float64),
+    )
     for i, (prompt, reply) in enumerate(rows(ro)):
         logits = model(input_ids=torch.cat([prompt, reply])[None]).logits[0]  # (n, V)
         logp_all = torch.log_softmax(logits[len(prompt) - 1 : -1].double() / T, -1)  # (m, V)
@@ -204,9 +247,13 @@ def test_policy_logprobs_equal_the_models_own(family, folders, tokenizer, gen):
     with torch.no_grad():
         full = policy_forward(policy, ro, T, kernels=True, capture=N_FROZEN)
         truth.check(full, f"{family} logits path")
-        truth.check(policy_forward(policy, ro, T, True, prefix=full.states, n_frozen=N_FROZEN), f"{family} frozen prefix")
+        truth.check(
+            policy_forward(policy, ro, T, True, prefix=full.states, n_frozen=N_FROZEN), f"{family} frozen prefix"
+        )
         if family in SOFTCAPPED:
-            with pytest.raises(UserError, match=rf"--fused-linear: {family}\w* soft-caps its logits.*without --fused-linear"):
+            with pytest.raises(
+                UserError, match=rf"--fused-linear: {family}\w* soft-caps its logits.*without --fused-linear"
+            ):
                 policy_forward(policy, ro, T, True, fused_linear=True)
             return
         truth.check(policy_forward(policy, ro, T, True, fused_linear=True), f"{family} fused-linear")
@@ -257,7 +304,9 @@ def test_lora_adapter_on_and_off(family, folders, tokenizer, gen):
 
 def test_a_family_without_a_reward_class_is_refused(folders, tokenizer):
     causal, _ = folders("granite")
-    with pytest.raises(UserError, match="transformers has no sequence classifier .reward model. class for the 'granite' family"):
+    with pytest.raises(
+        UserError, match="transformers has no sequence classifier .reward model. class for the 'granite' family"
+    ):
         models.load_reward_model(causal, tokenizer=tokenizer)
 
 
@@ -282,7 +331,9 @@ def test_rewards_and_values_equal_the_models_own_head(family, folders, tokenizer
         assert torch.allclose(reward_scores(rm, scored, kernels=True), want, atol=1e-5), family
         assert shares_bottom(policy, rm, N_FROZEN), "the reward model was built from the policy's weights"
         states = policy_forward(policy, scored, T, True, capture=N_FROZEN).states  # as PPO's pass with a shared RM
-        assert torch.allclose(reward_scores(rm, scored, True, prefix=states, n_frozen=N_FROZEN), want, atol=1e-5), family
+        assert torch.allclose(reward_scores(rm, scored, True, prefix=states, n_frozen=N_FROZEN), want, atol=1e-5), (
+            family
+        )
         values, _ = critic_values(rm, None, ro, None)
         assert_matches(values, want_values, ro, f"{family} critic values", 1e-5)
         values, _ = critic_values(rm, None, ro, None, prefix=states[:, : P + R], n_frozen=N_FROZEN)
@@ -306,7 +357,9 @@ def data(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     pairs = root / "pairs.jsonl"
-    rows = [{"prompt": p, "chosen": f"A good answer {i}.", "rejected": f"bad {i} bad"} for i, p in enumerate(PROMPTS * 2)]
+    rows = [
+        {"prompt": p, "chosen": f"A good answer {i}.", "rejected": f"bad {i} bad"} for i, p in enumerate(PROMPTS * 2)
+    ]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return prompts, pairs
 
@@ -323,15 +376,38 @@ def test_train_rm_and_one_ppo_step(family, folders, data, tmp_path, caplog):
     causal, _ = folders(family)
     prompts, pairs = data
     rm_out = tmp_path / "rm"
-    summary = train_reward_model(RewardConfig(pairs=str(pairs), val_pairs=str(pairs), test_pairs=str(pairs),
-                                              out_dir=str(rm_out), model=causal, epochs=1, batch_pairs=4,
-                                              freeze_layers=N_FROZEN, device="cpu"))  # fmt: skip
+    summary = train_reward_model(
+        RewardConfig(
+            pairs=str(pairs),
+            val_pairs=str(pairs),
+            test_pairs=str(pairs),
+            out_dir=str(rm_out),
+            model=causal,
+            epochs=1,
+            batch_pairs=4,
+            freeze_layers=N_FROZEN,
+            device="cpu",
+        )
+    )
     assert "disagrees with the full trunk" not in caplog.text, "the frozen-prefix cache must be exact"
     assert "cached the frozen prefix" in caplog.text
     assert summary["test"]["pairs"] == 8
-    result = train_ppo(PPOConfig(reward_model=str(rm_out / "model"), out_dir=str(tmp_path / "ppo"), policy=causal,
-                                 prompts=str(prompts), ref_quant="int8", freeze_layers=N_FROZEN, steps=1,
-                                 batch_prompts=4, minibatch_size=4, ppo_epochs=1, max_new_tokens=4, device="cpu"))  # fmt: skip
+    result = train_ppo(
+        PPOConfig(
+            reward_model=str(rm_out / "model"),
+            out_dir=str(tmp_path / "ppo"),
+            policy=causal,
+            prompts=str(prompts),
+            ref_quant="int8",
+            freeze_layers=N_FROZEN,
+            steps=1,
+            batch_prompts=4,
+            minibatch_size=4,
+            ppo_epochs=1,
+            max_new_tokens=4,
+            device="cpu",
+        )
+    )
     record = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert result["steps"] == 1
     assert record["policy/logratio_dev_first"] < 1e-4, "the update's first pass replays the frozen prefix exactly"
@@ -368,8 +444,18 @@ def test_reward_model_with_its_own_tokenizer_reads_retokenized_text(folders, tok
         own = rm(input_ids=torch.tensor([ids])).logits[0, 0] * 2.0 - 0.5
         assert abs(float(got[i]) - float(own)) < 1e-5
     prompts_file, _ = data
-    base = dict(reward_model=str(foreign), policy=causal, prompts=str(prompts_file), ref_quant="none", steps=1,
-                batch_prompts=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=3, device="cpu")  # fmt: skip
+    base = dict(
+        reward_model=str(foreign),
+        policy=causal,
+        prompts=str(prompts_file),
+        ref_quant="none",
+        steps=1,
+        batch_prompts=2,
+        minibatch_size=2,
+        ppo_epochs=1,
+        max_new_tokens=3,
+        device="cpu",
+    )
     with pytest.raises(UserError, match="--critic separate copies the reward model.*--critic value-head"):
         train_ppo(PPOConfig(**base, out_dir=str(tmp_path / "a")))
     result = train_ppo(PPOConfig(**base, critic="value-head", out_dir=str(tmp_path / "b")))
@@ -403,8 +489,25 @@ def test_cli_user_errors_are_one_line(folders, data, tmp_path, capsys):
     bad.write_text('{"prompt": "hi", "chosen": "a"}\n')
     err = run_cli(["train-rm", "--pairs", str(bad), "--device", "cpu"], capsys)
     assert "fastrlhf train-rm: error:" in err and "line 1" in err and "rejected" in err
-    err = run_cli(["ppo", "--policy", causal, "--reward-model", reward, "--prompts", str(prompts), "--fused-linear",
-                   "--ref-quant", "none", "--device", "cpu", "--out-dir", str(tmp_path / "p")], capsys)  # fmt: skip
+    err = run_cli(
+        [
+            "ppo",
+            "--policy",
+            causal,
+            "--reward-model",
+            reward,
+            "--prompts",
+            str(prompts),
+            "--fused-linear",
+            "--ref-quant",
+            "none",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path / "p"),
+        ],
+        capsys,
+    )
     assert "fastrlhf ppo: error: --fused-linear: gemma2 soft-caps its logits" in err
 
 

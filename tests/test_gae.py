@@ -83,7 +83,9 @@ def test_sequence_length_one_and_empty(gen, device):
     adv, ret = gae(r, v, m, gamma=0.9, lam=0.8)
     assert torch.equal(adv, torch.where(m, r - v, 0)) and torch.equal(ret, torch.where(m, r, 0))
     for shape in [(0, 5), (3, 0)]:
-        adv, ret = gae(torch.randn(shape, device=device), torch.randn(shape, device=device), torch.ones(shape, device=device))
+        adv, ret = gae(
+            torch.randn(shape, device=device), torch.randn(shape, device=device), torch.ones(shape, device=device)
+        )
         assert adv.shape == ret.shape == shape and adv.dtype == torch.float32
 
 

@@ -149,7 +149,8 @@ def test_kernels_meet_the_fp32_contract_under_gpu_math():
     tests = Path(__file__).parent
     env = dict(os.environ, FASTRLHF_GPU_MATH="1", TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "--no-header", "-p", "no:cacheprovider", "-k", SELECT]
-    proc = subprocess.run(cmd + [str(tests / f) for f in FILES], cwd=tests.parent, env=env, capture_output=True,
-                          text=True, timeout=1200)  # fmt: skip
+    proc = subprocess.run(
+        cmd + [str(tests / f) for f in FILES], cwd=tests.parent, env=env, capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, f"fp32 contract under gpu_math.py:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout

@@ -49,7 +49,7 @@ def test_eager_in_a_low_precision_dtype_is_refused(gen):
         assert_contract("x", ref.float(), ref.to(torch.bfloat16), ref)
 
 
-HARNESS_CHECK = '''
+HARNESS_CHECK = """
 import importlib
 import pytest
 import torch
@@ -78,7 +78,7 @@ def test_reference_ran(monkeypatch):
 
 def test_undeclared(monkeypatch):
     kl_case(monkeypatch, True)
-'''
+"""
 
 
 def test_a_contract_test_must_declare_and_run_its_kernel(tmp_path):
@@ -87,8 +87,14 @@ def test_a_contract_test_must_declare_and_run_its_kernel(tmp_path):
     (tmp_path / "test_check.py").write_text(textwrap.dedent(HARNESS_CHECK))
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # exported 0: the conftest must still run the kernels
     env.pop("FASTRLHF_CONTRACT_LOG", None)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     out = done.stdout + done.stderr
     assert "PASSED test_check.py::test_kernel_ran" in out, out
     assert "ERROR at teardown of test_reference_ran" in out and "did not run" in out, out

@@ -15,8 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _python(code: str, *flags: str, env: dict | None = None) -> str:
-    done = subprocess.run([sys.executable, *flags, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, *flags, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip()
 
@@ -37,6 +43,8 @@ def test_top_level_kernels_without_an_installed_one_is_empty():
 
 
 def test_fastrlhf_kernels_and_transformers_import_from_the_root():
-    code = ("import transformers.activations, kernels, fastrlhf.kernels as fk; "
-            "print(fk.token_logprobs.__module__, getattr(kernels, '__file__', None) != fk.__file__)")
+    code = (
+        "import transformers.activations, kernels, fastrlhf.kernels as fk; "
+        "print(fk.token_logprobs.__module__, getattr(kernels, '__file__', None) != fk.__file__)"
+    )
     assert _python(code) == "fastrlhf.kernels.token_logprobs True"

@@ -134,10 +134,23 @@ def make_pair(case: str, gen: torch.Generator, dtype, device):
 
 
 KL_CASES = [
-    "random", "near_equal", "identical", "all_negative", "policy_offset_plus20", "ref_offset_minus20",
-    "confident", "confident_vs_flat", "flat_vs_confident", "flat_vs_confident_late", "max_jumps_late",
-    "masked_head_low", "policy_masked_head", "temperature", "masked_vocab", "strided",
-]  # fmt: skip
+    "random",
+    "near_equal",
+    "identical",
+    "all_negative",
+    "policy_offset_plus20",
+    "ref_offset_minus20",
+    "confident",
+    "confident_vs_flat",
+    "flat_vs_confident",
+    "flat_vs_confident_late",
+    "max_jumps_late",
+    "masked_head_low",
+    "policy_masked_head",
+    "temperature",
+    "masked_vocab",
+    "strided",
+]
 
 
 @pytest.mark.kernels("full_kl.fwd", "full_kl.bwd")

@@ -110,9 +110,19 @@ def make_case(case, gen, dtype, device):
 
 
 CASES = [
-    "random", "odd_vocab_257", "row_blocks", "last_partial_tile", "confident", "offset_plus20", "offset_minus20",
-    "all_negative", "masked_rows", "temperature", "strided", "no_bias",
-]  # fmt: skip
+    "random",
+    "odd_vocab_257",
+    "row_blocks",
+    "last_partial_tile",
+    "confident",
+    "offset_plus20",
+    "offset_minus20",
+    "all_negative",
+    "masked_rows",
+    "temperature",
+    "strided",
+    "no_bias",
+]
 
 
 @pytest.mark.kernels("linear_logprobs.fwd", "linear_logprobs.bwd")
@@ -343,12 +353,23 @@ def _args(d, hidden=(2, 3, 8), weight=(5, 8), targets=(2, 3), bias=None, hdt=tor
         (lambda d: _args(d, hdt=torch.long), TypeError, ["hidden", "floating", "int64"]),
         (lambda d: _args(d, wdt=torch.bfloat16), TypeError, ["weight", "dtype", "bfloat16", "float32"]),
         (lambda d: _args(d, bias=(4,)), ValueError, ["bias", "(5,)", "(4,)"]),
-        (lambda d: (*_args(d)[:2], torch.zeros(2, 3, dtype=torch.long, device="meta"), None), ValueError,
-         ["one device", "meta"]),
+        (
+            lambda d: (*_args(d)[:2], torch.zeros(2, 3, dtype=torch.long, device="meta"), None),
+            ValueError,
+            ["one device", "meta"],
+        ),
     ],
-    ids=["hidden_dim", "weight_rank", "targets_shape", "float_targets", "int_hidden", "weight_dtype", "bias_shape",
-         "devices"],
-)  # fmt: skip
+    ids=[
+        "hidden_dim",
+        "weight_rank",
+        "targets_shape",
+        "float_targets",
+        "int_hidden",
+        "weight_dtype",
+        "bias_shape",
+        "devices",
+    ],
+)
 def test_bad_input_messages(make, exc, words, device):
     hidden, weight, targets, bias = make(device)
     for fn in (linear_logprobs, linear_logprobs_ref):

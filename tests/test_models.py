@@ -219,8 +219,16 @@ def test_pad_token_added_and_embeddings_resized_when_no_special_token_is_free(tm
     backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="hello"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
-    config = LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, bos_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=5,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
 
     with caplog.at_level(logging.WARNING, logger="fastrlhf"):

@@ -17,8 +17,21 @@ from fastrlhf.trainer.models import tiny_model_path
 
 # a short step 3 on the CPU: int8 reference through bitsandbytes, eager twins (the kernels' interpreter
 # is slow; the kernel path of PPO is covered in test_ppo.py)
-PPO_FLAGS = ("--ppo-steps", "2", "--ppo-batch-prompts", "4", "--ppo-minibatch-size", "2", "--ppo-epochs", "1",
-             "--ppo-freeze-layers", "1", "--eval-samples-per-prompt", "1", "--no-kernels")  # fmt: skip
+PPO_FLAGS = (
+    "--ppo-steps",
+    "2",
+    "--ppo-batch-prompts",
+    "4",
+    "--ppo-minibatch-size",
+    "2",
+    "--ppo-epochs",
+    "1",
+    "--ppo-freeze-layers",
+    "1",
+    "--eval-samples-per-prompt",
+    "1",
+    "--no-kernels",
+)
 
 
 def _shorter_is_better(record, response: str) -> float:
@@ -40,12 +53,32 @@ class _NvtxRecorder:
 
 # the trainer phases' NVTX ranges (README, "Profiling") that one pipeline run opens
 PHASE_RANGES = {
-    "pipeline/model_setup", "pipeline/generate", "pipeline/annotate", "pipeline/reward_model", "pipeline/ppo",
-    "pipeline/evaluate", "generate-pairs/sample", "train-rm/prefix_cache", "train-rm/forward", "train-rm/backward",
-    "train-rm/optimizer", "train-rm/validation", "train-rm/normalise", "train-rm/eval_val", "train-rm/eval_test",
-    "ppo/generation", "ppo/scoring", "ppo/policy_eval", "ppo/reference", "ppo/rewards", "ppo/update",
-    "eval-policy/sample", "eval-policy/kl", "eval-policy/rm_scores", "eval-policy/judge",
-}  # fmt: skip
+    "pipeline/model_setup",
+    "pipeline/generate",
+    "pipeline/annotate",
+    "pipeline/reward_model",
+    "pipeline/ppo",
+    "pipeline/evaluate",
+    "generate-pairs/sample",
+    "train-rm/prefix_cache",
+    "train-rm/forward",
+    "train-rm/backward",
+    "train-rm/optimizer",
+    "train-rm/validation",
+    "train-rm/normalise",
+    "train-rm/eval_val",
+    "train-rm/eval_test",
+    "ppo/generation",
+    "ppo/scoring",
+    "ppo/policy_eval",
+    "ppo/reference",
+    "ppo/rewards",
+    "ppo/update",
+    "eval-policy/sample",
+    "eval-policy/kl",
+    "eval-policy/rm_scores",
+    "eval-policy/judge",
+}
 
 
 def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
@@ -54,12 +87,40 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(kernels_common, "_nvtx", nvtx)
     model = tiny_model_path(tmp_path)
     out = tmp_path / "run"
-    cli_main([
-        "pipeline", "--out-dir", str(out), "--model", model, "--limit", "40", "--samples-per-prompt", "4",
-        "--max-new-tokens", "64", "--gen-batch-size", "40", "--rm-epochs", "1", "--rm-batch-pairs", "8",
-        "--rm-freeze-layers", "1", "--max-length", "160", "--split", "0.5", "0.25", "0.25", "--device", "cpu",
-        "--rubric", "shorter", *PPO_FLAGS,
-    ])  # fmt: skip
+    cli_main(
+        [
+            "pipeline",
+            "--out-dir",
+            str(out),
+            "--model",
+            model,
+            "--limit",
+            "40",
+            "--samples-per-prompt",
+            "4",
+            "--max-new-tokens",
+            "64",
+            "--gen-batch-size",
+            "40",
+            "--rm-epochs",
+            "1",
+            "--rm-batch-pairs",
+            "8",
+            "--rm-freeze-layers",
+            "1",
+            "--max-length",
+            "160",
+            "--split",
+            "0.5",
+            "0.25",
+            "0.25",
+            "--device",
+            "cpu",
+            "--rubric",
+            "shorter",
+            *PPO_FLAGS,
+        ]
+    )
     printed = capsys.readouterr().out
     assert "report:" in printed
     assert {domain for domain, _ in nvtx.ranges} == {"fastrlhf"}
@@ -86,8 +147,13 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
 
     report = (out / "report.md").read_text()
     assert "rubric" in report and "| test |" in report and "Win rate" in report and "KL floor" in report
-    for png in ("reward_training.png", "reward_test_roc.png", "reward_test_rewards.png", "ppo_training.png",
-                "eval_scores.png"):  # fmt: skip
+    for png in (
+        "reward_training.png",
+        "reward_test_roc.png",
+        "reward_test_rewards.png",
+        "ppo_training.png",
+        "eval_scores.png",
+    ):
         assert (out / "plots" / png).stat().st_size > 1000
 
     # no prompt's pairs straddle two splits
@@ -100,15 +166,56 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     # too few pairs for a split: one line and exit 2, not a stack trace from deep inside
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        cli_main(["pipeline", "--out-dir", str(tmp_path / "small"), "--model", model, "--limit", "2",
-                  "--max-new-tokens", "4", "--device", "cpu", "--no-ppo"])  # fmt: skip
+        cli_main(
+            [
+                "pipeline",
+                "--out-dir",
+                str(tmp_path / "small"),
+                "--model",
+                model,
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+                "--no-ppo",
+            ]
+        )
     err = capsys.readouterr().err
     assert info.value.code == 2 and "fastrlhf pipeline: error: step 1 gave no preference pairs" in err, err
     assert "Traceback" not in err
 
     # a rerun reuses the sampled candidates and the finished annotations
     before = (out / "step1" / "candidates.jsonl").stat().st_mtime_ns
-    cli_main(["pipeline", "--out-dir", str(out), "--model", model, "--limit", "40", "--samples-per-prompt", "4",
-              "--max-new-tokens", "64", "--rm-epochs", "1", "--rm-batch-pairs", "8", "--rm-freeze-layers", "1",
-              "--max-length", "160", "--split", "0.5", "0.25", "0.25", "--device", "cpu", "--no-ppo"])  # fmt: skip
+    cli_main(
+        [
+            "pipeline",
+            "--out-dir",
+            str(out),
+            "--model",
+            model,
+            "--limit",
+            "40",
+            "--samples-per-prompt",
+            "4",
+            "--max-new-tokens",
+            "64",
+            "--rm-epochs",
+            "1",
+            "--rm-batch-pairs",
+            "8",
+            "--rm-freeze-layers",
+            "1",
+            "--max-length",
+            "160",
+            "--split",
+            "0.5",
+            "0.25",
+            "0.25",
+            "--device",
+            "cpu",
+            "--no-ppo",
+        ]
+    )
     assert (out / "step1" / "candidates.jsonl").stat().st_mtime_ns == before

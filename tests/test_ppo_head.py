@@ -51,7 +51,9 @@ def per_token_inputs(logits, targets, temperature, gen, with_ref=True):
     if not with_ref:
         return old, adv, None
     ref = logp + 0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)
-    ref.view(-1)[::5] = logp.view(-1)[::5] + 1e-4 * torch.randn(ref.view(-1)[::5].shape, generator=gen, dtype=torch.float64)
+    ref.view(-1)[::5] = logp.view(-1)[::5] + 1e-4 * torch.randn(
+        ref.view(-1)[::5].shape, generator=gen, dtype=torch.float64
+    )
     return old, adv, ref.float()
 
 
@@ -87,7 +89,7 @@ def make_case(case, gen, dtype, device):
             return z
 
     old, adv, ref = per_token_inputs(view(leaf), t, temperature, gen, with_ref=case != "no_ref")
-    to = (lambda z: z.to(device) if z is not None else None)  # noqa: E731
+    to = lambda z: z.to(device) if z is not None else None  # noqa: E731
     return leaf, view, t.to(device), temperature, to(old), to(adv), to(ref)
 
 
@@ -95,7 +97,16 @@ def weighted_loss(out, weights):
     return sum((getattr(out, n) * w).sum() for n, w in weights.items() if getattr(out, n) is not None)
 
 
-CASES = ["random", "no_ref", "temperature", "masked_rows", "masked_vocab", "strided", "last_partial_block", "offset_minus20"]
+CASES = [
+    "random",
+    "no_ref",
+    "temperature",
+    "masked_rows",
+    "masked_vocab",
+    "strided",
+    "last_partial_block",
+    "offset_minus20",
+]
 
 
 @pytest.mark.kernels("ppo_head.fwd", "ppo_head.bwd")
@@ -111,7 +122,9 @@ def test_contract_forward_backward(case, dtype, gen, device, tiles):
 
     leaf64 = leaf.detach().double().requires_grad_()
     ref64_in = ref.double() if ref is not None else None
-    out64 = ppo_head_ref(view(leaf64), t, old.double(), adv.double(), ref_logprobs=ref64_in, clip_range=CLIP, temperature=temp)
+    out64 = ppo_head_ref(
+        view(leaf64), t, old.double(), adv.double(), ref_logprobs=ref64_in, clip_range=CLIP, temperature=temp
+    )
     (grad64,) = torch.autograd.grad(weighted_loss(out64, {n: w.double() for n, w in weights.items()}), leaf64)
 
     leaf_e = leaf.detach().float().requires_grad_()  # eager fp32 on the same (rounded) inputs
@@ -175,7 +188,9 @@ def test_same_loss_and_gradient_as_unfused_trainer_math(with_ref, dtype, gen, de
     t = torch.randint(0, V, (B, T), generator=gen)
     t[0, 6:] = -100  # a short reply, padded
     t[2, 3:] = -100
-    old, adv, ref = (z.to(device) if z is not None else None for z in per_token_inputs(x[:, :-1], t, temp, gen, with_ref))
+    old, adv, ref = (
+        z.to(device) if z is not None else None for z in per_token_inputs(x[:, :-1], t, temp, gen, with_ref)
+    )
     t = t.to(device)
     mask = t != -100
 
@@ -196,8 +211,12 @@ def test_same_loss_and_gradient_as_unfused_trainer_math(with_ref, dtype, gen, de
     gtol = {"rtol": 0, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-9}
     torch.testing.assert_close(grad_fused, grad_unfused, **gtol)
     log_ratio = out.logprobs - old
-    fused_stats = {"clipfrac": rl.masked_mean(out.clipped, mask), "approx_kl": rl.masked_mean(0.5 * log_ratio**2, mask),
-                   "ratio_mean": rl.masked_mean(out.ratio, mask), "ratio_max": out.ratio.where(mask, 0).max()}  # fmt: skip
+    fused_stats = {
+        "clipfrac": rl.masked_mean(out.clipped, mask),
+        "approx_kl": rl.masked_mean(0.5 * log_ratio**2, mask),
+        "ratio_mean": rl.masked_mean(out.ratio, mask),
+        "ratio_max": out.ratio.where(mask, 0).max(),
+    }
     for k, v in stats.items():
         torch.testing.assert_close(fused_stats[k], v, rtol=1e-6, atol=1e-7, msg=k)
     assert 0 < stats["clipfrac"] < 1
@@ -248,7 +267,9 @@ def test_gradcheck_fp64(with_ref, gen, device):
     t = torch.randint(0, 11, (2, 3), generator=gen).to(device)
     t[0, 1] = -100
     logp = token_logprobs_fp64(x, t, 0.5).to(device)
-    offsets = torch.tensor([[0.05, -0.5, 0.5], [-0.05, 0.4, -0.45]], dtype=torch.float64, device=device)  # in and out of range
+    offsets = torch.tensor(
+        [[0.05, -0.5, 0.5], [-0.05, 0.4, -0.45]], dtype=torch.float64, device=device
+    )  # in and out of range
     old, adv = logp + offsets, torch.randn(2, 3, generator=gen, dtype=torch.float64).to(device)
     ref = (logp + 0.3 * torch.randn(2, 3, generator=gen, dtype=torch.float64).to(device)) if with_ref else None
 
@@ -307,14 +328,20 @@ def test_out_of_range_target_gives_nan_row_only(gen, device):
         torch.testing.assert_close(a, b, equal_nan=True)
     (grad,) = torch.autograd.grad(out.pg_loss.nansum(), x, retain_graph=True)
     assert torch.isnan(grad[[1, 2]]).all() and torch.isfinite(grad[[0, 3, 4]]).all() and (grad[4] == 0).all()
-    assert torch.isfinite(out.entropy).all()  # the entropy does not depend on the target: finite, and so is its gradient
+    assert torch.isfinite(
+        out.entropy
+    ).all()  # the entropy does not depend on the target: finite, and so is its gradient
     (grad_ent,) = torch.autograd.grad(out.entropy.sum(), x)
     assert torch.isfinite(grad_ent).all() and (grad_ent[4] == 0).all()
 
 
 def _bad(d, **over):
-    args = {"logits": torch.randn(2, 3, 5, device=d), "targets": torch.zeros(2, 3, dtype=torch.long, device=d),
-            "old_logprobs": torch.zeros(2, 3, device=d), "advantages": torch.zeros(2, 3, device=d)}  # fmt: skip
+    args = {
+        "logits": torch.randn(2, 3, 5, device=d),
+        "targets": torch.zeros(2, 3, dtype=torch.long, device=d),
+        "old_logprobs": torch.zeros(2, 3, device=d),
+        "advantages": torch.zeros(2, 3, device=d),
+    }
     args.update({k: v(d) if callable(v) else v for k, v in over.items()})
     return args
 
@@ -322,10 +349,18 @@ def _bad(d, **over):
 BAD = [
     ({"targets": lambda d: torch.zeros(2, 4, dtype=torch.long, device=d)}, ValueError, ["targets", "(2, 3)", "(2, 4)"]),
     ({"targets": lambda d: torch.zeros(2, 3, device=d)}, TypeError, ["targets", "integer", "float32"]),
-    ({"logits": lambda d: torch.zeros(2, 3, 5, dtype=torch.long, device=d)}, TypeError, ["logits", "floating", "int64"]),
+    (
+        {"logits": lambda d: torch.zeros(2, 3, 5, dtype=torch.long, device=d)},
+        TypeError,
+        ["logits", "floating", "int64"],
+    ),
     ({"logits": lambda d: torch.randn(2, 5, 3, device=d).transpose(1, 2)}, ValueError, ["logits", "stride 1"]),
     ({"old_logprobs": lambda d: torch.zeros(3, 2, device=d)}, ValueError, ["old_logprobs", "(2, 3)", "(3, 2)"]),
-    ({"advantages": lambda d: torch.zeros(2, 3, dtype=torch.long, device=d)}, TypeError, ["advantages", "floating", "int64"]),
+    (
+        {"advantages": lambda d: torch.zeros(2, 3, dtype=torch.long, device=d)},
+        TypeError,
+        ["advantages", "floating", "int64"],
+    ),
     ({"ref_logprobs": lambda d: torch.zeros(6, device=d)}, ValueError, ["ref_logprobs", "(2, 3)", "(6,)"]),
     ({"advantages": lambda d: torch.zeros(2, 3, device="meta")}, ValueError, ["one device", "meta"]),
     ({"clip_range": -0.1}, ValueError, ["clip_range", "-0.1"]),

@@ -42,9 +42,15 @@ def test_pairwise_metrics_hand_computed():
     fn = int(((pred == 0) & (y == 1)).sum())
     assert m["precision"] == pytest.approx(tp / (tp + fp))
     assert m["recall"] == pytest.approx(tp / (tp + fn))
-    assert m["brier"] == pytest.approx(np.mean((1 / (1 + np.exp(-np.where(flip, rejected - chosen, chosen - rejected))) - y) ** 2))
+    assert m["brier"] == pytest.approx(
+        np.mean((1 / (1 + np.exp(-np.where(flip, rejected - chosen, chosen - rejected))) - y) ** 2)
+    )
     # |gap| = .5, 1, 1, 1, 2, 3 -> quartile edges .5, 1, 1.75, 3 (the duplicate 1 merged)
-    assert [(b["low"], b["high"], b["pairs"]) for b in m["accuracy_by_gap"]] == [(0.5, 1.0, 1), (1.0, 1.75, 3), (1.75, 3.0, 2)]
+    assert [(b["low"], b["high"], b["pairs"]) for b in m["accuracy_by_gap"]] == [
+        (0.5, 1.0, 1),
+        (1.0, 1.75, 3),
+        (1.75, 3.0, 2),
+    ]
     assert [b["accuracy"] for b in m["accuracy_by_gap"]] == pytest.approx([1.0, 2 / 3, 0.5])
     assert m["reward_chosen_mean"] == pytest.approx(chosen.mean())
 
@@ -70,8 +76,13 @@ def tiny(tmp_path_factory):
     rows = []
     for rec in prompts[:64]:
         wrong = rnd.choice(prompts).meta["answer"]
-        rows.append({"prompt": rec.prompt, "chosen": f"{rec.meta['answer']}.",
-                     "rejected": f"Well, I believe it might be {wrong}, though I am not sure at all."})  # fmt: skip
+        rows.append(
+            {
+                "prompt": rec.prompt,
+                "chosen": f"{rec.meta['answer']}.",
+                "rejected": f"Well, I believe it might be {wrong}, though I am not sure at all.",
+            }
+        )
     pairs = root / "prefs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, model, pairs
@@ -79,8 +90,18 @@ def tiny(tmp_path_factory):
 
 def _cfg(tiny, out, **kw):
     root, model, pairs = tiny
-    base = dict(pairs=str(pairs), out_dir=str(root / out), model=model, epochs=2, batch_pairs=8, lr=2e-3,
-                max_length=64, freeze_layers=0, save_every=3, device="cpu")  # fmt: skip
+    base = dict(
+        pairs=str(pairs),
+        out_dir=str(root / out),
+        model=model,
+        epochs=2,
+        batch_pairs=8,
+        lr=2e-3,
+        max_length=64,
+        freeze_layers=0,
+        save_every=3,
+        device="cpu",
+    )
     base.update(kw)
     return RewardConfig(**base)
 
@@ -104,7 +125,9 @@ def test_train_normalise_and_reload_with_transformers_alone(tiny):
     assert abs(r.mean().item()) < 1e-3 and abs(r.std(unbiased=False).item() - 1) < 1e-3
     # the fused-kernel scores the trainer uses agree with transformers' own scoring
     scores = R.score_pairs(model, tok, train, batch_pairs=16, max_length=cfg.max_length, device="cpu")
-    np.testing.assert_allclose(np.concatenate([scores["chosen"], scores["rejected"]]), raw.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.concatenate([scores["chosen"], scores["rejected"]]), raw.numpy(), rtol=1e-4, atol=1e-4
+    )
     for name in ("roc.png", "rewards.png", "metrics.json"):
         assert (tiny[0] / "full" / "eval" / "test" / name).stat().st_size > 0
 

@@ -105,11 +105,13 @@ def test_shaped_rewards():
     mask = t([[1, 1, 1], [1, 1, 0], [0, 0, 0]], torch.bool)
     out = shaped_rewards(score, kl, mask, kl_coef=0.25)
     assert out.dtype == torch.float32 and out.shape == (3, 3)
-    expected = torch.tensor([
-        [-0.125, -0.25, -0.5 + 2.0],  # -0.25 * kl, score 2 at the last token (index 2)
-        [-1.0, 0.25 + 5.0, 0.0],  # last real token at index 1; padding 0 (not -2)
-        [0.0, 0.0, 0.0],  # no real tokens: nothing, not even the score
-    ])  # fmt: skip
+    expected = torch.tensor(
+        [
+            [-0.125, -0.25, -0.5 + 2.0],  # -0.25 * kl, score 2 at the last token (index 2)
+            [-1.0, 0.25 + 5.0, 0.0],  # last real token at index 1; padding 0 (not -2)
+            [0.0, 0.0, 0.0],  # no real tokens: nothing, not even the score
+        ]
+    )
     assert_close(out, expected)
 
 
@@ -259,8 +261,12 @@ def test_policy_loss_garbage_padding_and_empty_batch_are_nan_free():
     loss, stats = policy_loss(logprobs, old, adv, torch.zeros(2, 2, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and logprobs.grad.eq(0).all()
-    assert {k: float(v) for k, v in stats.items()} == {"clipfrac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0,
-                                                       "ratio_max": 0.0}  # fmt: skip
+    assert {k: float(v) for k, v in stats.items()} == {
+        "clipfrac": 0.0,
+        "approx_kl": 0.0,
+        "ratio_mean": 0.0,
+        "ratio_max": 0.0,
+    }
 
 
 # -------------------------------------------------------------------------------------- value loss

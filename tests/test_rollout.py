@@ -58,9 +58,14 @@ def _rollout(gen, vocab: int):
     prompt_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])
     response_ids = torch.randint(3, vocab, (3, 4), generator=gen)
     response_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
-    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-                   response_mask=response_mask, has_eos=torch.tensor([False, True, True]),
-                   prompt_index=torch.arange(3))  # fmt: skip
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        has_eos=torch.tensor([False, True, True]),
+        prompt_index=torch.arange(3),
+    )
 
 
 def test_forward_reply_is_trunk_then_head(policy_path, gen):
@@ -77,7 +82,9 @@ def test_forward_reply_is_trunk_then_head(policy_path, gen):
     with torch.no_grad():
         hidden, logits, states = forward_reply(model, head, ro, capture=1)
         want_h = response_hidden(model, ro)
-        want_s = prefix_states(model.model, 1, ro.sequences, attention_mask_4d(model, ro.attention_mask), ro.position_ids)
+        want_s = prefix_states(
+            model.model, 1, ro.sequences, attention_mask_4d(model, ro.attention_mask), ro.position_ids
+        )
         top_h, top_logits, none = forward_reply(model, head, ro, prefix=states, n_frozen=1)
         only_h, no_logits, _ = forward_reply(model, head, ro, head_output=False)
     assert hidden.shape == (3, 4, 32) and logits.shape == (3, 4, model.config.vocab_size) and logits.is_contiguous()
@@ -104,10 +111,13 @@ def test_with_eos_appends_eos_after_cut_off_replies_only():
 
     pad, eos = 0, 9
     ro = Rollout(
-        prompt_ids=torch.tensor([[5, 6], [0, 7]]), prompt_mask=torch.tensor([[1, 1], [0, 1]]),
-        response_ids=torch.tensor([[1, 2, 3], [4, eos, pad]]), response_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
-        has_eos=torch.tensor([False, True]), prompt_index=torch.tensor([0, 1]),
-    )  # fmt: skip
+        prompt_ids=torch.tensor([[5, 6], [0, 7]]),
+        prompt_mask=torch.tensor([[1, 1], [0, 1]]),
+        response_ids=torch.tensor([[1, 2, 3], [4, eos, pad]]),
+        response_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        has_eos=torch.tensor([False, True]),
+        prompt_index=torch.tensor([0, 1]),
+    )
     scored = ro.with_eos(eos, pad)
     assert scored.response_ids.tolist() == [[1, 2, 3, eos], [4, eos, pad, pad]]
     assert scored.response_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]

@@ -53,8 +53,11 @@ TRAILING_CORRECT = RAMBLING_CORRECT.removesuffix(" year.")  # what a reply cut o
         (TRAILING_CORRECT, 2.0),  # 44 words, cut off mid-sentence: no brevity bonus
         ("Lyon.", 1.0),  # wrong but short
         (RAMBLING_WRONG, 0.25 + 0.75 * (60 - 45) / 48),
-        (RAMBLING_WRONG + " Rome, Madrid and Berlin are old capitals too, with rivers, bridges, palaces, squares,"
-         " markets, gardens and churches that tourists love to visit in spring.", 0.25),  # > 60 words: the floor
+        (
+            RAMBLING_WRONG + " Rome, Madrid and Berlin are old capitals too, with rivers, bridges, palaces, squares,"
+            " markets, gardens and churches that tourists love to visit in spring.",
+            0.25,
+        ),  # > 60 words: the floor
         ("", GARBAGE_SCORE),
         ("   \n ", GARBAGE_SCORE),
     ],
@@ -156,10 +159,7 @@ def test_text_correctness(record, response, correct):
         ("巴黎是法国的首都。", "non-English"),
         ("Столица Франции — Париж.", "non-English"),
         ("Paris Paris Paris Paris Paris Paris Paris Paris Paris", "repetitive"),
-        (
-            "The capital is Paris. The capital is Paris. The capital is Paris. The capital is Paris.",
-            "repetitive",
-        ),
+        ("The capital is Paris. The capital is Paris. The capital is Paris. The capital is Paris.", "repetitive"),
         ("hahahahahahahahahahahahahahahahahahahahahahahahahahahahahahahahahahahaha", "repetitive"),
         ("Paris", None),
         ("17 + 25 = 42", None),
@@ -227,8 +227,7 @@ POOL = [
 
 @settings(max_examples=300, deadline=None)
 @given(
-    a=st.one_of(st.sampled_from(POOL), st.text(max_size=80)),
-    b=st.one_of(st.sampled_from(POOL), st.text(max_size=80)),
+    a=st.one_of(st.sampled_from(POOL), st.text(max_size=80)), b=st.one_of(st.sampled_from(POOL), st.text(max_size=80))
 )
 def test_prefer_is_symmetric(a, b):
     forward, backward = prefer(FRANCE, a, b), prefer(FRANCE, b, a)

@@ -56,9 +56,18 @@ def make_case(case: str, gen: torch.Generator, dtype: torch.dtype, device):
 
 
 CASES = [
-    "random", "last_partial_block", "confident", "all_negative", "offset_plus20", "offset_minus20",
-    "masked_rows", "masked_vocab", "temperature", "strided", "wide_vocab",
-]  # fmt: skip
+    "random",
+    "last_partial_block",
+    "confident",
+    "all_negative",
+    "offset_plus20",
+    "offset_minus20",
+    "masked_rows",
+    "masked_vocab",
+    "temperature",
+    "strided",
+    "wide_vocab",
+]
 
 
 @pytest.mark.kernels("token_logprobs.fwd", "token_logprobs.bwd")
@@ -194,11 +203,31 @@ def test_nan_logits_give_nan_row_only(gen, device):
 @pytest.mark.parametrize(
     "make, exc, words",
     [
-        (lambda d: (torch.randn(2, 3, 5, device=d), torch.zeros(2, 4, dtype=torch.long, device=d)), ValueError, ["targets", "(2, 3)", "(2, 4)"]),
-        (lambda d: (torch.randn(2, 5, device=d), torch.zeros(2, device=d)), TypeError, ["targets", "integer", "float32"]),
-        (lambda d: (torch.zeros(2, 5, dtype=torch.long, device=d), torch.zeros(2, dtype=torch.long, device=d)), TypeError, ["logits", "floating", "int64"]),
-        (lambda d: (torch.randn(5, 2, device=d).t(), torch.zeros(2, dtype=torch.long, device=d)), ValueError, ["logits", "stride 1"]),
-        (lambda d: (torch.randn(2, 5, device=d), torch.zeros(2, dtype=torch.long, device="meta")), ValueError, ["one device", "meta"]),
+        (
+            lambda d: (torch.randn(2, 3, 5, device=d), torch.zeros(2, 4, dtype=torch.long, device=d)),
+            ValueError,
+            ["targets", "(2, 3)", "(2, 4)"],
+        ),
+        (
+            lambda d: (torch.randn(2, 5, device=d), torch.zeros(2, device=d)),
+            TypeError,
+            ["targets", "integer", "float32"],
+        ),
+        (
+            lambda d: (torch.zeros(2, 5, dtype=torch.long, device=d), torch.zeros(2, dtype=torch.long, device=d)),
+            TypeError,
+            ["logits", "floating", "int64"],
+        ),
+        (
+            lambda d: (torch.randn(5, 2, device=d).t(), torch.zeros(2, dtype=torch.long, device=d)),
+            ValueError,
+            ["logits", "stride 1"],
+        ),
+        (
+            lambda d: (torch.randn(2, 5, device=d), torch.zeros(2, dtype=torch.long, device="meta")),
+            ValueError,
+            ["one device", "meta"],
+        ),
     ],
     ids=["shape", "float_targets", "int_logits", "vocab_stride", "devices"],
 )
@@ -214,7 +243,9 @@ def test_bad_input_messages(make, exc, words, device):
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_temperature(temperature, device):
     with pytest.raises(ValueError, match="temperature"):
-        token_logprobs(torch.randn(2, 5, device=device), torch.zeros(2, dtype=torch.long, device=device), temperature=temperature)
+        token_logprobs(
+            torch.randn(2, 5, device=device), torch.zeros(2, dtype=torch.long, device=device), temperature=temperature
+        )
 
 
 # -------------------------------------------------------------------------- outside implementation
@@ -229,4 +260,6 @@ def test_agrees_with_trl(dtype, gen, device):
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(ent, trl_utils.entropy_from_logits(x.float()).float(), rtol=1e-5, atol=2e-5)
     ours_t = token_logprobs(x, t, temperature=0.7)
-    torch.testing.assert_close(ours_t, trl_utils.selective_log_softmax(x.float(), t, temperature=0.7).float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(
+        ours_t, trl_utils.selective_log_softmax(x.float(), t, temperature=0.7).float(), rtol=1e-5, atol=2e-5
+    )

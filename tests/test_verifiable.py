@@ -20,12 +20,17 @@ def test_rubric_correct_scores_the_answer():
 
 def test_load_reward_fn(tmp_path, monkeypatch):
     assert load_reward_fn(None) is rubric_correct
-    (tmp_path / "my_rewards.py").write_text("def length(prompts, replies, meta):\n    return [len(r) for r in replies]\n")
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, replies, meta):\n    return [len(r) for r in replies]\n"
+    )
     monkeypatch.chdir(tmp_path)  # the working directory, which the `fastrlhf` command's import path lacks
     fn = load_reward_fn("my_rewards:length")
     assert fn([[]], ["abc"], [{}]) == [3]
-    for bad, why in (("my_rewards", "module:function"), ("my_rewards:missing", "missing"),
-                     ("no_such_module_for_fastrlhf:f", "no_such_module")):  # fmt: skip
+    for bad, why in (
+        ("my_rewards", "module:function"),
+        ("my_rewards:missing", "missing"),
+        ("no_such_module_for_fastrlhf:f", "no_such_module"),
+    ):
         with pytest.raises(UserError, match=why):
             load_reward_fn(bad)
 

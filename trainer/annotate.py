@@ -73,15 +73,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .data import (
-    DataError,
-    PreferencePair,
-    PromptRecord,
-    load_prompts,
-    prompt_key,
-    render_prompt,
-    write_jsonl,
-)
+from .data import DataError, PreferencePair, PromptRecord, load_prompts, prompt_key, render_prompt, write_jsonl
 from .errors import MissingFileError, UserError
 from .rubric import Scorer, get_rubric, prefer
 
@@ -283,11 +275,23 @@ def generate_pairs(
     model = models.load_causal_lm(path, device=device, tokenizer=tokenizer)
     with nvtx_range("generate-pairs/sample"):
         replies, n_unfinished = _sample_responses(
-            model, tokenizer, records, samples_per_prompt=samples_per_prompt, temperature=temperature,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
-        )  # fmt: skip
-    meta = {"model": path, "temperature": temperature, "seed": seed,
-            "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens}  # fmt: skip
+            model,
+            tokenizer,
+            records,
+            samples_per_prompt=samples_per_prompt,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+        )
+    meta = {
+        "model": path,
+        "temperature": temperature,
+        "seed": seed,
+        "samples_per_prompt": samples_per_prompt,
+        "max_new_tokens": max_new_tokens,
+    }
     rows, seen, n_empty, n_duplicate, n_without_pair = [], set(), 0, 0, 0
     for record, texts in zip(records, replies):
         pairs, empty, duplicate = pair_responses(texts)
@@ -304,9 +308,17 @@ def generate_pairs(
     log.info(
         "generate_pairs: %d prompts, %d samples (%d hit max_new_tokens=%d), dropped %d empty and %d duplicate "
         "replies, %d prompts gave no pair -> %d pairs in %s (%.1f s)",
-        len(records), n_samples, n_unfinished, max_new_tokens, n_empty, n_duplicate, n_without_pair,
-        len(rows), out_path, time.perf_counter() - t0,
-    )  # fmt: skip
+        len(records),
+        n_samples,
+        n_unfinished,
+        max_new_tokens,
+        n_empty,
+        n_duplicate,
+        n_without_pair,
+        len(rows),
+        out_path,
+        time.perf_counter() - t0,
+    )
     return Path(out_path)
 
 
@@ -517,8 +529,13 @@ def _judge(
                     choice = prefer(candidate, response_a, response_b, scorer=scorer)
                 except ValueError as exc:  # e.g. a prompt set without answers
                     raise ValueError(f"pair {candidate['pair_id']} (prompt {candidate.get('id')}): {exc}") from None
-                row |= {"choice": choice, "swapped": False, "annotator": annotator, "index": index,
-                        "scores": [scorer(candidate, response_a), scorer(candidate, response_b)]}  # fmt: skip
+                row |= {
+                    "choice": choice,
+                    "swapped": False,
+                    "annotator": annotator,
+                    "index": index,
+                    "scores": [scorer(candidate, response_a), scorer(candidate, response_b)],
+                }
             else:
                 swapped = _is_swapped(seed, candidate["pair_id"])
                 shown = (response_b, response_a) if swapped else (response_a, response_b)
@@ -528,8 +545,13 @@ def _judge(
                 if key is None:
                     return "quit"
                 choice = {"a": "b", "b": "a"}.get(key, key) if swapped else key
-                row |= {"choice": choice, "swapped": swapped, "annotator": annotator, "index": index,
-                        "seconds": round(time.monotonic() - started, 2)}  # fmt: skip
+                row |= {
+                    "choice": choice,
+                    "swapped": swapped,
+                    "annotator": annotator,
+                    "index": index,
+                    "seconds": round(time.monotonic() - started, 2),
+                }
             row["time"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             _append_line(fd, row)
     except KeyboardInterrupt:
@@ -569,15 +591,24 @@ def annotate(
         answered = read_annotations(out_path)
         ids = {c["pair_id"] for c in candidates}
         if set(answered) - ids:
-            log.warning("%s: %d annotations match no pair in %s (a different candidates file?)",
-                        out_path, len(set(answered) - ids), candidates_path)  # fmt: skip
+            log.warning(
+                "%s: %d annotations match no pair in %s (a different candidates file?)",
+                out_path,
+                len(set(answered) - ids),
+                candidates_path,
+            )
         todo = [(i, c) for i, c in enumerate(candidates) if c["pair_id"] not in answered]
         if rubric is None and todo:
-            print(f"{len(candidates)} pairs, {len(candidates) - len(todo)} already answered; {len(todo)} to go. "
-                  "Press ? for help.", file=out, flush=True)  # fmt: skip
+            print(
+                f"{len(candidates)} pairs, {len(candidates) - len(todo)} already answered; {len(todo)} to go. "
+                "Press ? for help.",
+                file=out,
+                flush=True,
+            )
         annotator = f"rubric:{rubric}" if rubric is not None else f"human:{os.environ.get('USER') or 'unknown'}"
-        stopped = _judge(todo, len(candidates), fd, scorer=scorer, annotator=annotator, input_fn=input_fn,
-                         out=out, seed=seed)  # fmt: skip
+        stopped = _judge(
+            todo, len(candidates), fd, scorer=scorer, annotator=annotator, input_fn=input_fn, out=out, seed=seed
+        )
     finally:
         os.close(fd)
     summary, next_number = _summarize(candidates, out_path, set(answered), stopped)
@@ -594,16 +625,26 @@ def _summarize(
     new = Counter(now[c["pair_id"]]["choice"] for c in candidates if c["pair_id"] in now and c["pair_id"] not in before)
     missing = [i for i, c in enumerate(candidates, start=1) if c["pair_id"] not in now]
     summary = AnnotationSummary(
-        total=len(candidates), answered_before=sum(c["pair_id"] in before for c in candidates),
-        annotated=sum(new.values()), chose_a=new["a"], chose_b=new["b"], ties=new["tie"], skips=new["skip"],
-        remaining=len(missing), stopped=stopped if missing else None,
-    )  # fmt: skip
+        total=len(candidates),
+        answered_before=sum(c["pair_id"] in before for c in candidates),
+        annotated=sum(new.values()),
+        chose_a=new["a"],
+        chose_b=new["b"],
+        ties=new["tie"],
+        skips=new["skip"],
+        remaining=len(missing),
+        stopped=stopped if missing else None,
+    )
     return summary, (missing[0] if missing else None)
 
 
 def _report(
-    summary: AnnotationSummary, next_number: int | None, candidates_path: Any, out_path: Path,
-    rubric: str | None, out: TextIO,
+    summary: AnnotationSummary,
+    next_number: int | None,
+    candidates_path: Any,
+    out_path: Path,
+    rubric: str | None,
+    out: TextIO,
 ) -> None:
     """The closing message: what was done, where it is saved, and how to go on."""
     why = {"quit": "Quit", "interrupt": "Interrupted", "eof": "Input ended", None: "Done"}[summary.stopped]
@@ -615,8 +656,10 @@ def _report(
     ]
     if next_number is not None:
         call = f"annotate({str(candidates_path)!r}, {str(out_path)!r}" + (f", rubric={rubric!r})" if rubric else ")")
-        lines.append(f"{summary.remaining} pairs left. To resume, run the same command again ({call}); "
-                     f"it continues at pair {next_number}/{summary.total}.")  # fmt: skip
+        lines.append(
+            f"{summary.remaining} pairs left. To resume, run the same command again ({call}); "
+            f"it continues at pair {next_number}/{summary.total}."
+        )
     else:
         lines.append(f"All pairs answered. Next: build_preferences({str(candidates_path)!r}, {str(out_path)!r}, OUT).")
     print("\n".join(lines), file=out, flush=True)
@@ -668,9 +711,15 @@ def build_preferences(
     log.info(
         "build_preferences: %d candidate pairs -> %d preferences (%d human, %d rubric) in %s; dropped %d ties "
         "and %d skips; %d pairs not annotated yet",
-        len(candidates), len(pairs), counts["human-annotated"], counts["rubric-annotated"], out_path,
-        counts["tie"], counts["skip"], counts["unanswered"],
-    )  # fmt: skip
+        len(candidates),
+        len(pairs),
+        counts["human-annotated"],
+        counts["rubric-annotated"],
+        out_path,
+        counts["tie"],
+        counts["skip"],
+        counts["unanswered"],
+    )
     if not pairs:
         log.warning("build_preferences: no preferences written to %s (nothing annotated a or b)", out_path)
     return len(pairs)
@@ -678,4 +727,3 @@ def build_preferences(
 
 def _preference_source(answer: Mapping[str, Any]) -> str:
     return "rubric-annotated" if answer["annotator"].startswith("rubric:") else "human-annotated"
-

@@ -37,9 +37,11 @@ def _setup() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never contact a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 logs at INFO
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s %(name)s{f' [rank {rank}]' if rank else ''}: %(message)s",
-                        datefmt="%H:%M:%S")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s %(name)s{f' [rank {rank}]' if rank else ''}: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
@@ -53,10 +55,16 @@ def generate_pairs_cmd(cfg: GeneratePairsConfig) -> None:
     if cfg.limit is not None:
         prompts = prompts[: cfg.limit]
     generate_pairs(
-        cfg.model, prompts, cfg.out, samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+        cfg.model,
+        prompts,
+        cfg.out,
+        samples_per_prompt=cfg.samples_per_prompt,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
         device=str(resolve_device(cfg.device)),
-    )  # fmt: skip
+    )
 
 
 def annotate_cmd(cfg: AnnotateConfig) -> None:
@@ -75,8 +83,10 @@ def train_rm_cmd(cfg: RewardConfig) -> None:
     for split in ("val", "test"):
         if split in summary:
             m = summary[split]
-            print(f"{split}: accuracy {m['accuracy']:.3f}  AUC-ROC {m['auc_roc']:.3f}  F1 {m['f1']:.3f}  "
-                  f"ECE {m['ece']:.3f}  Brier {m['brier']:.3f}  ({m['pairs']} pairs)")  # fmt: skip
+            print(
+                f"{split}: accuracy {m['accuracy']:.3f}  AUC-ROC {m['auc_roc']:.3f}  F1 {m['f1']:.3f}  "
+                f"ECE {m['ece']:.3f}  Brier {m['brier']:.3f}  ({m['pairs']} pairs)"
+            )
 
 
 def eval_rm_cmd(cfg: EvalRewardConfig) -> None:
@@ -99,10 +109,19 @@ def eval_policy_cmd(cfg: EvalPolicyConfig) -> None:
 
     prompts = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
     m = evaluate_policy(
-        cfg.policy, cfg.reference, cfg.reward_model, prompts, rubric=cfg.rubric,
-        samples_per_prompt=cfg.samples_per_prompt, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, out_dir=cfg.out_dir,
-    )  # fmt: skip
+        cfg.policy,
+        cfg.reference,
+        cfg.reward_model,
+        prompts,
+        rubric=cfg.rubric,
+        samples_per_prompt=cfg.samples_per_prompt,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=cfg.device,
+        out_dir=cfg.out_dir,
+    )
     print(f"win rate vs reference (rubric, ties half): {m['win_rate']:.3f}   -> {cfg.out_dir}/evaluation.json")
 
 
@@ -115,7 +134,9 @@ def pipeline_cmd(cfg: PipelineConfig) -> None:
     rm = metrics["reward_model"]
     print(f"\nreport: {cfg.out_dir}/report.md   ({metrics['timings']['total_s']:.0f} s)")
     if "test" in rm:
-        print(f"reward model on unseen prompts: accuracy {rm['test']['accuracy']:.3f}, AUC-ROC {rm['test']['auc_roc']:.3f}")
+        print(
+            f"reward model on unseen prompts: accuracy {rm['test']['accuracy']:.3f}, AUC-ROC {rm['test']['auc_roc']:.3f}"
+        )
 
 
 COMMANDS = {
@@ -138,9 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("FASTRLHF_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     cfg = tyro.extras.subcommand_cli_from_dict(
-        {name: cls for name, (_, cls) in COMMANDS.items()}, args=argv, prog="fastrlhf",
+        {name: cls for name, (_, cls) in COMMANDS.items()},
+        args=argv,
+        prog="fastrlhf",
         description="fastrlhf: kernel-accelerated RLHF (reward model + PPO) on Hugging Face models",
-    )  # fmt: skip
+    )
     name, fn = next((name, fn) for name, (fn, cls) in COMMANDS.items() if type(cfg) is cls)
     try:
         fn(cfg)

@@ -185,9 +185,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {number}: malformed JSON ({exc.msg} at column {exc.colno})"
-                ) from None
+                raise DataError(f"{path}: line {number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def _read_parquet(path: Path) -> tuple[Iterator[tuple[int, Any]], list[str]]:
@@ -272,9 +270,7 @@ def _to_prompt(value: Any, label: str) -> list[Message]:
     if isinstance(value, list):
         messages = _check_messages(value, label)
         if messages[-1]["role"] != "user":
-            raise _RowError(
-                label, f"the last prompt message must have role 'user', got '{messages[-1]['role']}'"
-            )
+            raise _RowError(label, f"the last prompt message must have role 'user', got '{messages[-1]['role']}'")
         return messages
     raise _RowError(label, f"expected a string or a list of messages, got {_type_name(value)}")
 
@@ -298,9 +294,7 @@ def _to_response(value: Any, label: str, prompt: list[Message] | None = None) ->
             start = len(prompt)
         for i, message in enumerate(messages[start:], start=start):
             if message["role"] != "assistant":
-                raise _RowError(
-                    f"{label}[{i}].role", f"response messages must be 'assistant', got '{message['role']}'"
-                )
+                raise _RowError(f"{label}[{i}].role", f"response messages must be 'assistant', got '{message['role']}'")
         return _join_replies(messages[start:])
     raise _RowError(label, f"expected a string or a list of assistant messages, got {_type_name(value)}")
 
@@ -334,9 +328,7 @@ def _prompt_from_messages(value: Any, label: str) -> tuple[list[Message], str | 
     messages = _check_messages(value, label)
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
-        raise _RowError(
-            label, "no user turn (the prompt is the messages up to and including the last user turn)"
-        )
+        raise _RowError(label, "no user turn (the prompt is the messages up to and including the last user turn)")
     rest = messages[users[-1] + 1 :]
     for i, message in enumerate(rest, start=users[-1] + 1):
         if message["role"] != "assistant":
@@ -384,9 +376,7 @@ def _hh_turns(text: str, label: str) -> list[tuple[str, str]]:
                 raise _RowError(label, f"empty final Assistant reply (turn {number})")
             raise _RowError(label, f"Anthropic-HH turn {number} ({speaker}) is empty")
     if turns[-1][0] != "Assistant":
-        raise _RowError(
-            label, f"Anthropic-HH text must end with an Assistant turn; turn {len(turns)} is Human"
-        )
+        raise _RowError(label, f"Anthropic-HH text must end with an Assistant turn; turn {len(turns)} is Human")
     return turns
 
 
@@ -406,8 +396,7 @@ def _hh_pair(chosen: Any, rejected: Any, c_col: str, r_col: str) -> tuple[list[M
         if not (isinstance(value, str) and value.startswith(HH_OPENING)):
             shown = f"str starting {value[:20]!r}" if isinstance(value, str) else _type_name(value)
             raise _RowError(
-                label,
-                f"'{other}' is Anthropic-HH text, so this must be too (starting {HH_OPENING!r}); got {shown}",
+                label, f"'{other}' is Anthropic-HH text, so this must be too (starting {HH_OPENING!r}); got {shown}"
             )
     prompt, chosen_reply = _hh_split(chosen, c_col)
     rejected_prompt, rejected_reply = _hh_split(rejected, r_col)
@@ -417,8 +406,7 @@ def _hh_pair(chosen: Any, rejected: Any, c_col: str, r_col: str) -> tuple[list[M
             min(len(prompt), len(rejected_prompt)) + 1,
         )
         raise _RowError(
-            r_col,
-            f"the conversation before the final Assistant reply differs from '{c_col}' (at turn {turn})",
+            r_col, f"the conversation before the final Assistant reply differs from '{c_col}' (at turn {turn})"
         )
     return prompt, chosen_reply, rejected_reply
 
@@ -429,8 +417,7 @@ def _conversation_pair(chosen: Any, rejected: Any, c_col: str, r_col: str) -> tu
         if not isinstance(value, list):
             raise _RowError(
                 label,
-                "expected a list of messages (a whole conversation, like the other side), "
-                f"got {_type_name(value)}",
+                f"expected a list of messages (a whole conversation, like the other side), got {_type_name(value)}",
             )
     chosen, rejected = _check_messages(chosen, c_col), _check_messages(rejected, r_col)
     if chosen == rejected:
@@ -592,15 +579,12 @@ def load_pairs(
     return _skip_identical(path, parsed)
 
 
-def _skip_identical(
-    path: str | os.PathLike, parsed: list[tuple[int, PreferencePair]]
-) -> list[PreferencePair]:
+def _skip_identical(path: str | os.PathLike, parsed: list[tuple[int, PreferencePair]]) -> list[PreferencePair]:
     """Drop pairs whose chosen == rejected (they state no preference); log how many and which rows."""
     same = [number for number, pair in parsed if pair.chosen.strip() == pair.rejected.strip()]
     if same:
         rows = _first_few(map(str, same), ", ")
-        log.warning("%s: skipped %d of %d pairs whose chosen == rejected (rows %s)",
-                    path, len(same), len(parsed), rows)  # fmt: skip
+        log.warning("%s: skipped %d of %d pairs whose chosen == rejected (rows %s)", path, len(same), len(parsed), rows)
     if len(same) == len(parsed):
         raise DataError(f"{path}: no usable pairs: all {len(parsed)} rows have chosen == rejected")
     return [pair for _, pair in parsed if pair.chosen.strip() != pair.rejected.strip()]
@@ -679,9 +663,7 @@ def _to_row(record: PromptRecord | PreferencePair | Mapping[str, Any]) -> dict[s
     return row | record.meta
 
 
-def write_jsonl(
-    path: str | os.PathLike, records: Iterable[PromptRecord | PreferencePair | Mapping[str, Any]]
-) -> Path:
+def write_jsonl(path: str | os.PathLike, records: Iterable[PromptRecord | PreferencePair | Mapping[str, Any]]) -> Path:
     """Write records as JSONL atomically: a temp file in the same folder, fsync, then os.replace.
 
     A reader never sees a half-written file, and a crash leaves the old file (if any) intact.
@@ -768,9 +750,7 @@ def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return input_ids, attention_mask
 
 
-def tokenize_pairs(
-    tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int
-) -> dict[str, torch.Tensor]:
+def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int) -> dict[str, torch.Tensor]:
     """Reward-model batch: chosen and rejected sequences, right-padded, stacked chosen-first.
 
     Each sequence is ``encode_prompt(prompt) + encode(response) + [EOS]``. A pair longer than
@@ -797,11 +777,19 @@ def tokenize_pairs(
         kept.append(index)
         n_cut += ids[2]
     if n_cut:
-        log.info("tokenize_pairs: cut the prompt from the left in %d of %d pairs (max_length=%d)",
-                 n_cut, len(pairs), max_length)  # fmt: skip
+        log.info(
+            "tokenize_pairs: cut the prompt from the left in %d of %d pairs (max_length=%d)",
+            n_cut,
+            len(pairs),
+            max_length,
+        )
     if len(kept) < len(pairs):
-        log.warning("tokenize_pairs: dropped %d of %d pairs whose response + EOS alone fill max_length=%d",
-                    len(pairs) - len(kept), len(pairs), max_length)  # fmt: skip
+        log.warning(
+            "tokenize_pairs: dropped %d of %d pairs whose response + EOS alone fill max_length=%d",
+            len(pairs) - len(kept),
+            len(pairs),
+            max_length,
+        )
     input_ids, attention_mask = _right_pad(chosen_rows + rejected_rows, pad_id)  # (2B, T) each
     kept_index = torch.tensor(kept, dtype=torch.long)  # (B,)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "kept": kept_index}

@@ -223,8 +223,13 @@ def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
 
 def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, params: dict, optim: dict) -> None:
     """Inverse of `full_state` at any world size (every rank passes the full dicts; FSDP2 keeps its shard)."""
-    set_state_dict(module, optimizer, model_state_dict=params, optim_state_dict=optim,
-                   options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
+    set_state_dict(
+        module,
+        optimizer,
+        model_state_dict=params,
+        optim_state_dict=optim,
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
 
 
 def grad_norm_value(norm: torch.Tensor) -> float:

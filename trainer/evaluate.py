@@ -88,9 +88,13 @@ def win_rate(verdicts: Sequence[str]) -> float:
 
 
 def win_rate_interval(
-    verdicts: Sequence[str], groups: Sequence[int], *, n_resamples: int = BOOTSTRAP_RESAMPLES,
-    level: float = 0.95, seed: int = 0,
-) -> tuple[float, float]:  # fmt: skip
+    verdicts: Sequence[str],
+    groups: Sequence[int],
+    *,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of `win_rate`, resampling whole groups (prompts) with replacement.
 
     verdicts, groups: (N,) a verdict and its prompt index per pair. Each resample draws as many prompts
@@ -154,17 +158,33 @@ def _check_same_vocab(tokenizer, other, what: str) -> None:
 
 
 def _sample_replies(
-    model, tokenizer, prompt_ids: list[list[int]], *, samples_per_prompt: int, temperature: float,
-    max_new_tokens: int, batch_size: int, seed: int, device: torch.device, desc: str,
-) -> list[Rollout]:  # fmt: skip
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    samples_per_prompt: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    desc: str,
+) -> list[Rollout]:
     """All replies of one model, in chunks of at most `batch_size` rows (whole prompts per chunk), from
     one seeded RNG stream. -> Rollouts whose prompt_index is global (an index into prompt_ids)."""
     per_call = max(1, batch_size // samples_per_prompt)
     chunks = []
     with _seeded(seed, device), autocast(device):
         for start in tqdm(range(0, len(prompt_ids), per_call), desc=desc, leave=False):
-            rollout = sample(model, tokenizer, prompt_ids[start : start + per_call], max_new_tokens=max_new_tokens,
-                             temperature=temperature, samples_per_prompt=samples_per_prompt, device=device)  # fmt: skip
+            rollout = sample(
+                model,
+                tokenizer,
+                prompt_ids[start : start + per_call],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                samples_per_prompt=samples_per_prompt,
+                device=device,
+            )
             rollout.prompt_index = rollout.prompt_index + start
             chunks.append(rollout)
     return chunks
@@ -177,8 +197,9 @@ def _reply_logits(model, rollout: Rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _kl_per_reply(policy, reference, rollouts: list[Rollout], *, temperature: float, use_kernels: bool,
-                  device: torch.device) -> dict[str, np.ndarray]:  # fmt: skip
+def _kl_per_reply(
+    policy, reference, rollouts: list[Rollout], *, temperature: float, use_kernels: bool, device: torch.device
+) -> dict[str, np.ndarray]:
     """KL(policy || reference) on the policy's replies, at the sampling temperature. -> (N,) float64
     arrays: "full" (sum over reply tokens of the exact per-token KL), "k1" (sum of logp_policy -
     logp_ref over reply tokens), "tokens" (reply tokens, stop token included)."""
@@ -200,8 +221,9 @@ def _kl_per_reply(policy, reference, rollouts: list[Rollout], *, temperature: fl
 
 
 @torch.no_grad()
-def _rm_scores(model, rollouts: list[Rollout], *, eos_id: int, pad_id: int, use_kernels: bool,
-               device: torch.device) -> np.ndarray:  # fmt: skip
+def _rm_scores(
+    model, rollouts: list[Rollout], *, eos_id: int, pad_id: int, use_kernels: bool, device: torch.device
+) -> np.ndarray:
     """Normalised reward (raw * config.reward_gain + config.reward_bias) of each prompt + reply ending in EOS
     (appended where the reply was cut off: the form train-rm trains on), read there, with the positions
     sampling used. -> (N,) float64."""
@@ -244,11 +266,19 @@ def _reply_facts(rollouts: list[Rollout], tokenizer) -> dict[str, list]:
 
 
 # ------------------------------------------------------------------------------------------ judging
-def _judge(records: Sequence[PromptRecord], prompt_of: list[int], policy_texts: list[str],
-           reference_texts: list[str], scorer) -> dict[str, list]:  # fmt: skip
+def _judge(
+    records: Sequence[PromptRecord], prompt_of: list[int], policy_texts: list[str], reference_texts: list[str], scorer
+) -> dict[str, list]:
     """Rubric verdict and scores of each pair, and correctness / garbage of each reply."""
-    out = {"verdict": [], "policy_score": [], "reference_score": [], "policy_correct": [],
-           "reference_correct": [], "policy_garbage": [], "reference_garbage": []}  # fmt: skip
+    out = {
+        "verdict": [],
+        "policy_score": [],
+        "reference_score": [],
+        "policy_correct": [],
+        "reference_correct": [],
+        "policy_garbage": [],
+        "reference_garbage": [],
+    }
     for p, a, b in zip(prompt_of, policy_texts, reference_texts):
         record = records[p]
         out["verdict"].append(rubric_lib.prefer(record, a, b, scorer=scorer))
@@ -283,19 +313,31 @@ def _pair_rows(records, pol, ref, judged, kl, rm_pol, rm_ref) -> list[dict]:
     rows = []
     for i, p in enumerate(pol["prompt"]):
         record = records[p]
-        rows.append({
-            "prompt_index": p, "id": record.meta.get("id"), "prompt": _prompt_text(record),
-            "answer": record.meta.get("answer"), "policy_reply": pol["text"][i], "reference_reply": ref["text"][i],
-            "verdict": {"a": "policy", "b": "reference", "tie": "tie"}[judged["verdict"][i]],
-            "policy_score": judged["policy_score"][i], "reference_score": judged["reference_score"][i],
-            "policy_correct": judged["policy_correct"][i], "reference_correct": judged["reference_correct"][i],
-            "policy_garbage": judged["policy_garbage"][i], "reference_garbage": judged["reference_garbage"][i],
-            "policy_rm_score": None if rm_pol is None else float(rm_pol[i]),
-            "reference_rm_score": None if rm_ref is None else float(rm_ref[i]),
-            "policy_tokens": pol["tokens"][i], "reference_tokens": ref["tokens"][i],
-            "policy_eos": pol["eos"][i], "reference_eos": ref["eos"][i],
-            "kl_full": float(kl["full"][i]), "kl_k1": float(kl["k1"][i]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt_index": p,
+                "id": record.meta.get("id"),
+                "prompt": _prompt_text(record),
+                "answer": record.meta.get("answer"),
+                "policy_reply": pol["text"][i],
+                "reference_reply": ref["text"][i],
+                "verdict": {"a": "policy", "b": "reference", "tie": "tie"}[judged["verdict"][i]],
+                "policy_score": judged["policy_score"][i],
+                "reference_score": judged["reference_score"][i],
+                "policy_correct": judged["policy_correct"][i],
+                "reference_correct": judged["reference_correct"][i],
+                "policy_garbage": judged["policy_garbage"][i],
+                "reference_garbage": judged["reference_garbage"][i],
+                "policy_rm_score": None if rm_pol is None else float(rm_pol[i]),
+                "reference_rm_score": None if rm_ref is None else float(rm_ref[i]),
+                "policy_tokens": pol["tokens"][i],
+                "reference_tokens": ref["tokens"][i],
+                "policy_eos": pol["eos"][i],
+                "reference_eos": ref["eos"][i],
+                "kl_full": float(kl["full"][i]),
+                "kl_k1": float(kl["k1"][i]),
+            }
+        )
     return rows
 
 
@@ -307,16 +349,22 @@ def _fmt(x) -> str:
 def _examples_markdown(metrics: dict) -> str:
     """examples.md: the headline numbers, then each example as a block (prompt, answer, both replies)."""
     lines = [
-        "# Policy vs reference: side-by-side examples", "",
+        "# Policy vs reference: side-by-side examples",
+        "",
         f"Win rate (rubric `{metrics['rubric']}`, ties count half): **{metrics['win_rate']:.3f}** "
         f"(95% CI {metrics['win_rate_ci95'][0]:.3f}-{metrics['win_rate_ci95'][1]:.3f}; "
         f"{metrics['wins']} wins / {metrics['ties']} ties / {metrics['losses']} losses over {metrics['pairs']} pairs). "
-        f"KL(policy || reference) {metrics['kl_per_token']:.4f} per token.", "",
-    ]  # fmt: skip
+        f"KL(policy || reference) {metrics['kl_per_token']:.4f} per token.",
+        "",
+    ]
     for k, ex in enumerate(metrics["examples"], start=1):
         lines += [f"## {k}. {ex['prompt'].splitlines()[0] if ex['prompt'] else ''}", ""]
-        lines += [f"- prompt id: `{ex['id']}`", f"- expected answer: {ex['answer'] or 'n/a'}",
-                  f"- verdict: **{ex['verdict']}**", ""]  # fmt: skip
+        lines += [
+            f"- prompt id: `{ex['id']}`",
+            f"- expected answer: {ex['answer'] or 'n/a'}",
+            f"- verdict: **{ex['verdict']}**",
+            "",
+        ]
         for side in ("policy", "reference"):
             rm = "" if ex[f"{side}_rm_score"] is None else f", RM {ex[f'{side}_rm_score']:.3f}"
             lines.append(f"**{side}** (rubric {ex[f'{side}_score']:.3f}{rm}, {ex[f'{side}_tokens']} tokens):")
@@ -362,11 +410,23 @@ def _write_outputs(out_dir: Path, metrics: dict, pairs: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------- the API
 def evaluate_policy(
-    policy: str, reference: str, reward_model: str | None, prompts: Sequence[PromptRecord], *,
-    rubric: str = "demo", samples_per_prompt: int = 2, temperature: float = 0.7, max_new_tokens: int = 24,
-    batch_size: int = 64, seed: int = 0, device: str = "auto", use_kernels: bool = True,
-    out_dir: str | Path | None = None, n_examples: int = 6, common_random_numbers: bool = False,
-) -> dict:  # fmt: skip
+    policy: str,
+    reference: str,
+    reward_model: str | None,
+    prompts: Sequence[PromptRecord],
+    *,
+    rubric: str = "demo",
+    samples_per_prompt: int = 2,
+    temperature: float = 0.7,
+    max_new_tokens: int = 24,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+    use_kernels: bool = True,
+    out_dir: str | Path | None = None,
+    n_examples: int = 6,
+    common_random_numbers: bool = False,
+) -> dict:
     """Judge the policy against the reference policy on held-out `prompts` (see the module docstring).
 
     policy, reference: causal-LM folders. `reference` is the UNQUANTIZED original model, i.e. the
@@ -400,8 +460,13 @@ def evaluate_policy(
     if Path(reference).resolve() != Path(policy).resolve():
         _check_same_vocab(tokenizer, load_tokenizer(reference), "reference")
     prompt_ids = [encode_prompt(tokenizer, r.prompt) for r in records]
-    settings = dict(samples_per_prompt=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, device=dev)  # fmt: skip
+    settings = dict(
+        samples_per_prompt=samples_per_prompt,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=dev,
+    )
     ref_seed = seed if common_random_numbers else seed + 1
 
     log.info("evaluate: sampling %d x %d replies from policy and reference", len(records), samples_per_prompt)
@@ -409,12 +474,14 @@ def evaluate_policy(
     reference_lm = load_causal_lm(reference, device=dev, tokenizer=tokenizer)
     with nvtx_range("eval-policy/sample"):
         policy_rollouts = _sample_replies(policy_lm, tokenizer, prompt_ids, seed=seed, desc="sample policy", **settings)
-        reference_rollouts = _sample_replies(reference_lm, tokenizer, prompt_ids, seed=ref_seed,
-                                             desc="sample reference", **settings)  # fmt: skip
+        reference_rollouts = _sample_replies(
+            reference_lm, tokenizer, prompt_ids, seed=ref_seed, desc="sample reference", **settings
+        )
     log.info("evaluate: KL(policy || reference) on the policy's replies")
     with nvtx_range("eval-policy/kl"):
-        kl = _kl_per_reply(policy_lm, reference_lm, policy_rollouts, temperature=temperature,
-                           use_kernels=use_kernels, device=dev)  # fmt: skip
+        kl = _kl_per_reply(
+            policy_lm, reference_lm, policy_rollouts, temperature=temperature, use_kernels=use_kernels, device=dev
+        )
     del policy_lm, reference_lm
 
     rm_pol = rm_ref = None
@@ -424,8 +491,10 @@ def evaluate_policy(
         retokenize = not same_tokenization(tokenizer, rm_tokenizer)
         rm = load_reward_model(reward_model, device=dev, tokenizer=rm_tokenizer)
         if getattr(rm.config, "reward_gain", None) is None:
-            log.warning("evaluate: %s has no reward_gain / reward_bias (not from `fastrlhf train-rm`?): "
-                        "RM scores are raw", reward_model)  # fmt: skip
+            log.warning(
+                "evaluate: %s has no reward_gain / reward_bias (not from `fastrlhf train-rm`?): RM scores are raw",
+                reward_model,
+            )
         with nvtx_range("eval-policy/rm_scores"):
             if retokenize:  # its own tokenizer and chat template: it reads the replies' text
                 t0 = time.perf_counter()
@@ -451,25 +520,48 @@ def evaluate_policy(
     low, high = win_rate_interval(verdicts, pol["prompt"], seed=seed)
     n_tokens = float(kl["tokens"].sum())
     metrics = {
-        "policy": str(policy), "reference": str(reference),
+        "policy": str(policy),
+        "reference": str(reference),
         "reward_model": None if reward_model is None else str(reward_model),
-        "rubric": rubric, "prompts": len(records), "pairs": len(verdicts), "samples_per_prompt": samples_per_prompt,
-        "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+        "rubric": rubric,
+        "prompts": len(records),
+        "pairs": len(verdicts),
+        "samples_per_prompt": samples_per_prompt,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
         "common_random_numbers": common_random_numbers,
-        "win_rate": win_rate(verdicts), "win_rate_ci95": [low, high], "win_rate_ci_method": CI_METHOD,
-        "wins": verdicts.count("a"), "ties": verdicts.count("tie"), "losses": verdicts.count("b"),
-        **_side_metrics("policy", pol, judged, rm_pol), **_side_metrics("reference", ref, judged, rm_ref),
-        "kl_per_token": float(kl["full"].sum() / n_tokens), "kl_per_reply": float(kl["full"].mean()),
-        "kl_k1_per_reply": float(kl["k1"].mean()), "kl_k1_per_token": float(kl["k1"].sum() / n_tokens),
+        "win_rate": win_rate(verdicts),
+        "win_rate_ci95": [low, high],
+        "win_rate_ci_method": CI_METHOD,
+        "wins": verdicts.count("a"),
+        "ties": verdicts.count("tie"),
+        "losses": verdicts.count("b"),
+        **_side_metrics("policy", pol, judged, rm_pol),
+        **_side_metrics("reference", ref, judged, rm_ref),
+        "kl_per_token": float(kl["full"].sum() / n_tokens),
+        "kl_per_reply": float(kl["full"].mean()),
+        "kl_k1_per_reply": float(kl["k1"].mean()),
+        "kl_k1_per_token": float(kl["k1"].sum() / n_tokens),
         "examples": [pairs[i] for i in pick_examples(verdicts, pol["prompt"], n_examples, seed=seed)],
-    }  # fmt: skip
+    }
     if out_dir is not None:
         _write_outputs(Path(out_dir), metrics, pairs)
     log.info(
         "evaluate: win rate %.3f [%.3f, %.3f] (W/T/L %d/%d/%d over %d pairs); rubric %.3f vs %.3f; KL %.4f/token, "
         "k1 %.3f/reply; RM %s vs %s",
-        metrics["win_rate"], low, high, metrics["wins"], metrics["ties"], metrics["losses"], metrics["pairs"],
-        metrics["policy_rubric_score"], metrics["reference_rubric_score"], metrics["kl_per_token"],
-        metrics["kl_k1_per_reply"], _fmt(metrics["policy_rm_score"]), _fmt(metrics["reference_rm_score"]),
-    )  # fmt: skip
+        metrics["win_rate"],
+        low,
+        high,
+        metrics["wins"],
+        metrics["ties"],
+        metrics["losses"],
+        metrics["pairs"],
+        metrics["policy_rubric_score"],
+        metrics["reference_rubric_score"],
+        metrics["kl_per_token"],
+        metrics["kl_k1_per_reply"],
+        _fmt(metrics["policy_rm_score"]),
+        _fmt(metrics["reference_rm_score"]),
+    )
     return metrics

@@ -43,8 +43,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     """The trunk's decoder layers: the one `ModuleList` under `model.base_model` with
     `config.num_hidden_layers` entries (the shallowest, if several). Raises UserError if there is none."""
     n = getattr(model.config, "num_hidden_layers", None)
-    found = [(name.count("."), name, m) for name, m in model.base_model.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and n is not None and len(m) == n]  # fmt: skip
+    found = [
+        (name.count("."), name, m)
+        for name, m in model.base_model.named_modules()
+        if isinstance(m, torch.nn.ModuleList) and n is not None and len(m) == n
+    ]
     if not found:
         raise UserError(
             f"{family_name(model)}: cannot find the decoder layers (no list of num_hidden_layers={n} modules under "
@@ -55,7 +58,10 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def _probe_inputs(model) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
-    return {"input_ids": torch.tensor([[1, 2, 3]], device=device), "attention_mask": torch.ones(1, 3, dtype=torch.long, device=device)}
+    return {
+        "input_ids": torch.tensor([[1, 2, 3]], device=device),
+        "attention_mask": torch.ones(1, 3, dtype=torch.long, device=device),
+    }
 
 
 @torch.no_grad()
@@ -65,8 +71,11 @@ def bottom_modules(model) -> list[torch.nn.Module]:
     layers = decoder_layers(model)
     inside = {id(m) for m in layers.modules()}
     done: list[torch.nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, a, o: done.append(mod)) for m in model.base_model.modules()
-             if id(m) not in inside]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o: done.append(mod))
+        for m in model.base_model.modules()
+        if id(m) not in inside
+    ]
     hooks.append(layers[0].register_forward_pre_hook(_stop))
     try:
         model.base_model(**_probe_inputs(model))
@@ -103,8 +112,11 @@ def lora_targets(model, n_frozen: int, exclude: tuple[str, ...] = ()) -> list[st
 
     scope = decoder_layers(model)[n_frozen:] if n_frozen else [model.base_model]
     inside = {id(m) for part in scope for m in part.modules()}
-    return [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))
-            and id(m) in inside and name.split(".")[-1] not in exclude]  # fmt: skip
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and id(m) in inside and name.split(".")[-1] not in exclude
+    ]
 
 
 class _Skipped(torch.nn.Module):
@@ -201,9 +213,11 @@ def fused_temperature(model, temperature: float, what: str = "--fused-linear") -
     model's own logits: T / scale. UserError for a family that soft-caps its logits (no kernel computes it)."""
     t = logit_transform(model.config)
     if t.softcap is not None:
-        raise UserError(f"{what}: {family_name(model)} soft-caps its logits (final_logit_softcapping = {t.softcap:g}), "
-                        "which the fused-linear kernels do not compute; run without --fused-linear (the logits path "
-                        "reads the model's own logits)")  # fmt: skip
+        raise UserError(
+            f"{what}: {family_name(model)} soft-caps its logits (final_logit_softcapping = {t.softcap:g}), "
+            "which the fused-linear kernels do not compute; run without --fused-linear (the logits path "
+            "reads the model's own logits)"
+        )
     return temperature / t.scale
 
 
@@ -223,17 +237,22 @@ def check_logit_transform(model, what: str = "--fused-linear") -> LogitTransform
         handle.remove()
     expected = t(seen["z"].float())
     if not torch.allclose(logits.float(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()) + 1e-6):
-        raise UserError(f"{what}: {name}'s forward changes its LM head's output in a way its config does not state "
-                        "(not a known scale or soft-cap); run without --fused-linear")  # fmt: skip
+        raise UserError(
+            f"{what}: {name}'s forward changes its LM head's output in a way its config does not state "
+            "(not a known scale or soft-cap); run without --fused-linear"
+        )
     return t
 
 
 # ------------------------------------------------------------------------------------------- attention
 def attn_implementation(model_class, device: str | torch.device, dtype: torch.dtype) -> str:
-    """"flash_attention_2" on CUDA in fp16 / bf16 when `flash_attn` imports and the class supports it (it has no
+    """ "flash_attention_2" on CUDA in fp16 / bf16 when `flash_attn` imports and the class supports it (it has no
     fp32 kernels); else "sdpa" where the class supports it; else "eager" (e.g. Gemma-2)."""
-    if (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and getattr(model_class, "_supports_flash_attn", False)):  # fmt: skip
+    if (
+        torch.device(device).type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and getattr(model_class, "_supports_flash_attn", False)
+    ):
         try:
             importlib.import_module("flash_attn")
             return "flash_attention_2"

@@ -28,8 +28,9 @@ def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 10
     return float(ece)
 
 
-def pairwise_metrics(chosen: np.ndarray, rejected: np.ndarray, *, seed: int = 0, margins: np.ndarray | None = None,
-                     n_buckets: int = 4) -> dict:  # fmt: skip
+def pairwise_metrics(
+    chosen: np.ndarray, rejected: np.ndarray, *, seed: int = 0, margins: np.ndarray | None = None, n_buckets: int = 4
+) -> dict:
     """chosen, rejected: (B,) rewards of each pair -> metrics dict (floats, lists; "roc" holds the curve)."""
     chosen, rejected = np.asarray(chosen, dtype=float), np.asarray(rejected, dtype=float)
     if len(chosen) == 0:
@@ -66,8 +67,13 @@ def reward_distribution(chosen: np.ndarray, rejected: np.ndarray) -> dict:
     out = {}
     for name, r in (("chosen", np.asarray(chosen, dtype=float)), ("rejected", np.asarray(rejected, dtype=float))):
         q1, q2, q3 = np.quantile(r, [0.25, 0.5, 0.75])
-        out.update({f"reward_{name}_mean": float(r.mean()), f"reward_{name}_std": float(r.std()),
-                    f"reward_{name}_quartiles": [float(q1), float(q2), float(q3)]})  # fmt: skip
+        out.update(
+            {
+                f"reward_{name}_mean": float(r.mean()),
+                f"reward_{name}_std": float(r.std()),
+                f"reward_{name}_quartiles": [float(q1), float(q2), float(q3)],
+            }
+        )
     return out
 
 
@@ -79,7 +85,9 @@ def _bucket_accuracy(key: np.ndarray, correct: np.ndarray, n_buckets: int) -> li
         last = i == len(edges) - 2
         sel = (key >= lo) & ((key <= hi) if last else (key < hi))
         if sel.any():
-            rows.append({"low": float(lo), "high": float(hi), "pairs": int(sel.sum()), "accuracy": float(correct[sel].mean())})
+            rows.append(
+                {"low": float(lo), "high": float(hi), "pairs": int(sel.sum()), "accuracy": float(correct[sel].mean())}
+            )
     return rows
 
 

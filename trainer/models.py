@@ -77,7 +77,7 @@ ADDED_PAD_TOKEN = "<|pad|>"
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA if available, else CPU; anything else as torch.device(name)."""
+    """ "auto" -> CUDA if available, else CPU; anything else as torch.device(name)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -215,18 +215,24 @@ def resolve_reward_model_path(path: str, flag: str = "--reward-model") -> str:
     one label. MissingFileError / UserError, naming `flag`, for anything else (a causal LM's folder would
     score with a randomly initialised head)."""
     if path is None or path.lower() in DEFAULT_MODEL_NAMES:
-        raise UserError(f"{flag}: the default model is a causal LM, not a reward model; train one with "
-                        "`fastrlhf train-rm` and pass its model/ folder")  # fmt: skip
+        raise UserError(
+            f"{flag}: the default model is a causal LM, not a reward model; train one with "
+            "`fastrlhf train-rm` and pass its model/ folder"
+        )
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no config.json"
-        raise MissingFileError(f"{flag} {path}: {what} (a reward model is a local folder written by `fastrlhf "
-                               "train-rm` or `save_pretrained` of a sequence classifier)")  # fmt: skip
+        raise MissingFileError(
+            f"{flag} {path}: {what} (a reward model is a local folder written by `fastrlhf "
+            "train-rm` or `save_pretrained` of a sequence classifier)"
+        )
     config = json.loads((folder / "config.json").read_text())
     archs = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise UserError(f"{flag} {path}: not a reward model (architectures {archs}): its score head was never "
-                        f"trained; train one with `fastrlhf train-rm --model {path}`")  # fmt: skip
+        raise UserError(
+            f"{flag} {path}: not a reward model (architectures {archs}): its score head was never "
+            f"trained; train one with `fastrlhf train-rm --model {path}`"
+        )
     labels = config.get("num_labels", len(config.get("id2label") or {}) or 2)
     if labels != 1:
         raise UserError(f"{flag} {path}: a classifier with {labels} labels, not a scalar reward model (num_labels 1)")
@@ -237,9 +243,11 @@ def same_tokenization(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) ->
     """Do two tokenizers turn a chat into the same ids (same vocabulary, special tokens and chat template)?
     Then a reward model reads the policy's token ids as they are; otherwise it reads re-tokenized text."""
     return (
-        a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
+        a.get_vocab() == b.get_vocab()
+        and a.eos_token_id == b.eos_token_id
+        and a.pad_token_id == b.pad_token_id
         and (a.chat_template or None) == (b.chat_template or None)
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,14 +307,18 @@ def load_tokenizer(path: str | Path, *, padding_side: str = "left") -> PreTraine
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in {tokenizer.eos_token_id, *stop_ids}:
         pad = _pick_pad_token(tokenizer, stop_ids)
         if pad is not None:
-            log.info("pad token %r (id %d) instead of %r", pad, tokenizer.convert_tokens_to_ids(pad), tokenizer.pad_token)
+            log.info(
+                "pad token %r (id %d) instead of %r", pad, tokenizer.convert_tokens_to_ids(pad), tokenizer.pad_token
+            )
             tokenizer.pad_token = pad
         else:
             tokenizer.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
             log.warning(
                 "no unused special token to pad with: added %r (id %d); the embeddings must grow to %d rows "
                 "(load_causal_lm / load_reward_model do it)",
-                ADDED_PAD_TOKEN, tokenizer.pad_token_id, len(tokenizer),
+                ADDED_PAD_TOKEN,
+                tokenizer.pad_token_id,
+                len(tokenizer),
             )
     return tokenizer
 
@@ -366,8 +378,13 @@ def _causal_lm_from_pretrained(
     _zero_dropout(config)
     model_class = _model_class(AutoModelForCausalLM, config, path)
     model = model_class.from_pretrained(
-        path, config=config, dtype=dtype, device_map=device_map,
-        attn_implementation=attn_implementation(model_class, device, dtype), local_files_only=True, **kwargs,
+        path,
+        config=config,
+        dtype=dtype,
+        device_map=device_map,
+        attn_implementation=attn_implementation(model_class, device, dtype),
+        local_files_only=True,
+        **kwargs,
     )
     return model, tokenizer
 
@@ -387,7 +404,9 @@ def load_causal_lm(
         path, dtype=dtype, device=device, device_map=torch.device(device), tokenizer=tokenizer
     )
     seconds = time.perf_counter() - t0
-    log.info("loaded causal LM %s (%s, %s, %s) in %.1f s", path, dtype, device, model.config._attn_implementation, seconds)
+    log.info(
+        "loaded causal LM %s (%s, %s, %s) in %.1f s", path, dtype, device, model.config._attn_implementation, seconds
+    )
     return _prepare(model, tokenizer)
 
 
@@ -405,8 +424,7 @@ def _bnb_config(quant: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=False,
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False
     )
 
 
@@ -452,8 +470,7 @@ def load_reference_model(
     t0 = time.perf_counter()
     quantization = {} if quant == "none" else {"quantization_config": _bnb_config(quant, dtype)}
     model, tokenizer = _causal_lm_from_pretrained(
-        path, dtype=dtype, device=device, device_map={"": torch.device(device)}, tokenizer=tokenizer,
-        **quantization,
+        path, dtype=dtype, device=device, device_map={"": torch.device(device)}, tokenizer=tokenizer, **quantization
     )
     model = _prepare(model, tokenizer)
     model.requires_grad_(False)
@@ -462,7 +479,12 @@ def load_reference_model(
     seconds = time.perf_counter() - t0
     log.info(
         "loaded reference model %s (quant %s, %s, %s) in %.1f s, %.1f MB",
-        path, quant, dtype, device, seconds, model.get_memory_footprint() / 2**20,
+        path,
+        quant,
+        dtype,
+        device,
+        seconds,
+        model.get_memory_footprint() / 2**20,
     )
     return model
 
@@ -509,8 +531,12 @@ def load_reward_model(
     config.pad_token_id = tokenizer.pad_token_id
     model_class = _model_class(AutoModelForSequenceClassification, config, path)
     model, info = model_class.from_pretrained(
-        path, config=config, dtype=dtype, device_map=torch.device(device),
-        attn_implementation=attn_implementation(model_class, device, dtype), local_files_only=True,
+        path,
+        config=config,
+        dtype=dtype,
+        device_map=torch.device(device),
+        attn_implementation=attn_implementation(model_class, device, dtype),
+        local_files_only=True,
         output_loading_info=True,
     )
     head_name, _ = _head(model)
@@ -595,9 +621,16 @@ def tiny_model_path(tmp_dir: str | Path, *, kind: str = "causal", seed: int = 0)
     out = Path(tmp_dir) / f"tiny-llama-causal-seed{seed}"
     tokenizer = load_tokenizer(default_model_path())  # saved with its pad token: the folder is self-consistent
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):

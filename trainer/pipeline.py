@@ -47,8 +47,10 @@ log = logging.getLogger("fastrlhf")
 def run_pipeline(cfg: PipelineConfig) -> dict | None:
     """The whole job; the metrics (also in out_dir/metrics.json), or None on ranks other than 0."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.rubric:  # before joining torchrun's job
-        raise SystemExit("`fastrlhf pipeline` with people annotating (--rubric '') runs in one process: under "
-                         "torchrun run `generate-pairs` and `annotate` first, then `train-rm` and `ppo`.")  # fmt: skip
+        raise SystemExit(
+            "`fastrlhf pipeline` with people annotating (--rubric '') runs in one process: under "
+            "torchrun run `generate-pairs` and `annotate` first, then `train-rm` and `ppo`."
+        )
     world = init_world(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,12 +66,22 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
 
     # step 2: reward model
     rm_cfg = RewardConfig(
-        pairs=str(pair_files["train"]), val_pairs=str(pair_files["val"]), test_pairs=str(pair_files["test"]),
-        out_dir=str(out / "step2_reward"), model=model_path, epochs=cfg.rm_epochs, lr=cfg.rm_lr,
-        batch_pairs=cfg.rm_batch_pairs, freeze_layers=cfg.rm_freeze_layers, max_length=cfg.max_length,
-        kernels=cfg.kernels, seed=cfg.seed, device=cfg.device, parallel=cfg.parallel,
+        pairs=str(pair_files["train"]),
+        val_pairs=str(pair_files["val"]),
+        test_pairs=str(pair_files["test"]),
+        out_dir=str(out / "step2_reward"),
+        model=model_path,
+        epochs=cfg.rm_epochs,
+        lr=cfg.rm_lr,
+        batch_pairs=cfg.rm_batch_pairs,
+        freeze_layers=cfg.rm_freeze_layers,
+        max_length=cfg.max_length,
+        kernels=cfg.kernels,
+        seed=cfg.seed,
+        device=cfg.device,
+        parallel=cfg.parallel,
         fsdp_param_dtype=cfg.fsdp_param_dtype,
-    )  # fmt: skip
+    )
     with _timed(timings, "reward_model"):
         rm = train_reward_model(rm_cfg)
         barrier(world)  # rank 0 normalises and saves the reward model after the others have returned
@@ -79,14 +91,28 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
     ppo, evaluation = None, None
     if cfg.ppo:
         ppo_cfg = PPOConfig(
-            reward_model=reward_model, out_dir=str(out / "step3_ppo"), policy=model_path,
-            prompts=str(out / "prompts" / "train.jsonl"), ref_quant=cfg.ref_quant, critic=cfg.critic,
-            freeze_layers=cfg.ppo_freeze_layers, steps=cfg.ppo_steps, batch_prompts=cfg.ppo_batch_prompts,
-            minibatch_size=cfg.ppo_minibatch_size, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
-            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef,
-            kernels=cfg.kernels, fused_linear=cfg.fused_linear, seed=cfg.seed, device=cfg.device,
-            parallel=cfg.parallel, fsdp_param_dtype=cfg.fsdp_param_dtype,
-        )  # fmt: skip
+            reward_model=reward_model,
+            out_dir=str(out / "step3_ppo"),
+            policy=model_path,
+            prompts=str(out / "prompts" / "train.jsonl"),
+            ref_quant=cfg.ref_quant,
+            critic=cfg.critic,
+            freeze_layers=cfg.ppo_freeze_layers,
+            steps=cfg.ppo_steps,
+            batch_prompts=cfg.ppo_batch_prompts,
+            minibatch_size=cfg.ppo_minibatch_size,
+            ppo_epochs=cfg.ppo_epochs,
+            lr=cfg.ppo_lr,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            kl_coef=cfg.kl_coef,
+            kernels=cfg.kernels,
+            fused_linear=cfg.fused_linear,
+            seed=cfg.seed,
+            device=cfg.device,
+            parallel=cfg.parallel,
+            fsdp_param_dtype=cfg.fsdp_param_dtype,
+        )
         with _timed(timings, "ppo"):
             ppo = train_ppo(ppo_cfg)
     if not world.main:  # rank 0 alone evaluates and reports
@@ -94,11 +120,20 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
     if ppo is not None:
         with _timed(timings, "evaluate"):
             evaluation = evaluate_policy(
-                ppo["policy"], model_path, reward_model, splits["test"], rubric=cfg.rubric,
-                samples_per_prompt=cfg.eval_samples_per_prompt, temperature=cfg.temperature,
-                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
-                device=str(device), use_kernels=cfg.kernels, out_dir=out / "eval",
-            )  # fmt: skip
+                ppo["policy"],
+                model_path,
+                reward_model,
+                splits["test"],
+                rubric=cfg.rubric,
+                samples_per_prompt=cfg.eval_samples_per_prompt,
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.gen_batch_size,
+                seed=cfg.seed + 1,
+                device=str(device),
+                use_kernels=cfg.kernels,
+                out_dir=out / "eval",
+            )
     timings["total_s"] = time.perf_counter() - t_all
 
     # report
@@ -114,9 +149,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
         "config": {k: v for k, v in vars(cfg).items()},
         "environment": _environment(device),
         "prompts": {k: len(v) for k, v in splits.items()},
-        "annotation": {"candidate_pairs": summary.total, "chose_a": summary.chose_a, "chose_b": summary.chose_b,
-                       "ties": summary.ties, "skips": summary.skips, "preference_pairs": n_prefs,
-                       "annotator": f"rubric:{cfg.rubric}" if cfg.rubric else "human"},  # fmt: skip
+        "annotation": {
+            "candidate_pairs": summary.total,
+            "chose_a": summary.chose_a,
+            "chose_b": summary.chose_b,
+            "ties": summary.ties,
+            "skips": summary.skips,
+            "preference_pairs": n_prefs,
+            "annotator": f"rubric:{cfg.rubric}" if cfg.rubric else "human",
+        },
         "preference_pairs": {k: len(load_pairs(v)) for k, v in pair_files.items()},
         "reward_model": rm,
         "ppo": _ppo_summary(out / "step3_ppo" / "metrics.jsonl") if ppo is not None else None,
@@ -161,10 +202,16 @@ def _step1(cfg: PipelineConfig, out: Path, step1: Path, pair_files: dict[str, Pa
             log.info("step 1: reusing %s (delete it to sample again)", candidates)
         else:
             generate_pairs(
-                model_path, prompts, candidates, samples_per_prompt=cfg.samples_per_prompt,
-                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                seed=cfg.seed, device=device,
-            )  # fmt: skip
+                model_path,
+                prompts,
+                candidates,
+                samples_per_prompt=cfg.samples_per_prompt,
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.gen_batch_size,
+                seed=cfg.seed,
+                device=device,
+            )
     with _timed(timings, "annotate"):
         summary = annotate(candidates, step1 / "annotations.jsonl", rubric=cfg.rubric)
         n_prefs = build_preferences(candidates, step1 / "annotations.jsonl", step1 / "preferences.jsonl")
@@ -188,32 +235,50 @@ def _ppo_summary(log_path: Path) -> dict:
     """First and last PPO step, the step-0 KL floor of the quantized reference, mean time per phase."""
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     phases = [k.removeprefix("perf/tokens_per_s/") for k in rows[0] if k.startswith("perf/tokens_per_s/")]  # loop order
-    keep = ("objective/score", "objective/kl", "objective/kl_k3", "policy/entropy", "policy/response_length",
-            "policy/eos_rate", "policy/approx_kl", "policy/clipfrac", "value/explained_variance",
-            "policy/logratio_dev_first")  # fmt: skip
+    keep = (
+        "objective/score",
+        "objective/kl",
+        "objective/kl_k3",
+        "policy/entropy",
+        "policy/response_length",
+        "policy/eos_rate",
+        "policy/approx_kl",
+        "policy/clipfrac",
+        "value/explained_variance",
+        "policy/logratio_dev_first",
+    )
     return {
         "steps": len(rows),
         "first": {k: rows[0][k] for k in keep},
         "last": {k: rows[-1][k] for k in keep},
         "kl_floor": {k: rows[0].get(f"objective/kl_floor_{k}") for k in ("k1", "k3", "full")},
-        "phases": {p: {"seconds_per_step": sum(r[f"perf/time/{p}_s"] for r in rows) / len(rows),
-                       "tokens_per_s": sum(r[f"perf/tokens_per_s/{p}"] for r in rows) / len(rows),
-                       "peak_mem_mb": max(r[f"perf/peak_mem_mb/{p}"] for r in rows)} for p in phases},
-    }  # fmt: skip
+        "phases": {
+            p: {
+                "seconds_per_step": sum(r[f"perf/time/{p}_s"] for r in rows) / len(rows),
+                "tokens_per_s": sum(r[f"perf/tokens_per_s/{p}"] for r in rows) / len(rows),
+                "peak_mem_mb": max(r[f"perf/peak_mem_mb/{p}"] for r in rows),
+            }
+            for p in phases
+        },
+    }
 
 
 def _environment(device: torch.device) -> dict:
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }  # fmt: skip
+    }
 
 
 def _row(name: str, m: dict) -> str:
-    return (f"| {name} | {m['pairs']} | {m['accuracy']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} "
-            f"| {m['auc_roc']:.3f} | {m['ece']:.3f} | {m['brier']:.3f} |")  # fmt: skip
+    return (
+        f"| {name} | {m['pairs']} | {m['accuracy']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} "
+        f"| {m['auc_roc']:.3f} | {m['ece']:.3f} | {m['brier']:.3f} |"
+    )
 
 
 def _report(m: dict) -> str:
@@ -243,14 +308,22 @@ def _report(m: dict) -> str:
         "",
         "| split | pairs | accuracy | precision | recall | F1 | AUC-ROC | ECE | Brier |",
         "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for split in ("val", "test"):
         if split in rm:
             lines.append(_row(split, rm[split]))
     if "test" in rm:
-        lines += ["", "Test accuracy by the model's reward gap |r_c - r_r| (quartiles):", "",
-                  "| gap range | pairs | accuracy |", "|---|---|---|"]  # fmt: skip
-        lines += [f"| {b['low']:.2f} - {b['high']:.2f} | {b['pairs']} | {b['accuracy']:.3f} |" for b in rm["test"]["accuracy_by_gap"]]
+        lines += [
+            "",
+            "Test accuracy by the model's reward gap |r_c - r_r| (quartiles):",
+            "",
+            "| gap range | pairs | accuracy |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {b['low']:.2f} - {b['high']:.2f} | {b['pairs']} | {b['accuracy']:.3f} |"
+            for b in rm["test"]["accuracy_by_gap"]
+        ]
     lines += [
         "",
         "![training](plots/reward_training.png) ![ROC](plots/reward_test_roc.png) ![rewards](plots/reward_test_rewards.png)",
@@ -274,9 +347,15 @@ def _ppo_report(m: dict) -> list[str]:
     lo, hi = e["win_rate_ci95"]
     floor = p["kl_floor"]
     kl_ok = e["kl_per_token"] <= m["kl_bound"]
-    rows = [("rubric score", "rubric_score", ".3f"), ("correct", "correct_rate", ".3f"), ("garbage", "garbage_rate", ".3f"),
-            ("reward-model score", "rm_score", ".3f"), ("reply length, tokens", "reply_tokens", ".1f"),
-            ("reply length, words", "reply_words", ".1f"), ("ends with EOS", "eos_rate", ".3f")]  # fmt: skip
+    rows = [
+        ("rubric score", "rubric_score", ".3f"),
+        ("correct", "correct_rate", ".3f"),
+        ("garbage", "garbage_rate", ".3f"),
+        ("reward-model score", "rm_score", ".3f"),
+        ("reply length, tokens", "reply_tokens", ".1f"),
+        ("reply length, words", "reply_words", ".1f"),
+        ("ends with EOS", "eos_rate", ".3f"),
+    ]
 
     def cell(key: str, fmt: str) -> str:
         return "-" if key not in e or e[key] is None else format(e[key], fmt)
@@ -293,16 +372,20 @@ def _ppo_report(m: dict) -> list[str]:
         "",
         "| | score | KL/token | entropy | reply tokens | EOS rate |",
         "|---|---|---|---|---|---|",
-        *[f"| {name} | {r['objective/score']:.3f} | {r['objective/kl']:.4f} | {r['policy/entropy']:.3f} | "
-          f"{r['policy/response_length']:.1f} | {r['policy/eos_rate']:.2f} |"
-          for name, r in (("first step", p["first"]), ("last step", p["last"]))],
+        *[
+            f"| {name} | {r['objective/score']:.3f} | {r['objective/kl']:.4f} | {r['policy/entropy']:.3f} | "
+            f"{r['policy/response_length']:.1f} | {r['policy/eos_rate']:.2f} |"
+            for name, r in (("first step", p["first"]), ("last step", p["last"]))
+        ],
         "",
         "Per phase (mean per step; peak memory: CUDA allocator peak, or the process's RSS high-water mark on CPU):",
         "",
         "| phase | s/step | tokens/s | peak MB |",
         "|---|---|---|---|",
-        *[f"| {k} | {v['seconds_per_step']:.1f} | {v['tokens_per_s']:.0f} | {v['peak_mem_mb']:.0f} |"
-          for k, v in p["phases"].items()],
+        *[
+            f"| {k} | {v['seconds_per_step']:.1f} | {v['tokens_per_s']:.0f} | {v['peak_mem_mb']:.0f} |"
+            for k, v in p["phases"].items()
+        ],
         "",
         "![ppo](plots/ppo_training.png)",
         "",
@@ -326,8 +409,11 @@ def _ppo_report(m: dict) -> list[str]:
         "",
         "| prompt | expected | reference (before) | PPO policy (after) | rubric prefers |",
         "|---|---|---|---|---|",
-        *[f"| {_cell(x['prompt'])} | {_cell(x['answer'] or '')} | {_cell(x['reference_reply'])} | "
-          f"{_cell(x['policy_reply'])} | {x['verdict']} |" for x in e["examples"]],
+        *[
+            f"| {_cell(x['prompt'])} | {_cell(x['answer'] or '')} | {_cell(x['reference_reply'])} | "
+            f"{_cell(x['policy_reply'])} | {x['verdict']} |"
+            for x in e["examples"]
+        ],
         "",
         "![eval](plots/eval_scores.png)",
         "",

@@ -25,7 +25,11 @@ log = logging.getLogger("fastrlhf")
 
 @torch.no_grad()
 def prefix_states(
-    trunk, n_frozen: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    trunk,
+    n_frozen: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hidden states entering layer `n_frozen` (the output of the frozen prefix): (S, T, H). Pass
     `position_ids` (S, T) for left-padded rows (PPO rollouts); right-padded rows need none."""

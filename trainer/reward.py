@@ -30,7 +30,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastrlhf.kernels import last_token_rewards, last_token_rewards_ref, reward_head_pairwise_loss, reward_head_pairwise_loss_ref
+from fastrlhf.kernels import (
+    last_token_rewards,
+    last_token_rewards_ref,
+    reward_head_pairwise_loss,
+    reward_head_pairwise_loss_ref,
+)
 from fastrlhf.kernels._common import nvtx_range
 
 from .checkpoint import append_record, atomic_save, open_run, rng_state, set_rng_state
@@ -83,14 +88,18 @@ def step_batches(n_pairs: int, step: int, batch_pairs: int, grad_accum: int, see
 
 
 # ----------------------------------------------------------------------------------------------- model
-def pair_forward(model, batch: dict[str, torch.Tensor], margin: torch.Tensor | None, use_kernels: bool, n_frozen: int = 0):
+def pair_forward(
+    model, batch: dict[str, torch.Tensor], margin: torch.Tensor | None, use_kernels: bool, n_frozen: int = 0
+):
     """Trunk + fused head + per-pair Bradley-Terry loss. batch: input_ids / attention_mask (2B, T),
     chosen rows first -- or inputs_embeds (2B, T, H): stored states of the frozen bottom n_frozen layers.
     -> RewardHeadOutput with loss (B,) fp32, chosen / rejected rewards (B,) fp32."""
     trunk = reward_trunk(model)
     if "inputs_embeds" in batch:
         with replay_bottom(trunk, n_frozen, batch["inputs_embeds"]):
-            hidden = trunk(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = trunk(
+                inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
     else:
         hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     weight, bias = reward_head_params(model)  # (1, H), None for Llama
@@ -133,16 +142,19 @@ def score_pairs(model, tokenizer, pairs, *, batch_pairs: int, max_length: int, d
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts, replies: list[str], *, use_kernels: bool = True,
-                batch_size: int = 32) -> torch.Tensor:  # fmt: skip
+def score_texts(
+    model, tokenizer, prompts, replies: list[str], *, use_kernels: bool = True, batch_size: int = 32
+) -> torch.Tensor:
     """Normalised reward of each (prompt messages, reply text) as the reward model's own tokenizer and chat
     template render it: `encode_prompt(prompt) + encode(reply) + [EOS]`, as `tokenize_pairs` trains it (a
     reply cut off at the token limit gets its EOS too), right-padded, read at the EOS. For a reward model
     whose tokenizer differs from the policy's. -> (N,) fp32 on the model's device."""
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
-    rows = [encode_prompt(tokenizer, p) + list(tokenizer.encode(r, add_special_tokens=False)) + [eos]
-            for p, r in zip(prompts, replies)]  # fmt: skip
+    rows = [
+        encode_prompt(tokenizer, p) + list(tokenizer.encode(r, add_special_tokens=False)) + [eos]
+        for p, r in zip(prompts, replies)
+    ]
     weight, bias = reward_head_params(model)
     head = last_token_rewards if use_kernels else last_token_rewards_ref
     out = []
@@ -183,8 +195,14 @@ def _freeze_and_adapt(model, cfg: RewardConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    log.info("reward model: %d of %d layers frozen, LoRA r=%d; %.1fM of %.1fM parameters train",
-             n_frozen, n_layers, cfg.lora_r, n_train / 1e6, n_all / 1e6)  # fmt: skip
+    log.info(
+        "reward model: %d of %d layers frozen, LoRA r=%d; %.1fM of %.1fM parameters train",
+        n_frozen,
+        n_layers,
+        cfg.lora_r,
+        n_train / 1e6,
+        n_all / 1e6,
+    )
     return model, n_frozen, peft_model
 
 
@@ -194,12 +212,20 @@ def _prefix_cache(model, tokenizer, train, n_frozen: int, cfg: RewardConfig, dev
         return None
     t0 = time.perf_counter()
     with autocast(device):  # as the training steps run the frozen bottom: bf16 on CUDA
-        cache = build_prefix_cache(reward_trunk(model), tokenizer, train, n_frozen=n_frozen,
-                                   max_length=cfg.max_length, batch_pairs=cfg.batch_pairs * 2, device=device)  # fmt: skip
+        cache = build_prefix_cache(
+            reward_trunk(model),
+            tokenizer,
+            train,
+            n_frozen=n_frozen,
+            max_length=cfg.max_length,
+            batch_pairs=cfg.batch_pairs * 2,
+            device=device,
+        )
     probe = [i for i, c in enumerate(cache) if c is not None][: cfg.batch_pairs]
     with torch.no_grad(), autocast(device):
-        full = pair_forward(model, _token_batch(tokenizer, [train[i] for i in probe], cfg.max_length, device)[0],
-                            None, cfg.kernels)  # fmt: skip
+        full = pair_forward(
+            model, _token_batch(tokenizer, [train[i] for i in probe], cfg.max_length, device)[0], None, cfg.kernels
+        )
         fast = pair_forward(model, cached_batch(cache, probe, device), None, cfg.kernels, n_frozen)
     err = (full.chosen_rewards - fast.chosen_rewards).abs().max().item()
     scale = full.chosen_rewards.abs().max().item() + 1e-6
@@ -209,8 +235,13 @@ def _prefix_cache(model, tokenizer, train, n_frozen: int, cfg: RewardConfig, dev
     if err > rel * scale + 1e-4:
         log.warning("frozen-prefix cache disagrees with the full trunk (%.2e); training without it", err)
         return None
-    log.info("cached the frozen prefix of %d pairs in %.1f s (%.0f MB; check: max |diff| %.1e)",
-             len(train), time.perf_counter() - t0, cache_bytes(cache) / 2**20, err)  # fmt: skip
+    log.info(
+        "cached the frozen prefix of %d pairs in %.1f s (%.0f MB; check: max |diff| %.1e)",
+        len(train),
+        time.perf_counter() - t0,
+        cache_bytes(cache) / 2**20,
+        err,
+    )
     return cache
 
 
@@ -234,8 +265,16 @@ def _pair_batch(train, idx: list[int], cache, tokenizer, cfg: RewardConfig, devi
 def _training_rewards(model, tokenizer, train, cache, n_frozen: int, cfg: RewardConfig, device) -> np.ndarray:
     """Rewards of every training response (chosen and rejected), from the prefix cache when there is one."""
     if cache is None:
-        scores = score_pairs(model, tokenizer, train, batch_pairs=cfg.batch_pairs * 2, max_length=cfg.max_length,
-                             device=device, use_kernels=cfg.kernels, desc="normalise")  # fmt: skip
+        scores = score_pairs(
+            model,
+            tokenizer,
+            train,
+            batch_pairs=cfg.batch_pairs * 2,
+            max_length=cfg.max_length,
+            device=device,
+            use_kernels=cfg.kernels,
+            desc="normalise",
+        )
         return np.concatenate([scores["chosen"], scores["rejected"]])
     model.eval()
     out = []
@@ -310,11 +349,16 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         cache = _prefix_cache(model, tokenizer, train, n_frozen, cfg, device)  # every rank: all pairs
     sharded = world.size > 1 and cfg.parallel == "fsdp2"
     param_dtype = fsdp_param_dtype(cfg.fsdp_param_dtype, device)
-    module = wrap(PairModel(model, cfg.kernels, n_frozen), world, cfg.parallel, decoder_layers(model),
-                  param_dtype)  # fmt: skip
+    module = wrap(PairModel(model, cfg.kernels, n_frozen), world, cfg.parallel, decoder_layers(model), param_dtype)
     if world.size > 1:
-        log.info("rank %d of %d on %s, %s%s", world.rank, world.size, device, cfg.parallel,
-                 f" (parameters gathered in {param_dtype})" if sharded else "")  # fmt: skip
+        log.info(
+            "rank %d of %d on %s, %s%s",
+            world.rank,
+            world.size,
+            device,
+            cfg.parallel,
+            f" (parameters gathered in {param_dtype})" if sharded else "",
+        )
     spare = None  # a pair every rank can fall back on (at zero weight) when its share of a micro-batch is empty
     if world.size > 1:
         spare = next(i for i in range(len(train)) if len(_pair_batch(train, [i], cache, tokenizer, cfg, device)[1]))
@@ -349,7 +393,9 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         stats = torch.zeros(6, dtype=torch.float64, device=device)
         for idx in micro:
             # this rank's share of the micro-batch; the loss is scaled so the averaged gradient is 1-process's
-            batch, kept, chunk = _pair_batch(train, idx[world.rank :: world.size].tolist(), cache, tokenizer, cfg, device)
+            batch, kept, chunk = _pair_batch(
+                train, idx[world.rank :: world.size].tolist(), cache, tokenizer, cfg, device
+            )
             scale = world.size / n_step
             if len(kept) == 0:
                 if world.size == 1:
@@ -371,8 +417,16 @@ def train_reward_model(cfg: RewardConfig) -> dict:
                 continue
             rewards = torch.cat([res.chosen_rewards, res.rejected_rewards]).detach().double()  # (2B,)
             gap = (res.chosen_rewards - res.rejected_rewards).detach()
-            stats += torch.stack([res.loss.detach().sum(), (gap > 0).float().sum(), torch.tensor(float(len(kept)), device=device),
-                                  rewards.sum(), rewards.pow(2).sum(), gap.sum()])  # fmt: skip
+            stats += torch.stack(
+                [
+                    res.loss.detach().sum(),
+                    (gap > 0).float().sum(),
+                    torch.tensor(float(len(kept)), device=device),
+                    rewards.sum(),
+                    rewards.pow(2).sum(),
+                    gap.sum(),
+                ]
+            )
         loss_sum, correct, n, r_sum, r_sq, gap_sum = sum_across(stats, world).tolist()
         if not math.isfinite(loss_sum + r_sq):
             raise FloatingPointError(
@@ -389,11 +443,18 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         n = max(n, 1)
         r_mean = r_sum / (2 * n)
         record = {
-            "step": step, "epoch": (step - 1) // steps_per_epoch, "split": "train", "loss": loss_sum / n,
-            "accuracy": correct / n, "reward_mean": r_mean, "reward_std": math.sqrt(max(r_sq / (2 * n) - r_mean**2, 0.0)),
-            "gap_mean": gap_sum / n, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "step": step,
+            "epoch": (step - 1) // steps_per_epoch,
+            "split": "train",
+            "loss": loss_sum / n,
+            "accuracy": correct / n,
+            "reward_mean": r_mean,
+            "reward_std": math.sqrt(max(r_sq / (2 * n) - r_mean**2, 0.0)),
+            "gap_mean": gap_sum / n,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
             "elapsed_s": time.perf_counter() - t_start,
-        }  # fmt: skip
+        }
         if world.main:
             append_record(log_path, record)
         bar.update(1)
@@ -402,14 +463,23 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         # rank 0 scores the val pairs on its full copy (DDP: the others wait in the next step's all-reduce)
         if val and world.main and not sharded and (step % eval_every == 0 or step == total_steps):
             with nvtx_range("train-rm/validation"):
-                scores = score_pairs(model, tokenizer, val, batch_pairs=cfg.batch_pairs * 2,
-                                     max_length=cfg.max_length, device=device, use_kernels=cfg.kernels)  # fmt: skip
+                scores = score_pairs(
+                    model,
+                    tokenizer,
+                    val,
+                    batch_pairs=cfg.batch_pairs * 2,
+                    max_length=cfg.max_length,
+                    device=device,
+                    use_kernels=cfg.kernels,
+                )
             metrics = pairwise_metrics(scores["chosen"], scores["rejected"], seed=cfg.seed)
             val_record = {"step": step, "split": "val", "loss": float(scores["loss"].mean())}
             val_record.update({k: metrics[k] for k in ("accuracy", "auc_roc", "ece", "brier")})
             append_record(log_path, val_record)
-            tqdm.write(f"step {step}: val loss {val_record['loss']:.3f} accuracy {metrics['accuracy']:.3f} "
-                       f"AUC {metrics['auc_roc']:.3f}")  # fmt: skip
+            tqdm.write(
+                f"step {step}: val loss {val_record['loss']:.3f} accuracy {metrics['accuracy']:.3f} "
+                f"AUC {metrics['auc_roc']:.3f}"
+            )
         if step % cfg.save_every == 0 or step == stop:
             _save_checkpoint(ckpt_path, module, optimizer, scheduler, step, cfg, world)
     bar.close()
@@ -425,7 +495,9 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             missing, unexpected = PairModel(model, cfg.kernels, n_frozen).load_state_dict(params, strict=False)
             trained = {n for n, p in PairModel(model, cfg.kernels, n_frozen).named_parameters() if p.requires_grad}
             if unexpected or trained & set(missing):
-                raise RuntimeError(f"FSDP2 gather: unexpected {unexpected[:3]}, missing {sorted(trained & set(missing))[:3]}")
+                raise RuntimeError(
+                    f"FSDP2 gather: unexpected {unexpected[:3]}, missing {sorted(trained & set(missing))[:3]}"
+                )
     if not world.main:  # rank 0 alone normalises, saves and evaluates: no collectives below
         return {"step": step, "total_steps": total_steps, "finished": True, "rank": world.rank}
 
@@ -436,14 +508,28 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     if peft_model is not None:
         model = peft_model.merge_and_unload()  # plain weights: the saved folder needs no peft to load
     save_reward_model(model, tokenizer, out / "model", gain=1.0 / std, bias=-mean / std, n_responses=len(all_rewards))
-    summary = {"step": step, "total_steps": total_steps, "finished": True, "reward_mean_raw": mean,
-               "reward_std_raw": std, "train_pairs": len(train), "val_pairs": len(val), "test_pairs": len(test),
-               "train_seconds": time.perf_counter() - t_start}  # fmt: skip
+    summary = {
+        "step": step,
+        "total_steps": total_steps,
+        "finished": True,
+        "reward_mean_raw": mean,
+        "reward_std_raw": std,
+        "train_pairs": len(train),
+        "val_pairs": len(val),
+        "test_pairs": len(test),
+        "train_seconds": time.perf_counter() - t_start,
+    }
     for name, part in (("val", val), ("test", test)):
         if part:
-            eval_cfg = EvalRewardConfig(model=str(out / "model"), pairs=str(out / "splits" / f"{name}.jsonl"),
-                                        out_dir=str(out / "eval" / name), batch_pairs=cfg.batch_pairs * 2,
-                                        max_length=cfg.max_length, seed=cfg.seed, device=cfg.device)  # fmt: skip
+            eval_cfg = EvalRewardConfig(
+                model=str(out / "model"),
+                pairs=str(out / "splits" / f"{name}.jsonl"),
+                out_dir=str(out / "eval" / name),
+                batch_pairs=cfg.batch_pairs * 2,
+                max_length=cfg.max_length,
+                seed=cfg.seed,
+                device=cfg.device,
+            )
             with nvtx_range(f"train-rm/eval_{name}"):
                 summary[name] = evaluate_reward_model(eval_cfg, model=model, tokenizer=tokenizer)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -460,13 +546,24 @@ def evaluate_reward_model(cfg: EvalRewardConfig, *, model=None, tokenizer=None) 
         tokenizer = load_tokenizer(path, padding_side="right")
         model = load_reward_model(path, device=device, tokenizer=tokenizer)
     pairs = load_pairs(cfg.pairs)
-    scores = score_pairs(model, tokenizer, pairs, batch_pairs=cfg.batch_pairs, max_length=cfg.max_length,
-                         device=device, desc=f"eval {Path(cfg.pairs).name}")  # fmt: skip
+    scores = score_pairs(
+        model,
+        tokenizer,
+        pairs,
+        batch_pairs=cfg.batch_pairs,
+        max_length=cfg.max_length,
+        device=device,
+        desc=f"eval {Path(cfg.pairs).name}",
+    )
     # decisions and calibration from the raw rewards (the Bradley-Terry probabilities the model was
     # trained to output); distributions from the normalised ones (what PPO will see)
     margins = [pairs[i].margin for i in scores["kept"]]
-    metrics = pairwise_metrics(scores["chosen"], scores["rejected"], seed=cfg.seed,
-                               margins=np.array(margins, dtype=float) if all(m is not None for m in margins) else None)  # fmt: skip
+    metrics = pairwise_metrics(
+        scores["chosen"],
+        scores["rejected"],
+        seed=cfg.seed,
+        margins=np.array(margins, dtype=float) if all(m is not None for m in margins) else None,
+    )
     gain = getattr(model.config, "reward_gain", 1.0)
     bias = getattr(model.config, "reward_bias", 0.0)
     chosen, rejected = scores["chosen"] * gain + bias, scores["rejected"] * gain + bias

@@ -115,7 +115,9 @@ def _groups(scores: Tensor, group_size: int) -> Tensor:
     if group_size < 2:
         raise ValueError(f"group advantages need at least 2 samples per prompt, got {group_size}")
     if scores.dim() != 1 or scores.shape[0] % group_size:
-        raise ValueError(f"scores must be (B,) with B a multiple of the group size {group_size}, got {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must be (B,) with B a multiple of the group size {group_size}, got {tuple(scores.shape)}"
+        )
     return scores.detach().view(-1, group_size)
 
 
@@ -159,8 +161,14 @@ def aggregate(x: Tensor, mask: Tensor, how: str = "token") -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------- losses
-def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                clip_range: float = 0.2, agg: str = "token") -> tuple[Tensor, dict]:  # fmt: skip
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float = 0.2,
+    agg: str = "token",
+) -> tuple[Tensor, dict]:
     """logprobs (B, T) float (with grad), old_logprobs (B, T), advantages (B, T), mask (B, T) ->
     (scalar loss, stats). PPO clipped surrogate, ratio = exp(logprobs - old_logprobs):
     loss = masked_mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c))) (agg="token"; "sequence": `aggregate`).
@@ -171,12 +179,14 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return reduce_policy_loss(torch.maximum(unclipped, clipped), (clipped > unclipped).to(ratio.dtype), log_ratio, ratio, m,
-                              agg)  # fmt: skip
+    return reduce_policy_loss(
+        torch.maximum(unclipped, clipped), (clipped > unclipped).to(ratio.dtype), log_ratio, ratio, m, agg
+    )
 
 
-def reduce_policy_loss(pg_loss: Tensor, clipped: Tensor, log_ratio: Tensor, ratio: Tensor, mask: Tensor,
-                       agg: str = "token") -> tuple[Tensor, dict]:  # fmt: skip
+def reduce_policy_loss(
+    pg_loss: Tensor, clipped: Tensor, log_ratio: Tensor, ratio: Tensor, mask: Tensor, agg: str = "token"
+) -> tuple[Tensor, dict]:
     """Per-token surrogate terms (B, T) -> (scalar loss, stats) as `policy_loss` returns them; shared with
     the fused `fastrlhf.kernels.ppo_head`, which computes the per-token terms in one pass over the logits.
     clipped: 1.0 where the clipped term is strictly larger. Padding entries may hold anything. The loss is
@@ -184,15 +194,18 @@ def reduce_policy_loss(pg_loss: Tensor, clipped: Tensor, log_ratio: Tensor, rati
     m = mask.bool()
     loss = aggregate(pg_loss, m, agg)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean(clipped.to(ratio.dtype), m),
-                 "approx_kl": masked_mean(0.5 * log_ratio.where(m, 0) ** 2, m),
-                 "ratio_mean": masked_mean(ratio, m),
-                 "ratio_max": ratio.where(m, 0).max()}  # fmt: skip
+        stats = {
+            "clipfrac": masked_mean(clipped.to(ratio.dtype), m),
+            "approx_kl": masked_mean(0.5 * log_ratio.where(m, 0) ** 2, m),
+            "ratio_mean": masked_mean(ratio, m),
+            "ratio_max": ratio.where(m, 0).max(),
+        }
     return loss, stats
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip_range: float = 0.2) -> tuple[Tensor, dict]:  # fmt: skip
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> tuple[Tensor, dict]:
     """values (B, T) float (with grad), old_values (B, T), returns (B, T), mask (B, T) -> (scalar loss,
     stats). Clipped value loss, v_clip = old_values + clamp(values - old_values, -c, c):
     loss = 0.5 * masked_mean(max((values - returns)^2, (v_clip - returns)^2)).

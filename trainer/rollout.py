@@ -114,7 +114,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def mask_after_stop(tokens: torch.Tensor, stop_ids: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mask_after_stop(
+    tokens: torch.Tensor, stop_ids: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sampled tokens (B, R) -> (tokens with pad after the first stop token, mask (B, R) int64 with the stop
     token included, has_eos (B,) bool)."""
     is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))
@@ -147,19 +149,33 @@ def sample(
     was_training = model.training
     model.eval()
     out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=temperature, top_k=0,
-        top_p=1.0, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        max_new_tokens=max_new_tokens, num_return_sequences=samples_per_prompt, eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        typical_p=1.0,
+        min_p=None,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=samples_per_prompt,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced_gpus,
     )  # (B, P + R') int64, R' <= max_new_tokens
     model.train(was_training)
     response, response_mask, has_eos = mask_after_stop(out[:, prompt_ids.shape[1] :], stop_ids, tokenizer.pad_token_id)
     k = samples_per_prompt
     return Rollout(
-        prompt_ids=prompt_ids.repeat_interleave(k, 0), prompt_mask=prompt_mask.repeat_interleave(k, 0),
-        response_ids=response, response_mask=response_mask, has_eos=has_eos,
+        prompt_ids=prompt_ids.repeat_interleave(k, 0),
+        prompt_mask=prompt_mask.repeat_interleave(k, 0),
+        response_ids=response,
+        response_mask=response_mask,
+        has_eos=has_eos,
         prompt_index=torch.arange(len(prompts), device=out.device).repeat_interleave(k),
-    )  # fmt: skip
+    )
 
 
 def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -188,8 +204,16 @@ def attention_mask_4d(model, attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: torch.Tensor | None = None,
-                  n_frozen: int = 0, capture: int = 0, head_output: bool = True):
+def forward_reply(
+    model,
+    head: torch.nn.Module,
+    rollout: Rollout,
+    *,
+    prefix: torch.Tensor | None = None,
+    n_frozen: int = 0,
+    capture: int = 0,
+    head_output: bool = True,
+):
     """One call of `model` itself on prompt + reply, so that whatever wraps it (FSDP2 gathers its
     parameters in the call, DDP hooks it) sees the pass.
 
@@ -222,8 +246,11 @@ def forward_reply(model, head: torch.nn.Module, rollout: Rollout, *, prefix: tor
         hooks.append(head.register_forward_hook(take_output))
     if capture:
         hooks.append(states_hook(model, capture, seen))
-    kwargs = {"attention_mask": attention_mask_4d(model, rollout.attention_mask), "position_ids": rollout.position_ids,
-              "use_cache": False}  # fmt: skip
+    kwargs = {
+        "attention_mask": attention_mask_4d(model, rollout.attention_mask),
+        "position_ids": rollout.position_ids,
+        "use_cache": False,
+    }
     if lm:  # positions P - 1 .. P + R - 2 predict reply tokens 0 .. R - 1
         kwargs["logits_to_keep"] = torch.arange(P - 1, P + R - 1, device=rollout.response_ids.device)
     if prefix is None:

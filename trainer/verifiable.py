@@ -31,7 +31,7 @@ def rubric_correct(prompts: list[list[Message]], replies: list[str], metadata: l
 
 
 def load_reward_fn(spec: str | None) -> RewardFn:
-    """"module:function" (a module on the import path, or in the working directory: the `fastrlhf` command's
+    """ "module:function" (a module on the import path, or in the working directory: the `fastrlhf` command's
     import path does not hold it) -> that callable; None -> `rubric_correct`."""
     if spec is None:
         return rubric_correct

@@ -22,8 +22,9 @@ def load_kernels(folder: str):
     """Import `folder` as the package fastrlhf.kernels (so its relative imports resolve)."""
     import fastrlhf
 
-    spec = importlib.util.spec_from_file_location("fastrlhf.kernels", f"{folder}/__init__.py",
-                                                  submodule_search_locations=[folder])  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        "fastrlhf.kernels", f"{folder}/__init__.py", submodule_search_locations=[folder]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["fastrlhf.kernels"] = module
     fastrlhf.kernels = module
@@ -47,8 +48,10 @@ def main(folder: str, out: str) -> None:
         for rec in aot_compile.record(lambda: run(op), target):
             r = {"kernel": rec["kernel"], "launch": aot_compile.describe(rec), **aot_compile.loop_cost(rec, target)}
             rows.append(r)
-            print(f"{rec['kernel']:22s} {r['per_element']['instructions']:5.1f} instructions/element "
-                  f"(+{r['loop']['conditional']} in if-blocks per iteration), {r['resources']}")
+            print(
+                f"{rec['kernel']:22s} {r['per_element']['instructions']:5.1f} instructions/element "
+                f"(+{r['loop']['conditional']} in if-blocks per iteration), {r['resources']}"
+            )
     json.dump({"kernels": folder, "rows": rows}, open(out, "w"), indent=2)
 
 

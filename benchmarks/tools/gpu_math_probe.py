@@ -97,9 +97,13 @@ def _dot(triton, dot_probe, device: str) -> dict:
         scale = np.abs(an).astype(np.float64) @ np.abs(bn).astype(np.float64) * np.finfo(np.float32).eps
         err = np.abs(y - exact) / scale
         chain = gpu_math.dot(an, bn, np.zeros((M, M), np.float32))
-        out[name] = {"n": int(y.size), "equal_to_fma_chain": float(np.mean(y == chain)),
-                     "correctly_rounded": float(np.mean(y == exact.astype(np.float32))),
-                     "max_err_eps_sum_abs": float(err.max()), "mean_err_eps_sum_abs": float(err.mean())}  # fmt: skip
+        out[name] = {
+            "n": int(y.size),
+            "equal_to_fma_chain": float(np.mean(y == chain)),
+            "correctly_rounded": float(np.mean(y == exact.astype(np.float32))),
+            "max_err_eps_sum_abs": float(err.max()),
+            "mean_err_eps_sum_abs": float(err.mean()),
+        }
     return out
 
 
@@ -124,8 +128,12 @@ def _ulps(y: np.ndarray, exact: np.ndarray) -> np.ndarray:
 def _summary(y: np.ndarray, exact: np.ndarray) -> dict:
     ok = np.isfinite(exact) & (np.abs(exact) >= np.finfo(np.float32).tiny)
     u = _ulps(y[ok], exact[ok])
-    return {"n": int(ok.sum()), "max_ulp": float(u.max()), "mean_ulp": float(u.mean()),
-            "correctly_rounded": float((u <= 0.5).mean())}  # fmt: skip
+    return {
+        "n": int(ok.sum()),
+        "max_ulp": float(u.max()),
+        "mean_ulp": float(u.mean()),
+        "correctly_rounded": float((u <= 0.5).mean()),
+    }
 
 
 def measure(quick: bool, model: bool) -> dict:
@@ -146,25 +154,38 @@ def measure(quick: bool, model: bool) -> dict:
     pairs = 1 << (12 if quick else 20)
     p2 = np.exp2(np.arange(-20, 21)).astype(np.float32)
     b = np.concatenate([mant, rng.uniform(1, 2, pairs).astype(np.float32), p2])
-    a = np.concatenate([np.ones(len(mant), np.float32), rng.uniform(1, 2, pairs).astype(np.float32),
-                        rng.uniform(1, 2, len(p2)).astype(np.float32)])  # fmt: skip
+    a = np.concatenate(
+        [
+            np.ones(len(mant), np.float32),
+            rng.uniform(1, 2, pairs).astype(np.float32),
+            rng.uniform(1, 2, len(p2)).astype(np.float32),
+        ]
+    )
     e, r, q = _run(triton, probe, x, a, b, device)
 
     x64, e_exact = x.astype(np.float64), np.exp2(x.astype(np.float64))
     n_grid, n_shift, n_tiny = len(grid), len(shifted), len(tiny)
-    sl = {"grid": slice(0, n_grid), "shifted": slice(n_grid, n_grid + n_shift),
-          "tiny": slice(n_grid + n_shift, n_grid + n_shift + n_tiny), "ints": slice(len(x) - len(ints), len(x))}  # fmt: skip
+    sl = {
+        "grid": slice(0, n_grid),
+        "shifted": slice(n_grid, n_grid + n_shift),
+        "tiny": slice(n_grid + n_shift, n_grid + n_shift + n_tiny),
+        "ints": slice(len(x) - len(ints), len(x)),
+    }
     rel = np.abs(e[sl["grid"]].astype(np.float64) / e_exact[sl["grid"]] - 1)
     bins = np.minimum((np.mod(x64[sl["grid"]], 1.0) * 64).astype(int), 63)
     per_bin = [float(rel[bins == i].max()) for i in range(64)]
-    rel_pos = (e[sl["grid"]].astype(np.float64) / e_exact[sl["grid"]] - 1)[n_grid // 2:]  # frac j / 2^grid_bits
+    rel_pos = (e[sl["grid"]].astype(np.float64) / e_exact[sl["grid"]] - 1)[n_grid // 2 :]  # frac j / 2^grid_bits
     rel_shift = e[sl["shifted"]].astype(np.float64) / e_exact[sl["shifted"]] - 1
     rel_frac = np.tile(rel_pos[::step], 3)  # the same fractions' errors at [0, 1)
     n_m, n_p2 = len(mant), len(p2)
     r_exact, q_exact = 1.0 / b.astype(np.float64), a.astype(np.float64) / b.astype(np.float64)
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else ("model: tests/gpu_math.py" if model else "interpreter"),
-        "torch": torch.__version__, "triton": triton.__version__, "quick": quick,
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else ("model: tests/gpu_math.py" if model else "interpreter"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "quick": quick,
         "exp2": {
             **_summary(e, e_exact),
             "max_rel_per_frac_64th": per_bin,
@@ -173,10 +194,14 @@ def measure(quick: bool, model: bool) -> dict:
             "tiny_max_ulp": float(_ulps(e[sl["tiny"]], e_exact[sl["tiny"]]).max()),
             "integers_exact": bool(np.all(e[sl["ints"]].astype(np.float64) == e_exact[sl["ints"]])),
         },
-        "rcp": {**_summary(r[:n_m], r_exact[:n_m]),
-                "powers_of_two_exact": bool(np.all(r[-n_p2:].astype(np.float64) == r_exact[-n_p2:]))},  # fmt: skip
-        "div": {**_summary(q[n_m:], q_exact[n_m:]),
-                "by_powers_of_two_exact": bool(np.all(q[-n_p2:].astype(np.float64) == q_exact[-n_p2:]))},  # fmt: skip
+        "rcp": {
+            **_summary(r[:n_m], r_exact[:n_m]),
+            "powers_of_two_exact": bool(np.all(r[-n_p2:].astype(np.float64) == r_exact[-n_p2:])),
+        },
+        "div": {
+            **_summary(q[n_m:], q_exact[n_m:]),
+            "by_powers_of_two_exact": bool(np.all(q[-n_p2:].astype(np.float64) == q_exact[-n_p2:])),
+        },
         **_dot(triton, dot_probe, device),
     }
 
@@ -185,17 +210,30 @@ def table(res: dict) -> str:
     rows = ["| function | n | max ulp | mean ulp | correctly rounded | checks |", "|---|---:|---:|---:|---:|---|"]
     for name in ("exp2", "rcp", "div"):
         s = res[name]
-        checks = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()
-                           if k not in ("n", "max_ulp", "mean_ulp", "correctly_rounded", "max_rel_per_frac_64th"))  # fmt: skip
-        rows.append(f"| {name} | {s['n']} | {s['max_ulp']:.3f} | {s['mean_ulp']:.3f} | {s['correctly_rounded']:.4f} | {checks} |")
-    rows += ["", "| dot (K = 256, slices of 16) | n | = FMA chain | correctly rounded | max err | mean err |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        checks = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in s.items()
+            if k not in ("n", "max_ulp", "mean_ulp", "correctly_rounded", "max_rel_per_frac_64th")
+        )
+        rows.append(
+            f"| {name} | {s['n']} | {s['max_ulp']:.3f} | {s['mean_ulp']:.3f} | {s['correctly_rounded']:.4f} | {checks} |"
+        )
+    rows += [
+        "",
+        "| dot (K = 256, slices of 16) | n | = FMA chain | correctly rounded | max err | mean err |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name in ("dot_fp32", "dot_bf16"):
         d = res[name]
-        rows.append(f"| {name} | {d['n']} | {d['equal_to_fma_chain']:.4f} | {d['correctly_rounded']:.4f} | "
-                    f"{d['max_err_eps_sum_abs']:.3f} | {d['mean_err_eps_sum_abs']:.3f} |")  # fmt: skip
+        rows.append(
+            f"| {name} | {d['n']} | {d['equal_to_fma_chain']:.4f} | {d['correctly_rounded']:.4f} | "
+            f"{d['max_err_eps_sum_abs']:.3f} | {d['mean_err_eps_sum_abs']:.3f} |"
+        )
     worst = max(res["exp2"]["max_rel_per_frac_64th"])
-    return f"{res['device']}, triton {res['triton']}: exp2 max relative error {worst:.3g} (2^{math.log2(worst):.2f})\n" + "\n".join(rows)
+    return (
+        f"{res['device']}, triton {res['triton']}: exp2 max relative error {worst:.3g} (2^{math.log2(worst):.2f})\n"
+        + "\n".join(rows)
+    )
 
 
 def main(argv=None) -> int:

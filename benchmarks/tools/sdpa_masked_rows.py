@@ -52,8 +52,11 @@ def main() -> int:
     print("| backend | dtype | plain mask | every row sees itself |\n|---|---|---|---|")
     for backend in (None, SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         for dtype in (torch.bfloat16, torch.float32):
-            print(f"| {'default' if backend is None else backend.name} | {str(dtype)[6:]} | {run(backend, plain, dtype, device)} | "
-                  f"{run(backend, fixed, dtype, device)} |", flush=True)  # fmt: skip
+            print(
+                f"| {'default' if backend is None else backend.name} | {str(dtype)[6:]} | {run(backend, plain, dtype, device)} | "
+                f"{run(backend, fixed, dtype, device)} |",
+                flush=True,
+            )
     return 0
 
 

@@ -62,11 +62,32 @@ def lse(hidden: torch.Tensor, weight: torch.Tensor, cfg: tuple, targets: torch.T
     active = torch.ones(N, dtype=torch.bool, device=hidden.device)
     part = torch.empty((4, grid[1], N), dtype=torch.float32, device=hidden.device)
     lin._linear_lse_fwd[grid](
-        x, weight, weight, active, active if targets is None else targets, part, N, V, N, H, *x.stride(),
-        *weight.stride(), 1.0, cols_per_split, HAS_BIAS=False, HAS_TARGETS=targets is not None,
-        COMPUTE_ENTROPY=targets is not None, ACC=tl.float32, DOT_DTYPE=lin.dot_dtype(hidden),
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages, enable_fp_fusion=True,
-    )  # fmt: skip
+        x,
+        weight,
+        weight,
+        active,
+        active if targets is None else targets,
+        part,
+        N,
+        V,
+        N,
+        H,
+        *x.stride(),
+        *weight.stride(),
+        1.0,
+        cols_per_split,
+        HAS_BIAS=False,
+        HAS_TARGETS=targets is not None,
+        COMPUTE_ENTROPY=targets is not None,
+        ACC=tl.float32,
+        DOT_DTYPE=lin.dot_dtype(hidden),
+        BLOCK_M=bm,
+        BLOCK_V=bv,
+        BLOCK_H=bh,
+        num_warps=warps,
+        num_stages=stages,
+        enable_fp_fusion=True,
+    )
     m_k, s_k = part[0], part[1]
     m = torch.where(s_k > 0, m_k, -float("inf")).amax(0)
     return m * lin.LOG2E.value + torch.log2((torch.exp2((m_k - m) * lin.LOG2E.value) * s_k).sum(0))
@@ -90,8 +111,15 @@ def row_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor)
     return torch.stack([m, log2_s])
 
 
-def grad_z(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
-           grad_logp: torch.Tensor, chunk: int, cfg: tuple) -> torch.Tensor:  # fmt: skip
+def grad_z(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    stats: torch.Tensor,
+    grad_logp: torch.Tensor,
+    chunk: int,
+    cfg: tuple,
+) -> torch.Tensor:
     """(N, chunk) d logp / dz (times grad_logp) for vocabulary columns [0, chunk) (T = 1, no entropy, no bias)
     through `_linear_logprobs_bwd` with tiles `cfg`, from the forward's `row_stats`."""
     bm, bv, bh, warps, stages = cfg
@@ -101,11 +129,40 @@ def grad_z(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, st
     x = hidden.view(1, N, H)
     gz = torch.empty((N, chunk), dtype=hidden.dtype, device=hidden.device)
     ll._linear_logprobs_bwd[(triton.cdiv(N, bm), triton.cdiv(chunk, bv))](
-        x, weight, weight, active, targets, stats, stats, grad_logp, stats, gz, gz, N, V, N, H, *x.stride(),
-        *weight.stride(), 1.0, 0, chunk, gz.stride(0), HAS_BIAS=False, HAS_GRAD_LOGP=True, HAS_GRAD_ENT=False,
-        NEED_DB=False, ACC=tl.float32, DOT_DTYPE=lin.dot_dtype(hidden), BLOCK_M=bm, BLOCK_V=bv, BLOCK_H=bh,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=True,
-    )  # fmt: skip
+        x,
+        weight,
+        weight,
+        active,
+        targets,
+        stats,
+        stats,
+        grad_logp,
+        stats,
+        gz,
+        gz,
+        N,
+        V,
+        N,
+        H,
+        *x.stride(),
+        *weight.stride(),
+        1.0,
+        0,
+        chunk,
+        gz.stride(0),
+        HAS_BIAS=False,
+        HAS_GRAD_LOGP=True,
+        HAS_GRAD_ENT=False,
+        NEED_DB=False,
+        ACC=tl.float32,
+        DOT_DTYPE=lin.dot_dtype(hidden),
+        BLOCK_M=bm,
+        BLOCK_V=bv,
+        BLOCK_H=bh,
+        num_warps=warps,
+        num_stages=stages,
+        enable_fp_fusion=True,
+    )
     return gz
 
 
@@ -140,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         mm_ms = triton.testing.do_bench(lambda: hidden @ weight.T, warmup=50, rep=300, return_mode="median")
         run = lambda cfg: lse(hidden, weight, cfg, targets)  # noqa: E731
         what = f"targets + entropy {args.entropy}"
-    print(f"{torch.cuda.get_device_name()}: M x H x V = {M} x {H} x {V} bf16, {what}; torch matmul {mm_ms:.2f} ms = "
-          f"{flops / mm_ms / 1e9:.0f} TFLOP/s", flush=True)  # fmt: skip
+    print(
+        f"{torch.cuda.get_device_name()}: M x H x V = {M} x {H} x {V} bf16, {what}; torch matmul {mm_ms:.2f} ms = "
+        f"{flops / mm_ms / 1e9:.0f} TFLOP/s",
+        flush=True,
+    )
     base = run(configs[0]).float()
     rows = []
     print("| BLOCK_M | BLOCK_V | BLOCK_H | warps | stages | ms | TFLOP/s | % matmul | max abs diff vs the first |")
@@ -158,13 +218,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {' | '.join(map(str, cfg))} | - | - | - | {type(e).__name__} |", flush=True)
             continue
         tf = flops / ms / 1e9
-        rows.append({"config": cfg, "ms": ms, "tflops": tf, "pct_matmul": 100 * mm_ms / ms, "max_abs_diff": diff,
-                     "status": "ok"})  # fmt: skip
-        print(f"| {' | '.join(map(str, cfg))} | {ms:.2f} | {tf:.0f} | {100 * mm_ms / ms:.1f} | {diff:.1e} |", flush=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "shape": {"M": M, "H": H, "V": V}, "entropy": args.entropy, "backward": args.backward, "what": what,
-            "matmul_ms": mm_ms, "config_fields": "BLOCK_M, BLOCK_V, BLOCK_H, "
-            "num_warps, num_stages", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        rows.append(
+            {
+                "config": cfg,
+                "ms": ms,
+                "tflops": tf,
+                "pct_matmul": 100 * mm_ms / ms,
+                "max_abs_diff": diff,
+                "status": "ok",
+            }
+        )
+        print(
+            f"| {' | '.join(map(str, cfg))} | {ms:.2f} | {tf:.0f} | {100 * mm_ms / ms:.1f} | {diff:.1e} |", flush=True
+        )
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "shape": {"M": M, "H": H, "V": V},
+        "entropy": args.entropy,
+        "backward": args.backward,
+        "what": what,
+        "matmul_ms": mm_ms,
+        "config_fields": "BLOCK_M, BLOCK_V, BLOCK_H, num_warps, num_stages",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     return 0

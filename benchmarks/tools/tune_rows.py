@@ -94,8 +94,14 @@ def _launch_options(rows: tuple, cfg: tuple | None, library) -> dict:
     if cfg is None:
         return library(*rows)
     bv, warps, stages, maxnreg = cfg
-    return {"BLOCK_R": 1, "BLOCK_V": bv, **row_layout(1, bv, *rows), "num_warps": warps, "STAGES": stages,
-            **({"maxnreg": maxnreg} if maxnreg else {})}  # fmt: skip
+    return {
+        "BLOCK_R": 1,
+        "BLOCK_V": bv,
+        **row_layout(1, bv, *rows),
+        "num_warps": warps,
+        "STAGES": stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
+    }
 
 
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple | None) -> torch.Tensor:
@@ -106,9 +112,23 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, cfg: tuple |
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     stats = torch.empty((2, N), dtype=torch.float32, device=logits.device)
     tlp._token_logprobs_fwd[(triton.cdiv(N, opts["BLOCK_R"]),)](
-        x, targets, logp, logp, stats, N, V, N, x.stride(0), x.stride(1), 1.0, -100,
-        COMPUTE_ENTROPY=False, ACC=tl.float32, enable_fp_fusion=True, **opts,
-    )  # fmt: skip
+        x,
+        targets,
+        logp,
+        logp,
+        stats,
+        N,
+        V,
+        N,
+        x.stride(0),
+        x.stride(1),
+        1.0,
+        -100,
+        COMPUTE_ENTROPY=False,
+        ACC=tl.float32,
+        enable_fp_fusion=True,
+        **opts,
+    )
     return logp
 
 
@@ -120,25 +140,45 @@ def full_kl_fwd(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: tuple | Non
     kl = torch.empty(N, dtype=torch.float32, device=logits.device)
     stats = torch.empty((4, N), dtype=torch.float32, device=logits.device)
     fkl._full_kl_fwd[(triton.cdiv(N, opts["BLOCK_R"]),)](
-        x, y, kl, kl, stats, N, V, N, x.stride(0), x.stride(1), y.stride(0), y.stride(1), 1.0,
-        HAS_MASK=False, ACC=tl.float32, enable_fp_fusion=True, **opts,
-    )  # fmt: skip
+        x,
+        y,
+        kl,
+        kl,
+        stats,
+        N,
+        V,
+        N,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        1.0,
+        HAS_MASK=False,
+        ACC=tl.float32,
+        enable_fp_fusion=True,
+        **opts,
+    )
     return kl
 
 
 def _shown(op: str, logits: torch.Tensor, cfg: tuple | None) -> tuple:
     """(BLOCK_V, num_warps, STAGES, register cap or '-') of `cfg`'s launch for `op` on the (N, V) `logits`."""
     x = logits.view(1, *logits.shape)
-    opts = _launch_options((x,) if op == "token_logprobs" else (x, x), cfg,
-                           tlp.fwd_tiles if op == "token_logprobs" else fkl.fwd_tiles)  # fmt: skip
+    opts = _launch_options(
+        (x,) if op == "token_logprobs" else (x, x), cfg, tlp.fwd_tiles if op == "token_logprobs" else fkl.fwd_tiles
+    )
     return opts["BLOCK_V"], opts["num_warps"], opts["STAGES"], opts.get("maxnreg", "-")
 
 
 OPS = ("token_logprobs", "full_kl")
 # bf16, per element of the N x V logits: the minimum bytes of a forward, and of the backward (read what the
 # forward read again, write the logits' gradient)
-BYTES_PER_ELEMENT = {("token_logprobs", "fwd"): 2, ("full_kl", "fwd"): 4, ("token_logprobs", "bwd"): 4,
-                     ("full_kl", "bwd"): 6}  # fmt: skip
+BYTES_PER_ELEMENT = {
+    ("token_logprobs", "fwd"): 2,
+    ("full_kl", "fwd"): 4,
+    ("token_logprobs", "bwd"): 4,
+    ("full_kl", "bwd"): 6,
+}
 
 
 def _library_backward(op: str, logits, ref_logits, targets) -> None:
@@ -165,14 +205,20 @@ def sass_report(args) -> int:
     n, V = 16, args.vocab
     logits, ref_logits = torch.empty(n, V, dtype=torch.bfloat16), torch.empty(n, V, dtype=torch.bfloat16)
     targets = torch.zeros(n, dtype=torch.long)
-    launch = {"token_logprobs": lambda cfg: token_logprobs_fwd(logits, targets, cfg),
-              "full_kl": lambda cfg: full_kl_fwd(logits, ref_logits, cfg)}  # fmt: skip
+    launch = {
+        "token_logprobs": lambda cfg: token_logprobs_fwd(logits, targets, cfg),
+        "full_kl": lambda cfg: full_kl_fwd(logits, ref_logits, cfg),
+    }
     cases = [(op, "fwd", cfg) for op in args.ops for cfg in CONFIGS[op]] + [(op, "bwd", None) for op in args.ops]
     elements = args.rows * V
-    print(f"sm_{args.arch}, {args.sms} SMs at {args.clock_ghz} GHz, copy {args.copy_gbs:.0f} GB/s; "
-          f"N x V = {args.rows} x {V} bf16 (triton {triton.__version__}); bwd: the library's backward")
-    print("| op | pass | tiles | BLOCK_V | warps | stages | cap | regs | spill B | instr/elem | fp32 | alu | mufu "
-          "| if-block | bound | compute floor ms | memory floor ms | best % of copy |")
+    print(
+        f"sm_{args.arch}, {args.sms} SMs at {args.clock_ghz} GHz, copy {args.copy_gbs:.0f} GB/s; "
+        f"N x V = {args.rows} x {V} bf16 (triton {triton.__version__}); bwd: the library's backward"
+    )
+    print(
+        "| op | pass | tiles | BLOCK_V | warps | stages | cap | regs | spill B | instr/elem | fp32 | alu | mufu "
+        "| if-block | bound | compute floor ms | memory floor ms | best % of copy |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     rows = []
     for op, mode, cfg in cases:
@@ -190,21 +236,37 @@ def sass_report(args) -> int:
         res, loop, per = cost["resources"], cost["loop"], cost["per_element"]
         compute_ms = elements * cost["clocks_per_element"] / (args.sms * args.clock_ghz * 1e9) * 1e3
         memory_ms = elements * BYTES_PER_ELEMENT[(op, mode)] / (args.copy_gbs * 1e9) * 1e3
-        row.update(status="ok", **cost, compute_floor_ms=compute_ms, memory_floor_ms=memory_ms,
-                   best_pct_copy=100 * memory_ms / max(compute_ms, memory_ms))  # fmt: skip
+        row.update(
+            status="ok",
+            **cost,
+            compute_floor_ms=compute_ms,
+            memory_floor_ms=memory_ms,
+            best_pct_copy=100 * memory_ms / max(compute_ms, memory_ms),
+        )
         rows.append(row)
-        print(f"| {op} | {mode} | {'library' if cfg is None else 'sweep'} | {rec['consts']['BLOCK_V']} "
-              f"| {rec['num_warps']} | {rec['consts'].get('STAGES', '-')} | {rec['options'].maxnreg or '-'} "
-              f"| {res.get('reg', '?')} "
-              f"| {res.get('spill_stores', 0)} | {per['instructions']:.1f} | {per['fp32']:.1f} | {per['alu']:.1f} "
-              f"| {per['mufu']:.2f} | {loop['conditional']} | {cost['bound']} | {compute_ms:.3f} | {memory_ms:.3f} "
-              f"| {row['best_pct_copy']:.0f} |", flush=True)  # fmt: skip
-    meta = {"mode": "sass (compiled, not run)", "arch": args.arch, "sms": args.sms, "clock_ghz": args.clock_ghz,
-            "copy_gbs": args.copy_gbs, "triton": triton.__version__, "torch": torch.__version__,
-            "commit": measure.git_commit(), "shape": {"N": args.rows, "V": V},
-            "pipes": {k: {"per_clock_per_sm": r, "opcodes": sorted(o)} for k, (r, o) in aot_compile.PIPES.items()},
-            "issue_per_clock_per_sm": aot_compile.ISSUE_PER_CLK,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        print(
+            f"| {op} | {mode} | {'library' if cfg is None else 'sweep'} | {rec['consts']['BLOCK_V']} "
+            f"| {rec['num_warps']} | {rec['consts'].get('STAGES', '-')} | {rec['options'].maxnreg or '-'} "
+            f"| {res.get('reg', '?')} "
+            f"| {res.get('spill_stores', 0)} | {per['instructions']:.1f} | {per['fp32']:.1f} | {per['alu']:.1f} "
+            f"| {per['mufu']:.2f} | {loop['conditional']} | {cost['bound']} | {compute_ms:.3f} | {memory_ms:.3f} "
+            f"| {row['best_pct_copy']:.0f} |",
+            flush=True,
+        )
+    meta = {
+        "mode": "sass (compiled, not run)",
+        "arch": args.arch,
+        "sms": args.sms,
+        "clock_ghz": args.clock_ghz,
+        "copy_gbs": args.copy_gbs,
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "commit": measure.git_commit(),
+        "shape": {"N": args.rows, "V": V},
+        "pipes": {k: {"per_clock_per_sm": r, "opcodes": sorted(o)} for k, (r, o) in aot_compile.PIPES.items()},
+        "issue_per_clock_per_sm": aot_compile.ISSUE_PER_CLK,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     failed = [r for r in rows if r["status"] != "ok"]
@@ -212,20 +274,29 @@ def sass_report(args) -> int:
         print(f"{r['op']} {r['pass']} {r['config']}: {r['status']}")
     return 1 if failed else 0
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--out", default="tune_rows.json")
-    ap.add_argument("--budget-s", type=float, default=90.0,
-                    help="stop starting configs after this many seconds (each op gets an equal share)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=90.0,
+        help="stop starting configs after this many seconds (each op gets an equal share)",
+    )
     ap.add_argument("--sass", action="store_true", help="no GPU: compile for --arch and count instructions instead")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     ap.add_argument("--arch", type=int, default=90, help="--sass: compute capability (90: H100/H200)")
     ap.add_argument("--sms", type=int, default=132, help="--sass: SMs (H100 SXM / H200: 132)")
     ap.add_argument("--clock-ghz", type=float, default=1.98, help="--sass: SM clock (H100 SXM / H200 boost: 1.98)")
-    ap.add_argument("--copy-gbs", type=float, default=4246.0,
-                    help="--sass: copy bandwidth for the memory floor (default: the H200's in results/2026-11-27-h200)")
+    ap.add_argument(
+        "--copy-gbs",
+        type=float,
+        default=4246.0,
+        help="--sass: copy bandwidth for the memory floor (default: the H200's in results/2026-11-27-h200)",
+    )
     args = ap.parse_args(argv)
     if args.sass:
         return sass_report(args)
@@ -242,10 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     copy = measure.copy_bandwidth_gbs(dev)
     print(f"{torch.cuda.get_device_name()}: N x V = {N} x {V} bf16; copy {copy:.0f} GB/s", flush=True)
     ops = {
-        "token_logprobs": (lambda cfg: token_logprobs_fwd(logits, targets, cfg), N * V * 2,
-                           tlp.token_logprobs(logits, targets)),
+        "token_logprobs": (
+            lambda cfg: token_logprobs_fwd(logits, targets, cfg),
+            N * V * 2,
+            tlp.token_logprobs(logits, targets),
+        ),
         "full_kl": (lambda cfg: full_kl_fwd(logits, ref_logits, cfg), N * V * 4, fkl.full_kl(logits, ref_logits)),
-    }  # fmt: skip
+    }
     ops = {op: ops[op] for op in args.ops}
     rows = []
     print("| op | tiles | BLOCK_V | warps | stages | cap | ms | % of copy bw | max abs diff vs library |")
@@ -267,11 +341,17 @@ def main(argv: list[str] | None = None) -> int:
             pct = 100 * nbytes / (ms * 1e-3) / 1e9 / copy
             rows.append({"op": op, "config": cfg, "ms": ms, "pct_copy": pct, "max_abs_diff": diff, "status": "ok"})
             print(f"| {op} | {label} | {ms:.3f} | {pct:.1f} | {diff:.1e} |", flush=True)
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": measure.git_commit(), "shape": {"N": N, "V": V}, "copy_bw_gbs": copy,
-            "config_fields": "BLOCK_V, num_warps, STAGES (loop pipelining), maxnreg (None: the library's launch)",
-            "library": {op: _shown(op, logits, None) for op in ops},
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": measure.git_commit(),
+        "shape": {"N": N, "V": V},
+        "copy_bw_gbs": copy,
+        "config_fields": "BLOCK_V, num_warps, STAGES (loop pipelining), maxnreg (None: the library's launch)",
+        "library": {op: _shown(op, logits, None) for op in ops},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     return 0
