@@ -7,9 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-# Lint first (pyproject.toml [tool.ruff]); an interpreter without ruff (a GPU host's own) skips it.
+# Lint and format check first (pyproject.toml [tool.ruff]); an interpreter without ruff (a GPU host's own) skips them.
 if "$PY" -m ruff --version >/dev/null 2>&1; then
   "$PY" -m ruff check .
+  "$PY" -m ruff format --check .
 else
   echo "[test] ruff is not installed for $PY: lint skipped" >&2
 fi
