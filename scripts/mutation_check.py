@@ -254,8 +254,8 @@ MUTANTS = [
         "trainer/rl.py",
         [
             (
-                "reduce_policy_loss(torch.maximum(unclipped, clipped)",
-                "reduce_policy_loss(torch.minimum(unclipped, clipped)",
+                "    torch.maximum(unclipped, clipped), (clipped > unclipped)",
+                "    torch.minimum(unclipped, clipped), (clipped > unclipped)",
             )
         ],
         ["tests/test_rl.py"],
