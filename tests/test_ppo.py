@@ -26,9 +26,21 @@ def models(tmp_path_factory):
 
 def _cfg(models, out, **kw) -> PPOConfig:
     policy, rm = models
-    base = dict(policy=policy, reward_model=rm, out_dir=str(out), ref_quant="none", steps=1, batch_prompts=4,
-                minibatch_size=2, ppo_epochs=1, max_new_tokens=5, freeze_layers=1, save_every=1, seed=3,
-                kernels=False)  # fmt: skip  (eager twins: the interpreter is slow; parity below)
+    base = dict(
+        policy=policy,
+        reward_model=rm,
+        out_dir=str(out),
+        ref_quant="none",
+        steps=1,
+        batch_prompts=4,
+        minibatch_size=2,
+        ppo_epochs=1,
+        max_new_tokens=5,
+        freeze_layers=1,
+        save_every=1,
+        seed=3,
+        kernels=False,
+    )  # (eager twins: the interpreter is slow; parity below)
     base.update(kw)
     return PPOConfig(**base)
 
@@ -76,12 +88,19 @@ def test_reference_on_the_policys_frozen_bottom(models, tmp_path):
     assert 0 < floors[True] < floors[False], floors
 
 
-def test_resume_equals_uninterrupted(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(adaptive_kl=True, kl_target=1e-3),  # PPO: the adaptive KL controller's state is restored
+        dict(advantage="rloo", kl_in="loss", samples_per_prompt=2, batch_prompts=2),  # critic-free
+    ],
+    ids=["ppo", "rloo"],
+)
+def test_resume_equals_uninterrupted(models, tmp_path, monkeypatch, setting):
     """Kill a 3-step run after its step-2 checkpoint, resume it: the metrics equal an uninterrupted run's."""
-    cfg = _cfg(models, tmp_path / "full", steps=3, ppo_epochs=2, adaptive_kl=True, kl_target=1e-3)
+    cfg = _cfg(models, tmp_path / "full", steps=3, ppo_epochs=2, **setting)
     train_ppo(cfg)
     full = [_stable(r) for r in _records(tmp_path / "full")]
-
     save = ppo_module.atomic_save
 
     def save_then_die(obj, path):
@@ -99,7 +118,11 @@ def test_resume_equals_uninterrupted(models, tmp_path, monkeypatch):
     resumed = [_stable(r) for r in _records(tmp_path / "cut")]
     assert [r["step"] for r in resumed] == [1, 2, 3]
     assert resumed == full
-    assert full[2]["objective/kl_coef"] != full[0]["objective/kl_coef"]  # the adaptive controller moved and was restored
+    if cfg.adaptive_kl:  # the controller moved, and was restored
+        assert full[2]["objective/kl_coef"] != full[0]["objective/kl_coef"]
+    else:  # a critic-free checkpoint does not resume a PPO run
+        with pytest.raises(UserError, match="critic"):
+            train_ppo(replace(cut, resume=True, advantage="gae", steps=4))
 
 
 def test_lora_policy_with_adapter_disabled_reference(models, tmp_path):
@@ -129,8 +152,17 @@ def test_kernels_match_eager_twins(models, tmp_path, fused_linear):
         runs[kernels] = [_stable(r) for r in _records(out)]
     assert len(runs[True]) == len(runs[False]) == 2
     for fast, eager in zip(runs[True], runs[False]):
-        for key in ("objective/score", "objective/kl", "objective/kl_full", "policy/entropy", "policy/loss", "value/loss",
-                    "policy/approx_kl", "policy/clipfrac", "policy/ratio_mean"):
+        for key in (
+            "objective/score",
+            "objective/kl",
+            "objective/kl_full",
+            "policy/entropy",
+            "policy/loss",
+            "value/loss",
+            "policy/approx_kl",
+            "policy/clipfrac",
+            "policy/ratio_mean",
+        ):
             assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
 
 
@@ -138,7 +170,9 @@ def test_kernels_match_eager_twins(models, tmp_path, fused_linear):
 def test_critic_free_step0_ratio_one_and_no_critic(models, tmp_path, advantage, kl_in, loss_agg):
     """grpo / rloo through the one-pass kernel head: ratio 1 on the first minibatch, no critic anywhere (no
     value/ keys, nothing in the checkpoint), the KL term logged only when it is in the loss."""
-    cfg = _cfg(models, tmp_path, kernels=True, advantage=advantage, kl_in=kl_in, loss_agg=loss_agg, samples_per_prompt=2)
+    cfg = _cfg(
+        models, tmp_path, kernels=True, advantage=advantage, kl_in=kl_in, loss_agg=loss_agg, samples_per_prompt=2
+    )
     train_ppo(cfg)
     (rec,) = _records(tmp_path)
     assert rec["policy/logratio_dev_first"] < 1e-5
@@ -157,44 +191,38 @@ def test_critic_free_kernels_match_eager_twins(models, tmp_path, fused_linear):
     runs = {}
     for kernels in (True, False):
         out = tmp_path / str(kernels)
-        train_ppo(_cfg(models, out, kernels=kernels, steps=2, fused_linear=fused_linear, advantage="grpo",
-                       kl_in="loss", loss_agg="sequence", samples_per_prompt=2, kl_coef=0.5))  # fmt: skip
+        train_ppo(
+            _cfg(
+                models,
+                out,
+                kernels=kernels,
+                steps=2,
+                fused_linear=fused_linear,
+                advantage="grpo",
+                kl_in="loss",
+                loss_agg="sequence",
+                samples_per_prompt=2,
+                kl_coef=0.5,
+            )
+        )
         runs[kernels] = [_stable(r) for r in _records(out)]
     assert len(runs[True]) == len(runs[False]) == 2
     for fast, eager in zip(runs[True], runs[False]):
-        for key in ("objective/score", "objective/kl", "policy/entropy", "policy/loss", "policy/kl_loss",
-                    "policy/approx_kl", "policy/clipfrac", "policy/ratio_mean", "policy/grad_norm"):
+        for key in (
+            "objective/score",
+            "objective/kl",
+            "policy/entropy",
+            "policy/loss",
+            "policy/kl_loss",
+            "policy/approx_kl",
+            "policy/clipfrac",
+            "policy/ratio_mean",
+            "policy/grad_norm",
+        ):
             # the surrogate of group-centred advantages at ratio ~1 averages to ~0: its difference is the
             # log-probs' float error (~1e-6) times advantages of ~1, absolute
             assert fast[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-5 if key == "policy/loss" else 1e-6), key
     assert runs[True][1]["policy/kl_loss"] > 0  # the policy moved away from the reference in step 1
-
-
-def test_critic_free_resume_equals_uninterrupted(models, tmp_path, monkeypatch):
-    """RLOO with the KL in the loss: a run cut after its step-2 checkpoint and resumed logs what an
-    uninterrupted run logs."""
-    cfg = _cfg(models, tmp_path / "full", steps=3, ppo_epochs=2, advantage="rloo", kl_in="loss", samples_per_prompt=2,
-               batch_prompts=2)  # fmt: skip
-    train_ppo(cfg)
-    full = [_stable(r) for r in _records(tmp_path / "full")]
-    save = ppo_module.atomic_save
-
-    def save_then_die(obj, path):
-        save(obj, path)
-        if obj["step"] == 2:
-            raise KeyboardInterrupt
-
-    cut = replace(cfg, out_dir=str(tmp_path / "cut"))
-    monkeypatch.setattr(ppo_module, "atomic_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_ppo(cut)
-    monkeypatch.setattr(ppo_module, "atomic_save", save)
-    torch.manual_seed(12345)
-    train_ppo(replace(cut, resume=True))
-    resumed = [_stable(r) for r in _records(tmp_path / "cut")]
-    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed == full
-    with pytest.raises(UserError, match="critic"):  # a critic-free checkpoint does not resume a PPO run
-        train_ppo(replace(cut, resume=True, advantage="gae", steps=4))
 
 
 def test_verifiable_reward_fn_drives_the_group_advantages(models, tmp_path, monkeypatch):
@@ -202,8 +230,18 @@ def test_verifiable_reward_fn_drives_the_group_advantages(models, tmp_path, monk
     all-equal, so RLOO's advantages and the surrogate are exactly 0; the reward model's score is logged beside."""
     (tmp_path / "const_reward.py").write_text("def two(prompts, replies, meta):\n    return [2.0] * len(replies)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    train_ppo(_cfg(models, tmp_path / "run", advantage="rloo", kl_in="loss", samples_per_prompt=2, reward="rubric",
-                   reward_fn="const_reward:two", missing_eos_penalty=None))  # fmt: skip
+    train_ppo(
+        _cfg(
+            models,
+            tmp_path / "run",
+            advantage="rloo",
+            kl_in="loss",
+            samples_per_prompt=2,
+            reward="rubric",
+            reward_fn="const_reward:two",
+            missing_eos_penalty=None,
+        )
+    )
     (rec,) = _records(tmp_path / "run")
     assert rec["objective/score"] == rec["objective/check"] == 2.0
     assert rec["objective/rm_score"] != 2.0
@@ -237,8 +275,11 @@ def test_non_finite_gradient_names_the_parameters():
     for p, g in zip(net.parameters(), grads):
         torch.testing.assert_close(p.grad, 0.5 * g, rtol=1e-5, atol=0)  # clipped to half
     net[1].weight.grad[0, 1] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"step 2: policy gradient norm is not finite in 1 parameters' "
-                                              r"gradients \(1.weight\)"):  # fmt: skip
+    with pytest.raises(
+        NonFiniteError,
+        match=r"step 2: policy gradient norm is not finite in 1 parameters' "
+        r"gradients \(1.weight\)",
+    ):
         ppo_module.clip_gradients("policy gradient norm", net, list(net.parameters()), 1.0, 2)
 
 

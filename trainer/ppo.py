@@ -71,7 +71,15 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ..kernels import full_kl, full_kl_ref, gae, kl_estimate, kl_estimate_ref, last_token_rewards, last_token_rewards_ref
+from ..kernels import (
+    full_kl,
+    full_kl_ref,
+    gae,
+    kl_estimate,
+    kl_estimate_ref,
+    last_token_rewards,
+    last_token_rewards_ref,
+)
 from ..kernels import linear_full_kl, linear_full_kl_ref, linear_logprobs, linear_logprobs_ref, ppo_head
 from ..kernels import token_logprobs, token_logprobs_ref
 from ..kernels._common import nvtx_range
@@ -124,7 +132,9 @@ def check_finite(name: str, x: torch.Tensor, step: int, module: torch.nn.Module 
     if not torch.isfinite(x).all():
         where = ""
         if module is not None:
-            bad = [n for n, p in module.named_parameters() if p.grad is not None and not _local(p.grad).isfinite().all()]
+            bad = [
+                n for n, p in module.named_parameters() if p.grad is not None and not _local(p.grad).isfinite().all()
+            ]
             where = f" in {len(bad)} parameters' gradients ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})"
         raise NonFiniteError(
             f"step {step}: {name} is not finite{where} ({x.detach().float().flatten()[:4].tolist()} ...); the run "
@@ -207,8 +217,12 @@ def keep_top_layers(model, n: int) -> None:
     states entering layer n (`forward_reply(prefix=...)`), e.g. a reference model on the policy's frozen,
     cached bottom."""
     drop_bottom_layers(model, n)
-    log.info("reference: its bottom %d layers dropped (the policy's frozen bottom feeds it); %d kept, %.1f MB",
-             n, len(decoder_layers(model)) - n, model.get_memory_footprint() / 2**20)  # fmt: skip
+    log.info(
+        "reference: its bottom %d layers dropped (the policy's frozen bottom feeds it); %d kept, %.1f MB",
+        n,
+        len(decoder_layers(model)) - n,
+        model.get_memory_footprint() / 2**20,
+    )
 
 
 def add_lora(model, r: int, alpha: int, n_frozen: int):
@@ -261,17 +275,38 @@ class PolicyPass(NamedTuple):
     """(B, P + R, H): the states entering layer `capture` (the frozen prefix's output), or None."""
 
 
-def policy_forward(model, rollout: Rollout, temperature: float, kernels: bool, prefix=None, n_frozen: int = 0,
-                   fused_linear: bool = False, capture: int = 0) -> PolicyPass:  # fmt: skip
+def policy_forward(
+    model,
+    rollout: Rollout,
+    temperature: float,
+    kernels: bool,
+    prefix=None,
+    n_frozen: int = 0,
+    fused_linear: bool = False,
+    capture: int = 0,
+) -> PolicyPass:
     """Log-probs and entropy of the reply tokens from one call of `model` (rollout.forward_reply): from the
     logits, or with `fused_linear` straight from the hidden states and the head weight."""
-    hidden, logits, states = forward_reply(model, model.get_output_embeddings(), rollout, prefix=prefix,
-                                           n_frozen=n_frozen, capture=capture, head_output=not fused_linear)  # fmt: skip
+    hidden, logits, states = forward_reply(
+        model,
+        model.get_output_embeddings(),
+        rollout,
+        prefix=prefix,
+        n_frozen=n_frozen,
+        capture=capture,
+        head_output=not fused_linear,
+    )
     if fused_linear:  # the kernels see the head's output: a family's logit scale is folded into the temperature
         fn = linear_logprobs if kernels else linear_logprobs_ref
         h, weight, bias = head_inputs(model, hidden)
-        logp, entropy = fn(h, weight, _targets(rollout), bias=bias, temperature=fused_temperature(model, temperature),
-                           return_entropy=True)  # fmt: skip
+        logp, entropy = fn(
+            h,
+            weight,
+            _targets(rollout),
+            bias=bias,
+            temperature=fused_temperature(model, temperature),
+            return_entropy=True,
+        )
         return PolicyPass(logp, entropy, hidden, None, states)
     fn = token_logprobs if kernels else token_logprobs_ref
     logp, entropy = fn(logits, _targets(rollout), temperature=temperature, return_entropy=True)
@@ -292,15 +327,17 @@ def exact_kl(policy, reference, pol: tuple, ref: tuple, temperature: float, mask
     return fn(h, w, rh, rw, bias=b, ref_bias=rb, temperature=fused_temperature(policy, temperature), mask=mask)
 
 
-def critic_values(critic, value_head, rollout: Rollout, policy_hidden, prefix=None, n_frozen: int = 0,
-                  capture: int = 0):  # fmt: skip
+def critic_values(
+    critic, value_head, rollout: Rollout, policy_hidden, prefix=None, n_frozen: int = 0, capture: int = 0
+):
     """Values of the states that predict each reply token: (B, R) fp32, from one call of the separate
     critic (its scalar head read at every position), or from `value_head` on the policy's hidden states.
     -> (values, the critic's states entering layer `capture`, or None)."""
     if value_head is not None:
         return value_head(policy_hidden).squeeze(-1).float(), None
-    _, values, states = forward_reply(critic, reward_head(critic), rollout, prefix=prefix, n_frozen=n_frozen,
-                                      capture=capture)  # fmt: skip
+    _, values, states = forward_reply(
+        critic, reward_head(critic), rollout, prefix=prefix, n_frozen=n_frozen, capture=capture
+    )
     return values.squeeze(-1).float(), states
 
 
@@ -327,20 +364,36 @@ class UpdateModel(torch.nn.Module):
         self.policy, self.critic, self.value_head, self.cfg = policy, critic, value_head, cfg
         self.n_frozen, self.n_frozen_critic, self.one_pass = n_frozen, n_frozen_critic, one_pass
 
-    def forward(self, sub: Rollout, prefix, cprefix, old_logp: torch.Tensor, advantages: torch.Tensor,
-                ref_logp: torch.Tensor | None = None):  # fmt: skip
+    def forward(
+        self,
+        sub: Rollout,
+        prefix,
+        cprefix,
+        old_logp: torch.Tensor,
+        advantages: torch.Tensor,
+        ref_logp: torch.Tensor | None = None,
+    ):
         """-> logp (b, R), entropy (b, R), values (b, R) or None (no critic), the PPOHeadOutput (one-pass; its
         k3 KL per token when given the reference's `ref_logp` (b, R)) or None."""
         cfg, head = self.cfg, None
         if self.one_pass:
-            h, logits, _ = forward_reply(self.policy, self.policy.get_output_embeddings(), sub, prefix=prefix,
-                                         n_frozen=self.n_frozen)  # fmt: skip
-            head = ppo_head(logits, _targets(sub), old_logp, advantages, ref_logprobs=ref_logp,
-                            clip_range=cfg.clip_range, temperature=cfg.temperature)  # fmt: skip
+            h, logits, _ = forward_reply(
+                self.policy, self.policy.get_output_embeddings(), sub, prefix=prefix, n_frozen=self.n_frozen
+            )
+            head = ppo_head(
+                logits,
+                _targets(sub),
+                old_logp,
+                advantages,
+                ref_logprobs=ref_logp,
+                clip_range=cfg.clip_range,
+                temperature=cfg.temperature,
+            )
             logp, ent = head.logprobs, head.entropy
         else:
-            logp, ent, h = policy_forward(self.policy, sub, cfg.temperature, cfg.kernels, prefix, self.n_frozen,
-                                          cfg.fused_linear)[:3]  # fmt: skip
+            logp, ent, h = policy_forward(
+                self.policy, sub, cfg.temperature, cfg.kernels, prefix, self.n_frozen, cfg.fused_linear
+            )[:3]
         values = None
         if self.critic is not None or self.value_head is not None:
             values, _ = critic_values(self.critic, self.value_head, sub, h, cprefix, self.n_frozen_critic)
@@ -430,8 +483,10 @@ def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, devic
     if rm_retokenize:
         log.info("reward model %s tokenizes differently from the policy: it scores re-tokenized text", rm_path)
         if cfg.critic == "separate" and cfg.advantage == "gae":
-            raise UserError("--critic separate copies the reward model, whose tokenizer differs from the policy's "
-                            "(it could not value the policy's tokens); use --critic value-head")  # fmt: skip
+            raise UserError(
+                "--critic separate copies the reward model, whose tokenizer differs from the policy's "
+                "(it could not value the policy's tokens); use --critic value-head"
+            )
     reward_model = load_reward_model(rm_path, device=device, tokenizer=tokenizer if not rm_retokenize else rm_tokenizer)
     reward_model.requires_grad_(False)
     critic, value_head, n_frozen_critic = None, None, 0
@@ -445,21 +500,44 @@ def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, devic
         H = policy.config.hidden_size
         value_head = torch.nn.Linear(H, 1, device=device)
         with torch.no_grad():
-            value_head.weight.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(cfg.seed)) / math.sqrt(H + 1))
+            value_head.weight.copy_(
+                torch.randn(1, H, generator=torch.Generator().manual_seed(cfg.seed)) / math.sqrt(H + 1)
+            )
             value_head.bias.zero_()
     cache = cfg.cache_frozen and 0 < n_frozen < len(decoder_layers(policy))
     ref_shares = cache and reference is not None and cfg.ref_shares_bottom
     if ref_shares:  # its bottom would recompute the policy's frozen bottom (the starting model's), quantized
         keep_top_layers(reference, n_frozen)
     rm_shares = cache and not rm_retokenize and shares_bottom(policy, reward_model, n_frozen)
-    critic_shares = cache and critic is not None and n_frozen_critic == n_frozen and shares_bottom(policy, critic, n_frozen)
+    critic_shares = (
+        cache and critic is not None and n_frozen_critic == n_frozen and shares_bottom(policy, critic, n_frozen)
+    )
     if cache:
-        log.info("frozen bottom (%d layers) computed once per rollout for the policy%s%s", n_frozen,
-                 ", the reward model" if rm_shares else "", ", the critic" if critic_shares else "")  # fmt: skip
+        log.info(
+            "frozen bottom (%d layers) computed once per rollout for the policy%s%s",
+            n_frozen,
+            ", the reward model" if rm_shares else "",
+            ", the critic" if critic_shares else "",
+        )
     one_pass = cfg.kernels and not cfg.fused_linear
     update = UpdateModel(policy, critic, value_head, cfg, n_frozen, n_frozen_critic, one_pass)
-    return Models(policy, peft_model, n_frozen, reference, reward_model, rm_tokenizer, rm_retokenize, critic,
-                  value_head, n_frozen_critic, cache, ref_shares, rm_shares, critic_shares, update)  # fmt: skip
+    return Models(
+        policy,
+        peft_model,
+        n_frozen,
+        reference,
+        reward_model,
+        rm_tokenizer,
+        rm_retokenize,
+        critic,
+        value_head,
+        n_frozen_critic,
+        cache,
+        ref_shares,
+        rm_shares,
+        critic_shares,
+        update,
+    )
 
 
 def distribute(models: Models, cfg: PPOConfig, world: World) -> None:
@@ -483,8 +561,14 @@ def distribute(models: Models, cfg: PPOConfig, world: World) -> None:
     else:
         models.update = wrap(models.update, world, "ddp")
     if world.size > 1:
-        log.info("rank %d of %d on %s, %s%s", world.rank, world.size, world.device, cfg.parallel,
-                 f" (parameters gathered in {param_dtype})" if sharded else "")  # fmt: skip
+        log.info(
+            "rank %d of %d on %s, %s%s",
+            world.rank,
+            world.size,
+            world.device,
+            cfg.parallel,
+            f" (parameters gathered in {param_dtype})" if sharded else "",
+        )
     if sharded:
         held = ", ".join("%s %.2f of %.2f MB" % (name, *param_megabytes(mod)) for name, mod in frozen.items())
         whole = f"; the {cfg.ref_quant} reference whole" if reference is not None and cfg.ref_quant != "none" else ""
@@ -520,8 +604,9 @@ def make_optimizers(cfg: PPOConfig, models: Models) -> Optimizers:
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, step: int, models: Models, optim: Optimizers, kl_ctl, cfg: PPOConfig,
-                    world: World) -> None:  # fmt: skip
+def save_checkpoint(
+    path: Path, step: int, models: Models, optim: Optimizers, kl_ctl, cfg: PPOConfig, world: World
+) -> None:
     """Every rank calls this (FSDP2 gathers the shards); rank 0 writes the full trainable state keyed by
     parameter name, the schedules, the KL controller and every rank's RNG state."""
     rng = rng_state()
@@ -529,12 +614,24 @@ def save_checkpoint(path: Path, step: int, models: Models, optim: Optimizers, kl
     params, opt_state = full_state(models.policy, optim.opt)  # rank 0 gets the tensors
     vparams, vopt_state = full_state(models.value_module, optim.vopt) if optim.vopt is not None else (None, None)
     if world.main:
-        atomic_save({
-            "step": step, "policy": params, "value": vparams,
-            "opt": opt_state, "vopt": vopt_state, "sched": optim.sched.state_dict(),
-            "vsched": optim.vsched.state_dict() if optim.vsched is not None else None, "kl_ctl": kl_ctl.state_dict(), "rng": rng[0], "cuda_rng": rng[1],
-            "rng_per_rank": rngs, "world_size": world.size, "config": asdict(cfg),
-        }, path)  # fmt: skip
+        atomic_save(
+            {
+                "step": step,
+                "policy": params,
+                "value": vparams,
+                "opt": opt_state,
+                "vopt": vopt_state,
+                "sched": optim.sched.state_dict(),
+                "vsched": optim.vsched.state_dict() if optim.vsched is not None else None,
+                "kl_ctl": kl_ctl.state_dict(),
+                "rng": rng[0],
+                "cuda_rng": rng[1],
+                "rng_per_rank": rngs,
+                "world_size": world.size,
+                "config": asdict(cfg),
+            },
+            path,
+        )
 
 
 def resume(ckpt: dict, models: Models, optim: Optimizers, kl_ctl, cfg: PPOConfig, world: World) -> int:
@@ -543,8 +640,10 @@ def resume(ckpt: dict, models: Models, optim: Optimizers, kl_ctl, cfg: PPOConfig
     that are still a function of (seed, step, rank)."""
     load_full_state(models.policy, optim.opt, ckpt["policy"], ckpt["opt"])
     if (optim.vopt is None) != (ckpt["vopt"] is None):
-        raise UserError("--resume: the checkpoint was written with%s a critic and this run has%s one (--advantage "
-                        "differs)" % (("out", "") if ckpt["vopt"] is None else ("", " no")))  # fmt: skip
+        raise UserError(
+            "--resume: the checkpoint was written with%s a critic and this run has%s one (--advantage "
+            "differs)" % (("out", "") if ckpt["vopt"] is None else ("", " no"))
+        )
     if optim.vopt is not None:
         load_full_state(models.value_module, optim.vopt, ckpt["value"], ckpt["vopt"])
     for obj, key in ((optim.sched, "sched"), (optim.vsched, "vsched"), (kl_ctl, "kl_ctl")):
@@ -588,32 +687,41 @@ def old_policy_pass(models: Models, ro: Rollout, scored: Rollout, cfg: PPOConfig
     m = models
     R, P = ro.response_ids.shape[1], ro.prompt_ids.shape[1]
     logp, entropy, hidden, logits, prefix_scored = policy_forward(
-        m.policy, scored if m.rm_shares else ro, cfg.temperature, cfg.kernels, fused_linear=cfg.fused_linear,
-        capture=m.n_frozen if m.cache else 0)  # fmt: skip
+        m.policy,
+        scored if m.rm_shares else ro,
+        cfg.temperature,
+        cfg.kernels,
+        fused_linear=cfg.fused_linear,
+        capture=m.n_frozen if m.cache else 0,
+    )
     logp, entropy, hidden = logp[:, :R], entropy[:, :R], hidden[:, :R]
     logits = logits[:, :R] if logits is not None and keep_logits else None  # (b, R, V): freed before the reference's
     prefix = prefix_scored[:, : P + R] if prefix_scored is not None else None
     values, cprefix = None, None
     if m.value_module is not None:
         capture = m.n_frozen_critic if m.critic is not None and cfg.cache_frozen and not m.critic_shares else 0
-        values, cprefix = critic_values(m.critic, m.value_head, ro, hidden, prefix if m.critic_shares else None,
-                                        m.n_frozen_critic, capture=capture)  # fmt: skip
+        values, cprefix = critic_values(
+            m.critic, m.value_head, ro, hidden, prefix if m.critic_shares else None, m.n_frozen_critic, capture=capture
+        )
         if m.critic_shares:
             cprefix = prefix
     return OldPolicy(logp, entropy, values, hidden, prefix, cprefix, prefix_scored), logits
 
 
-def rollout_scores(models: Models, ro: Rollout, scored: Rollout, old: OldPolicy, row_prompts: list, tokenizer,
-                   kernels: bool) -> torch.Tensor:  # fmt: skip
+def rollout_scores(
+    models: Models, ro: Rollout, scored: Rollout, old: OldPolicy, row_prompts: list, tokenizer, kernels: bool
+) -> torch.Tensor:
     """(b,) fp32: the normalised reward-model score of each reply, read at its EOS (`scored`), over the
     policy's cached bottom when the reward model shares it. A reward model that tokenizes differently reads
     the decoded reply after its row's prompt (`row_prompts`), rendered with its own chat template."""
     if models.rm_retokenize:
-        score = score_texts(models.reward_model, models.rm_tokenizer, row_prompts, ro.texts(tokenizer),
-                            use_kernels=kernels)  # fmt: skip
+        score = score_texts(
+            models.reward_model, models.rm_tokenizer, row_prompts, ro.texts(tokenizer), use_kernels=kernels
+        )
     else:
-        score = reward_scores(models.reward_model, scored, kernels, old.prefix_scored if models.rm_shares else None,
-                              models.n_frozen)  # fmt: skip
+        score = reward_scores(
+            models.reward_model, scored, kernels, old.prefix_scored if models.rm_shares else None, models.n_frozen
+        )
     return score.float()
 
 
@@ -623,16 +731,24 @@ def reference_pass(models: Models, ro: Rollout, old: OldPolicy, cfg: PPOConfig, 
     `ref_shares`, its top layers on the policy's cached bottom)."""
     if cfg.ref_from_adapter:
         with models.peft_model.disable_adapter():  # LoRA sits on the unfrozen layers only: reuse the prefix
-            ref = policy_forward(models.policy, ro, cfg.temperature, cfg.kernels, old.prefix, models.n_frozen,
-                                 cfg.fused_linear)  # fmt: skip
+            ref = policy_forward(
+                models.policy, ro, cfg.temperature, cfg.kernels, old.prefix, models.n_frozen, cfg.fused_linear
+            )
     else:
-        ref = policy_forward(models.reference, ro, cfg.temperature, cfg.kernels,
-                             old.prefix if models.ref_shares else None, fused_linear=cfg.fused_linear)  # fmt: skip
+        ref = policy_forward(
+            models.reference,
+            ro,
+            cfg.temperature,
+            cfg.kernels,
+            old.prefix if models.ref_shares else None,
+            fused_linear=cfg.fused_linear,
+        )
     return ref.logp, (ref.hidden, ref.logits) if keep_logits else None
 
 
-def batch_stats(g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq: float,
-                beta_reward: float) -> dict[str, float]:  # fmt: skip
+def batch_stats(
+    g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq: float, beta_reward: float
+) -> dict[str, float]:
     """A step's `objective/`, `policy/` (its replies) and `value/` statistics over the whole batch: `g` the
     gathered rows (`gather_rows`), `kl_g` the KL estimate, `beta` its coefficient, `beta_reward` the one in the
     reward (beta, or 0 with the KL in the loss); `returns` None (critic-free): no `value/` keys."""
@@ -659,13 +775,80 @@ def batch_stats(g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq:
     return stats
 
 
+def batch_advantages(cfg: PPOConfig, g: dict, beta: float):
+    """Rewards and advantages of the whole batch `g` (`gather_rows`; rows of a prompt adjacent), `beta` the
+    KL coefficient: -beta * KL per token (unless the KL is in the loss) + the penalised, clipped score at the
+    last token; GAE (whitened) against the critic's values, or one advantage per reply from its prompt's group.
+    -> (the KL estimate, penalised scores (B,), beta in the reward, rewards (B, R), advantages (B, R),
+    returns (B, R) or None without a critic)."""
+    kl_g = {"k1": g["kl_k1"], "k3": g["kl_k3"], "full": g.get("kl_full")}[cfg.kl_estimator]
+    penalized = rl.clip_scores(rl.apply_eos_penalty(g["score"], g["has_eos"], cfg.missing_eos_penalty), cfg.score_clip)
+    beta_reward = beta if cfg.kl_in == "reward" else 0.0
+    rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], beta_reward)  # (B, R)
+    if cfg.advantage == "gae":
+        gae_fn = gae if cfg.kernels else rl.gae
+        advantages, returns = gae_fn(rewards, g["values"], g["mask"], gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = rl.masked_whiten(advantages, g["mask"])
+        return kl_g, penalized, beta_reward, rewards, advantages, returns
+    k, seq_reward = cfg.samples_per_prompt, rewards.sum(-1)  # each reply's total reward, (B,)
+    if cfg.advantage == "grpo":
+        seq_adv = rl.grpo_advantages(seq_reward, k, cfg.grpo_scale_std)
+    else:
+        seq_adv = rl.rloo_advantages(seq_reward, k)
+    return kl_g, penalized, beta_reward, rewards, rl.sequence_to_tokens(seq_adv, g["mask"]), None
+
+
+def phase_tokens(ro: Rollout, ppo_epochs: int) -> dict[str, int]:
+    """Tokens each phase processed (for its tokens/s): the replies, or the whole sequences."""
+    n_seq, n_reply = int(ro.attention_mask.sum()), int(ro.response_mask.sum())
+    return dict(
+        generation=n_reply,
+        policy_eval=n_seq,
+        scoring=n_seq,
+        reference=n_seq,
+        rewards=n_reply,
+        update=n_seq * ppo_epochs,
+    )
+
+
+def log_setup(cfg: PPOConfig, models: Models, optim: Optimizers) -> None:
+    log.info(
+        "policy: %d bottom layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); reference: %s",
+        models.n_frozen,
+        cfg.lora_r,
+        sum(p.numel() for p in optim.policy_params) / 1e6,
+        cfg.critic if models.value_module is not None else f"none ({cfg.advantage})",
+        sum(p.numel() for p in optim.value_params) / 1e6,
+        "policy base, adapter disabled" if cfg.ref_from_adapter else cfg.ref_quant,
+    )
+
+
+def log_kl_floor(record: dict, cfg: PPOConfig) -> None:
+    """Step 0 (the policy still equals the starting model): the KL is the reference's own error."""
+    for est, key in (("k1", "objective/kl"), ("k3", "objective/kl_k3"), ("full", "objective/kl_full")):
+        record[f"objective/kl_floor_{est}"] = record[key]
+    log.info(
+        "step-0 KL floor of the %s reference: %.2e per token (exact), %.2e (k3)",
+        "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant,
+        record["objective/kl_full"],
+        record["objective/kl_k3"],
+    )
+
+
+POSTFIX = ("objective/score", "objective/kl", "policy/eos_rate", "policy/response_length")
+"""The progress bar's numbers."""
+
+
 def optimizer_step(optim: Optimizers, policy, value_module, max_norm: float, step: int) -> dict[str, float]:
     """Clip each model's gradients (their norm checked finite first), step both optimizers and clear the
     gradients -> the gradient norms before clipping."""
     norms = {"policy/grad_norm": clip_gradients("policy gradient norm", policy, optim.policy_params, max_norm, step)}
     opts = [optim.opt]
     if optim.vopt is not None:
-        norms["value/grad_norm"] = clip_gradients("value gradient norm", value_module, optim.value_params, max_norm, step)
+        norms["value/grad_norm"] = clip_gradients(
+            "value gradient norm", value_module, optim.value_params, max_norm, step
+        )
         opts.append(optim.vopt)
     for opt in opts:
         opt.step()
@@ -692,8 +875,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if sharded and cfg.fused_linear:  # the fused kernels read the LM-head weight outside the model's own call
         raise UserError("--fused-linear does not run under FSDP2 (the head weight is sharded): use --parallel ddp")
     if cfg.advantage != "gae" and cfg.samples_per_prompt < 2:
-        raise UserError(f"--advantage {cfg.advantage} compares each reply with its prompt's other replies: "
-                        f"it needs --samples-per-prompt >= 2 (got {cfg.samples_per_prompt})")  # fmt: skip
+        raise UserError(
+            f"--advantage {cfg.advantage} compares each reply with its prompt's other replies: "
+            f"it needs --samples-per-prompt >= 2 (got {cfg.samples_per_prompt})"
+        )
     one_pass = cfg.kernels and not cfg.fused_linear  # the update's head is one `ppo_head` pass over the logits
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -712,13 +897,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
     distribute(models, cfg, world)
     policy, value_module = models.policy, models.value_module
     optim = make_optimizers(cfg, models)
-    kl_ctl = (rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-              else rl.FixedKLController(cfg.kl_coef))  # fmt: skip
-    log.info("policy: %d bottom layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); "
-             "reference: %s", models.n_frozen, cfg.lora_r, sum(p.numel() for p in optim.policy_params) / 1e6,
-             cfg.critic if value_module is not None else f"none ({cfg.advantage})",
-             sum(p.numel() for p in optim.value_params) / 1e6,
-             "policy base, adapter disabled" if cfg.ref_from_adapter else cfg.ref_quant)  # fmt: skip
+    kl_ctl = rl.FixedKLController(cfg.kl_coef)
+    if cfg.adaptive_kl:
+        kl_ctl = rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    log_setup(cfg, models, optim)
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
     ckpt = open_run(ckpt_path, log_path, cfg.resume, world)  # None: a fresh run
     step = 0
@@ -728,6 +910,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     writer = _tensorboard(out) if world.main else None
 
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=T, samples_per_prompt=k, device=device)
     bar = tqdm(total=stop, initial=step, desc="ppo", unit="step", disable=not world.main)
     t_start = time.perf_counter()
     summary: dict = {}
@@ -738,8 +921,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
 
         # ---- rollout: k replies to each of this rank's prompts
         with phase("generation"), autocast(device), gathered(decoder_layers(policy)):
-            ro = sample(policy, tokenizer, [prompts[idx[j]] for j in mine], max_new_tokens=cfg.max_new_tokens,
-                        temperature=T, samples_per_prompt=k, device=device, synced_gpus=sharded)  # fmt: skip
+            ro = sample(policy, tokenizer, [prompts[idx[j]] for j in mine], synced_gpus=sharded, **sampling)
         mask = ro.response_mask.float()  # (b, R) this rank's rows
         policy.eval()
         # the reward model reads each reply as train-rm trained it: ending in EOS, appended (one more column)
@@ -760,8 +942,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     phase.stats["perf/time/rm_retokenized_s"] = time.perf_counter() - t_rm
                 if check_fn is not None:  # the verifiable check, alone or weighted beside the reward model
                     rm_score = score
-                    check = verifiable_scores(check_fn, [records[idx[j]] for j in mine for _ in range(k)],
-                                              ro.texts(tokenizer), device)  # fmt: skip
+                    check = verifiable_scores(
+                        check_fn, [records[idx[j]] for j in mine for _ in range(k)], ro.texts(tokenizer), device
+                    )
                     score = check if cfg.reward == "rubric" else cfg.rm_weight * rm_score + cfg.check_weight * check
 
             # ---- reference: log-probs of the sampled tokens under the frozen reference
@@ -777,37 +960,26 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 kl_k1 = kl_fn(old.logp, ref_logp, estimator="k1") * mask  # (b, R)
                 kl_k3 = kl_fn(old.logp, ref_logp, estimator="k3") * mask
                 ref_model = models.reference if models.reference is not None else policy
-                kl_full = exact_kl(policy, ref_model, (old.hidden, logits), ref_out, T, ro.response_mask,
-                                   cfg.kernels) if need_full_kl else None  # fmt: skip
+                kl_full = (
+                    exact_kl(policy, ref_model, (old.hidden, logits), ref_out, T, ro.response_mask, cfg.kernels)
+                    if need_full_kl
+                    else None
+                )
                 del logits, ref_out
-                for name, x in (("reward-model score", score), ("old-policy log-probs", old.logp),
-                                ("reference log-probs", ref_logp)):  # fmt: skip
-                    check_finite(name, x, step)
+                check_finite("reward-model score", score, step)
+                check_finite("old-policy log-probs", old.logp, step)
+                check_finite("reference log-probs", ref_logp, step)
                 # the whole batch on every rank (a world of one: these same tensors), (B, R) / (B,)
-                local = {"score": score, "has_eos": ro.has_eos, "mask": mask, "kl_k1": kl_k1, "kl_k3": kl_k3,
-                         "values": old.values, "entropy": old.entropy, "length": ro.response_lengths}  # fmt: skip
-                if old.values is None:  # critic-free
-                    del local["values"]
+                local = dict(score=score, has_eos=ro.has_eos, mask=mask, kl_k1=kl_k1, kl_k3=kl_k3, entropy=old.entropy)
+                local["length"] = ro.response_lengths
+                if old.values is not None:  # gae: the critic's values
+                    local["values"] = old.values
                 if check_fn is not None:
                     local.update(rm_score=rm_score, check=check)
                 if kl_full is not None:
                     local["kl_full"] = kl_full
                 g = gather_rows(local, world, len(idx), k)
-                kl_g = {"k1": g["kl_k1"], "k3": g["kl_k3"], "full": g.get("kl_full")}[cfg.kl_estimator]
-                penalized = rl.clip_scores(rl.apply_eos_penalty(g["score"], g["has_eos"], cfg.missing_eos_penalty),
-                                           cfg.score_clip)  # fmt: skip
-                beta_reward = kl_ctl.value if cfg.kl_in == "reward" else 0.0
-                rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], beta_reward)  # (B, R)
-                if cfg.advantage == "gae":
-                    advantages, returns = (gae if cfg.kernels else rl.gae)(rewards, g["values"], g["mask"],
-                                                                            gamma=cfg.gamma, lam=cfg.lam)  # fmt: skip
-                    if cfg.whiten_advantages:
-                        advantages = rl.masked_whiten(advantages, g["mask"])
-                else:  # each reply's total reward against its group's (rows of a prompt are adjacent), (B,)
-                    seq_reward = rewards.sum(-1)
-                    seq_adv = (rl.grpo_advantages(seq_reward, k, cfg.grpo_scale_std) if cfg.advantage == "grpo"
-                               else rl.rloo_advantages(seq_reward, k))  # fmt: skip
-                    advantages, returns = rl.sequence_to_tokens(seq_adv, g["mask"]), None  # (B, R)
+                kl_g, penalized, beta_reward, rewards, advantages, returns = batch_advantages(cfg, g, kl_ctl.value)
                 check_finite("advantages", advantages, step)
                 held = held_rows(len(idx), k, world, device)  # global row -> this rank's row, or -1
                 R = mask.shape[1]
@@ -839,18 +1011,24 @@ def train_ppo(cfg: PPOConfig) -> dict:
                             w = m.sum() / mb_tokens * (0.0 if idle else 1.0)
                         else:  # ... of its rows
                             w = torch.tensor((0.0 if idle else len(micro)) / len(rows), device=device)
+                        old_m, adv_m, prefix, cprefix = old.logp[micro], adv_l[micro], old.prefix, old.cprefix
                         with autocast(device):
-                            logp, ent, values, head = models.update(sub, _rows(old.prefix, micro), _rows(old.cprefix, micro),
-                                                                    old.logp[micro], adv_l[micro], _rows(ref_l, micro))  # fmt: skip
+                            logp, ent, values, head = models.update(
+                                sub, _rows(prefix, micro), _rows(cprefix, micro), old_m, adv_m, _rows(ref_l, micro)
+                            )
                         if one_pass:
-                            pg_loss, pg = rl.reduce_policy_loss(head.pg_loss, head.clipped, logp - old.logp[micro],
-                                                                head.ratio, m, cfg.loss_agg)  # fmt: skip
+                            log_ratio = logp - old_m
+                            pg_loss, pg = rl.reduce_policy_loss(
+                                head.pg_loss, head.clipped, log_ratio, head.ratio, m, cfg.loss_agg
+                            )
                         else:
-                            pg_loss, pg = rl.policy_loss(logp, old.logp[micro], adv_l[micro], m, cfg.clip_range, cfg.loss_agg)
+                            pg_loss, pg = rl.policy_loss(logp, old_m, adv_m, m, cfg.clip_range, cfg.loss_agg)
                         terms = {**{f"policy/{key}": v for key, v in pg.items()}, "policy/loss": pg_loss}
                         checks, loss = [("policy loss", pg_loss)], pg_loss
                         if values is not None:  # the critic's clipped value loss (gae)
-                            vf_loss, vf = rl.value_loss(values, old.values[micro], ret_l[micro], m, cfg.clip_range_value)
+                            vf_loss, vf = rl.value_loss(
+                                values, old.values[micro], ret_l[micro], m, cfg.clip_range_value
+                            )
                             checks.append(("value loss", vf_loss))
                             loss = pg_loss + cfg.vf_coef * vf_loss
                             terms.update({"value/clipfrac": vf["vf_clipfrac"], "value/loss": vf_loss})
@@ -870,7 +1048,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                         for key, v in terms.items():
                             acc[key] = acc.get(key, 0.0) + float(v.detach()) * float(w)
                         if not mb_stats and not idle:  # nothing updated yet: the policy is the one that sampled
-                            first_dev = max(first_dev, float(((logp.detach() - old.logp[micro]) * m).abs().max()))
+                            first_dev = max(first_dev, float(((logp.detach() - old_m) * m).abs().max()))
                     acc = sum_dict_across(acc, world)
                     if not mb_stats:
                         first_dev = max_across(first_dev, world)
@@ -885,9 +1063,6 @@ def train_ppo(cfg: PPOConfig) -> dict:
         kl_seq = float(g["kl_k1"].sum(-1).mean())
         beta = kl_ctl.value
         kl_ctl.update(kl_seq, B)
-        n_seq, n_reply = int(ro.attention_mask.sum()), int(ro.response_mask.sum())
-        tokens = {"generation": n_reply, "policy_eval": n_seq, "scoring": n_seq, "reference": n_seq,
-                  "rewards": n_reply, "update": n_seq * cfg.ppo_epochs}  # fmt: skip
         record = {
             "step": step + 1,
             **batch_stats(g, kl_g, penalized, rewards, returns, beta, kl_seq, beta_reward),
@@ -895,15 +1070,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
             "policy/logratio_dev_first": first_dev,
             **{key: sum(s[key] for s in mb_stats) / len(mb_stats) for key in mb_stats[0]},  # minibatch means
             **phase.stats,
-            **phase.throughput(tokens),
+            **phase.throughput(phase_tokens(ro, cfg.ppo_epochs)),
             "perf/elapsed_s": time.perf_counter() - t_start,
         }
         if step == 0:  # the policy still equals the starting model: this is the reference's own error
-            for est, key in (("k1", "objective/kl"), ("k3", "objective/kl_k3"), ("full", "objective/kl_full")):
-                record[f"objective/kl_floor_{est}"] = record[key]
-            log.info("step-0 KL floor of the %s reference: %.2e per token (exact), %.2e (k3)",
-                     "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant, record["objective/kl_full"],
-                     record["objective/kl_k3"])  # fmt: skip
+            log_kl_floor(record, cfg)
         if world.main:
             append_record(log_path, record)
         if writer is not None:
@@ -911,8 +1082,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 writer.add_scalar(key, v, step + 1)
         step += 1
         bar.update(1)
-        bar.set_postfix(score=f"{record['objective/score']:.2f}", kl=f"{record['objective/kl']:.3f}",
-                        eos=f"{record['policy/eos_rate']:.2f}", len=f"{record['policy/response_length']:.1f}")  # fmt: skip
+        bar.set_postfix({key.split("/")[1]: f"{record[key]:.3g}" for key in POSTFIX})
         summary = record
 
         # ---- checkpoint
