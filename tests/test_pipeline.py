@@ -215,7 +215,23 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
             "0.25",
             "--device",
             "cpu",
-            "--no-ppo",
+            "--rubric",
+            "shorter",
+            *PPO_FLAGS,
+            "--algo",
+            "grpo",
+            "--group-size",
+            "2",
+            "--reward",
+            "both",
         ]
     )
     assert (out / "step1" / "candidates.jsonl").stat().st_mtime_ns == before
+    # ... and step 3 ran critic-free: GRPO over 2 prompts x 2 replies, the rubric's check beside the reward model
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["algo"] == "grpo" and metrics["ppo"]["steps"] == 2
+    assert "value/explained_variance" not in metrics["ppo"]["last"]
+    step = json.loads((out / "step3_ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "objective/check" in step and "value/loss" not in step
+    report = (out / "report.md").read_text()
+    assert "## Step 3: GRPO" in report and "2 train prompts x 2 replies, no critic" in report

@@ -367,7 +367,16 @@ class PipelineConfig:
     max_length: int = 96
     """Longest reward-model sequence, in tokens."""
     ppo: bool = True
-    """Run step 3 (PPO and the policy evaluation); --no-ppo stops after the reward model."""
+    """Run step 3 (RL and the policy evaluation); --no-ppo stops after the reward model."""
+    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
+    """Step 3's algorithm: PPO (a critic, GAE, the KL in the reward), or critic-free GRPO / RLOO (`group_size`
+    replies per prompt compared with each other, the KL as k3 in the loss; no critic loaded)."""
+    group_size: int = 4
+    """grpo / rloo: replies per prompt. The prompts per step are `ppo_batch_prompts // group_size`, so a step
+    samples as many replies as PPO's."""
+    reward: Literal["rm", "rubric", "both"] = "rm"
+    """Step 3's reward: the step-2 reward model, the rubric's verifiable check (1 for a correct answer), or
+    their sum (see `fastrlhf ppo --reward`)."""
     ppo_steps: int = 20
     """PPO iterations, on the train prompts (~43 s each on a 2-core CPU: the largest share of the run)."""
     ppo_batch_prompts: int = 32
