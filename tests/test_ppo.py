@@ -248,6 +248,43 @@ def test_verifiable_reward_fn_drives_the_group_advantages(models, tmp_path, monk
     assert rec["policy/loss"] == 0.0
 
 
+def test_critic_learns_predictable_returns(models, tmp_path, monkeypatch):
+    """Returns that the prompt alone decides: a reward of +1 for one kind of prompt and -1 for the other, no KL,
+    a policy that does not move (lr 0). The critic must learn them: explained variance from below 0.3 at step 1
+    to above 0.8 by step 6 (-1.05 -> 0.98 measured; with the critic's lr at 0 it stays between -1.05 and -0.44).
+    A critic read at the wrong positions, fit to another target or not updated stays near or below 0."""
+    rows = [{"prompt": f"Topic {w}: say something."} for w in ("apples", "rivers", "stones", "clouds")]
+    rows += [{"prompt": f"Please write about {w} now."} for w in ("apples", "rivers", "stones", "clouds")]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "by_prompt.py").write_text(
+        "def reward(prompts, replies, meta):\n"
+        "    return [1.0 if p[-1]['content'].startswith('Topic') else -1.0 for p in prompts]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _cfg(
+        models,
+        tmp_path / "run",
+        prompts=str(tmp_path / "prompts.jsonl"),
+        reward="rubric",
+        reward_fn="by_prompt:reward",
+        missing_eos_penalty=None,
+        score_clip=None,
+        kl_coef=0.0,
+        lr=0.0,
+        critic_lr=3e-3,
+        vf_coef=1.0,
+        steps=6,
+        batch_prompts=8,
+        minibatch_size=4,
+        ppo_epochs=4,
+        freeze_layers=0,
+        save_every=100,
+    )
+    train_ppo(cfg)
+    ev = [r["value/explained_variance"] for r in _records(tmp_path / "run")]
+    assert ev[0] < 0.3 and ev[-1] > 0.8, ev
+
+
 def test_critic_free_needs_a_group(models, tmp_path):
     with pytest.raises(UserError, match="samples-per-prompt >= 2"):
         train_ppo(_cfg(models, tmp_path, advantage="grpo"))
