@@ -709,20 +709,27 @@ def old_policy_pass(models: Models, ro: Rollout, scored: Rollout, cfg: PPOConfig
 
 
 def rollout_scores(
-    models: Models, ro: Rollout, scored: Rollout, old: OldPolicy, row_prompts: list, tokenizer, kernels: bool
-) -> torch.Tensor:
-    """(b,) fp32: the normalised reward-model score of each reply, read at its EOS (`scored`), over the
-    policy's cached bottom when the reward model shares it. A reward model that tokenizes differently reads
-    the decoded reply after its row's prompt (`row_prompts`), rendered with its own chat template."""
+    models: Models, ro: Rollout, scored: Rollout, old: OldPolicy, rows: list, tokenizer, cfg: PPOConfig, check_fn
+) -> tuple[torch.Tensor, dict]:
+    """-> (b,) fp32 score of each reply, and its parts for the log ({} for the reward model alone).
+    The reward model's normalised score is read at each reply's EOS (`scored`), over the policy's cached
+    bottom when it shares it; one that tokenizes differently reads the decoded reply after its row's prompt
+    (`rows`: the PromptRecord of each reply), rendered with its own chat template. With a verifiable check
+    (`check_fn`, --reward rubric|both) the score is the check, or the weighted sum of both."""
     if models.rm_retokenize:
+        prompts = [r.prompt for r in rows]
         score = score_texts(
-            models.reward_model, models.rm_tokenizer, row_prompts, ro.texts(tokenizer), use_kernels=kernels
+            models.reward_model, models.rm_tokenizer, prompts, ro.texts(tokenizer), use_kernels=cfg.kernels
         )
     else:
-        score = reward_scores(
-            models.reward_model, scored, kernels, old.prefix_scored if models.rm_shares else None, models.n_frozen
-        )
-    return score.float()
+        shared = old.prefix_scored if models.rm_shares else None
+        score = reward_scores(models.reward_model, scored, cfg.kernels, shared, models.n_frozen)
+    score = score.float()
+    if check_fn is None:
+        return score, {}
+    check = verifiable_scores(check_fn, rows, ro.texts(tokenizer), score.device)
+    total = check if cfg.reward == "rubric" else cfg.rm_weight * score + cfg.check_weight * check
+    return total, {"rm_score": score, "check": check}
 
 
 def reference_pass(models: Models, ro: Rollout, old: OldPolicy, cfg: PPOConfig, keep_logits: bool):
@@ -936,16 +943,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
             # ---- score: the reward model at each reply's EOS
             with phase("scoring"):
                 t_rm = time.perf_counter()
-                row_prompts = [records[idx[j]].prompt for j in mine for _ in range(k)]
-                score = rollout_scores(models, ro, scored, old, row_prompts, tokenizer, cfg.kernels)  # (b,)
-                if models.rm_retokenize:  # decoding, its chat template and re-tokenizing included
+                row_records = [records[idx[j]] for j in mine for _ in range(k)]
+                score, score_parts = rollout_scores(models, ro, scored, old, row_records, tokenizer, cfg, check_fn)
+                if models.rm_retokenize:  # decoding, its chat template and re-tokenizing (and any check) included
                     phase.stats["perf/time/rm_retokenized_s"] = time.perf_counter() - t_rm
-                if check_fn is not None:  # the verifiable check, alone or weighted beside the reward model
-                    rm_score = score
-                    check = verifiable_scores(
-                        check_fn, [records[idx[j]] for j in mine for _ in range(k)], ro.texts(tokenizer), device
-                    )
-                    score = check if cfg.reward == "rubric" else cfg.rm_weight * rm_score + cfg.check_weight * check
 
             # ---- reference: log-probs of the sampled tokens under the frozen reference
             with phase("reference"):
@@ -974,8 +975,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 local["length"] = ro.response_lengths
                 if old.values is not None:  # gae: the critic's values
                     local["values"] = old.values
-                if check_fn is not None:
-                    local.update(rm_score=rm_score, check=check)
+                local.update(score_parts)  # --reward rubric|both: the reward model's score and the check
                 if kl_full is not None:
                     local["kl_full"] = kl_full
                 g = gather_rows(local, world, len(idx), k)
