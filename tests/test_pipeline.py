@@ -81,46 +81,20 @@ PHASE_RANGES = {
 }
 
 
+def _tiny_run(out, model: str) -> list[str]:
+    """`fastrlhf pipeline` on the tiny model: 40 prompts x 4 samples, a 1-epoch reward model, 2 PPO steps."""
+    flags = "--limit 40 --samples-per-prompt 4 --max-new-tokens 64 --rm-epochs 1 --rm-batch-pairs 8"
+    flags += " --rm-freeze-layers 1 --max-length 160 --split 0.5 0.25 0.25 --device cpu --rubric shorter"
+    return ["pipeline", "--out-dir", str(out), "--model", model, *flags.split(), *PPO_FLAGS]
+
+
 def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(rubric.RUBRICS, "shorter", _shorter_is_better)
     nvtx = _NvtxRecorder()
     monkeypatch.setattr(kernels_common, "_nvtx", nvtx)
     model = tiny_model_path(tmp_path)
     out = tmp_path / "run"
-    cli_main(
-        [
-            "pipeline",
-            "--out-dir",
-            str(out),
-            "--model",
-            model,
-            "--limit",
-            "40",
-            "--samples-per-prompt",
-            "4",
-            "--max-new-tokens",
-            "64",
-            "--gen-batch-size",
-            "40",
-            "--rm-epochs",
-            "1",
-            "--rm-batch-pairs",
-            "8",
-            "--rm-freeze-layers",
-            "1",
-            "--max-length",
-            "160",
-            "--split",
-            "0.5",
-            "0.25",
-            "0.25",
-            "--device",
-            "cpu",
-            "--rubric",
-            "shorter",
-            *PPO_FLAGS,
-        ]
-    )
+    cli_main([*_tiny_run(out, model), "--gen-batch-size", "40"])
     printed = capsys.readouterr().out
     assert "report:" in printed
     assert {domain for domain, _ in nvtx.ranges} == {"fastrlhf"}
@@ -188,34 +162,13 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
 
     # a rerun reuses the sampled candidates and the finished annotations
     before = (out / "step1" / "candidates.jsonl").stat().st_mtime_ns
-    cli_main(
-        [
-            "pipeline",
-            "--out-dir",
-            str(out),
-            "--model",
-            model,
-            "--limit",
-            "40",
-            "--samples-per-prompt",
-            "4",
-            "--max-new-tokens",
-            "64",
-            "--rm-epochs",
-            "1",
-            "--rm-batch-pairs",
-            "8",
-            "--rm-freeze-layers",
-            "1",
-            "--max-length",
-            "160",
-            "--split",
-            "0.5",
-            "0.25",
-            "0.25",
-            "--device",
-            "cpu",
-            "--no-ppo",
-        ]
-    )
+    cli_main([*_tiny_run(out, model), "--algo", "grpo", "--group-size", "2", "--reward", "both"])
     assert (out / "step1" / "candidates.jsonl").stat().st_mtime_ns == before
+    # ... and step 3 ran critic-free: GRPO over 2 prompts x 2 replies, the rubric's check beside the reward model
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["algo"] == "grpo" and metrics["ppo"]["steps"] == 2
+    assert "value/explained_variance" not in metrics["ppo"]["last"]
+    step = json.loads((out / "step3_ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "objective/check" in step and "value/loss" not in step
+    report = (out / "report.md").read_text()
+    assert "## Step 3: GRPO" in report and "2 train prompts x 2 replies, no critic" in report

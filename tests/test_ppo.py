@@ -88,12 +88,19 @@ def test_reference_on_the_policys_frozen_bottom(models, tmp_path):
     assert 0 < floors[True] < floors[False], floors
 
 
-def test_resume_equals_uninterrupted(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(adaptive_kl=True, kl_target=1e-3),  # PPO: the adaptive KL controller's state is restored
+        dict(advantage="rloo", kl_in="loss", samples_per_prompt=2, batch_prompts=2),  # critic-free
+    ],
+    ids=["ppo", "rloo"],
+)
+def test_resume_equals_uninterrupted(models, tmp_path, monkeypatch, setting):
     """Kill a 3-step run after its step-2 checkpoint, resume it: the metrics equal an uninterrupted run's."""
-    cfg = _cfg(models, tmp_path / "full", steps=3, ppo_epochs=2, adaptive_kl=True, kl_target=1e-3)
+    cfg = _cfg(models, tmp_path / "full", steps=3, ppo_epochs=2, **setting)
     train_ppo(cfg)
     full = [_stable(r) for r in _records(tmp_path / "full")]
-
     save = ppo_module.atomic_save
 
     def save_then_die(obj, path):
@@ -111,9 +118,11 @@ def test_resume_equals_uninterrupted(models, tmp_path, monkeypatch):
     resumed = [_stable(r) for r in _records(tmp_path / "cut")]
     assert [r["step"] for r in resumed] == [1, 2, 3]
     assert resumed == full
-    assert (
-        full[2]["objective/kl_coef"] != full[0]["objective/kl_coef"]
-    )  # the adaptive controller moved and was restored
+    if cfg.adaptive_kl:  # the controller moved, and was restored
+        assert full[2]["objective/kl_coef"] != full[0]["objective/kl_coef"]
+    else:  # a critic-free checkpoint does not resume a PPO run
+        with pytest.raises(UserError, match="critic"):
+            train_ppo(replace(cut, resume=True, advantage="gae", steps=4))
 
 
 def test_lora_policy_with_adapter_disabled_reference(models, tmp_path):
@@ -216,41 +225,6 @@ def test_critic_free_kernels_match_eager_twins(models, tmp_path, fused_linear):
     assert runs[True][1]["policy/kl_loss"] > 0  # the policy moved away from the reference in step 1
 
 
-def test_critic_free_resume_equals_uninterrupted(models, tmp_path, monkeypatch):
-    """RLOO with the KL in the loss: a run cut after its step-2 checkpoint and resumed logs what an
-    uninterrupted run logs."""
-    cfg = _cfg(
-        models,
-        tmp_path / "full",
-        steps=3,
-        ppo_epochs=2,
-        advantage="rloo",
-        kl_in="loss",
-        samples_per_prompt=2,
-        batch_prompts=2,
-    )
-    train_ppo(cfg)
-    full = [_stable(r) for r in _records(tmp_path / "full")]
-    save = ppo_module.atomic_save
-
-    def save_then_die(obj, path):
-        save(obj, path)
-        if obj["step"] == 2:
-            raise KeyboardInterrupt
-
-    cut = replace(cfg, out_dir=str(tmp_path / "cut"))
-    monkeypatch.setattr(ppo_module, "atomic_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_ppo(cut)
-    monkeypatch.setattr(ppo_module, "atomic_save", save)
-    torch.manual_seed(12345)
-    train_ppo(replace(cut, resume=True))
-    resumed = [_stable(r) for r in _records(tmp_path / "cut")]
-    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed == full
-    with pytest.raises(UserError, match="critic"):  # a critic-free checkpoint does not resume a PPO run
-        train_ppo(replace(cut, resume=True, advantage="gae", steps=4))
-
-
 def test_verifiable_reward_fn_drives_the_group_advantages(models, tmp_path, monkeypatch):
     """--reward rubric with a reward function that gives every reply 2: the score is 2, every group is
     all-equal, so RLOO's advantages and the surrogate are exactly 0; the reward model's score is logged beside."""
@@ -272,6 +246,43 @@ def test_verifiable_reward_fn_drives_the_group_advantages(models, tmp_path, monk
     assert rec["objective/score"] == rec["objective/check"] == 2.0
     assert rec["objective/rm_score"] != 2.0
     assert rec["policy/loss"] == 0.0
+
+
+def test_critic_learns_predictable_returns(models, tmp_path, monkeypatch):
+    """Returns that the prompt alone decides: a reward of +1 for one kind of prompt and -1 for the other, no KL,
+    a policy that does not move (lr 0). The critic must learn them: explained variance from below 0.3 at step 1
+    to above 0.8 by step 6 (-1.05 -> 0.98 measured; with the critic's lr at 0 it stays between -1.05 and -0.44).
+    A critic read at the wrong positions, fit to another target or not updated stays near or below 0."""
+    rows = [{"prompt": f"Topic {w}: say something."} for w in ("apples", "rivers", "stones", "clouds")]
+    rows += [{"prompt": f"Please write about {w} now."} for w in ("apples", "rivers", "stones", "clouds")]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "by_prompt.py").write_text(
+        "def reward(prompts, replies, meta):\n"
+        "    return [1.0 if p[-1]['content'].startswith('Topic') else -1.0 for p in prompts]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = _cfg(
+        models,
+        tmp_path / "run",
+        prompts=str(tmp_path / "prompts.jsonl"),
+        reward="rubric",
+        reward_fn="by_prompt:reward",
+        missing_eos_penalty=None,
+        score_clip=None,
+        kl_coef=0.0,
+        lr=0.0,
+        critic_lr=3e-3,
+        vf_coef=1.0,
+        steps=6,
+        batch_prompts=8,
+        minibatch_size=4,
+        ppo_epochs=4,
+        freeze_layers=0,
+        save_every=100,
+    )
+    train_ppo(cfg)
+    ev = [r["value/explained_variance"] for r in _records(tmp_path / "run")]
+    assert ev[0] < 0.3 and ev[-1] > 0.8, ev
 
 
 def test_critic_free_needs_a_group(models, tmp_path):

@@ -3,8 +3,9 @@
     prompts --split by prompt--> train / val / test
     step 1  generate-pairs (all prompts) -> annotate (scripted rubric standing in for people) -> preferences
     step 2  train-rm on the train prompts' pairs, validated on val, tested on test (unseen prompts)
-    step 3  PPO on the train prompts against the reward model, KL to an int8 (bitsandbytes) reference
-    eval    the PPO policy vs the reference policy on the test prompts, judged by the rubric (the
+    step 3  PPO (or critic-free GRPO / RLOO: --algo) on the train prompts against the reward model (or the
+            rubric's verifiable check: --reward), KL to an int8 (bitsandbytes) reference
+    eval    the trained policy vs the reference policy on the test prompts, judged by the rubric (the
             independent judge), plus reward-model scores and KL to the reference
     report  report.md + metrics.json + PNGs in out_dir
 
@@ -99,7 +100,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
             critic=cfg.critic,
             freeze_layers=cfg.ppo_freeze_layers,
             steps=cfg.ppo_steps,
-            batch_prompts=cfg.ppo_batch_prompts,
+            batch_prompts=cfg.ppo_batch_prompts
+            if cfg.algo == "ppo"
+            else max(1, cfg.ppo_batch_prompts // cfg.group_size),
+            samples_per_prompt=1 if cfg.algo == "ppo" else cfg.group_size,
+            advantage="gae" if cfg.algo == "ppo" else cfg.algo,
+            kl_in="reward" if cfg.algo == "ppo" else "loss",
+            reward=cfg.reward,
             minibatch_size=cfg.ppo_minibatch_size,
             ppo_epochs=cfg.ppo_epochs,
             lr=cfg.ppo_lr,
@@ -249,8 +256,8 @@ def _ppo_summary(log_path: Path) -> dict:
     )
     return {
         "steps": len(rows),
-        "first": {k: rows[0][k] for k in keep},
-        "last": {k: rows[-1][k] for k in keep},
+        "first": {k: rows[0][k] for k in keep if k in rows[0]},  # no value/ keys without a critic
+        "last": {k: rows[-1][k] for k in keep if k in rows[-1]},
         "kl_floor": {k: rows[0].get(f"objective/kl_floor_{k}") for k in ("k1", "k3", "full")},
         "phases": {
             p: {
@@ -357,15 +364,22 @@ def _ppo_report(m: dict) -> list[str]:
         ("ends with EOS", "eos_rate", ".3f"),
     ]
 
+    algo = c.get("algo", "ppo").upper()
+    if algo == "PPO":
+        setup, kl = f"{c['ppo_batch_prompts']} train prompts, critic: {c['critic']}", "k1 per token in the reward"
+    else:
+        n = max(1, c["ppo_batch_prompts"] // c["group_size"])
+        setup, kl = f"{n} train prompts x {c['group_size']} replies, no critic", "k3 per token in the loss"
+
     def cell(key: str, fmt: str) -> str:
         return "-" if key not in e or e[key] is None else format(e[key], fmt)
 
     return [
-        "## Step 3: PPO",
+        f"## Step 3: {algo}",
         "",
-        f"{p['steps']} PPO steps of {c['ppo_batch_prompts']} train prompts, {c['ppo_epochs']} epochs, minibatch "
-        f"{c['ppo_minibatch_size']}, lr {c['ppo_lr']}, KL coefficient {c['kl_coef']} (k1 per token in the reward), "
-        f"critic: {c['critic']}, reference: **{c['ref_quant']}** (bitsandbytes). Step-0 KL floor of the quantized "
+        f"{p['steps']} {algo} steps of {setup}, {c['ppo_epochs']} epochs, minibatch {c['ppo_minibatch_size']}, lr "
+        f"{c['ppo_lr']}, KL coefficient {c['kl_coef']} ({kl}), reward: {c.get('reward', 'rm')}, reference: "
+        f"**{c['ref_quant']}** (bitsandbytes). Step-0 KL floor of the quantized "
         f"reference, with the policy still equal to the original model: {floor['full']:.2e} nats/token exact "
         f"({floor['k3']:.2e} k3); step-0 sanity max |log ratio| on the first minibatch "
         f"{p['first']['policy/logratio_dev_first']:.1e}.",
@@ -391,7 +405,7 @@ def _ppo_report(m: dict) -> list[str]:
         "",
         "## Evaluation on held-out prompts (judged by the rubric, not the reward model)",
         "",
-        f"PPO policy vs the reference policy (the original, unquantized model) on the {m['prompts']['test']} test "
+        f"{algo} policy vs the reference policy (the original, unquantized model) on the {m['prompts']['test']} test "
         f"prompts, {c['eval_samples_per_prompt']} sampled replies each at temperature {c['temperature']}, each "
         f"model with its own random stream. **Win rate {e['win_rate']:.3f}** (ties count half; 95% bootstrap interval "
         f"over prompts {lo:.3f} - {hi:.3f}): {e['wins']} wins, {e['ties']} ties, {e['losses']} losses.",
@@ -400,14 +414,14 @@ def _ppo_report(m: dict) -> list[str]:
         f"({e['kl_per_reply']:.3f} per reply); bound {m['kl_bound']} nats/token: "
         f"{'within' if kl_ok else '**exceeded**'}.",
         "",
-        "| | PPO policy | reference |",
+        f"| | {algo} policy | reference |",
         "|---|---|---|",
         *[f"| {name} | {cell('policy_' + key, fmt)} | {cell('reference_' + key, fmt)} |" for name, key, fmt in rows],
         "",
         "Before / after, side by side (held-out prompts; more in [eval/examples.md](eval/examples.md), every pair"
         " in eval/samples.jsonl):",
         "",
-        "| prompt | expected | reference (before) | PPO policy (after) | rubric prefers |",
+        f"| prompt | expected | reference (before) | {algo} policy (after) | rubric prefers |",
         "|---|---|---|---|---|",
         *[
             f"| {_cell(x['prompt'])} | {_cell(x['answer'] or '')} | {_cell(x['reference_reply'])} | "

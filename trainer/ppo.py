@@ -709,20 +709,27 @@ def old_policy_pass(models: Models, ro: Rollout, scored: Rollout, cfg: PPOConfig
 
 
 def rollout_scores(
-    models: Models, ro: Rollout, scored: Rollout, old: OldPolicy, row_prompts: list, tokenizer, kernels: bool
-) -> torch.Tensor:
-    """(b,) fp32: the normalised reward-model score of each reply, read at its EOS (`scored`), over the
-    policy's cached bottom when the reward model shares it. A reward model that tokenizes differently reads
-    the decoded reply after its row's prompt (`row_prompts`), rendered with its own chat template."""
+    models: Models, ro: Rollout, scored: Rollout, old: OldPolicy, rows: list, tokenizer, cfg: PPOConfig, check_fn
+) -> tuple[torch.Tensor, dict]:
+    """-> (b,) fp32 score of each reply, and its parts for the log ({} for the reward model alone).
+    The reward model's normalised score is read at each reply's EOS (`scored`), over the policy's cached
+    bottom when it shares it; one that tokenizes differently reads the decoded reply after its row's prompt
+    (`rows`: the PromptRecord of each reply), rendered with its own chat template. With a verifiable check
+    (`check_fn`, --reward rubric|both) the score is the check, or the weighted sum of both."""
     if models.rm_retokenize:
+        prompts = [r.prompt for r in rows]
         score = score_texts(
-            models.reward_model, models.rm_tokenizer, row_prompts, ro.texts(tokenizer), use_kernels=kernels
+            models.reward_model, models.rm_tokenizer, prompts, ro.texts(tokenizer), use_kernels=cfg.kernels
         )
     else:
-        score = reward_scores(
-            models.reward_model, scored, kernels, old.prefix_scored if models.rm_shares else None, models.n_frozen
-        )
-    return score.float()
+        shared = old.prefix_scored if models.rm_shares else None
+        score = reward_scores(models.reward_model, scored, cfg.kernels, shared, models.n_frozen)
+    score = score.float()
+    if check_fn is None:
+        return score, {}
+    check = verifiable_scores(check_fn, rows, ro.texts(tokenizer), score.device)
+    total = check if cfg.reward == "rubric" else cfg.rm_weight * score + cfg.check_weight * check
+    return total, {"rm_score": score, "check": check}
 
 
 def reference_pass(models: Models, ro: Rollout, old: OldPolicy, cfg: PPOConfig, keep_logits: bool):
@@ -773,6 +780,71 @@ def batch_stats(
         stats["objective/rm_score"] = float(g["rm_score"].mean())
         stats["objective/check"] = float(g["check"].mean())
     return stats
+
+
+def batch_advantages(cfg: PPOConfig, g: dict, beta: float):
+    """Rewards and advantages of the whole batch `g` (`gather_rows`; rows of a prompt adjacent), `beta` the
+    KL coefficient: -beta * KL per token (unless the KL is in the loss) + the penalised, clipped score at the
+    last token; GAE (whitened) against the critic's values, or one advantage per reply from its prompt's group.
+    -> (the KL estimate, penalised scores (B,), beta in the reward, rewards (B, R), advantages (B, R),
+    returns (B, R) or None without a critic)."""
+    kl_g = {"k1": g["kl_k1"], "k3": g["kl_k3"], "full": g.get("kl_full")}[cfg.kl_estimator]
+    penalized = rl.clip_scores(rl.apply_eos_penalty(g["score"], g["has_eos"], cfg.missing_eos_penalty), cfg.score_clip)
+    beta_reward = beta if cfg.kl_in == "reward" else 0.0
+    rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], beta_reward)  # (B, R)
+    if cfg.advantage == "gae":
+        gae_fn = gae if cfg.kernels else rl.gae
+        advantages, returns = gae_fn(rewards, g["values"], g["mask"], gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = rl.masked_whiten(advantages, g["mask"])
+        return kl_g, penalized, beta_reward, rewards, advantages, returns
+    k, seq_reward = cfg.samples_per_prompt, rewards.sum(-1)  # each reply's total reward, (B,)
+    if cfg.advantage == "grpo":
+        seq_adv = rl.grpo_advantages(seq_reward, k, cfg.grpo_scale_std)
+    else:
+        seq_adv = rl.rloo_advantages(seq_reward, k)
+    return kl_g, penalized, beta_reward, rewards, rl.sequence_to_tokens(seq_adv, g["mask"]), None
+
+
+def phase_tokens(ro: Rollout, ppo_epochs: int) -> dict[str, int]:
+    """Tokens each phase processed (for its tokens/s): the replies, or the whole sequences."""
+    n_seq, n_reply = int(ro.attention_mask.sum()), int(ro.response_mask.sum())
+    return dict(
+        generation=n_reply,
+        policy_eval=n_seq,
+        scoring=n_seq,
+        reference=n_seq,
+        rewards=n_reply,
+        update=n_seq * ppo_epochs,
+    )
+
+
+def log_setup(cfg: PPOConfig, models: Models, optim: Optimizers) -> None:
+    log.info(
+        "policy: %d bottom layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); reference: %s",
+        models.n_frozen,
+        cfg.lora_r,
+        sum(p.numel() for p in optim.policy_params) / 1e6,
+        cfg.critic if models.value_module is not None else f"none ({cfg.advantage})",
+        sum(p.numel() for p in optim.value_params) / 1e6,
+        "policy base, adapter disabled" if cfg.ref_from_adapter else cfg.ref_quant,
+    )
+
+
+def log_kl_floor(record: dict, cfg: PPOConfig) -> None:
+    """Step 0 (the policy still equals the starting model): the KL is the reference's own error."""
+    for est, key in (("k1", "objective/kl"), ("k3", "objective/kl_k3"), ("full", "objective/kl_full")):
+        record[f"objective/kl_floor_{est}"] = record[key]
+    log.info(
+        "step-0 KL floor of the %s reference: %.2e per token (exact), %.2e (k3)",
+        "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant,
+        record["objective/kl_full"],
+        record["objective/kl_k3"],
+    )
+
+
+POSTFIX = ("objective/score", "objective/kl", "policy/eos_rate", "policy/response_length")
+"""The progress bar's numbers."""
 
 
 def optimizer_step(optim: Optimizers, policy, value_module, max_norm: float, step: int) -> dict[str, float]:
@@ -832,20 +904,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
     distribute(models, cfg, world)
     policy, value_module = models.policy, models.value_module
     optim = make_optimizers(cfg, models)
-    kl_ctl = (
-        rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        if cfg.adaptive_kl
-        else rl.FixedKLController(cfg.kl_coef)
-    )
-    log.info(
-        "policy: %d bottom layers frozen, LoRA r=%d, %.1fM trainable; critic: %s (%.1fM trainable); reference: %s",
-        models.n_frozen,
-        cfg.lora_r,
-        sum(p.numel() for p in optim.policy_params) / 1e6,
-        cfg.critic if value_module is not None else f"none ({cfg.advantage})",
-        sum(p.numel() for p in optim.value_params) / 1e6,
-        "policy base, adapter disabled" if cfg.ref_from_adapter else cfg.ref_quant,
-    )
+    kl_ctl = rl.FixedKLController(cfg.kl_coef)
+    if cfg.adaptive_kl:
+        kl_ctl = rl.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    log_setup(cfg, models, optim)
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
     ckpt = open_run(ckpt_path, log_path, cfg.resume, world)  # None: a fresh run
     step = 0
@@ -855,6 +917,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     writer = _tensorboard(out) if world.main else None
 
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=T, samples_per_prompt=k, device=device)
     bar = tqdm(total=stop, initial=step, desc="ppo", unit="step", disable=not world.main)
     t_start = time.perf_counter()
     summary: dict = {}
@@ -865,16 +928,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
 
         # ---- rollout: k replies to each of this rank's prompts
         with phase("generation"), autocast(device), gathered(decoder_layers(policy)):
-            ro = sample(
-                policy,
-                tokenizer,
-                [prompts[idx[j]] for j in mine],
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=T,
-                samples_per_prompt=k,
-                device=device,
-                synced_gpus=sharded,
-            )
+            ro = sample(policy, tokenizer, [prompts[idx[j]] for j in mine], synced_gpus=sharded, **sampling)
         mask = ro.response_mask.float()  # (b, R) this rank's rows
         policy.eval()
         # the reward model reads each reply as train-rm trained it: ending in EOS, appended (one more column)
@@ -889,16 +943,10 @@ def train_ppo(cfg: PPOConfig) -> dict:
             # ---- score: the reward model at each reply's EOS
             with phase("scoring"):
                 t_rm = time.perf_counter()
-                row_prompts = [records[idx[j]].prompt for j in mine for _ in range(k)]
-                score = rollout_scores(models, ro, scored, old, row_prompts, tokenizer, cfg.kernels)  # (b,)
-                if models.rm_retokenize:  # decoding, its chat template and re-tokenizing included
+                row_records = [records[idx[j]] for j in mine for _ in range(k)]
+                score, score_parts = rollout_scores(models, ro, scored, old, row_records, tokenizer, cfg, check_fn)
+                if models.rm_retokenize:  # decoding, its chat template and re-tokenizing (and any check) included
                     phase.stats["perf/time/rm_retokenized_s"] = time.perf_counter() - t_rm
-                if check_fn is not None:  # the verifiable check, alone or weighted beside the reward model
-                    rm_score = score
-                    check = verifiable_scores(
-                        check_fn, [records[idx[j]] for j in mine for _ in range(k)], ro.texts(tokenizer), device
-                    )
-                    score = check if cfg.reward == "rubric" else cfg.rm_weight * rm_score + cfg.check_weight * check
 
             # ---- reference: log-probs of the sampled tokens under the frozen reference
             with phase("reference"):
@@ -919,50 +967,19 @@ def train_ppo(cfg: PPOConfig) -> dict:
                     else None
                 )
                 del logits, ref_out
-                for name, x in (
-                    ("reward-model score", score),
-                    ("old-policy log-probs", old.logp),
-                    ("reference log-probs", ref_logp),
-                ):
-                    check_finite(name, x, step)
+                check_finite("reward-model score", score, step)
+                check_finite("old-policy log-probs", old.logp, step)
+                check_finite("reference log-probs", ref_logp, step)
                 # the whole batch on every rank (a world of one: these same tensors), (B, R) / (B,)
-                local = {
-                    "score": score,
-                    "has_eos": ro.has_eos,
-                    "mask": mask,
-                    "kl_k1": kl_k1,
-                    "kl_k3": kl_k3,
-                    "values": old.values,
-                    "entropy": old.entropy,
-                    "length": ro.response_lengths,
-                }
-                if old.values is None:  # critic-free
-                    del local["values"]
-                if check_fn is not None:
-                    local.update(rm_score=rm_score, check=check)
+                local = dict(score=score, has_eos=ro.has_eos, mask=mask, kl_k1=kl_k1, kl_k3=kl_k3, entropy=old.entropy)
+                local["length"] = ro.response_lengths
+                if old.values is not None:  # gae: the critic's values
+                    local["values"] = old.values
+                local.update(score_parts)  # --reward rubric|both: the reward model's score and the check
                 if kl_full is not None:
                     local["kl_full"] = kl_full
                 g = gather_rows(local, world, len(idx), k)
-                kl_g = {"k1": g["kl_k1"], "k3": g["kl_k3"], "full": g.get("kl_full")}[cfg.kl_estimator]
-                penalized = rl.clip_scores(
-                    rl.apply_eos_penalty(g["score"], g["has_eos"], cfg.missing_eos_penalty), cfg.score_clip
-                )
-                beta_reward = kl_ctl.value if cfg.kl_in == "reward" else 0.0
-                rewards = rl.shaped_rewards(penalized, kl_g, g["mask"], beta_reward)  # (B, R)
-                if cfg.advantage == "gae":
-                    advantages, returns = (gae if cfg.kernels else rl.gae)(
-                        rewards, g["values"], g["mask"], gamma=cfg.gamma, lam=cfg.lam
-                    )
-                    if cfg.whiten_advantages:
-                        advantages = rl.masked_whiten(advantages, g["mask"])
-                else:  # each reply's total reward against its group's (rows of a prompt are adjacent), (B,)
-                    seq_reward = rewards.sum(-1)
-                    seq_adv = (
-                        rl.grpo_advantages(seq_reward, k, cfg.grpo_scale_std)
-                        if cfg.advantage == "grpo"
-                        else rl.rloo_advantages(seq_reward, k)
-                    )
-                    advantages, returns = rl.sequence_to_tokens(seq_adv, g["mask"]), None  # (B, R)
+                kl_g, penalized, beta_reward, rewards, advantages, returns = batch_advantages(cfg, g, kl_ctl.value)
                 check_finite("advantages", advantages, step)
                 held = held_rows(len(idx), k, world, device)  # global row -> this rank's row, or -1
                 R = mask.shape[1]
@@ -994,23 +1011,18 @@ def train_ppo(cfg: PPOConfig) -> dict:
                             w = m.sum() / mb_tokens * (0.0 if idle else 1.0)
                         else:  # ... of its rows
                             w = torch.tensor((0.0 if idle else len(micro)) / len(rows), device=device)
+                        old_m, adv_m, prefix, cprefix = old.logp[micro], adv_l[micro], old.prefix, old.cprefix
                         with autocast(device):
                             logp, ent, values, head = models.update(
-                                sub,
-                                _rows(old.prefix, micro),
-                                _rows(old.cprefix, micro),
-                                old.logp[micro],
-                                adv_l[micro],
-                                _rows(ref_l, micro),
+                                sub, _rows(prefix, micro), _rows(cprefix, micro), old_m, adv_m, _rows(ref_l, micro)
                             )
                         if one_pass:
+                            log_ratio = logp - old_m
                             pg_loss, pg = rl.reduce_policy_loss(
-                                head.pg_loss, head.clipped, logp - old.logp[micro], head.ratio, m, cfg.loss_agg
+                                head.pg_loss, head.clipped, log_ratio, head.ratio, m, cfg.loss_agg
                             )
                         else:
-                            pg_loss, pg = rl.policy_loss(
-                                logp, old.logp[micro], adv_l[micro], m, cfg.clip_range, cfg.loss_agg
-                            )
+                            pg_loss, pg = rl.policy_loss(logp, old_m, adv_m, m, cfg.clip_range, cfg.loss_agg)
                         terms = {**{f"policy/{key}": v for key, v in pg.items()}, "policy/loss": pg_loss}
                         checks, loss = [("policy loss", pg_loss)], pg_loss
                         if values is not None:  # the critic's clipped value loss (gae)
@@ -1036,7 +1048,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                         for key, v in terms.items():
                             acc[key] = acc.get(key, 0.0) + float(v.detach()) * float(w)
                         if not mb_stats and not idle:  # nothing updated yet: the policy is the one that sampled
-                            first_dev = max(first_dev, float(((logp.detach() - old.logp[micro]) * m).abs().max()))
+                            first_dev = max(first_dev, float(((logp.detach() - old_m) * m).abs().max()))
                     acc = sum_dict_across(acc, world)
                     if not mb_stats:
                         first_dev = max_across(first_dev, world)
@@ -1051,15 +1063,6 @@ def train_ppo(cfg: PPOConfig) -> dict:
         kl_seq = float(g["kl_k1"].sum(-1).mean())
         beta = kl_ctl.value
         kl_ctl.update(kl_seq, B)
-        n_seq, n_reply = int(ro.attention_mask.sum()), int(ro.response_mask.sum())
-        tokens = {
-            "generation": n_reply,
-            "policy_eval": n_seq,
-            "scoring": n_seq,
-            "reference": n_seq,
-            "rewards": n_reply,
-            "update": n_seq * cfg.ppo_epochs,
-        }
         record = {
             "step": step + 1,
             **batch_stats(g, kl_g, penalized, rewards, returns, beta, kl_seq, beta_reward),
@@ -1067,18 +1070,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
             "policy/logratio_dev_first": first_dev,
             **{key: sum(s[key] for s in mb_stats) / len(mb_stats) for key in mb_stats[0]},  # minibatch means
             **phase.stats,
-            **phase.throughput(tokens),
+            **phase.throughput(phase_tokens(ro, cfg.ppo_epochs)),
             "perf/elapsed_s": time.perf_counter() - t_start,
         }
         if step == 0:  # the policy still equals the starting model: this is the reference's own error
-            for est, key in (("k1", "objective/kl"), ("k3", "objective/kl_k3"), ("full", "objective/kl_full")):
-                record[f"objective/kl_floor_{est}"] = record[key]
-            log.info(
-                "step-0 KL floor of the %s reference: %.2e per token (exact), %.2e (k3)",
-                "adapter-disabled" if cfg.ref_from_adapter else cfg.ref_quant,
-                record["objective/kl_full"],
-                record["objective/kl_k3"],
-            )
+            log_kl_floor(record, cfg)
         if world.main:
             append_record(log_path, record)
         if writer is not None:
@@ -1086,12 +1082,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 writer.add_scalar(key, v, step + 1)
         step += 1
         bar.update(1)
-        bar.set_postfix(
-            score=f"{record['objective/score']:.2f}",
-            kl=f"{record['objective/kl']:.3f}",
-            eos=f"{record['policy/eos_rate']:.2f}",
-            len=f"{record['policy/response_length']:.1f}",
-        )
+        bar.set_postfix({key.split("/")[1]: f"{record[key]:.3g}" for key in POSTFIX})
         summary = record
 
         # ---- checkpoint
