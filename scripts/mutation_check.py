@@ -316,6 +316,25 @@ MUTANTS = [
         (),
     ),
     Mutant(
+        "importance weights: sampler over trainer, inverted",
+        "trainer/rl.py",
+        [
+            (
+                "log_w = (old_logprobs.float() - behaviour_logprobs.float())",
+                "log_w = (behaviour_logprobs.float() - old_logprobs.float())",
+            )
+        ],
+        ["tests/test_rl.py"],
+        (),
+    ),
+    Mutant(
+        "importance weights never reach the policy gradient",
+        "trainer/ppo.py",
+        [('adv_l = adv_l * local["is_weight"]', "adv_l = adv_l * 1.0")],
+        ["tests/test_ppo.py", "-k", "behaviour"],
+        (),
+    ),
+    Mutant(
         "masked_mean: mask polarity flipped",
         "trainer/rl.py",
         [("    m = mask.bool()\n    total = x.where(m, 0)", "    m = ~mask.bool()\n    total = x.where(m, 0)")],

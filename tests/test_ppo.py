@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from fastrlhf.trainer import ppo as ppo_module
 from fastrlhf.trainer.config import PPOConfig
@@ -62,6 +63,8 @@ def test_step0_sanity_policy_equals_reference(models, tmp_path, freeze_layers):
     assert rec["policy/logratio_dev_first"] < 1e-5
     assert abs(rec["objective/kl"]) < 1e-6 and abs(rec["objective/kl_k3"]) < 1e-9
     assert rec["objective/kl_floor_full"] < 1e-6
+    # the sampler's log-probs are the trainer's on the same tokens (fp32): a shifted column is off by nats
+    assert rec["sampler/logprob_diff_max"] < 1e-4 and rec["sampler/ratio_outside"] == 0.0
     assert rec["step"] == 1 and 0 < rec["policy/response_length"] <= 5
     assert (tmp_path / "policy" / "config.json").exists()
 
@@ -283,6 +286,45 @@ def test_critic_learns_predictable_returns(models, tmp_path, monkeypatch):
     train_ppo(cfg)
     ev = [r["value/explained_variance"] for r in _records(tmp_path / "run")]
     assert ev[0] < 0.3 and ev[-1] > 0.8, ev
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_behaviour_mismatch_logged_and_importance_weighted(models, tmp_path, monkeypatch, cap):
+    """A constructed sampler/trainer mismatch: the sampler's log-probs are shifted up by 30 nats on every reply
+    token, so the trainer's ratio to the sampler is e^-30. The log reports the shift; with `--behaviour-is-cap`
+    every policy-gradient term is weighted by e^-30, so the policy does not move (no KL or entropy term here),
+    while without the cap the same rollout moves it by ~lr."""
+    real_sample = ppo_module.sample
+    masks = []
+
+    def shifted(*args, **kwargs):
+        ro = real_sample(*args, **kwargs)
+        masks.append(ro.response_mask)
+        return replace(ro, behaviour_logprobs=(ro.behaviour_logprobs + 30.0) * ro.response_mask)
+
+    monkeypatch.setattr(ppo_module, "sample", shifted)
+    out = tmp_path / "run"
+    train_ppo(_cfg(models, out, lr=1e-3, kl_coef=0.0, minibatch_size=4, behaviour_is_cap=cap))
+    (rec,) = _records(out)
+    assert abs(rec["sampler/logprob_diff_mean"] - 30.0) < 1e-3 and abs(rec["sampler/logprob_diff_max"] - 30.0) < 1e-3
+    assert rec["sampler/ratio_outside"] == 1.0
+    start = AutoModelForCausalLM.from_pretrained(models[0]).state_dict()
+    end = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+    moved = max(float((end[name] - p).abs().max()) for name, p in start.items())
+    if cap is None:
+        assert "sampler/is_weight_mean" not in rec and moved > 5e-4
+    else:  # AdamW's weight decay alone: lr * 0.01 * |p| < 1e-4 here
+        assert rec["sampler/is_weight_mean"] < 1e-12 and rec["sampler/is_capped"] == 0.0
+        assert moved < 1e-4, moved
+
+
+def test_behaviour_is_cap_needs_the_samplers_logprobs(models, tmp_path, monkeypatch):
+    real_sample = ppo_module.sample
+    monkeypatch.setattr(ppo_module, "sample", lambda *a, **k: replace(real_sample(*a, **k), behaviour_logprobs=None))
+    with pytest.raises(UserError, match="behaviour-is-cap needs the sampler's log-probs"):
+        train_ppo(_cfg(models, tmp_path, behaviour_is_cap=2.0))
+    with pytest.raises(UserError, match="must be > 0"):
+        train_ppo(_cfg(models, tmp_path, behaviour_is_cap=0.0))
 
 
 def test_critic_free_needs_a_group(models, tmp_path):

@@ -17,6 +17,7 @@ from fastrlhf.trainer.rl import (
     FixedKLController,
     aggregate,
     apply_eos_penalty,
+    behaviour_mismatch,
     clip_scores,
     entropy_bonus,
     explained_variance,
@@ -30,6 +31,7 @@ from fastrlhf.trainer.rl import (
     rloo_advantages,
     sequence_to_tokens,
     shaped_rewards,
+    truncated_is_weights,
     value_loss,
 )
 
@@ -449,3 +451,29 @@ def test_policy_loss_sequence_aggregation_and_finite_gradient():
     loss_seq.backward()
     # d/dlogp of -A r / |o_i| / n_rows: row 0 -> -1/4, -3/4; row 1 -> -5/2; padding 0
     assert_close(logp.grad, t([[-0.25, -0.75, 0.0], [-2.5, 0.0, 0.0]]))
+
+
+# ------------------------------------------------------------------------------- sampler vs trainer
+OLD_LP = t([[0.0, -1.0, -2.0], [-0.5, -3.0, 7.0]])
+BEH_LP = t([[0.0, -2.0, -1.0], [-0.4, NAN, INF]])  # row 1: one real token, garbage padding
+LP_MASK = t([[1, 1, 0], [1, 0, 0]], torch.bool)
+
+
+def test_truncated_is_weights_hand_worked():
+    """w = min(exp(old - behaviour), cap) at real tokens, 1 at padding (whatever it holds), no gradient."""
+    w = truncated_is_weights(OLD_LP.requires_grad_(), BEH_LP, LP_MASK, cap=2.0)
+    assert_close(w, t([[1.0, 2.0, 1.0], [math.exp(-0.1), 1.0, 1.0]], torch.float32))  # e^1 capped at 2
+    assert not w.requires_grad
+    assert_close(truncated_is_weights(OLD_LP, BEH_LP, LP_MASK, cap=3.0)[0, 1], torch.tensor(math.e))
+    with pytest.raises(ValueError, match="> 0"):
+        truncated_is_weights(OLD_LP, BEH_LP, LP_MASK, cap=0.0)
+
+
+def test_behaviour_mismatch_hand_worked():
+    """|old - behaviour| over the 3 real tokens: 0, 1, 0.1; the ratios 1, e, e^-0.1 = 0.905 -> one outside."""
+    stats = behaviour_mismatch(OLD_LP, BEH_LP, LP_MASK)
+    assert_close(stats["logprob_diff_mean"], torch.tensor(1.1 / 3))
+    assert_close(stats["logprob_diff_max"], torch.tensor(1.0))
+    assert_close(stats["ratio_outside"], torch.tensor(1 / 3))
+    empty = behaviour_mismatch(OLD_LP, BEH_LP, torch.zeros_like(LP_MASK))
+    assert all(float(v) == 0.0 for v in empty.values())

@@ -265,6 +265,11 @@ class PPOConfig:
     """How the policy loss (and a KL in the loss) averages a minibatch: "token", the mean over all its real
     tokens (a long reply weighs more; PPO, DAPO) or "sequence", the mean of each reply's token mean (every
     reply weighs the same; GRPO's paper). The value loss stays per token."""
+    behaviour_is_cap: float | None = None
+    """Truncated importance sampling against the sampler (None: off): each token's policy-gradient term is
+    weighted by min(exp(old - behaviour), C), `old` the training forward's log-prob of the sampled token and
+    `behaviour` the sampler's. Use it where the two differ (bf16 sampling, a CUDA-graph decode step, replies
+    from another engine); the gap itself is logged every step (`sampler/` keys), with or without it."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip for policy and critic."""
     grad_checkpointing: bool = False

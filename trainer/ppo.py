@@ -754,11 +754,12 @@ def reference_pass(models: Models, ro: Rollout, old: OldPolicy, cfg: PPOConfig, 
 
 
 def batch_stats(
-    g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq: float, beta_reward: float
+    g: dict, kl_g, penalized, rewards, returns, beta: float, kl_seq: float, beta_reward: float, is_cap=None
 ) -> dict[str, float]:
     """A step's `objective/`, `policy/` (its replies) and `value/` statistics over the whole batch: `g` the
     gathered rows (`gather_rows`), `kl_g` the KL estimate, `beta` its coefficient, `beta_reward` the one in the
-    reward (beta, or 0 with the KL in the loss); `returns` None (critic-free): no `value/` keys."""
+    reward (beta, or 0 with the KL in the loss); `returns` None (critic-free): no `value/` keys. `sampler/`:
+    the sampler's log-probs against the training forward's, and the weights of `--behaviour-is-cap` (`is_cap`)."""
     stats = {
         "objective/score": float(g["score"].mean()),
         "objective/score_penalized": float(penalized.mean()),
@@ -776,6 +777,12 @@ def batch_stats(
         stats["value/explained_variance"] = float(rl.explained_variance(g["values"], returns, g["mask"]))
     if "kl_full" in g:
         stats["objective/kl_full"] = float(rl.masked_mean(g["kl_full"], g["mask"]))
+    if "behaviour_logp" in g:  # the sampler's log-probs against the training forward's (old) ones
+        mismatch = rl.behaviour_mismatch(g["old_logp"], g["behaviour_logp"], g["mask"])
+        stats.update({f"sampler/{key}": float(v) for key, v in mismatch.items()})
+    if "is_weight" in g:  # --behaviour-is-cap: the weights' mean and the share of tokens at the cap
+        stats["sampler/is_weight_mean"] = float(rl.masked_mean(g["is_weight"], g["mask"]))
+        stats["sampler/is_capped"] = float(rl.masked_mean((g["is_weight"] >= is_cap).float(), g["mask"]))
     if "check" in g:  # --reward rubric|both: each part of the score
         stats["objective/rm_score"] = float(g["rm_score"].mean())
         stats["objective/check"] = float(g["check"].mean())
@@ -886,6 +893,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
             f"--advantage {cfg.advantage} compares each reply with its prompt's other replies: "
             f"it needs --samples-per-prompt >= 2 (got {cfg.samples_per_prompt})"
         )
+    if cfg.behaviour_is_cap is not None and cfg.behaviour_is_cap <= 0:
+        raise UserError(f"--behaviour-is-cap must be > 0 (a weight's upper bound), got {cfg.behaviour_is_cap}")
     one_pass = cfg.kernels and not cfg.fused_linear  # the update's head is one `ppo_head` pass over the logits
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -978,12 +987,22 @@ def train_ppo(cfg: PPOConfig) -> dict:
                 local.update(score_parts)  # --reward rubric|both: the reward model's score and the check
                 if kl_full is not None:
                     local["kl_full"] = kl_full
+                if ro.behaviour_logprobs is not None:  # the sampler's log-probs, to compare with the trainer's
+                    local.update(behaviour_logp=ro.behaviour_logprobs, old_logp=old.logp)
+                if cfg.behaviour_is_cap is not None:  # (b, R) truncated importance weights, sampler -> trainer
+                    if ro.behaviour_logprobs is None:
+                        raise UserError("--behaviour-is-cap needs the sampler's log-probs, and these replies have none")
+                    local["is_weight"] = rl.truncated_is_weights(
+                        old.logp, ro.behaviour_logprobs, mask, cfg.behaviour_is_cap
+                    )
                 g = gather_rows(local, world, len(idx), k)
                 kl_g, penalized, beta_reward, rewards, advantages, returns = batch_advantages(cfg, g, kl_ctl.value)
                 check_finite("advantages", advantages, step)
                 held = held_rows(len(idx), k, world, device)  # global row -> this rank's row, or -1
                 R = mask.shape[1]
                 adv_l = advantages[held >= 0, :R]  # this rank's rows
+                if "is_weight" in local:  # w > 0, so max(-wA r, -wA clip(r)) = w max(-A r, -A clip(r))
+                    adv_l = adv_l * local["is_weight"]
                 ret_l = returns[held >= 0, :R] if returns is not None else None
                 ref_l = ref_logp if cfg.kl_in == "loss" else None  # (b, R): the KL term of the loss
 
@@ -1065,7 +1084,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         kl_ctl.update(kl_seq, B)
         record = {
             "step": step + 1,
-            **batch_stats(g, kl_g, penalized, rewards, returns, beta, kl_seq, beta_reward),
+            **batch_stats(g, kl_g, penalized, rewards, returns, beta, kl_seq, beta_reward, cfg.behaviour_is_cap),
             "policy/lr": lr_used,
             "policy/logratio_dev_first": first_dev,
             **{key: sum(s[key] for s in mb_stats) / len(mb_stats) for key in mb_stats[0]},  # minibatch means

@@ -227,6 +227,36 @@ def entropy_bonus(entropy: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(entropy, mask)
 
 
+# ---------------------------------------------------------------------------- sampler vs trainer
+@torch.no_grad()
+def truncated_is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """old_logprobs (B, T) the training forward's log-probs of the sampled tokens, behaviour_logprobs (B, T)
+    the sampler's, mask (B, T) -> (B, T) float32 min(exp(old - behaviour), cap) at real tokens, 1 at padding.
+    Truncated importance sampling: the replies were drawn from the sampler's distribution while the surrogate
+    assumes the trainer's, so each token's policy-gradient term is weighted by the ratio of the two, capped
+    at `cap` to bound the variance (Yao et al. 2025). The weights carry no gradient."""
+    if cap <= 0:
+        raise ValueError(f"the importance-sampling cap must be > 0, got {cap}")
+    log_w = (old_logprobs.float() - behaviour_logprobs.float()).where(mask.bool(), 0)
+    return log_w.exp().clamp(max=cap)
+
+
+@torch.no_grad()
+def behaviour_mismatch(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor) -> dict:
+    """old_logprobs (B, T), behaviour_logprobs (B, T), mask (B, T) -> how far the sampler's log-probs of the
+    sampled tokens are from the training forward's, over the real tokens: {"logprob_diff_mean": mean |old -
+    behaviour|, "logprob_diff_max": max |old - behaviour|, "ratio_outside": share of tokens whose ratio
+    exp(old - behaviour) lies outside [0.9, 1.1]} (all 0 when no token is real)."""
+    m = mask.bool()
+    d = (old_logprobs.float() - behaviour_logprobs.float()).where(m, 0)
+    outside = (d.exp() - 1).abs() > 0.1
+    return {
+        "logprob_diff_mean": masked_mean(d.abs(), m),
+        "logprob_diff_max": d.abs().max() if d.numel() else d.new_zeros(()),
+        "ratio_outside": masked_mean(outside.float(), m),
+    }
+
+
 # ------------------------------------------------------------------------------------ diagnostics
 @torch.no_grad()
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
