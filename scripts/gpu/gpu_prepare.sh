@@ -9,7 +9,7 @@
 #                      (the project's environment, scripts/setup_env.sh, then `default_model_path()`: ~3 min
 #                      in a fresh checkout)
 # Then, on the GPU host with both folders beside the tree: FASTRLHF_GIT_COMMIT=<sha> bash scripts/gpu/gpu_session.sh OUT
-# (580 s limit). The host takes at most 64 MiB for both folders and the working tree together.
+# (590 s limit). The host takes at most 64 MiB for both folders and the working tree together.
 set -eu
 cd "$(dirname "$0")/../.."
 XDG=${XDG_CACHE_HOME:-}

@@ -4,13 +4,14 @@
 #
 #   FASTRLHF_GIT_COMMIT=<sha> bash scripts/gpu/gpu_session.sh OUT
 #       needs .whl/ and .gpu/cfg135m/ from scripts/gpu/gpu_prepare.sh; OUT: the folder whose files come back
-#   1 gpu_check.sh in a 290 s slot (kernel tests compiled on CUDA, the sweep, beyond-the-logits) -> /tmp/gc
-#   2 tune_rows.py --budget-s 80: token_logprobs' and full_kl's forward tiles (10 each)    -> /tmp/gc/tune_rows.json
+#   1 gpu_check.sh in a 350 s slot (kernel tests compiled on CUDA, the sweep, beyond-the-logits, sampling at
+#     the demo shape, then 1B shapes while its 75 s last)                                       -> /tmp/gc
+#   2 tune_rows.py --budget-s 65: token_logprobs' and full_kl's forward tiles (10 each)    -> /tmp/gc/tune_rows.json
 #     gpu_math_probe.py: the GPU's exp2, division and fp32/bf16 tl.dot vs fp64 (~10 s) -> /tmp/gc/gpu_math_probe.json
 #     tune_linear.py --backward --budget-s 30: the fused-linear grad_z kernel's tiles  -> /tmp/gc/tune_linear_bwd.json
 #   3 gpu_pipeline.sh on a random model of .gpu/cfg135m (pipeline 180 s, bench_ppo_step 45 s) -> /tmp/pl
-#   OUT gets gpu_check.tgz and gpu_pipeline.tgz (at most 8 files come back). About 490 s in all:
-#   give it a 580 s limit, which leaves the rest of the 15 minutes for the start and one short rerun.
+#   OUT gets gpu_check.tgz and gpu_pipeline.tgz (at most 8 files come back). About 530 s in all:
+#   give it a 590 s limit, which leaves the rest of the 15 minutes for the machine's start.
 # Every stage's time limit is the variable of gpu_check.sh / gpu_pipeline.sh of the same name (defaults: the
 # numbers above); PYTHON and FASTRLHF_GPU_CHECK_DRY pass through. FASTRLHF_GPU_CHECK_DRY=1 is a CPU wiring
 # check (~2.5 min on 2 cores): gpu_check.sh's dry run, the two GPU-only tuners refusing, the probe on the
@@ -25,16 +26,17 @@ S=$(date +%s)
 stamp() { echo "== gpu_session: $1 at $(( $(date +%s) - S )) s"; }
 
 stamp "gpu_check"
-FASTRLHF_TOTAL_S=${FASTRLHF_TOTAL_S:-290} FASTRLHF_TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-70} \
-  FASTRLHF_SWEEP_MIN_S=${FASTRLHF_SWEEP_MIN_S:-100} FASTRLHF_SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-125} \
+FASTRLHF_TOTAL_S=${FASTRLHF_TOTAL_S:-350} FASTRLHF_TESTS_TIMEOUT=${FASTRLHF_TESTS_TIMEOUT:-70} \
+  FASTRLHF_SWEEP_MIN_S=${FASTRLHF_SWEEP_MIN_S:-90} FASTRLHF_SWEEP_TIMEOUT=${FASTRLHF_SWEEP_TIMEOUT:-110} \
   FASTRLHF_LINEAR_TIMEOUT=${FASTRLHF_LINEAR_TIMEOUT:-35} FASTRLHF_GAE_TIMEOUT=${FASTRLHF_GAE_TIMEOUT:-12} \
-  FASTRLHF_HEAD_MEMORY_TIMEOUT=${FASTRLHF_HEAD_MEMORY_TIMEOUT:-35} bash scripts/gpu/gpu_check.sh /tmp/gc
+  FASTRLHF_HEAD_MEMORY_TIMEOUT=${FASTRLHF_HEAD_MEMORY_TIMEOUT:-35} \
+  FASTRLHF_GENERATE_TIMEOUT=${FASTRLHF_GENERATE_TIMEOUT:-75} bash scripts/gpu/gpu_check.sh /tmp/gc
 # what gpu_check installed or shimmed (wheels in /tmp/site, fastrlhf itself editable or through the shim)
 export PYTHONPATH=/tmp/site:/tmp/fastrlhf_shim${PYTHONPATH:+:$PYTHONPATH}
 
 stamp "tune_rows"
-timeout "${FASTRLHF_TUNE_ROWS_TIMEOUT:-120}" "$PY" benchmarks/tools/tune_rows.py --out /tmp/gc/tune_rows.json \
-  --budget-s "${FASTRLHF_TUNE_ROWS_BUDGET:-80}" 2>&1 | tee /tmp/gc/tune_rows.log
+timeout "${FASTRLHF_TUNE_ROWS_TIMEOUT:-100}" "$PY" benchmarks/tools/tune_rows.py --out /tmp/gc/tune_rows.json \
+  --budget-s "${FASTRLHF_TUNE_ROWS_BUDGET:-65}" 2>&1 | tee /tmp/gc/tune_rows.log
 stamp "gpu_math_probe"  # ex2.approx / div.full / tl.dot against fp64, to calibrate tests/gpu_math.py (~10 s)
 timeout "${FASTRLHF_PROBE_TIMEOUT:-60}" "$PY" benchmarks/tools/gpu_math_probe.py --out /tmp/gc/gpu_math_probe.json \
   2>&1 | tee /tmp/gc/gpu_math_probe.log
