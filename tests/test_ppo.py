@@ -230,7 +230,8 @@ def test_critic_free_kernels_match_eager_twins(models, tmp_path, fused_linear):
 
 def test_verifiable_reward_fn_drives_the_group_advantages(models, tmp_path, monkeypatch):
     """--reward rubric with a reward function that gives every reply 2: the score is 2, every group is
-    all-equal, so RLOO's advantages and the surrogate are exactly 0; the reward model's score is logged beside."""
+    all-equal, so RLOO's advantages and the surrogate are exactly 0. No reward model is read (its path does
+    not exist here)."""
     (tmp_path / "const_reward.py").write_text("def two(prompts, replies, meta):\n    return [2.0] * len(replies)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     train_ppo(
@@ -243,11 +244,12 @@ def test_verifiable_reward_fn_drives_the_group_advantages(models, tmp_path, monk
             reward="rubric",
             reward_fn="const_reward:two",
             missing_eos_penalty=None,
+            reward_model=str(tmp_path / "no-reward-model"),
         )
     )
     (rec,) = _records(tmp_path / "run")
     assert rec["objective/score"] == rec["objective/check"] == 2.0
-    assert rec["objective/rm_score"] != 2.0
+    assert "objective/rm_score" not in rec
     assert rec["policy/loss"] == 0.0
 
 

@@ -248,8 +248,9 @@ class PPOConfig:
     reward: Literal["rm", "rubric", "both"] = "rm"
     """The score: the reward model's ("rm"), a verifiable check's ("rubric": the demo rubric's correctness, 1.0
     for a correct answer, else 0.0; or `--reward-fn`), or rm_weight * rm + check_weight * check ("both").
-    The reward model is loaded in every case (with "rubric" only its score's mean is logged,
-    `objective/rm_score`); the missing-EOS penalty and the clip apply to the score used."""
+    With "rubric" no reward model is loaded (`reward_model` is then read only by `--critic separate`, which
+    copies it); with "both" each part's mean is logged (`objective/rm_score`, `objective/check`). The
+    missing-EOS penalty and the clip apply to the score used."""
     reward_fn: str | None = None
     """The verifiable check as `module:function`, called with (prompts: lists of chat messages, replies: str,
     the prompt rows' metadata: dicts) and returning one float per reply (trainer/verifiable.py)."""

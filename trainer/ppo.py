@@ -441,8 +441,9 @@ class Models:
     """The policy's frozen bottom layers."""
     reference: torch.nn.Module | None
     """The frozen reference (int8 / nf4 / unquantized); None with `ref_from_adapter`."""
-    reward_model: torch.nn.Module
-    rm_tokenizer: object
+    reward_model: torch.nn.Module | None
+    """The frozen reward model; None with `--reward rubric` (the check alone scores)."""
+    rm_tokenizer: object | None
     rm_retokenize: bool
     """The reward model tokenizes differently from the policy: it scores the replies' re-tokenized text."""
     critic: torch.nn.Module | None
@@ -469,17 +470,23 @@ class Models:
         return self.critic if self.critic is not None else self.value_head
 
 
-def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, device: torch.device) -> Models:
-    """Load the policy (bottom frozen, LoRA), the reference, the reward model and the critic, and decide what
-    shares the policy's frozen bottom."""
+def needs_reward_model(cfg: PPOConfig) -> bool:
+    """A reward model is read unless the check alone scores (`--reward rubric`) and no critic copies it."""
+    return cfg.reward != "rubric" or (cfg.advantage == "gae" and cfg.critic == "separate")
+
+
+def load_models(cfg: PPOConfig, policy_path: str, rm_path: str | None, tokenizer, device: torch.device) -> Models:
+    """Load the policy (bottom frozen, LoRA), the reference, the reward model (unless `--reward rubric`) and
+    the critic, and decide what shares the policy's frozen bottom. `rm_path` None: no reward model is needed
+    (`needs_reward_model`)."""
     policy, peft_model, n_frozen = _load_policy(policy_path, cfg, device, DTYPE, tokenizer)
     if cfg.fused_linear:  # the kernels compute softmax(scale * head(h) / T): refuse what they cannot reproduce
         check_logit_transform(policy)
     reference = None
     if not cfg.ref_from_adapter:
         reference = load_reference_model(policy_path, quant=cfg.ref_quant, device=device, tokenizer=tokenizer)
-    rm_tokenizer = load_tokenizer(rm_path, padding_side="right")
-    rm_retokenize = not same_tokenization(tokenizer, rm_tokenizer)  # it reads the replies' text, its own way
+    rm_tokenizer = load_tokenizer(rm_path, padding_side="right") if rm_path is not None else None
+    rm_retokenize = rm_path is not None and not same_tokenization(tokenizer, rm_tokenizer)  # reads the text its way
     if rm_retokenize:
         log.info("reward model %s tokenizes differently from the policy: it scores re-tokenized text", rm_path)
         if cfg.critic == "separate" and cfg.advantage == "gae":
@@ -487,8 +494,10 @@ def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, devic
                 "--critic separate copies the reward model, whose tokenizer differs from the policy's "
                 "(it could not value the policy's tokens); use --critic value-head"
             )
-    reward_model = load_reward_model(rm_path, device=device, tokenizer=tokenizer if not rm_retokenize else rm_tokenizer)
-    reward_model.requires_grad_(False)
+    reward_model = None
+    if cfg.reward != "rubric":  # the check alone needs no reward model
+        rm_tok = tokenizer if not rm_retokenize else rm_tokenizer
+        reward_model = load_reward_model(rm_path, device=device, tokenizer=rm_tok).requires_grad_(False)
     critic, value_head, n_frozen_critic = None, None, 0
     if cfg.advantage != "gae":  # critic-free: each reply's group of samples is its baseline
         pass
@@ -508,7 +517,9 @@ def load_models(cfg: PPOConfig, policy_path: str, rm_path: str, tokenizer, devic
     ref_shares = cache and reference is not None and cfg.ref_shares_bottom
     if ref_shares:  # its bottom would recompute the policy's frozen bottom (the starting model's), quantized
         keep_top_layers(reference, n_frozen)
-    rm_shares = cache and not rm_retokenize and shares_bottom(policy, reward_model, n_frozen)
+    rm_shares = (
+        cache and reward_model is not None and not rm_retokenize and shares_bottom(policy, reward_model, n_frozen)
+    )
     critic_shares = (
         cache and critic is not None and n_frozen_critic == n_frozen and shares_bottom(policy, critic, n_frozen)
     )
@@ -554,8 +565,9 @@ def distribute(models: Models, cfg: PPOConfig, world: World) -> None:
             wrap(models.value_module, world, "fsdp2", critic_layers, param_dtype)
         # the frozen models too, so a rank holds 1/N of them: the reference's passes call the model itself, the
         # reward model's its trunk (its scalar head stays whole). bitsandbytes' int8 / nf4 weights do not shard.
-        trunk = reward_trunk(reward_model)
-        frozen["reward model trunk"] = shard_frozen(trunk, world, decoder_layers(reward_model), param_dtype)
+        if reward_model is not None:
+            trunk = reward_trunk(reward_model)
+            frozen["reward model trunk"] = shard_frozen(trunk, world, decoder_layers(reward_model), param_dtype)
         if reference is not None and cfg.ref_quant == "none":
             frozen["reference"] = shard_frozen(reference, world, decoder_layers(reference), param_dtype)
     else:
@@ -715,7 +727,10 @@ def rollout_scores(
     The reward model's normalised score is read at each reply's EOS (`scored`), over the policy's cached
     bottom when it shares it; one that tokenizes differently reads the decoded reply after its row's prompt
     (`rows`: the PromptRecord of each reply), rendered with its own chat template. With a verifiable check
-    (`check_fn`, --reward rubric|both) the score is the check, or the weighted sum of both."""
+    (`check_fn`, --reward rubric|both) the score is the check (no reward model loaded), or the weighted sum."""
+    if models.reward_model is None:  # --reward rubric
+        check = verifiable_scores(check_fn, rows, ro.texts(tokenizer), ro.response_ids.device)
+        return check, {"check": check}
     if models.rm_retokenize:
         prompts = [r.prompt for r in rows]
         score = score_texts(
@@ -728,8 +743,7 @@ def rollout_scores(
     if check_fn is None:
         return score, {}
     check = verifiable_scores(check_fn, rows, ro.texts(tokenizer), score.device)
-    total = check if cfg.reward == "rubric" else cfg.rm_weight * score + cfg.check_weight * check
-    return total, {"rm_score": score, "check": check}
+    return cfg.rm_weight * score + cfg.check_weight * check, {"rm_score": score, "check": check}
 
 
 def reference_pass(models: Models, ro: Rollout, old: OldPolicy, cfg: PPOConfig, keep_logits: bool):
@@ -784,8 +798,9 @@ def batch_stats(
         stats["sampler/is_weight_mean"] = float(rl.masked_mean(g["is_weight"], g["mask"]))
         stats["sampler/is_capped"] = float(rl.masked_mean((g["is_weight"] >= is_cap).float(), g["mask"]))
     if "check" in g:  # --reward rubric|both: each part of the score
-        stats["objective/rm_score"] = float(g["rm_score"].mean())
         stats["objective/check"] = float(g["check"].mean())
+    if "rm_score" in g:
+        stats["objective/rm_score"] = float(g["rm_score"].mean())
     return stats
 
 
@@ -905,7 +920,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     records = load_demo_prompts() if cfg.prompts == "demo" else load_prompts(cfg.prompts)
     _check_policy_source(cfg.policy, cfg)
     policy_path = resolve_model_path(cfg.policy)
-    rm_path = resolve_reward_model_path(cfg.reward_model)  # every path checked before the slow loads
+    rm_path = resolve_reward_model_path(cfg.reward_model) if needs_reward_model(cfg) else None  # checked early
     check_fn = load_reward_fn(cfg.reward_fn) if cfg.reward != "rm" else None  # the verifiable reward
     tokenizer = load_tokenizer(policy_path)  # left padding for generation
     prompts = [encode_prompt(tokenizer, r.prompt) for r in records]
