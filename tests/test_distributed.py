@@ -273,22 +273,23 @@ def test_ppo_two_processes_match_one(setup, tmp_path, parallel):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
 
 
-def test_grpo_two_processes_match_one(setup, tmp_path):
-    """Critic-free GRPO with the KL in the loss and per-sequence aggregation under DDP (no critic to wrap or
-    checkpoint): the micro-batches, weighted by their rows and some held by one rank only, add up to one
-    process's minibatch, so the curve and the weights are one process's."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_grpo_two_processes_match_one(setup, tmp_path, parallel):
+    """Critic-free GRPO with the KL in the loss and per-sequence aggregation under DDP or FSDP2 (no critic to
+    wrap, shard or checkpoint): the micro-batches, weighted by their rows and some held by one rank only, add
+    up to one process's minibatch, so the curve and the weights are one process's."""
     kw = dict(advantage="grpo", kl_in="loss", loss_agg="sequence")
     _ppo_one(setup, "grpo-one", **kw)
-    _ppo_torchrun(_ppo_args(setup, "grpo-ddp", **kw), tmp_path)
+    _ppo_torchrun(_ppo_args(setup, f"grpo-{parallel}", parallel=parallel, **kw), tmp_path)
     root = setup[0]
-    two, one = _ppo_log(root / "grpo-ddp"), _ppo_log(root / "grpo-one")
+    two, one = _ppo_log(root / f"grpo-{parallel}"), _ppo_log(root / "grpo-one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
     for ra, rb in zip(two, one):
         assert not [k for k in ra if k.startswith("value/")]
         for k in (*(k for k in PPO_COMPARED if not k.startswith("value/")), "policy/kl_loss"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5 if k == "policy/loss" else 1e-6), (ra["step"], k)
     a = AutoModelForCausalLM.from_pretrained(root / "grpo-one" / "policy").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(root / "grpo-ddp" / "policy").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(root / f"grpo-{parallel}" / "policy").state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 

@@ -199,3 +199,43 @@ def test_behaviour_logprobs_equal_the_teacher_forced_forward(tokenizer, gen, mon
     assert err <= truth.atol_logp, (
         f"behaviour log-probs off the teacher-forced forward by {err:.3g} > {truth.atol_logp:.3g}"
     )
+
+
+def test_seeded_draws_equal_generate_on_cpu(tokenizer, gen):
+    """On CPU, torch's `multinomial` draws one sample as argmax(p / E) over E ~ Exp(1) drawn for every
+    vocabulary entry: the very exponentials the sampler's Gumbel-max step draws, in the same order. So a seed
+    gives the sampler exactly the replies `generate(do_sample=True)` gives, prompts repeated for their samples
+    (the RNG's state after a call may differ: the sampler can run up to `check_every - 1` steps past the last
+    stop, `generate` checks every token). A sampler that consumed the RNG differently (another
+    draw, another order of rows) or repeated the cache rows wrongly differs within a few tokens. If a torch
+    release changes `multinomial`'s CPU path this fails while the distribution tests above still pass."""
+    from fastrlhf.trainer.rollout import left_pad
+
+    model = _model(tokenizer, "llama")
+    ids, mask = left_pad(_prompts(gen), tokenizer.pad_token_id)
+    torch.manual_seed(11)
+    want = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=T,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=12,
+        num_return_sequences=3,
+        eos_token_id=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )[:, ids.shape[1] :]
+    torch.manual_seed(11)
+    got = engine.generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=12,
+        temperature=T,
+        stop_ids=[tokenizer.eos_token_id],
+        pad_id=tokenizer.pad_token_id,
+        samples_per_prompt=3,
+        logprobs=False,
+    )
+    assert torch.equal(got.tokens, want)
