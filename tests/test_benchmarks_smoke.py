@@ -463,3 +463,38 @@ def test_tune_rows_launches_match_the_library(gen, cfg):
     torch.testing.assert_close(tune_rows.full_kl_fwd(logits, ref, cfg), full_kl(logits, ref))
     assert all(c[0] is None for c in tune_rows.CONFIGS.values())  # every op's first row: the library's launch
     assert tune_rows.main(["--rows", "4"]) == 2  # CPU: refuses
+
+
+def test_pipeline_seeds_summary(tmp_path):
+    """pipeline_seeds.py's summary of three seeds' metrics.json, hand-worked: win rates 0.6 / 0.7 / 0.8 ->
+    mean 0.7, std 0.1, min 0.6; the policy beats the reference's correct rate on 2 of 3; the table names each
+    seed and the plot is a PNG."""
+    import pipeline_seeds
+
+    for seed, (wr, pc, rc) in enumerate([(0.6, 0.30, 0.32), (0.7, 0.35, 0.31), (0.8, 0.40, 0.30)]):
+        run = tmp_path / f"seed-{seed}"
+        run.mkdir()
+        evaluation = {
+            "win_rate": wr,
+            "win_rate_ci95": [wr - 0.05, wr + 0.05],
+            "policy_correct_rate": pc,
+            "reference_correct_rate": rc,
+            "kl_per_token": 0.1 * (seed + 1),
+        }
+        metrics = {
+            "config": {"seed": 0, "rl_seed": seed, "algo": "ppo"},
+            "evaluation": evaluation,
+            "reward_model": {"test": {"accuracy": 0.9}},
+            "timings": {"ppo_s": 500.0 + seed, "total_s": 850.0},
+        }
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    assert pipeline_seeds.main(["--summarize", str(tmp_path), "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "seeds.json").read_text())
+    s = doc["summary"]
+    assert [r["rl_seed"] for r in doc["seeds"]] == [0, 1, 2]
+    assert s["win_rate"]["mean"] == pytest.approx(0.7) and s["win_rate"]["std"] == pytest.approx(0.1)
+    assert s["win_rate"]["min"] == 0.6 and s["kl_per_token"]["max"] == pytest.approx(0.3)
+    assert s["correct_above_reference"] == 2
+    md = (tmp_path / "seeds.md").read_text()
+    assert "| 1 | 0.700 (0.650-0.750) | 0.350 / 0.310 |" in md and "on 2 of 3 seeds" in md
+    assert (tmp_path / "seeds.png").read_bytes()[:8] == PNG_MAGIC

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import fastrlhf.kernels._common as kernels_common
 from fastrlhf.trainer import rubric
@@ -162,7 +163,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
 
     # a rerun reuses the sampled candidates and the finished annotations
     before = (out / "step1" / "candidates.jsonl").stat().st_mtime_ns
-    cli_main([*_tiny_run(out, model), "--algo", "grpo", "--group-size", "2", "--reward", "both"])
+    cli_main([*_tiny_run(out, model), "--algo", "grpo", "--group-size", "2", "--reward", "both", "--rl-seed", "7"])
     assert (out / "step1" / "candidates.jsonl").stat().st_mtime_ns == before
     # ... and step 3 ran critic-free: GRPO over 2 prompts x 2 replies, the rubric's check beside the reward model
     metrics = json.loads((out / "metrics.json").read_text())
@@ -172,3 +173,6 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     assert "objective/check" in step and "value/loss" not in step
     report = (out / "report.md").read_text()
     assert "## Step 3: GRPO" in report and "2 train prompts x 2 replies, no critic" in report
+    # --rl-seed seeds step 3 and the evaluation alone
+    assert "RL seed 7, reference" in report and metrics["evaluation"]["seed"] == 8
+    assert torch.load(out / "step3_ppo" / "checkpoint.pt", weights_only=False)["config"]["seed"] == 7

@@ -416,6 +416,9 @@ class PipelineConfig:
     """PPO log-probs straight from hidden states and the head weight, no logits (see `fastrlhf ppo --help`)."""
     seed: int = 0
     """Seed for splits, sampling, head initialisation and data order."""
+    rl_seed: int | None = None
+    """Seed of step 3 and the evaluation's sampling (None: `seed`). Varying it alone measures RL across seeds
+    on the same data and reward model (benchmarks/pipeline_seeds.py)."""
     device: str = "auto"
     """"auto" (CUDA if available), "cuda" or "cpu"."""
     parallel: Literal["ddp", "fsdp2"] = "ddp"

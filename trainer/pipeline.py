@@ -90,6 +90,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
 
     # step 3: PPO, then the honest evaluation on the held-out test prompts
     ppo, evaluation = None, None
+    rl_seed = cfg.seed if cfg.rl_seed is None else cfg.rl_seed  # step 3 and the evaluation's sampling
     if cfg.ppo:
         ppo_cfg = PPOConfig(
             reward_model=reward_model,
@@ -115,7 +116,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
             kl_coef=cfg.kl_coef,
             kernels=cfg.kernels,
             fused_linear=cfg.fused_linear,
-            seed=cfg.seed,
+            seed=rl_seed,
             device=cfg.device,
             parallel=cfg.parallel,
             fsdp_param_dtype=cfg.fsdp_param_dtype,
@@ -136,7 +137,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
                 temperature=cfg.temperature,
                 max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.gen_batch_size,
-                seed=cfg.seed + 1,
+                seed=rl_seed + 1,
                 device=str(device),
                 use_kernels=cfg.kernels,
                 out_dir=out / "eval",
@@ -371,6 +372,8 @@ def _ppo_report(m: dict) -> list[str]:
         n = max(1, c["ppo_batch_prompts"] // c["group_size"])
         setup, kl = f"{n} train prompts x {c['group_size']} replies, no critic", "k3 per token in the loss"
 
+    seeded = "" if c.get("rl_seed") is None else f"RL seed {c['rl_seed']}, "  # step 3 seeded apart from steps 1-2
+
     def cell(key: str, fmt: str) -> str:
         return "-" if key not in e or e[key] is None else format(e[key], fmt)
 
@@ -378,7 +381,7 @@ def _ppo_report(m: dict) -> list[str]:
         f"## Step 3: {algo}",
         "",
         f"{p['steps']} {algo} steps of {setup}, {c['ppo_epochs']} epochs, minibatch {c['ppo_minibatch_size']}, lr "
-        f"{c['ppo_lr']}, KL coefficient {c['kl_coef']} ({kl}), reward: {c.get('reward', 'rm')}, reference: "
+        f"{c['ppo_lr']}, KL coefficient {c['kl_coef']} ({kl}), reward: {c.get('reward', 'rm')}, {seeded}reference: "
         f"**{c['ref_quant']}** (bitsandbytes). Step-0 KL floor of the quantized "
         f"reference, with the policy still equal to the original model: {floor['full']:.2e} nats/token exact "
         f"({floor['k3']:.2e} k3); step-0 sanity max |log ratio| on the first minibatch "
