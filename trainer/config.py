@@ -389,7 +389,7 @@ class PipelineConfig:
     """Step 3's reward: the step-2 reward model, the rubric's verifiable check (1 for a correct answer), or
     their sum (see `fastrlhf ppo --reward`)."""
     ppo_steps: int = 20
-    """PPO iterations, on the train prompts (~43 s each on a 2-core CPU: the largest share of the run)."""
+    """PPO iterations, on the train prompts (~25 s each on a 2-core CPU: the largest share of the run)."""
     ppo_batch_prompts: int = 32
     """Prompts per PPO rollout."""
     ppo_minibatch_size: int = 16
