@@ -320,6 +320,14 @@ def test_behaviour_mismatch_logged_and_importance_weighted(models, tmp_path, mon
         assert moved < 1e-4, moved
 
 
+def test_cuda_graphs_reach_the_sampler(models, tmp_path, monkeypatch):
+    """--cuda-graphs asks the sampler for its compiled decode step (which it ignores off CUDA: the run works)."""
+    real_sample, seen = ppo_module.sample, []
+    monkeypatch.setattr(ppo_module, "sample", lambda *a, **k: seen.append(k["compile"]) or real_sample(*a, **k))
+    train_ppo(_cfg(models, tmp_path, cuda_graphs=True))
+    assert seen == [True]
+
+
 def test_behaviour_is_cap_needs_the_samplers_logprobs(models, tmp_path, monkeypatch):
     real_sample = ppo_module.sample
     monkeypatch.setattr(ppo_module, "sample", lambda *a, **k: replace(real_sample(*a, **k), behaviour_logprobs=None))

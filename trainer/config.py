@@ -293,6 +293,10 @@ class PPOConfig:
     rollout's generation runs in it too). auto: bf16 on CUDA, where autocast runs the matmuls in bf16 anyway
     (half the gathered bytes and memory), fp32 elsewhere. Unlike autocast (DDP, one process), bf16 parameters
     also keep the residual stream and the norms' weights in bf16; fp32 follows those runs' numerics."""
+    cuda_graphs: bool = False
+    """On CUDA, run the sampler's decode step as CUDA graphs (`torch.compile(mode="reduce-overhead")`, one
+    graph per batch shape and cache-length bucket; trainer/generate.py). Off by default: not yet measured
+    on a GPU. Ignored off CUDA."""
     fused_linear: bool = False
     """Log-probs of policy, old policy and reference straight from the last hidden state and the LM-head
     weight (`linear_logprobs` / `linear_full_kl`): no (B, R, V) logits tensor at all. Off by default: on an

@@ -145,8 +145,9 @@ def generate(
     # prefill: each prompt once, then its cache rows repeated for the k samples
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     cache_kwargs = _cache_kwargs(model, cache)
-    if "cache_position" in cache_kwargs:
-        cache_kwargs["cache_position"] = torch.arange(P, device=device)
+    if "cache_position" in cache_kwargs:  # the prompt's columns, then one column per step (no copy per token)
+        columns = torch.arange(L, device=device)
+        cache_kwargs["cache_position"] = columns[:P]
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **cache_kwargs)
     logits = out.logits[:, -1].repeat_interleave(k, 0)  # (B, V)
     del out
@@ -174,7 +175,7 @@ def generate(
             break
         mask[:, P + t] = 1
         if "cache_position" in cache_kwargs:
-            cache_kwargs["cache_position"] = torch.tensor([P + t], device=device)
+            cache_kwargs["cache_position"] = columns[P + t : P + t + 1]
         logits = step(model, token[:, None], position + t, mask, cache_kwargs)
         if use_graph:
             logits = logits.clone()  # the graph's output buffer is overwritten by the next replay

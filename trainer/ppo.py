@@ -941,7 +941,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
     writer = _tensorboard(out) if world.main else None
 
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
-    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=T, samples_per_prompt=k, device=device)
+    sampling = dict(
+        max_new_tokens=cfg.max_new_tokens, temperature=T, samples_per_prompt=k, device=device, compile=cfg.cuda_graphs
+    )
     bar = tqdm(total=stop, initial=step, desc="ppo", unit="step", disable=not world.main)
     t_start = time.perf_counter()
     summary: dict = {}
