@@ -154,6 +154,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
     p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="both modes sample with the decode step as CUDA graphs (PPOConfig.cuda_graphs; ignored off CUDA)",
+    )
+    p.add_argument(
         "--eager-first",
         action="store_true",
         help="run the eager mode first (default: kernels first), to see whether the order biases the times",
@@ -438,6 +443,7 @@ def _run(
         save_every=args.steps,
         seed=args.seed,
         device=str(device),
+        cuda_graphs=args.cuda_graphs,
     )
     order = MODES[::-1] if args.eager_first else MODES
     runs = {mode: run_mode(mode, common, work) for mode in order}

@@ -9,7 +9,7 @@
 #   2 tune_rows.py --budget-s 65: token_logprobs' and full_kl's forward tiles (10 each)    -> /tmp/gc/tune_rows.json
 #     gpu_math_probe.py: the GPU's exp2, division and fp32/bf16 tl.dot vs fp64 (~10 s) -> /tmp/gc/gpu_math_probe.json
 #     tune_linear.py --backward --budget-s 30: the fused-linear grad_z kernel's tiles  -> /tmp/gc/tune_linear_bwd.json
-#   3 gpu_pipeline.sh on a random model of .gpu/cfg135m (pipeline 180 s, bench_ppo_step 45 s) -> /tmp/pl
+#   3 gpu_pipeline.sh on a random model of .gpu/cfg135m (pipeline 180 s, bench_ppo_step --cuda-graphs 45 s) -> /tmp/pl
 #   OUT gets gpu_check.tgz and gpu_pipeline.tgz (at most 8 files come back). About 530 s in all:
 #   give it a 590 s limit, which leaves the rest of the 15 minutes for the machine's start.
 # Every stage's time limit is the variable of gpu_check.sh / gpu_pipeline.sh of the same name (defaults: the
@@ -50,6 +50,9 @@ if [ "${FASTRLHF_GPU_CHECK_DRY:-0}" = 1 ]; then  # on a CPU the defaults would r
   export FASTRLHF_PIPELINE_ARGS=${FASTRLHF_PIPELINE_ARGS:---limit 40 --samples-per-prompt 4 --ppo-steps 1 --ppo-batch-prompts 4 --ppo-minibatch-size 2 --rm-epochs 1 --eval-samples-per-prompt 1}
   export FASTRLHF_PPO_STEP_ARGS=${FASTRLHF_PPO_STEP_ARGS:---steps 1 --batch-prompts 4 --minibatch-size 2 --ppo-epochs 1 --max-new-tokens 8}
 fi
+# bench_ppo_step samples with CUDA graphs (the sampler's decode step): the step the kernels speed up is then
+# not mostly generation
+export FASTRLHF_PPO_STEP_ARGS=${FASTRLHF_PPO_STEP_ARGS:---cuda-graphs}
 FASTRLHF_PIPELINE_TIMEOUT=${FASTRLHF_PIPELINE_TIMEOUT:-180} FASTRLHF_PPO_STEP_TIMEOUT=${FASTRLHF_PPO_STEP_TIMEOUT:-45} \
   bash scripts/gpu/gpu_pipeline.sh .gpu/cfg135m /tmp/pl
 tar czf "$OUT/gpu_pipeline.tgz" -C /tmp pl
