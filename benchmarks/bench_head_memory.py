@@ -75,51 +75,7 @@ FILES = ("head_memory.json", "head_memory.md")
 PHASES = ("policy_eval", "reference", "update")
 MODES = {"fused-linear": (True, True), "logits": (False, True), "eager": (False, False)}  # (fused_linear, kernels)
 TOL = {"cpu": 1e-4, "cuda": 5e-2}  # max abs diff of log-probs / entropy vs eager
-ARCHS = {
-    "llama-3.2-1b": (
-        "LlamaConfig",
-        dict(
-            vocab_size=128256,
-            hidden_size=2048,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            intermediate_size=8192,
-            tie_word_embeddings=True,
-            rope_theta=500000.0,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-        ),
-    ),
-    "qwen2.5-1.5b": (
-        "Qwen2Config",
-        dict(
-            vocab_size=151936,
-            hidden_size=1536,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            intermediate_size=8960,
-            tie_word_embeddings=True,
-            rope_theta=1000000.0,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-        ),
-    ),
-    "tiny": (
-        "LlamaConfig",
-        dict(
-            vocab_size=1000,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            tie_word_embeddings=True,
-            max_position_embeddings=2048,
-        ),
-    ),
-}
+ARCHS = measure.ARCHS  # random-init model configurations
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,6 +42,70 @@ ROTATE_MAX_BYTES = 512 * 1024 * 1024
 N_ROTATE = 3
 CPU_REPEATS = 3
 
+# Random-init model configurations the end-to-end benchmarks build (bench_generate.py, bench_head_memory.py):
+# name -> (transformers config class, its arguments), the shapes of the published checkpoints.
+ARCHS = {
+    "smollm2-135m": (
+        "LlamaConfig",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            head_dim=64,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "llama-3.2-1b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "qwen2.5-1.5b": (
+        "Qwen2Config",
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=8960,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    "tiny": (
+        "LlamaConfig",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        ),
+    ),
+}
+
 
 def on_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
