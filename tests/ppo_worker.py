@@ -20,7 +20,16 @@ from fastrlhf.trainer.rollout import Rollout, left_pad, mask_after_stop, stop_to
 
 
 def fixed_replies(
-    model, tokenizer, prompts, *, max_new_tokens, temperature, samples_per_prompt=1, device="cpu", synced_gpus=False
+    model,
+    tokenizer,
+    prompts,
+    *,
+    max_new_tokens,
+    temperature,
+    samples_per_prompt=1,
+    device="cpu",
+    synced_gpus=False,
+    compile=False,
 ):
     """`rollout.sample`'s signature and output; reply s of prompt p is a function of (p, s) alone."""
     stop, k = stop_token_ids(model), samples_per_prompt
