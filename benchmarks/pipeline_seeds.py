@@ -11,10 +11,11 @@ samples step 1; later runs start from a copy of its candidates and rubric verdic
 them) and retrain the same reward model (deterministic on CPU, ~1.5 min). Runs go one at a time, each in
 `OUT/seed-S/`; a seed whose metrics.json exists is not rerun. Arguments after `--` go to every run.
 
-Writes OUT/seeds.json (per seed: win rate and its 95% interval, correct rates of policy and reference, KL,
-step 3's and the whole run's seconds, the reward model's test accuracy; and their mean, standard deviation,
-minimum and maximum over seeds), OUT/seeds.md (the table) and OUT/seeds.png (win rate with its interval and
-the correct rates, per seed).
+Writes OUT/seeds.json (per seed: win rate and its 95% interval, correct rates of policy and reference, KL
+and whether it is within the run's bound, step 3's and the whole run's seconds, the reward model's test
+accuracy and, with a critic, its explained variance at the middle and last step; and their mean, standard
+deviation, minimum and maximum over seeds), OUT/seeds.md (the table) and OUT/seeds.png (win rate with its
+interval and the correct rates, per seed).
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ def run_seed(seed: int, out: Path, first: Path | None, extra: list[str]) -> Path
     return run
 
 
-def seed_row(metrics: dict) -> dict:
-    """The numbers of one run's metrics.json that the summary keeps."""
+def seed_row(metrics: dict, ppo_log: Path | None = None) -> dict:
+    """The numbers of one run's metrics.json that the summary keeps; with step 3's per-step log (PPO), the
+    critic's explained variance at the middle step and the last, and the first step where it is above 0."""
     ev, cfg = metrics["evaluation"], metrics["config"]
-    return {
+    row = {
         "rl_seed": cfg.get("rl_seed") if cfg.get("rl_seed") is not None else cfg["seed"],
         "algo": cfg.get("algo", "ppo"),
         "win_rate": ev["win_rate"],
@@ -74,10 +76,18 @@ def seed_row(metrics: dict) -> dict:
         "policy_correct_rate": ev["policy_correct_rate"],
         "reference_correct_rate": ev["reference_correct_rate"],
         "kl_per_token": ev["kl_per_token"],
+        "kl_within_bound": ev["kl_per_token"] <= metrics.get("kl_bound", float("inf")),
         "rm_test_accuracy": metrics["reward_model"]["test"]["accuracy"],
         "rl_s": metrics["timings"]["ppo_s"],
         "total_s": metrics["timings"]["total_s"],
     }
+    if ppo_log is not None and ppo_log.exists():
+        steps = [json.loads(line) for line in ppo_log.read_text().splitlines() if line.strip()]
+        evs = [r["value/explained_variance"] for r in steps if "value/explained_variance" in r]
+        if evs:  # a critic (GRPO / RLOO have none)
+            row["ev_mid"], row["ev_last"] = evs[(len(evs) - 1) // 2], evs[-1]
+            row["ev_first_positive_step"] = next((i + 1 for i, v in enumerate(evs) if v > 0), None)
+    return row
 
 
 KEYS = ("win_rate", "policy_correct_rate", "reference_correct_rate", "kl_per_token", "rl_s", "total_s")
@@ -95,29 +105,35 @@ def summarize(rows: list[dict]) -> dict:
             "max": max(xs),
         }
     out["correct_above_reference"] = sum(r["policy_correct_rate"] > r["reference_correct_rate"] for r in rows)
+    out["kl_within_bound"] = sum(r["kl_within_bound"] for r in rows)
     return out
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
+    critic = all("ev_mid" in r for r in rows)
+    ev_head = " critic EV: mid / last (first > 0) |" if critic else ""
     lines = [
         f"{rows[0]['algo'].upper()} over {len(rows)} RL seeds (steps 1-2 at seed 0)",
         "",
-        "| RL seed | win rate (95% interval) | correct: policy / reference | KL nats/token | RL s | run s |",
-        "|---|---|---|---:|---:|---:|",
+        f"| RL seed | win rate (95% interval) | correct: policy / reference | KL nats/token |{ev_head} RL s | run s |",
+        "|---|---|---|---:|" + ("---|" if critic else "") + "---:|---:|",
     ]
     for r in rows:
         lo, hi = r["win_rate_ci95"]
+        ev = f" {r['ev_mid']:.2f} / {r['ev_last']:.2f} ({r['ev_first_positive_step'] or '-'}) |" if critic else ""
         lines.append(
             f"| {r['rl_seed']} | {r['win_rate']:.3f} ({lo:.3f}-{hi:.3f}) | {r['policy_correct_rate']:.3f} / "
-            f"{r['reference_correct_rate']:.3f} | {r['kl_per_token']:.3f} | {r['rl_s']:.0f} | {r['total_s']:.0f} |"
+            f"{r['reference_correct_rate']:.3f} | {r['kl_per_token']:.3f} |{ev} {r['rl_s']:.0f} | {r['total_s']:.0f} |"
         )
     s = summary
     lines += [
         f"| mean ± std | {s['win_rate']['mean']:.3f} ± {s['win_rate']['std']:.3f} (min {s['win_rate']['min']:.3f}) | "
         f"{s['policy_correct_rate']['mean']:.3f} / {s['reference_correct_rate']['mean']:.3f} | "
-        f"{s['kl_per_token']['mean']:.3f} | {s['rl_s']['mean']:.0f} | {s['total_s']['mean']:.0f} |",
+        f"{s['kl_per_token']['mean']:.3f} |" + (" |" if critic else "") + f" {s['rl_s']['mean']:.0f} | "
+        f"{s['total_s']['mean']:.0f} |",
         "",
-        f"Policy more often correct than the reference on {s['correct_above_reference']} of {len(rows)} seeds.",
+        f"Policy more often correct than the reference on {s['correct_above_reference']} of {len(rows)} seeds; "
+        f"KL per token within the run's bound on {s['kl_within_bound']} of {len(rows)}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -149,7 +165,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_summary(runs: list[Path], out: Path) -> str:
-    rows = [seed_row(json.loads((run / "metrics.json").read_text())) for run in runs]
+    rows = [
+        seed_row(json.loads((run / "metrics.json").read_text()), run / "step3_ppo" / "metrics.jsonl") for run in runs
+    ]
     summary = summarize(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps({"seeds": rows, "summary": summary}, indent=1) + "\n")

@@ -467,8 +467,9 @@ def test_tune_rows_launches_match_the_library(gen, cfg):
 
 def test_pipeline_seeds_summary(tmp_path):
     """pipeline_seeds.py's summary of three seeds' metrics.json, hand-worked: win rates 0.6 / 0.7 / 0.8 ->
-    mean 0.7, std 0.1, min 0.6; the policy beats the reference's correct rate on 2 of 3; the table names each
-    seed and the plot is a PNG."""
+    mean 0.7, std 0.1, min 0.6; the policy beats the reference's correct rate on 2 of 3; KL 0.1 / 0.2 / 0.3
+    against a bound of 0.25 holds on 2; the critic's explained variance read at the middle of five steps (the
+    third) and the last, with the first step above 0; the table names each seed and the plot is a PNG."""
     import pipeline_seeds
 
     for seed, (wr, pc, rc) in enumerate([(0.6, 0.30, 0.32), (0.7, 0.35, 0.31), (0.8, 0.40, 0.30)]):
@@ -486,15 +487,24 @@ def test_pipeline_seeds_summary(tmp_path):
             "evaluation": evaluation,
             "reward_model": {"test": {"accuracy": 0.9}},
             "timings": {"ppo_s": 500.0 + seed, "total_s": 850.0},
+            "kl_bound": 0.25,
         }
         (run / "metrics.json").write_text(json.dumps(metrics))
+        (run / "step3_ppo").mkdir()
+        evs = [-1.0, -0.5, 0.1 * seed - 0.05, 0.3, 0.4 + seed / 10]  # step 3 above 0 from seed 1 on
+        log = "\n".join(json.dumps({"step": i + 1, "value/explained_variance": v}) for i, v in enumerate(evs))
+        (run / "step3_ppo" / "metrics.jsonl").write_text(log + "\n")
     assert pipeline_seeds.main(["--summarize", str(tmp_path), "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "seeds.json").read_text())
     s = doc["summary"]
     assert [r["rl_seed"] for r in doc["seeds"]] == [0, 1, 2]
     assert s["win_rate"]["mean"] == pytest.approx(0.7) and s["win_rate"]["std"] == pytest.approx(0.1)
     assert s["win_rate"]["min"] == 0.6 and s["kl_per_token"]["max"] == pytest.approx(0.3)
-    assert s["correct_above_reference"] == 2
+    assert s["correct_above_reference"] == 2 and s["kl_within_bound"] == 2
+    assert [r["kl_within_bound"] for r in doc["seeds"]] == [True, True, False]
+    assert [r["ev_first_positive_step"] for r in doc["seeds"]] == [4, 3, 3]
+    assert doc["seeds"][2]["ev_mid"] == pytest.approx(0.15) and doc["seeds"][2]["ev_last"] == pytest.approx(0.6)
     md = (tmp_path / "seeds.md").read_text()
-    assert "| 1 | 0.700 (0.650-0.750) | 0.350 / 0.310 |" in md and "on 2 of 3 seeds" in md
+    assert "| 1 | 0.700 (0.650-0.750) | 0.350 / 0.310 | 0.200 | 0.05 / 0.50 (3) | 501 | 850 |" in md
+    assert "on 2 of 3 seeds" in md and "bound on 2 of 3" in md
     assert (tmp_path / "seeds.png").read_bytes()[:8] == PNG_MAGIC
