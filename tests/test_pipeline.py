@@ -95,7 +95,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(kernels_common, "_nvtx", nvtx)
     model = tiny_model_path(tmp_path)
     out = tmp_path / "run"
-    cli_main([*_tiny_run(out, model), "--gen-batch-size", "40"])
+    cli_main([*_tiny_run(out, model), "--gen-batch-size", "40", "--ppo-critic-lr", "1e-4"])
     printed = capsys.readouterr().out
     assert "report:" in printed
     assert {domain for domain, _ in nvtx.ranges} == {"fastrlhf"}
@@ -122,6 +122,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
 
     report = (out / "report.md").read_text()
     assert "rubric" in report and "| test |" in report and "Win rate" in report and "KL floor" in report
+    assert "critic: separate, lr 0.0001" in report
     for png in (
         "reward_training.png",
         "reward_test_roc.png",

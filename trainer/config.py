@@ -402,6 +402,8 @@ class PipelineConfig:
     """Passes over each rollout (the literature's 4 costs ~15 s more per step on a 2-core CPU)."""
     ppo_lr: float = 5e-5
     """Policy learning rate (top 4 layers trained; 1e-4 measured no better on the demo)."""
+    ppo_critic_lr: float = 5e-5
+    """PPO critic learning rate (`fastrlhf ppo --critic-lr`)."""
     ppo_freeze_layers: int = -1
     """Frozen bottom layers of the policy and critic (-1: all but the top 4)."""
     ref_quant: Literal["int8", "nf4", "none"] = "int8"

@@ -111,6 +111,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
             minibatch_size=cfg.ppo_minibatch_size,
             ppo_epochs=cfg.ppo_epochs,
             lr=cfg.ppo_lr,
+            critic_lr=cfg.ppo_critic_lr,
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
             kl_coef=cfg.kl_coef,
@@ -367,7 +368,8 @@ def _ppo_report(m: dict) -> list[str]:
 
     algo = c.get("algo", "ppo").upper()
     if algo == "PPO":
-        setup, kl = f"{c['ppo_batch_prompts']} train prompts, critic: {c['critic']}", "k1 per token in the reward"
+        critic = f"critic: {c['critic']}, lr {c.get('ppo_critic_lr', 5e-5)}"
+        setup, kl = f"{c['ppo_batch_prompts']} train prompts, {critic}", "k1 per token in the reward"
     else:
         n = max(1, c["ppo_batch_prompts"] // c["group_size"])
         setup, kl = f"{n} train prompts x {c['group_size']} replies, no critic", "k3 per token in the loss"
