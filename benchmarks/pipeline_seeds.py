@@ -156,7 +156,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.plot(x, [r["policy_correct_rate"] for r in rows], "o", label="policy")
     b.plot(x, [r["reference_correct_rate"] for r in rows], "s", label="reference")
     b.set(title="held-out correct rate", xlabel="RL seed")
-    b.legend(loc="lower right")
+    b.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: the points may fill any corner
     for ax in (a, b):
         ax.set_xticks(x, [str(r["rl_seed"]) for r in rows])
     fig.tight_layout()
