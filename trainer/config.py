@@ -403,7 +403,8 @@ class PipelineConfig:
     ppo_lr: float = 5e-5
     """Policy learning rate (top 4 layers trained; 1e-4 measured no better on the demo)."""
     ppo_critic_lr: float = 2e-4
-    """PPO critic learning rate (`fastrlhf ppo --critic-lr`). Over five RL seeds of the demo, 2e-4 against 5e-5
+    """PPO critic learning rate (`fastrlhf ppo --critic-lr`; the value head's with `critic="value-head"`, where
+    it is not measured). Over five RL seeds of the demo, the separate critic at 2e-4 against 5e-5
     put the critic's explained variance above 0 from step 5-8 instead of 11-16, with win rate 0.738 vs 0.727
     and correct answers 0.337 vs 0.322 (results/2026-12-07-cpu2-pipeline-seeds-critic-lr)."""
     ppo_freeze_layers: int = -1
