@@ -4,6 +4,7 @@ critic, kernel/eager parity, the critic-free estimators (grpo / rloo) and the no
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -288,6 +289,22 @@ def test_critic_learns_predictable_returns(models, tmp_path, monkeypatch):
     train_ppo(cfg)
     ev = [r["value/explained_variance"] for r in _records(tmp_path / "run")]
     assert ev[0] < 0.3 and ev[-1] > 0.8, ev
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_lr_schedule_of_both_optimizers(schedule):
+    """Over a 4-step run, stepped once per rollout: linear decays lr and critic lr by a quarter a step, constant
+    keeps both (a schedule read from the wrong field, or applied to one optimizer only, fails)."""
+    trainable = SimpleNamespace(policy=torch.nn.Linear(2, 2), value_module=torch.nn.Linear(2, 1))
+    cfg = PPOConfig(steps=4, lr=1e-4, critic_lr=4e-4, lr_schedule=schedule)
+    optim = ppo_module.make_optimizers(cfg, trainable)
+    lrs = []
+    for _ in range(4):
+        lrs.append((optim.opt.param_groups[0]["lr"], optim.vopt.param_groups[0]["lr"]))
+        optim.sched.step()
+        optim.vsched.step()
+    factors = [1.0, 0.75, 0.5, 0.25] if schedule == "linear" else [1.0] * 4
+    assert lrs == pytest.approx([(1e-4 * f, 4e-4 * f) for f in factors])
 
 
 @pytest.mark.parametrize("cap", [None, 2.0])

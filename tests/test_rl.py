@@ -291,6 +291,19 @@ def test_value_loss_hand_worked_and_gradient():
     assert_close(values.grad, t([[-1.8, 0.0, 1.0], [-3.0, 0.0, 0.0]]) * 0.5 / 4)
 
 
+def test_value_loss_unclipped():
+    # the hand-worked rows above without the clip: 0.5 * (0.81 + 0.25 + 0.25 + 2.25) / 4 = 0.445, and the
+    # clipped row (v 1.5, R 2.0) gets its gradient 2 * (1.5 - 2) = -1.0 back
+    values = t([[1.1, 1.5, 1.5], [-1.0, NAN, 3.0]]).requires_grad_()
+    old = t([[1.0, 1.0, 1.0], [0.0, 9.0, INF]])
+    returns = t([[2.0, 2.0, 1.0], [0.5, NAN, 9.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]], torch.bool)
+    loss, stats = value_loss(values, old, returns, mask, clip_range=None)
+    assert loss.item() == pytest.approx(0.445) and float(stats["vf_clipfrac"]) == 0.0
+    loss.backward()
+    assert_close(values.grad, t([[-1.8, -1.0, 1.0], [-3.0, 0.0, 0.0]]) * 0.5 / 4)
+
+
 def test_value_loss_empty_batch():
     values = t([[1.0, 2.0]]).requires_grad_()
     loss, stats = value_loss(values, t([[0.0, 0.0]]), t([[5.0, 5.0]]), torch.zeros(1, 2, dtype=torch.bool))

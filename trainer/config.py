@@ -201,7 +201,10 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout."""
     lr: float = 1e-5
-    """Policy learning rate (AdamW, linear decay to 0 over `steps`)."""
+    """Policy learning rate (AdamW)."""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """Both learning rates over the run, stepped once per rollout: linear decay to 0 over `steps`, or
+    constant."""
     critic_lr: float = 5e-5
     """Critic / value-head learning rate."""
     temperature: float = 0.7
@@ -229,8 +232,8 @@ class PPOConfig:
     """GAE lambda."""
     clip_range: float = 0.2
     """PPO ratio clip."""
-    clip_range_value: float = 0.2
-    """Value clip, around the rollout's values."""
+    clip_range_value: float | None = 0.2
+    """Value clip, around the rollout's values; None: an unclipped squared error."""
     vf_coef: float = 0.1
     """Value-loss weight."""
     ent_coef: float = 0.0
@@ -407,6 +410,11 @@ class PipelineConfig:
     it is not measured). Over five RL seeds of the demo, the separate critic at 2e-4 against 5e-5
     put the critic's explained variance above 0 from step 5-8 instead of 11-16, with win rate 0.738 vs 0.727
     and correct answers 0.337 vs 0.322 (results/2026-12-07-cpu2-pipeline-seeds-critic-lr)."""
+    ppo_lr_schedule: Literal["linear", "constant"] = "linear"
+    """Both PPO learning rates over the run (`fastrlhf ppo --lr-schedule`): linear decay to 0, or constant."""
+    ppo_clip_range_value: float | None = 0.2
+    """The critic's value clip around the rollout's values (`fastrlhf ppo --clip-range-value`); None:
+    unclipped."""
     ppo_freeze_layers: int = -1
     """Frozen bottom layers of the policy and critic (-1: all but the top 4)."""
     ref_quant: Literal["int8", "nf4", "none"] = "int8"

@@ -112,6 +112,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict | None:
             ppo_epochs=cfg.ppo_epochs,
             lr=cfg.ppo_lr,
             critic_lr=cfg.ppo_critic_lr,
+            lr_schedule=cfg.ppo_lr_schedule,
+            clip_range_value=cfg.ppo_clip_range_value,
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
             kl_coef=cfg.kl_coef,
@@ -368,7 +370,9 @@ def _ppo_report(m: dict) -> list[str]:
 
     algo = c.get("algo", "ppo").upper()
     if algo == "PPO":
-        critic = f"critic: {c['critic']}, lr {c.get('ppo_critic_lr', 5e-5)}"
+        clip = c.get("ppo_clip_range_value", 0.2)
+        clip = "none" if clip is None else clip
+        critic = f"critic: {c['critic']}, lr {c.get('ppo_critic_lr', 5e-5)}, value clip {clip}"
         setup, kl = f"{c['ppo_batch_prompts']} train prompts, {critic}", "k1 per token in the reward"
     else:
         n = max(1, c["ppo_batch_prompts"] // c["group_size"])
@@ -383,7 +387,7 @@ def _ppo_report(m: dict) -> list[str]:
         f"## Step 3: {algo}",
         "",
         f"{p['steps']} {algo} steps of {setup}, {c['ppo_epochs']} epochs, minibatch {c['ppo_minibatch_size']}, lr "
-        f"{c['ppo_lr']}, KL coefficient {c['kl_coef']} ({kl}), reward: {c.get('reward', 'rm')}, {seeded}reference: "
+        f"{c['ppo_lr']} ({c.get('ppo_lr_schedule', 'linear')}), KL coefficient {c['kl_coef']} ({kl}), reward: {c.get('reward', 'rm')}, {seeded}reference: "
         f"**{c['ref_quant']}** (bitsandbytes). Step-0 KL floor of the quantized "
         f"reference, with the policy still equal to the original model: {floor['full']:.2e} nats/token exact "
         f"({floor['k3']:.2e} k3); step-0 sanity max |log ratio| on the first minibatch "

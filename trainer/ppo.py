@@ -588,8 +588,9 @@ def distribute(models: Models, cfg: PPOConfig, world: World) -> None:
 
 
 class Optimizers(NamedTuple):
-    """AdamW on the policy's and on the value model's trainable parameters, each with a linear LR decay to 0
-    stepped once per rollout. Critic-free (grpo / rloo): no value parameters, vopt and vsched None."""
+    """AdamW on the policy's and on the value model's trainable parameters, each with the run's LR schedule
+    (linear decay to 0 or constant) stepped once per rollout. Critic-free (grpo / rloo): no value parameters,
+    vopt and vsched None."""
 
     policy_params: list
     value_params: list
@@ -601,17 +602,18 @@ class Optimizers(NamedTuple):
 
 def make_optimizers(cfg: PPOConfig, models: Models) -> Optimizers:
     """The optimizers of the trainable parameters (frozen ones excluded; under FSDP2, this rank's shards)."""
+    if cfg.lr_schedule == "linear":
+        factor = lambda s: max(0.0, 1.0 - s / cfg.steps)  # noqa: E731  (stepped once per rollout)
+    else:
+        factor = lambda s: 1.0  # noqa: E731
     policy_params = [p for p in models.policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if models.value_module is None:  # critic-free
-        opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps))
         return Optimizers(policy_params, [], opt, None, sched, None)
     value_params = [p for p in models.value_module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5)
     vopt = torch.optim.AdamW(value_params, lr=cfg.critic_lr, eps=1e-5)
-    decay = lambda s: max(0.0, 1.0 - s / cfg.steps)  # noqa: E731  (linear to 0, stepped once per rollout)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    vsched = torch.optim.lr_scheduler.LambdaLR(vopt, decay)
+    vsched = torch.optim.lr_scheduler.LambdaLR(vopt, factor)
     return Optimizers(policy_params, value_params, opt, vopt, sched, vsched)
 
 

@@ -204,16 +204,19 @@ def reduce_policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float = 0.2
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None = 0.2
 ) -> tuple[Tensor, dict]:
     """values (B, T) float (with grad), old_values (B, T), returns (B, T), mask (B, T) -> (scalar loss,
     stats). Clipped value loss, v_clip = old_values + clamp(values - old_values, -c, c):
-    loss = 0.5 * masked_mean(max((values - returns)^2, (v_clip - returns)^2)).
-    stats: vf_clipfrac (fraction of tokens where the clipped term is strictly larger)."""
+    loss = 0.5 * masked_mean(max((values - returns)^2, (v_clip - returns)^2)); clip_range None: the plain
+    0.5 * masked_mean((values - returns)^2). stats: vf_clipfrac (fraction of tokens where the clipped term is
+    strictly larger; 0 unclipped)."""
     m = mask.bool()
     values = values.where(m, 0)  # padding: garbage in returns / old_values there gives no NaN gradient
-    v_clip = old_values + (values - old_values).clamp(-clip_range, clip_range)
     unclipped = (values - returns) ** 2
+    if clip_range is None:
+        return 0.5 * masked_mean(unclipped, m), {"vf_clipfrac": unclipped.new_zeros(())}
+    v_clip = old_values + (values - old_values).clamp(-clip_range, clip_range)
     clipped = (v_clip - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), m)
     with torch.no_grad():
