@@ -14,8 +14,8 @@ them) and retrain the same reward model (deterministic on CPU, ~1.5 min). Runs g
 Writes OUT/seeds.json (per seed: win rate and its 95% interval, correct rates of policy and reference, KL
 and whether it is within the run's bound, step 3's and the whole run's seconds, the reward model's test
 accuracy and, with a critic, its explained variance at the middle and last step; and their mean, standard
-deviation, minimum and maximum over seeds), OUT/seeds.md (the table) and OUT/seeds.png (win rate with its
-interval and the correct rates, per seed).
+deviation, minimum and maximum over seeds; correct answers pooled over the seeds, with an interval),
+OUT/seeds.md (the table) and OUT/seeds.png (win rate with its interval and the correct rates, per seed).
 """
 
 from __future__ import annotations
@@ -109,6 +109,35 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def pooled_correct(runs: list[Path], n_resamples: int = 1000) -> dict | None:
+    """Correct answers pooled over the seeds' held-out replies (each run's eval/samples.jsonl): the policy's and
+    the reference's rate, their difference and its 95% percentile-bootstrap interval over prompts (a drawn
+    prompt brings its replies from every seed; seeded). One seed's 76 prompts x 2 replies cannot resolve a
+    difference of a few points; the seeds together can. None when a run has no samples file."""
+    import numpy as np
+
+    files = [run / "eval" / "samples.jsonl" for run in runs]
+    if not all(f.exists() for f in files):
+        return None
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    ids = sorted({r["id"] for r in rows})
+    index = {pid: i for i, pid in enumerate(ids)}
+    group = np.array([index[r["id"]] for r in rows])  # (N,) the prompt of each reply pair
+    diff = np.array([float(r["policy_correct"]) - float(r["reference_correct"]) for r in rows])  # (N,)
+    per_prompt = np.bincount(group, weights=diff, minlength=len(ids))  # (P,) summed differences
+    counts = np.bincount(group, minlength=len(ids)).astype(float)  # (P,) reply pairs
+    drawn = np.random.default_rng(0).integers(0, len(ids), size=(n_resamples, len(ids)))
+    low, high = np.quantile(per_prompt[drawn].sum(1) / counts[drawn].sum(1), [0.025, 0.975])
+    return {
+        "replies": len(rows),
+        "prompts": len(ids),
+        "policy_correct_rate": statistics.fmean(float(r["policy_correct"]) for r in rows),
+        "reference_correct_rate": statistics.fmean(float(r["reference_correct"]) for r in rows),
+        "difference": float(diff.mean()),
+        "difference_ci95": [float(low), float(high)],
+    }
+
+
 def markdown(rows: list[dict], summary: dict) -> str:
     critic = all("ev_mid" in r for r in rows)
     ev_head = " critic EV: mid / last (first > 0) |" if critic else ""
@@ -135,6 +164,15 @@ def markdown(rows: list[dict], summary: dict) -> str:
         f"Policy more often correct than the reference on {s['correct_above_reference']} of {len(rows)} seeds; "
         f"KL per token within the run's bound on {s['kl_within_bound']} of {len(rows)}.",
     ]
+    pooled = s.get("pooled_correct")
+    if pooled is not None:
+        lo, hi = pooled["difference_ci95"]
+        lines += [
+            "",
+            f"Correct answers pooled over the seeds ({pooled['replies']} replies each, {pooled['prompts']} prompts): "
+            f"policy {pooled['policy_correct_rate']:.3f}, reference {pooled['reference_correct_rate']:.3f}, "
+            f"difference {pooled['difference']:+.3f} (95% bootstrap interval over prompts {lo:+.3f} to {hi:+.3f}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -169,6 +207,7 @@ def write_summary(runs: list[Path], out: Path) -> str:
         seed_row(json.loads((run / "metrics.json").read_text()), run / "step3_ppo" / "metrics.jsonl") for run in runs
     ]
     summary = summarize(rows)
+    summary["pooled_correct"] = pooled_correct(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps({"seeds": rows, "summary": summary}, indent=1) + "\n")
     md = markdown(rows, summary)

@@ -494,6 +494,10 @@ def test_pipeline_seeds_summary(tmp_path):
         evs = [-1.0, -0.5, 0.1 * seed - 0.05, 0.3, 0.4 + seed / 10]  # step 3 above 0 from seed 1 on
         log = "\n".join(json.dumps({"step": i + 1, "value/explained_variance": v}) for i, v in enumerate(evs))
         (run / "step3_ppo" / "metrics.jsonl").write_text(log + "\n")
+        # held-out replies: on prompt "a" the policy is right and the reference wrong, on "b" both are right
+        pairs = [{"id": pid, "policy_correct": True, "reference_correct": pid == "b"} for pid in ("a", "a", "b")]
+        (run / "eval").mkdir()
+        (run / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     assert pipeline_seeds.main(["--summarize", str(tmp_path), "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "seeds.json").read_text())
     s = doc["summary"]
@@ -508,3 +512,12 @@ def test_pipeline_seeds_summary(tmp_path):
     assert "| 1 | 0.700 (0.650-0.750) | 0.350 / 0.310 | 0.200 | 0.05 / 0.50 (3) | 501 | 850 |" in md
     assert "on 2 of 3 seeds" in md and "bound on 2 of 3" in md
     assert (tmp_path / "seeds.png").read_bytes()[:8] == PNG_MAGIC
+    # pooled: 9 pairs, 6 on "a" (difference 1) and 3 on "b" (0): policy 1.0, reference 1/3, difference 2/3.
+    # Resampling whole prompts (a drawn prompt brings all three seeds' replies), a draw is "a a" (1), "b b" (0)
+    # or one of each (2/3), so the 95% interval is [0, 1]; resampling replies or (seed, prompt) cells would
+    # give a narrower one.
+    pooled = s["pooled_correct"]
+    assert pooled["replies"] == 9 and pooled["prompts"] == 2
+    assert pooled["policy_correct_rate"] == 1.0 and pooled["reference_correct_rate"] == pytest.approx(1 / 3)
+    assert pooled["difference"] == pytest.approx(2 / 3) and pooled["difference_ci95"] == [0.0, 1.0]
+    assert "difference +0.667 (95% bootstrap interval over prompts +0.000 to +1.000)" in md
