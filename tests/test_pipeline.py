@@ -95,7 +95,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(kernels_common, "_nvtx", nvtx)
     model = tiny_model_path(tmp_path)
     out = tmp_path / "run"
-    flags = "--gen-batch-size 40 --ppo-critic-lr 1e-4 --ppo-lr-schedule constant --ppo-clip-range-value None"
+    flags = "--gen-batch-size 40 --ppo-critic-lr 1e-4 --ppo-lr-schedule linear --ppo-clip-range-value None"
     cli_main([*_tiny_run(out, model), *flags.split()])
     printed = capsys.readouterr().out
     assert "report:" in printed
@@ -123,9 +123,9 @@ def test_pipeline_end_to_end_tiny(tmp_path, capsys, monkeypatch):
 
     report = (out / "report.md").read_text()
     assert "rubric" in report and "| test |" in report and "Win rate" in report and "KL floor" in report
-    assert "critic: separate, lr 0.0001, value clip none" in report and "lr 5e-05 (constant)" in report
+    assert "critic: separate, lr 0.0001, value clip none" in report and "lr 5e-05 (linear)" in report
     ppo_rows = [json.loads(line) for line in (out / "step3_ppo" / "metrics.jsonl").open()]
-    assert [r["policy/lr"] for r in ppo_rows] == [5e-5, 5e-5]  # the linear schedule gives 5e-5, 2.5e-5
+    assert [r["policy/lr"] for r in ppo_rows] == [5e-5, 2.5e-5]  # the default, constant, gives 5e-5 twice
     for png in (
         "reward_training.png",
         "reward_test_roc.png",
