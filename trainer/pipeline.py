@@ -387,7 +387,8 @@ def _ppo_report(m: dict) -> list[str]:
         f"## Step 3: {algo}",
         "",
         f"{p['steps']} {algo} steps of {setup}, {c['ppo_epochs']} epochs, minibatch {c['ppo_minibatch_size']}, lr "
-        f"{c['ppo_lr']} ({c.get('ppo_lr_schedule', 'linear')}), KL coefficient {c['kl_coef']} ({kl}), reward: {c.get('reward', 'rm')}, {seeded}reference: "
+        f"{c['ppo_lr']} ({c.get('ppo_lr_schedule', 'linear')}), KL coefficient {c['kl_coef']} ({kl}), "
+        f"reward: {c.get('reward', 'rm')}, {seeded}reference: "
         f"**{c['ref_quant']}** (bitsandbytes). Step-0 KL floor of the quantized "
         f"reference, with the policy still equal to the original model: {floor['full']:.2e} nats/token exact "
         f"({floor['k3']:.2e} k3); step-0 sanity max |log ratio| on the first minibatch "
